@@ -1,0 +1,44 @@
+"""The task-family contract (DESIGN.md, "tasks/").
+
+A :class:`TaskFamily` is a static, hashable description of one architecture and data source
+with many instances. Everything that varies between instances lives in the ``Spec`` pytree of
+arrays returned by ``sample``, so ``jax.vmap`` over specs runs many task instances of one family
+in one compiled program.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import jax
+
+Array = jax.Array
+Spec = Any
+Params = Any
+Batch = Any
+
+SPLITS = ("train", "valid", "test")
+
+
+@runtime_checkable
+class TaskFamily(Protocol):
+    """One inner-problem architecture; instances differ only through their ``Spec``."""
+
+    name: str
+
+    def sample(self, key: Array) -> Spec:
+        """Draw a task instance (a pytree of arrays only)."""
+
+    def init(self, spec: Spec, key: Array) -> Params:
+        """Initial parameters of the instance ``spec``."""
+
+    def loss(self, spec: Spec, params: Params, batch: Batch) -> tuple[Array, dict]:
+        """Scalar loss and auxiliary metrics (e.g. accuracy) on ``batch``."""
+
+    def batch(self, spec: Spec, key: Array, split: str) -> Batch:
+        """A batch drawn inside jit from device-resident data; ``split`` in train/valid/test."""
+
+
+def check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
