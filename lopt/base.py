@@ -1,0 +1,75 @@
+"""The learned-optimizer contract (DESIGN.md, "lopt/").
+
+A :class:`LearnedOptimizer` is a static, hashable architecture description. Given its
+meta-params it *is* an ``optax.GradientTransformationExtraArgs``, so the inner unroll, imitation
+and behaviour cloning, and end users' training loops all use one code path:
+
+    opt = learned_opt.optimizer(meta_params)
+    state = opt.init(params)
+    updates, state = opt.update(grads, state, params, loss=loss)
+    params = optax.apply_updates(params, updates)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Protocol, runtime_checkable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+MetaParams = Any
+
+
+@runtime_checkable
+class LearnedOptimizer(Protocol):
+    name: str
+
+    def init(self, key: jax.Array) -> MetaParams:
+        """Fresh meta-params."""
+
+    def optimizer(self, meta_params: MetaParams) -> optax.GradientTransformationExtraArgs:
+        """The inner optimizer these meta-params define."""
+
+
+def config_of(learned_opt: LearnedOptimizer) -> dict[str, Any]:
+    """The constructor options of a dataclass learned optimizer (for export metadata)."""
+    out = {}
+    for f in dataclasses.fields(learned_opt):
+        if f.init:
+            v = getattr(learned_opt, f.name)
+            out[f.name] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+# --- small building blocks shared by the per-parameter learned optimizers --------------------
+
+
+def tensor_rms_normalize(x: jax.Array, axes: tuple[int, ...], eps: float = 1e-8) -> jax.Array:
+    """x / sqrt(mean(x^2) + eps) over ``axes`` (the tensor's own axes): Metz et al. 2019, App. B."""
+    return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=axes, keepdims=True) + eps)
+
+
+def time_features(step: jax.Array, scales: tuple[float, ...], offset: float = 1.0) -> jax.Array:
+    """tanh(t / x - offset) for each timescale x (Metz et al. 2019, App. B; offset 0 gives PyLO's)."""
+    t = jnp.asarray(step, jnp.float32)
+    return jnp.tanh(t / jnp.asarray(scales, jnp.float32) - offset)
+
+
+def dense_init(key: jax.Array, sizes: tuple[int, ...]) -> list[dict]:
+    """LeCun-normal weights, zero biases, for an MLP with layer sizes ``sizes``."""
+    keys = jax.random.split(key, len(sizes) - 1)
+    return [
+        {"w": jax.random.normal(k, (a, b)) / jnp.sqrt(a), "b": jnp.zeros((b,))}
+        for k, a, b in zip(keys, sizes[:-1], sizes[1:])
+    ]
+
+
+def dense_apply(layers: list[dict], x: jax.Array) -> jax.Array:
+    """ReLU MLP applied over the last axis of ``x`` (a batch of per-parameter features)."""
+    for i, layer in enumerate(layers):
+        x = x @ layer["w"] + layer["b"]
+        if i < len(layers) - 1:
+            x = jax.nn.relu(x)
+    return x
