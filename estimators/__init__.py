@@ -1,0 +1,24 @@
+"""The inner unroll engine and the meta-gradient estimators (DESIGN.md, "estimators/")."""
+
+from estimators.base import Estimator
+from estimators.unroll import MetaLoss, Unroller
+from tasks.registry import Registry
+
+REGISTRY: Registry[Estimator] = Registry("estimator")
+register = REGISTRY.register
+
+
+def get(name: str, **overrides) -> Estimator:
+    """Build the estimator registered as ``name`` with ``overrides`` of its options."""
+    return REGISTRY.get(name, **overrides)
+
+
+def names() -> list[str]:
+    return REGISTRY.names()
+
+
+from estimators import schedules  # noqa: E402,F401
+from estimators import tbptt as _tbptt  # noqa: E402,F401
+from estimators import pes as _pes  # noqa: E402,F401
+
+__all__ = ["Estimator", "MetaLoss", "Unroller", "get", "names", "register", "schedules"]

@@ -1,0 +1,21 @@
+"""Shared fixtures. Every test gets its own dataset cache dir, so the suite never touches
+~/.cache and needs no network; datasets are prepared once per session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_data_dir(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("tfds_data"))
+    old = os.environ.get("LOPT_DATA_DIR")
+    os.environ["LOPT_DATA_DIR"] = path
+    yield path
+    if old is None:
+        os.environ.pop("LOPT_DATA_DIR", None)
+    else:
+        os.environ["LOPT_DATA_DIR"] = old
