@@ -1,0 +1,471 @@
+"""Datasets for inner problems: tensorflow-datasets without TensorFlow (DESIGN.md, "datasets").
+
+Every dataset, whether a tfds catalogue dataset or one of our own, is read the same way: from a
+tfds directory ``DATA_DIR/NAME[/CONFIG]/VERSION/`` holding ``dataset_info.json`` and
+``*.array_record*`` shards, through tfds' random-access data source (``ArrayRecordDataSource``).
+That reader is pure numpy; TensorFlow is never imported.
+
+* :func:`write_arrays` turns numpy arrays into such a directory through a
+  ``tfds.core.GeneratorBasedBuilder`` (Tensor features, raw-bytes encoding, so dtypes and values
+  round-trip exactly); :func:`read_arrays` reads any prepared dataset back into numpy.
+* :func:`load` returns a :class:`Dataset` of device-resident image/label splits
+  ``train``/``valid``/``test``, the form task families sample batches from inside jit.
+  ``load("digits")`` is the embedded default (scikit-learn's 8x8 digits, written on first use
+  as the dataset ``lopt_digits``); any other name is a catalogue dataset prepared beforehand.
+
+This layer never downloads. Whether a dataset is prepared is decided on the filesystem before
+tfds is asked anything, so a missing one raises :class:`DatasetNotPreparedError` at once, with
+instructions, instead of tfds trying the network. Preparing catalogue datasets (``tfds build``,
+``tfds convert_format``) needs TensorFlow and is done elsewhere; copy the result into the data
+dir (``$LOPT_DATA_DIR``, default ``~/.cache/lopt/tensorflow_datasets``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import functools
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tasks.base import SPLITS
+
+DIGITS_DATASET = "lopt_digits"  # on-disk name of the embedded default
+DIGITS_TEST_FRACTION = 0.2
+_DIGITS_SEED = 0  # fixes the on-disk train/test split of lopt_digits for good
+_READ_CHUNK = 4096  # examples decoded per __getitems__ call
+
+_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+_SPLIT_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_VERSION_RE = re.compile(r"^\d+\.\d+\.\d+$")
+
+
+class DatasetNotPreparedError(FileNotFoundError):
+    """The dataset has no array_record copy in the data dir (this layer never downloads)."""
+
+
+def default_data_dir() -> str:
+    """``$LOPT_DATA_DIR`` if set, else ``~/.cache/lopt/tensorflow_datasets``."""
+    return os.environ.get("LOPT_DATA_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "lopt", "tensorflow_datasets"
+    )
+
+
+def _resolve(data_dir: str | None) -> str:
+    return os.path.abspath(os.path.expanduser(default_data_dir() if data_dir is None else data_dir))
+
+
+# ----------------------------------------------------------------------------------------------
+# Locating prepared datasets (filesystem only, never tfds).
+
+
+def _has_shards(version_dir: str, file_format: str) -> bool:
+    return any(f".{file_format}" in f for f in os.listdir(version_dir))
+
+
+def _version_key(version: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in version.split("."))
+
+
+def _version_dir(name: str, data_dir: str, version: str | None = None) -> str:
+    """The newest ``data_dir/NAME/VERSION`` with array_record shards, else a helpful error."""
+    name, _, name_version = name.partition(":")
+    name = name.strip("/")
+    version = version or name_version or None
+    root = os.path.join(data_dir, *name.split("/"))
+    found = []
+    if name and os.path.isdir(root):
+        for entry in os.listdir(root):
+            path = os.path.join(root, entry)
+            if (
+                _VERSION_RE.match(entry)
+                and version in (None, entry)
+                and os.path.isfile(os.path.join(path, "dataset_info.json"))
+            ):
+                found.append(entry)
+    ready = [v for v in found if _has_shards(os.path.join(root, v), "array_record")]
+    if ready:
+        return os.path.join(root, max(ready, key=_version_key))
+    tfrecord = [v for v in found if _has_shards(os.path.join(root, v), "tfrecord")]
+    if tfrecord:
+        vdir = os.path.join(root, max(tfrecord, key=_version_key))
+        raise DatasetNotPreparedError(
+            f"Dataset {name!r} in {vdir} exists only as TFRecord shards (*.tfrecord*). tfds reads "
+            "TFRecord only through TensorFlow, which this project does not use; random access "
+            "needs array_record. Convert it once, in an environment with TensorFlow installed "
+            "(the `tfds` command-line tool imports TensorFlow at start-up, so it does not run "
+            "in this project's environment):\n"
+            f"    tfds convert_format --dataset_version_dir={vdir} --out_file_format=array_record\n"
+            "This writes array_record shards beside the TFRecord ones and records them in "
+            "dataset_info.json (add --out_dir=OTHER to write a converted copy elsewhere, then copy "
+            f"it here). Or rebuild it: tfds build {name} --file_format=array_record "
+            f"--data_dir={data_dir}"
+        )
+    wanted = f"version {version}" if version else "a <version>"
+    raise DatasetNotPreparedError(
+        f"Dataset {name!r} is not prepared in data dir {data_dir} (looked for {root}/ with "
+        f"{wanted} directory holding dataset_info.json and *.array_record* shards). This layer "
+        "never downloads. To prepare it:\n"
+        "  * on a machine with network access and TensorFlow (the `tfds` CLI and most catalogue "
+        "builders need it), run\n"
+        f"        tfds build {name} --file_format=array_record --data_dir={data_dir}\n"
+        f"    and copy {os.path.join(data_dir, name.split('/')[0])} to this machine;\n"
+        "  * or set LOPT_DATA_DIR (or pass data_dir) to a directory that already holds it;\n"
+        "  * or write local numpy arrays with tasks.data.write_arrays(name, splits, data_dir)."
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing and reading numpy arrays.
+
+
+def _validate(
+    name: str, splits: Mapping, version: str, num_classes: int | None
+) -> dict[str, dict[str, np.ndarray]]:
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ValueError(
+            "write_arrays: dataset name must be lower-case letters, digits and underscores, "
+            f"starting with a letter (a tfds name without config or version), got {name!r}"
+        )
+    if not isinstance(version, str) or not _VERSION_RE.match(version):
+        raise ValueError(f"write_arrays: version must look like '1.0.0', got {version!r}")
+    if not isinstance(splits, Mapping) or not splits:
+        raise ValueError("write_arrays: splits must be a non-empty dict {split: {key: array}}")
+    out: dict[str, dict[str, np.ndarray]] = {}
+    spec = None  # per-example (shape, dtype) by key, shared by all splits
+    for split, arrays in splits.items():
+        where = f"write_arrays({name!r}): split {split!r}"
+        if not isinstance(split, str) or not _SPLIT_RE.match(split):
+            raise ValueError(f"{where}: split names must be letters, digits and underscores")
+        if not isinstance(arrays, Mapping) or not arrays:
+            raise ValueError(f"{where} must be a non-empty dict of arrays")
+        arrays = {k: np.asarray(v) for k, v in arrays.items()}
+        for key, a in arrays.items():
+            if not isinstance(key, str) or not _KEY_RE.match(key):
+                raise ValueError(f"{where}: bad feature name {key!r}")
+            if a.ndim == 0 or a.dtype.kind not in "biuf":
+                raise ValueError(
+                    f"{where}: {key!r} must be a bool/int/float array with a leading example "
+                    f"axis, got dtype {a.dtype} and shape {a.shape}"
+                )
+        lengths = {k: len(a) for k, a in arrays.items()}
+        if len(set(lengths.values())) != 1:
+            raise ValueError(f"{where}: arrays have unequal lengths {lengths}")
+        if not next(iter(lengths.values())):
+            raise ValueError(f"{where} is empty (0 examples)")
+        this = {k: (a.shape[1:], a.dtype) for k, a in arrays.items()}
+        if spec is not None and this != spec:
+            raise ValueError(
+                f"{where}: keys, per-example shapes or dtypes {this} differ from the other splits' "
+                f"{spec}"
+            )
+        spec = this
+        out[split] = arrays
+    if num_classes is not None:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"write_arrays: num_classes must be an int >= 1, got {num_classes!r}")
+        shape, dtype = spec.get("label", (None, None))
+        if shape != () or dtype.kind not in "iu":
+            raise ValueError(
+                "write_arrays: num_classes needs an integer 'label' array of shape [n], got "
+                + ("no 'label'" if shape is None else f"dtype {dtype}, per-example shape {shape}")
+            )
+        for split, arrays in out.items():
+            labels = arrays["label"]
+            if labels.min() < 0 or labels.max() >= num_classes:
+                raise ValueError(
+                    f"write_arrays({name!r}): split {split!r} has labels outside "
+                    f"[0, {num_classes}): min {labels.min()}, max {labels.max()}"
+                )
+    return out
+
+
+def write_arrays(
+    name: str,
+    splits: dict[str, dict[str, np.ndarray]],
+    data_dir: str | None = None,
+    *,
+    version: str = "1.0.0",
+    description: str = "",
+    num_classes: int | None = None,
+) -> str:
+    """Write numpy arrays as the array_record tfds dataset ``NAME/VERSION`` in ``data_dir``.
+
+    Args:
+      name: snake_case dataset name (no config, no version).
+      splits: ``{split: {key: array}}``; within a split all arrays share their leading (example)
+        length, and every split has the same keys, per-example shapes and dtypes.
+      data_dir: tfds data dir; defaults to :func:`default_data_dir`.
+      version: dataset version, ``"X.Y.Z"``.
+      description: stored in ``dataset_info.json``.
+      num_classes: if given, ``"label"`` is stored as a ``tfds.features.ClassLabel`` (read back
+        as int64) so readers find the class count in the dataset info.
+
+    Every other array becomes a ``tfds.features.Tensor`` of its per-example shape and dtype with
+    raw-bytes encoding, so :func:`read_arrays` returns it bit for bit. Examples keep their order.
+    Concurrent writers of one dataset serialise on a file lock in ``data_dir``; if the dataset is
+    already prepared this does nothing (it does not compare contents).
+
+    Returns:
+      The dataset directory ``data_dir/NAME/VERSION``.
+    """
+    arrays = _validate(name, splits, version, num_classes)
+    data_dir = _resolve(data_dir)
+    target = os.path.join(data_dir, name, version)
+    if os.path.isfile(os.path.join(target, "dataset_info.json")):
+        return target
+    os.makedirs(data_dir, exist_ok=True)
+    with open(os.path.join(data_dir, f".{name}-{version}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not os.path.isfile(os.path.join(target, "dataset_info.json")):
+            builder = _builder_class(name, version, description, arrays, num_classes)
+            with tempfile.TemporaryDirectory() as downloads:  # keep data_dir free of downloads/
+                builder(data_dir=data_dir, file_format="array_record").download_and_prepare(
+                    download_dir=downloads
+                )
+    return target
+
+
+def _builder_class(
+    dataset_name: str,
+    version: str,
+    description: str,
+    splits: dict[str, dict[str, np.ndarray]],
+    num_classes: int | None,
+) -> type:
+    """A GeneratorBasedBuilder, unregistered, that writes ``splits`` in order."""
+    import tensorflow_datasets as tfds
+
+    first = next(iter(splits.values()))
+    features = {
+        key: tfds.features.Tensor(
+            shape=a.shape[1:], dtype=a.dtype, encoding=tfds.features.Encoding.BYTES
+        )
+        for key, a in first.items()
+    }
+    if num_classes is not None:
+        features["label"] = tfds.features.ClassLabel(num_classes=num_classes)
+
+    class ArrayBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+        name = dataset_name
+        VERSION = tfds.core.Version(version)
+        # No code directory (checksums, metadata files). Left to tfds, finding it for a class
+        # defined in a package imports `importlib_resources`, which tfds does not install.
+        code_path = None
+
+        def _info(self):
+            return tfds.core.DatasetInfo(
+                builder=self,
+                description=description,
+                features=tfds.features.FeaturesDict(features),
+                disable_shuffling=True,  # keep the arrays' order
+            )
+
+        def _split_generators(self, dl_manager):
+            return {split: self._generate_examples(a) for split, a in splits.items()}
+
+        def _generate_examples(self, arrays):
+            for i in range(len(next(iter(arrays.values())))):
+                yield i, {key: a[i] for key, a in arrays.items()}
+
+    return ArrayBuilder
+
+
+def _open(name: str, data_dir: str, version: str | None = None):
+    """(``{split: ArrayRecordDataSource}``, features) of a prepared dataset."""
+    vdir = _version_dir(name, data_dir, version)
+    import tensorflow_datasets as tfds
+
+    # A read-only builder from the directory: works for any dataset, registered or not, and
+    # cannot download (tfds.data_source would build the registered catalogue class instead).
+    builder = tfds.builder_from_directory(vdir)
+    return builder.as_data_source(file_format="array_record"), builder.info.features
+
+
+def _read_source(source, features, keys=None) -> dict[str, np.ndarray]:
+    """All examples of one split as stacked arrays, decoded ``_READ_CHUNK`` at a time."""
+    n = len(source)
+    keys = list(features.keys()) if keys is None else list(keys)
+    out: dict[str, np.ndarray] = {}
+    for start in range(0, n, _READ_CHUNK):
+        examples = source.__getitems__(list(range(start, min(n, start + _READ_CHUNK))))
+        for key in keys:
+            dtype = getattr(features[key], "np_dtype", None)
+            block = np.asarray([e[key] for e in examples], dtype=dtype)
+            if key not in out:
+                out[key] = np.empty((n, *block.shape[1:]), block.dtype)
+            if block.shape[1:] != out[key].shape[1:]:
+                raise ValueError(f"{key!r} has examples of different shapes; cannot stack them")
+            out[key][start : start + len(examples)] = block
+    return out
+
+
+def read_arrays(
+    name: str, data_dir: str | None = None, version: str | None = None
+) -> dict[str, dict[str, np.ndarray]]:
+    """Read a prepared array_record dataset into ``{split: {key: array}}``.
+
+    ``name`` may carry a config and version as in tfds (``"imagenet_resized/32x32:0.1.0"``);
+    without a version the newest prepared one is read. Round trip with :func:`write_arrays` is
+    exact. Raises :class:`DatasetNotPreparedError` (a filesystem check) if it is not prepared.
+    """
+    sources, features = _open(name, _resolve(data_dir), version)
+    return {split: _read_source(src, features) for split, src in sources.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Device-resident image-classification datasets.
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Dataset:
+    """Image classification splits held on the device.
+
+    ``splits[split]`` for split in train/valid/test is ``{"image": float32 [n, H, W, C] in
+    [0, 1], "label": int32 [n]}``. Hashes by identity, so it can sit in static task config.
+    """
+
+    name: str
+    num_classes: int
+    splits: dict[str, dict[str, jax.Array]]
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.splits["train"]["image"].shape[1:])
+
+    def size(self, split: str) -> int:
+        """Number of examples in ``split``."""
+        if split not in self.splits:
+            raise ValueError(f"split must be one of {tuple(self.splits)}, got {split!r}")
+        return int(self.splits[split]["label"].shape[0])
+
+
+def load(
+    name: str = "digits",
+    data_dir: str | None = None,
+    *,
+    valid_fraction: float = 0.1,
+    seed: int = 0,
+) -> Dataset:
+    """The image dataset ``name`` as a device-resident :class:`Dataset` (cached).
+
+    ``"digits"``: scikit-learn's 1797 8x8 digits (pixel values 0..16 scaled to [0, 1], shape
+    [n, 8, 8, 1], 10 classes), written on first use into ``data_dir`` as ``lopt_digits`` with a
+    fixed 80/20 train/test split (seed 0), then read back like any other dataset.
+
+    Any other name: a tfds catalogue dataset (``"mnist"``, ``"imagenet_resized/32x32"``)
+    already prepared as array_record in ``data_dir``, with features ``"image"`` and ``"label"``.
+    Integer images are divided by their dtype's maximum (uint8: 255); 2-D images get a channel
+    axis. Splits: ``train``; ``validation`` (or ``valid``) becomes ``valid``; ``test``, or
+    ``validation`` when there is no test split (imagenet_resized). If no split serves as
+    ``valid``, a ``valid_fraction`` of train, drawn with ``seed``, is held out from it (digits:
+    359 test, 144 valid, 1294 train examples at the default 0.1). ``num_classes`` comes from the
+    label's ``ClassLabel``, else max label + 1.
+
+    The result is cached on (name, resolved data_dir, valid_fraction, seed): the same call
+    returns the same object; ``load.cache_clear()`` empties the cache.
+
+    Raises:
+      DatasetNotPreparedError: at once, if the dataset is not prepared in ``data_dir``.
+    """
+    if not 0.0 < valid_fraction < 1.0:
+        raise ValueError(f"valid_fraction must be in (0, 1), got {valid_fraction!r}")
+    return _load(name, _resolve(data_dir), float(valid_fraction), int(seed))
+
+
+@functools.lru_cache(maxsize=None)
+def _load(name: str, data_dir: str, valid_fraction: float, seed: int) -> Dataset:
+    source = DIGITS_DATASET if name == "digits" else name
+    if name == "digits":
+        _prepare_digits(data_dir)
+    sources, features = _open(source, data_dir)
+    missing = {"image", "label"} - set(features.keys())
+    if missing:
+        raise ValueError(f"dataset {name!r} has no {sorted(missing)} feature(s): {features}")
+    raw = {split: _read_source(src, features, ("image", "label")) for split, src in sources.items()}
+
+    if "train" not in raw:
+        raise ValueError(f"dataset {name!r} has no 'train' split; it has {sorted(raw)}")
+    valid_name = next((s for s in ("validation", "valid") if s in raw), None)
+    test_name = "test" if "test" in raw else valid_name
+    if test_name is None:
+        raise ValueError(f"dataset {name!r} has neither a 'test' nor a 'validation' split")
+    splits = {"train": raw["train"], "test": raw[test_name]}
+    if valid_name is not None and valid_name != test_name:
+        splits["valid"] = raw[valid_name]
+    else:
+        splits["train"], splits["valid"] = _hold_out(raw["train"], valid_fraction, seed, name)
+
+    labels = features["label"]
+    num_classes = getattr(labels, "num_classes", None) or 1 + max(
+        int(s["label"].max()) for s in splits.values()
+    )
+    return Dataset(
+        name=name,
+        num_classes=int(num_classes),
+        splits={s: _to_device(splits[s], name) for s in SPLITS},
+    )
+
+
+def _hold_out(arrays: dict, fraction: float, seed: int, name: str) -> tuple[dict, dict]:
+    n = len(arrays["label"])
+    n_valid = max(1, round(fraction * n))
+    if n_valid >= n:
+        raise ValueError(f"dataset {name!r}: train split of {n} is too small to hold out valid")
+    perm = np.random.default_rng(seed).permutation(n)
+    valid, train = np.sort(perm[:n_valid]), np.sort(perm[n_valid:])
+    return {k: a[train] for k, a in arrays.items()}, {k: a[valid] for k, a in arrays.items()}
+
+
+def _to_device(arrays: dict[str, np.ndarray], name: str) -> dict[str, jax.Array]:
+    image, label = arrays["image"], arrays["label"]
+    if image.ndim == 3:
+        image = image[..., None]
+    if image.ndim != 4 or label.ndim != 1:
+        raise ValueError(
+            f"dataset {name!r}: expected images [n, H, W(, C)] and labels [n], got "
+            f"{image.shape} and {label.shape}"
+        )
+    if image.dtype.kind in "iu":
+        image = image.astype(np.float32) / np.float32(np.iinfo(image.dtype).max)
+    # `load` may first run while a jit traces a task's batch(); without this the cached
+    # arrays would be that trace's tracers instead of concrete device arrays.
+    with jax.ensure_compile_time_eval():
+        return {
+            "image": jax.device_put(image.astype(np.float32)),
+            "label": jax.device_put(label.astype(np.int32)),
+        }
+
+
+def _prepare_digits(data_dir: str) -> None:
+    """Write scikit-learn's digits as ``lopt_digits`` (train/test) unless already there."""
+    if os.path.isfile(os.path.join(data_dir, DIGITS_DATASET, "1.0.0", "dataset_info.json")):
+        return
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = (digits.images / 16.0).astype(np.float32)[..., None]
+    labels = digits.target.astype(np.int64)
+    perm = np.random.default_rng(_DIGITS_SEED).permutation(len(labels))
+    n_test = round(DIGITS_TEST_FRACTION * len(labels))
+    test, train = np.sort(perm[:n_test]), np.sort(perm[n_test:])
+    write_arrays(
+        DIGITS_DATASET,
+        {
+            "train": {"image": images[train], "label": labels[train]},
+            "test": {"image": images[test], "label": labels[test]},
+        },
+        data_dir,
+        description="scikit-learn's load_digits: 8x8 images scaled to [0, 1]; fixed 80/20 split.",
+        num_classes=10,
+    )
+
+
+load.cache_clear = _load.cache_clear  # type: ignore[attr-defined]
