@@ -1,0 +1,35 @@
+"""Quickstart: PES meta-training of the Metz et al. 2019 MLP optimizer on digits MLPs.
+
+    python scripts/meta_train.py --config=configs/quickstart.py --workdir=runs/quickstart
+
+Small enough for a 2-core CPU in a few minutes; every option below can be overridden on the
+command line, e.g. ``--config.estimator.std=0.003 --config.num_outer_steps=100``.
+"""
+
+from ml_collections import ConfigDict
+
+
+def get_config() -> ConfigDict:
+    c = ConfigDict()
+    c.seed = 0
+    c.num_outer_steps = 600
+    c.log_every = 10
+    c.checkpoint_every = 100
+    # Inner problem: a one-hidden-layer MLP on sklearn's 8x8 digits; every task instance has its
+    # own init seed and a random relabelling of the classes.
+    c.task = ConfigDict(
+        dict(name="digits_mlp", hidden_sizes=(32,), activation="relu", batch_size=64,
+             permute_classes=True)
+    )
+    c.lopt = ConfigDict(dict(name="mlp", hidden_size=32, hidden_layers=2))
+    c.estimator = ConfigDict(dict(name="pes", std=0.01))
+    c.meta_optimizer = ConfigDict(dict(name="adam", learning_rate=3e-3, clip_grad_norm=3.0))
+    c.unroll = ConfigDict(
+        dict(
+            num_particles=8,  # 4 antithetic pairs
+            trunc_length=20,
+            horizon=ConfigDict(dict(name="constant", length=200)),
+            meta_loss=ConfigDict(dict(split="train", normalize="initial", clip=2.0)),
+        )
+    )
+    return c
