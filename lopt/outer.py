@@ -218,7 +218,7 @@ def train(
     total = int(config.num_outer_steps)
     inner_per_outer = trainer.inner_steps_per_outer_step
     bar = tqdm(total=total, initial=start, desc="meta-train", disable=not progress, dynamic_ncols=True)
-    t_first = t_last = None
+    t_first = None
     steps_timed = 0
     last_metrics: dict = {}
     step = start
@@ -229,7 +229,7 @@ def train(
                 step += 1
                 if t_first is None:  # the first step compiles: time from its end on
                     jax.block_until_ready(state.meta_params)
-                    t_first = t_last = time.perf_counter()
+                    t_first = time.perf_counter()
                 else:
                     steps_timed += 1
                 if step % config.log_every == 0 or step == total:
@@ -243,18 +243,19 @@ def train(
                     log.flush()
                     last_metrics = row
                     bar.set_postfix(meta_loss=f"{row['meta_loss']:.4f}")
-                    t_last = now
                 bar.update(1)
                 if step % config.checkpoint_every == 0 and step < total:
                     checkpointer.save(step, state)
     except KeyboardInterrupt:
         bar.close()
-        checkpointer.save(step, state)
-        checkpointer.wait()
-        logging.warning("interrupted at outer step %d; checkpoint saved, rerun to resume", step)
+        try:  # the state is donated to each step: if the interrupt hit mid-step it is gone
+            checkpointer.save(int(state.outer_step), state)
+            checkpointer.wait()
+            logging.warning("interrupted at outer step %d; checkpoint saved, rerun to resume", step)
+        except Exception:  # noqa: BLE001
+            logging.warning("interrupted mid-step; rerun to resume from the last checkpoint")
         raise
     bar.close()
-    del t_last
     checkpointer.save(step, state)
     checkpointer.wait()
     checkpointer.close()
