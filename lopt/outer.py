@@ -31,7 +31,7 @@ from lopt import checkpoint as ckpt_lib
 from lopt import config as config_lib
 from lopt import export as export_lib
 from lopt.base import LearnedOptimizer
-from tasks.base import TaskFamily
+from tasks.base import TaskFamily, bind_data, data_arrays
 
 
 class MetaTrainState(NamedTuple):
@@ -87,18 +87,26 @@ class MetaTrainer:
     def inner_steps_per_outer_step(self) -> int:
         return self.num_particles * self.trunc_length
 
+    def _bound_unroller(self, arrays: Any) -> Unroller:
+        """The unroller whose task family reads the dataset passed into jit as ``arrays``."""
+        if arrays is None:
+            return self.unroller
+        family = bind_data(self.task_family, arrays)
+        return dataclasses.replace(self.unroller, task_family=family)
+
     def init(self, key: jax.Array) -> MetaTrainState:
-        return self._init_fn(key)
+        return self._init_fn(key, data_arrays(self.task_family))
 
     @functools.cached_property
     def _init_fn(self):
-        def init(key):
+        def init(key, arrays):
             k_meta, k_est, k_next = jax.random.split(key, 3)
             meta_params = self.learned_opt.init(k_meta)
+            unroller = self._bound_unroller(arrays)
             return MetaTrainState(
                 meta_params=meta_params,
                 meta_opt_state=self.meta_optimizer.init(meta_params),
-                estimator_state=self.estimator.init(self.unroller, k_est, meta_params),
+                estimator_state=self.estimator.init(unroller, k_est, meta_params),
                 outer_step=jnp.zeros([], jnp.int32),
                 key=k_next,
                 num_skipped=jnp.zeros([], jnp.int32),
@@ -108,16 +116,16 @@ class MetaTrainer:
 
     def step(self, state: MetaTrainState) -> tuple[MetaTrainState, dict]:
         """One outer step (compiled once; ``state`` is donated)."""
-        return self._step_fn(state)
+        return self._step_fn(state, data_arrays(self.task_family))
 
     @functools.cached_property
     def _step_fn(self):
         return jax.jit(self._step, donate_argnums=0)
 
-    def _step(self, state: MetaTrainState) -> tuple[MetaTrainState, dict]:
+    def _step(self, state: MetaTrainState, arrays: Any = None) -> tuple[MetaTrainState, dict]:
         key, k_grad = jax.random.split(state.key)
         grad, est_state, metrics = self.estimator.grad(
-            self.unroller, state.meta_params, state.estimator_state, k_grad
+            self._bound_unroller(arrays), state.meta_params, state.estimator_state, k_grad
         )
         finite = _all_finite(grad)
         safe_grad = jax.tree.map(lambda g: jnp.where(finite, g, 0.0), grad)

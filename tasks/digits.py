@@ -58,6 +58,8 @@ class DigitsMLP:
     permute_classes: bool = False
     dataset: str = "digits"
     data_dir: str | None = None
+    # Arrays bound inside jit by `tasks.base.bind_data`; not part of the family's identity.
+    bound_arrays: dict | None = dataclasses.field(default=None, compare=False, repr=False)
     name: ClassVar[str] = "digits_mlp"
 
     def __post_init__(self):
@@ -72,6 +74,14 @@ class DigitsMLP:
     @property
     def data(self) -> data_lib.Dataset:
         return data_lib.load(self.dataset, self.data_dir)
+
+    @property
+    def arrays(self) -> dict:
+        """{split: {"image", "label"}} device arrays (the bound ones inside a compiled loop)."""
+        return self.data.splits if self.bound_arrays is None else self.bound_arrays
+
+    def bind(self, arrays: dict) -> "DigitsMLP":
+        return dataclasses.replace(self, bound_arrays=arrays)
 
     @property
     def num_classes(self) -> int:
@@ -101,11 +111,11 @@ class DigitsMLP:
 
     def batch(self, spec: dict, key: jax.Array, split: str) -> dict:
         check_split(split)
-        arrays = self.data.splits[split]
+        arrays = self.arrays[split]
         idx = jax.random.randint(key, (self.batch_size,), 0, arrays["label"].shape[0])
         return {"image": arrays["image"][idx], "label": arrays["label"][idx]}
 
     def full_batch(self, split: str) -> dict:
         """The whole split as one batch (for evaluation)."""
         check_split(split)
-        return dict(self.data.splits[split])
+        return dict(self.arrays[split])
