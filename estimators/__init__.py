@@ -20,5 +20,8 @@ def names() -> list[str]:
 from estimators import schedules  # noqa: E402,F401
 from estimators import tbptt as _tbptt  # noqa: E402,F401
 from estimators import pes as _pes  # noqa: E402,F401
+from estimators import es as _es  # noqa: E402,F401
+from estimators import merged as _merged  # noqa: E402,F401
+from estimators import full_es as _full_es  # noqa: E402,F401
 
 __all__ = ["Estimator", "MetaLoss", "Unroller", "get", "names", "register", "schedules"]

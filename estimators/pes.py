@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 import estimators
 from estimators.base import (
+    ESOptions,
     antithetic_params,
     num_pairs,
     pair_keys,
@@ -41,12 +42,8 @@ class PESState(NamedTuple):
 
 @estimators.register("pes")
 @dataclasses.dataclass(frozen=True)
-class PES:
-    std: float = 0.01
-
-    def __post_init__(self):
-        if not self.std > 0:
-            raise ValueError(f"pes: std must be positive, got {self.std}")
+class PES(ESOptions):
+    """Persistent ES; options ``std``, ``loss_diff_clip``, ``sign`` as in :class:`ESOptions`."""
 
     def init(self, unroller: Unroller, key: jax.Array, meta_params: MetaParams) -> PESState:
         n = num_pairs(unroller, "pes")
@@ -66,29 +63,29 @@ class PES:
             pair_keys(k_unroll, n),
             per_particle_meta_params=True,
         )
-        t = unroller.trunc_length
-        diff = (out.losses[:n] - out.losses[n:]) / t  # [N, T] per-step loss differences
+        weighted = out.losses * out.step_weights()  # per-step share of the truncation loss
+        diff = weighted[:n] - weighted[n:]  # [N, T]
         done = out.done[:n]  # partners share tasks and lengths, so their masks agree
         before_reset = jnp.cumsum(done, axis=1) - done == 0  # step t belongs to the old trajectory
-        scale = 1.0 / (2.0 * self.std**2 * n)
-        coef_eps = scale * diff.sum(axis=1)
-        coef_acc = scale * jnp.where(before_reset, diff, 0.0).sum(axis=1)
+        coef_eps = self.es_coefficients(diff.sum(axis=1))
+        coef_acc = self.es_coefficients(jnp.where(before_reset, diff, 0.0).sum(axis=1))
         grad = jax.tree.map(
             lambda a, b: a + b, weighted_sum(coef_eps, eps), weighted_sum(coef_acc, state.accum)
         )
         any_done = done.any(axis=1)
-        keep_eps = ~done[:, -1]
+        last_ran = jnp.argmax(jnp.cumsum(out.mask[:n], axis=1), axis=1)  # index of last step run
+        reset_at_end = jnp.take_along_axis(done, last_ran[:, None], axis=1)[:, 0]
 
         def new_sum(acc, e):
             shape = (n,) + (1,) * (acc.ndim - 1)
-            return jnp.where(
-                any_done.reshape(shape), jnp.where(keep_eps.reshape(shape), e, 0.0), acc + e
-            )
+            fresh = jnp.where(reset_at_end.reshape(shape), 0.0, e)
+            return jnp.where(any_done.reshape(shape), fresh, acc + e)
 
         accum = jax.tree.map(new_sum, state.accum, eps)
         metrics = {
-            "meta_loss": out.losses.mean(),
-            "inner_loss": out.raw_losses.mean(),
+            "meta_loss": out.step_mean().mean(),
+            "inner_loss": out.step_mean(out.raw_losses).mean(),
+            "inner_steps": out.mask.sum(),
             "trajectories_done": done.sum(),
         }
         return grad, PESState(unroll, accum), metrics

@@ -26,6 +26,11 @@ class TBPTTState(NamedTuple):
 @estimators.register("tbptt")
 @dataclasses.dataclass(frozen=True)
 class TBPTT:
+    """TBPTT; ``first_order`` stops gradients through the optimizee's gradients (the cheap
+    approximation of Andrychowicz et al. 2016 used by many L2O papers), otherwise the exact
+    second-order meta-gradient; ``checkpoint`` trades compute for O(sqrt(T)) memory."""
+
+    first_order: bool = False
     checkpoint: bool = True
 
     def init(self, unroller: Unroller, key: jax.Array, meta_params: MetaParams) -> TBPTTState:
@@ -38,14 +43,17 @@ class TBPTT:
         keys = jax.random.split(key, unroller.num_particles)
 
         def meta_loss(theta):
-            unroll, out = unroller.unroll(theta, state.unroll, keys, checkpoint=self.checkpoint)
-            return out.losses.mean(), (unroll, out)
+            unroll, out = unroller.unroll(
+                theta, state.unroll, keys, checkpoint=self.checkpoint, stop_inner_grad=self.first_order
+            )
+            return out.step_mean().mean(), (unroll, out)
 
         (loss, (unroll, out)), grad = jax.value_and_grad(meta_loss, has_aux=True)(meta_params)
         unroll = jax.lax.stop_gradient(unroll)
         metrics = {
             "meta_loss": loss,
-            "inner_loss": out.raw_losses.mean(),
+            "inner_loss": out.step_mean(out.raw_losses).mean(),
+            "inner_steps": out.mask.sum(),
             "trajectories_done": out.done.sum(),
         }
         return grad, TBPTTState(unroll), metrics

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from estimators.schedules import Schedule
+from estimators.schedules import Schedule, power_of_two_buckets
 from lopt.base import LearnedOptimizer, MetaParams
 from tasks.base import TaskFamily
 
@@ -50,6 +50,18 @@ class UnrollOutput(NamedTuple):
     losses: jax.Array  # [P, T] normalised, clipped meta-loss terms
     raw_losses: jax.Array  # [P, T] training-batch losses before normalisation
     done: jax.Array  # [P, T] bool: the trajectory ended at this step (state after it is fresh)
+    mask: jax.Array  # [P, T] bool: the step ran (False only past a scheduled truncation length)
+
+    def step_mean(self, x: jax.Array | None = None) -> jax.Array:
+        """Mean of ``x`` (default: the meta-loss terms) over the steps that ran, per particle."""
+        x = self.losses if x is None else x
+        m = self.mask.astype(x.dtype)
+        return (x * m).sum(-1) / jnp.maximum(m.sum(-1), 1.0)
+
+    def step_weights(self) -> jax.Array:
+        """[P, T] weights w_t with sum_t w_t x_t = step_mean(x): 1/T_run on steps that ran."""
+        m = self.mask.astype(jnp.float32)
+        return m / jnp.maximum(m.sum(-1, keepdims=True), 1.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,12 +121,31 @@ class Unroller:
     horizon: Schedule
     meta_loss: MetaLoss = MetaLoss()
     stagger: bool = True  # first trajectories get lengths uniform in [1, L] to desynchronise resets
+    # Optional truncation-length schedule. Truncation length is a shape, so lengths are rounded
+    # up to power-of-two buckets (<= trunc_length, the maximum) and the steps past the drawn
+    # length are masked: one compiled program holds every bucket (`lax.switch`).
+    trunc_schedule: Schedule | None = None
+    trunc_seed: int = 0
 
     def __post_init__(self):
         if self.num_particles < 1:
             raise ValueError(f"num_particles must be >= 1, got {self.num_particles}")
         if self.trunc_length < 1:
             raise ValueError(f"trunc_length must be >= 1, got {self.trunc_length}")
+
+    @property
+    def buckets(self) -> tuple[int, ...]:
+        """Compiled truncation lengths: powers of two below ``trunc_length``, then itself."""
+        if self.trunc_schedule is None:
+            return (self.trunc_length,)
+        return power_of_two_buckets(self.trunc_length)
+
+    def truncation_length(self, outer_step: jax.Array) -> jax.Array:
+        """This outer step's truncation length (shared by all particles)."""
+        if self.trunc_schedule is None:
+            return jnp.asarray(self.trunc_length, jnp.int32)
+        key = jax.random.fold_in(jax.random.PRNGKey(self.trunc_seed), outer_step)
+        return jnp.clip(self.trunc_schedule(key, outer_step), 1, self.trunc_length)
 
     # -- one particle -------------------------------------------------------------------------
 
@@ -136,15 +167,27 @@ class Unroller:
         )
 
     def inner_step(
-        self, meta_params: MetaParams, ps: ParticleState, key: jax.Array, outer_step: jax.Array
+        self,
+        meta_params: MetaParams,
+        ps: ParticleState,
+        key: jax.Array,
+        outer_step: jax.Array,
+        *,
+        stop_inner_grad: bool = False,
+        reset: bool = True,
     ) -> tuple[ParticleState, tuple[jax.Array, jax.Array, jax.Array]]:
-        """One inner training step of one particle, resetting it if its trajectory ends."""
+        """One inner training step of one particle, resetting it if its trajectory ends.
+
+        ``stop_inner_grad`` cuts the meta-gradient path through the optimizee's gradient (the
+        first-order approximation of Andrychowicz et al. 2016, Sec. 2.1)."""
         task = self.task_family
         k_batch, k_valid, k_reset = jax.random.split(key, 3)
         batch = task.batch(ps.spec, k_batch, "train")
         (loss, _), grads = jax.value_and_grad(task.loss, argnums=1, has_aux=True)(
             ps.spec, ps.params, batch
         )
+        if stop_inner_grad:
+            grads = jax.lax.stop_gradient(grads)
         opt = self.learned_opt.optimizer(meta_params)
         updates, opt_state = opt.update(grads, ps.opt_state, ps.params, loss=loss)
         params = optax.apply_updates(ps.params, updates)
@@ -158,6 +201,8 @@ class Unroller:
         step = ps.step + 1
         done = step >= ps.length
         advanced = ParticleState(ps.spec, params, opt_state, step, ps.length, init_loss)
+        if not reset:
+            return advanced, (term, loss, done)
         fresh = self.fresh_particle(meta_params, k_reset, outer_step)
         return _tree_where(done, fresh, advanced), (term, loss, done)
 
@@ -186,8 +231,9 @@ class Unroller:
         *,
         per_particle_meta_params: bool = False,
         checkpoint: bool = False,
+        stop_inner_grad: bool = False,
     ) -> tuple[UnrollState, UnrollOutput]:
-        """Advance every particle ``trunc_length`` steps.
+        """Advance every particle by one truncation.
 
         Args:
           meta_params: shared meta-params, or with a leading particle axis when
@@ -197,22 +243,77 @@ class Unroller:
             resets and new tasks (antithetic pairs).
           checkpoint: recompute inner steps in the backward pass (``checkpointed_scan``) for
             gradient-based estimators.
+          stop_inner_grad: first-order meta-gradients (see ``inner_step``).
         """
         outer_step = state.outer_step
-        step_keys = jax.vmap(lambda k: jax.random.split(k, self.trunc_length))(keys)  # [P,T,2]
+        n_steps = self.truncation_length(outer_step)
 
-        def one_particle(theta, ps, ks):
-            def body(carry, k):
-                return self.inner_step(theta, carry, k, outer_step)
+        def run(bucket: int):
+            def go(theta, particles, keys):
+                step_keys = jax.vmap(lambda k: jax.random.split(k, bucket))(keys)  # [P,B,2]
 
-            scan = checkpointed_scan if checkpoint else _plain_scan
-            return scan(body, ps, ks, self.trunc_length)
+                def one_particle(th, ps, ks):
+                    def body(carry, xs):
+                        k, t = xs
+                        new, (term, loss, done) = self.inner_step(
+                            th, carry, k, outer_step, stop_inner_grad=stop_inner_grad
+                        )
+                        ran = t < n_steps
+                        new = _tree_where(ran, new, carry)
+                        return new, (term, loss, done & ran, ran)
 
-        in_axes = (0 if per_particle_meta_params else None, 0, 0)
-        particles, (terms, losses, done) = jax.vmap(one_particle, in_axes=in_axes)(
-            meta_params, state.particles, step_keys
-        )
-        return UnrollState(particles, outer_step + 1), UnrollOutput(terms, losses, done)
+                    scan = checkpointed_scan if checkpoint else _plain_scan
+                    return scan(body, ps, (ks, jnp.arange(bucket)), bucket)
+
+                in_axes = (0 if per_particle_meta_params else None, 0, 0)
+                out_particles, ys = jax.vmap(one_particle, in_axes=in_axes)(theta, particles, step_keys)
+                pad = self.trunc_length - bucket
+                ys = jax.tree.map(lambda y: jnp.pad(y, ((0, 0), (0, pad))), ys)
+                return out_particles, ys
+
+            return go
+
+        buckets = self.buckets
+        if len(buckets) == 1:
+            particles, ys = run(buckets[0])(meta_params, state.particles, keys)
+        else:
+            index = jnp.searchsorted(jnp.asarray(buckets), n_steps)
+            branches = [run(b) for b in buckets]
+            particles, ys = jax.lax.switch(index, branches, meta_params, state.particles, keys)
+        terms, losses, done, mask = ys
+        return UnrollState(particles, outer_step + 1), UnrollOutput(terms, losses, done, mask)
+
+    def trajectory(
+        self,
+        meta_params: MetaParams,
+        keys: jax.Array,
+        length: jax.Array,
+        max_length: int,
+        *,
+        outer_step: jax.Array,
+        per_particle_meta_params: bool = False,
+    ) -> tuple[ParticleState, UnrollOutput]:
+        """Run fresh trajectories of ``length`` steps (<= ``max_length``, a shape) without resets.
+
+        Used by full-trajectory estimators; returns the final particle states (before any
+        reset) and the per-step outputs, masked past ``length``."""
+
+        def one_particle(theta, key):
+            k_init, k_steps = jax.random.split(key)
+            ps = self.fresh_particle(theta, k_init, outer_step)._replace(length=length)
+
+            def body(carry, xs):
+                k, t = xs
+                new, (term, loss, done) = self.inner_step(theta, carry, k, outer_step, reset=False)
+                ran = t < length
+                return _tree_where(ran, new, carry), (term, loss, done & ran, ran)
+
+            xs = (jax.random.split(k_steps, max_length), jnp.arange(max_length))
+            return jax.lax.scan(body, ps, xs)
+
+        in_axes = (0 if per_particle_meta_params else None, 0)
+        final, (terms, losses, done, mask) = jax.vmap(one_particle, in_axes=in_axes)(meta_params, keys)
+        return final, UnrollOutput(terms, losses, done, mask)
 
 
 def _plain_scan(body, carry, xs, length):

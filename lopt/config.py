@@ -11,7 +11,9 @@ rest of its keys as that component's options:
     meta_optimizer: {name: "adam", learning_rate: 1e-3, clip_grad_norm: None}  -> optax.<name>
     unroll:         {num_particles, trunc_length,
                      horizon: {name: "constant", length: 200},          -> estimators.schedules
-                     meta_loss: {split, normalize, clip}}
+                     meta_loss: {split, normalize, clip},
+                     trunc_schedule: None or {name: "log_uniform", low: 5, high: 50}}
+                     (with a trunc_schedule, trunc_length is the largest truncation)
 
 ``build`` checks every key before constructing anything, so a typo fails at once with a
 message naming the key, long before the first compile.
@@ -42,7 +44,7 @@ TOP_LEVEL = {
     "meta_optimizer": dict,
     "unroll": dict,
 }
-UNROLL_KEYS = {"num_particles", "trunc_length", "horizon", "meta_loss", "stagger"}
+UNROLL_KEYS = {"num_particles", "trunc_length", "horizon", "meta_loss", "stagger", "trunc_schedule"}
 
 
 def _as_dict(section: Any, where: str) -> dict:
@@ -128,4 +130,9 @@ def build(config: ml_collections.ConfigDict):
         horizon=_component(schedules.get, unroll["horizon"], "unroll.horizon"),
         meta_loss=meta_loss,
         stagger=bool(unroll.get("stagger", True)),
+        trunc_schedule=(
+            _component(schedules.get, unroll["trunc_schedule"], "unroll.trunc_schedule")
+            if unroll.get("trunc_schedule")
+            else None
+        ),
     )

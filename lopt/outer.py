@@ -61,6 +61,7 @@ class MetaTrainer:
     horizon: Schedule = dataclasses.field(default=None)  # type: ignore[assignment]
     meta_loss: MetaLoss = MetaLoss()
     stagger: bool = True
+    trunc_schedule: Schedule | None = None  # varying truncation lengths, bucketed (Unroller)
     mesh: Any = None
 
     def __post_init__(self):
@@ -81,6 +82,7 @@ class MetaTrainer:
             horizon=self.horizon,
             meta_loss=self.meta_loss,
             stagger=self.stagger,
+            trunc_schedule=self.trunc_schedule,
         )
 
     @property

@@ -1,0 +1,70 @@
+"""``es``: truncated antithetic evolution strategies.
+
+Each truncation draws fresh eps_i ~ N(0, s^2 I) per pair, unrolls theta + eps_i and
+theta - eps_i from the pair's shared state, and estimates (Salimans et al. 2017; Vicol et al.
+2021 eq. 3)
+
+    g = 1 / (2 s^2 N) * sum_i (L(theta + eps_i) - L(theta - eps_i)) * eps_i .
+
+The gradient ignores how the carried state depends on theta, so like TBPTT it is biased
+towards the truncation's short horizon (PES removes that bias). After the truncation both
+members of a pair continue from the *positive* trajectory's state, so partners always start a
+truncation from the same state and the difference L+ - L- measures eps_i alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+
+import estimators
+from estimators.base import (
+    ESOptions,
+    antithetic_params,
+    keep_positive,
+    num_pairs,
+    pair_keys,
+    sample_perturbation,
+    weighted_sum,
+)
+from estimators.unroll import Unroller, UnrollState
+from lopt.base import MetaParams
+
+
+class ESState(NamedTuple):
+    unroll: UnrollState  # 2N particles, [:N] positive, [N:] negative (equal at truncation start)
+
+
+@estimators.register("es")
+@dataclasses.dataclass(frozen=True)
+class TruncatedES(ESOptions):
+    """Options ``std``, ``loss_diff_clip``, ``sign`` as in :class:`ESOptions`."""
+
+    def init(self, unroller: Unroller, key: jax.Array, meta_params: MetaParams) -> ESState:
+        n = num_pairs(unroller, "es")
+        return ESState(unroller.init(meta_params, pair_keys(key, n)))
+
+    def grad(
+        self, unroller: Unroller, meta_params: MetaParams, state: ESState, key: jax.Array
+    ) -> tuple[MetaParams, ESState, dict]:
+        n = num_pairs(unroller, "es")
+        k_eps, k_unroll = jax.random.split(key)
+        eps = sample_perturbation(k_eps, meta_params, n, self.std)
+        unroll, out = unroller.unroll(
+            antithetic_params(meta_params, eps),
+            state.unroll,
+            pair_keys(k_unroll, n),
+            per_particle_meta_params=True,
+        )
+        loss = out.step_mean()
+        grad = weighted_sum(self.es_coefficients(loss[:n] - loss[n:]), eps)
+        unroll = unroll._replace(particles=keep_positive(unroll.particles, n))
+        metrics = {
+            "meta_loss": loss.mean(),
+            "inner_loss": out.step_mean(out.raw_losses).mean(),
+            "inner_steps": out.mask.sum(),
+            "trajectories_done": out.done[:n].sum(),
+        }
+        return grad, ESState(unroll), metrics
