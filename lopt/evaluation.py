@@ -1,0 +1,320 @@
+"""Evaluate optimizers on fresh task instances and compare with tuned Adam (DESIGN.md, "lopt/").
+
+Everything numeric is one compiled program: for a batch of PRNG keys, each key samples a task
+instance (``spec = task.sample(k_spec)``), initialises it (``task.init(spec, k_init)``) and trains
+it with an optax transformation for ``num_steps`` steps inside ``lax.scan``; the keys are
+``vmap``-ed and the whole thing is one ``jax.jit``. :func:`tune_adam` additionally ``vmap``-s over
+Adam's learning rate, so a grid of learning rates costs a single compilation.
+
+    curves = train_curves(task, opt, keys, num_steps=200)
+    best_lr, per_lr = tune_adam(task, keys, num_steps=200)
+    print(format_table({"learned": curves, f"adam (lr={best_lr:.3g})": per_lr[best_lr]}))
+    plot_curves({"learned": curves["train_loss"]}, "curves.png", "digits_mlp")
+
+A data-backed task's dataset is passed into jit as an argument (``tasks.base.data_arrays`` /
+``bind_data``), not baked into the program as a constant. Diverged runs (NaN/inf losses) do not
+raise: their numbers come back as NaN/inf, and :func:`tune_adam` ranks them last.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import warnings
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from tasks.base import bind_data, data_arrays
+
+__all__ = [
+    "DEFAULT_LRS",
+    "FINAL_WINDOW",
+    "NUM_TEST_BATCHES",
+    "train_curves",
+    "tune_adam",
+    "format_table",
+    "plot_curves",
+]
+
+#: Adam learning rates tried by default: 7 log-spaced values from 1e-4 to 1e-1.
+DEFAULT_LRS: tuple[float, ...] = tuple(float(x) for x in np.logspace(-4, -1, 7))
+#: ``final_train_loss`` is the mean training loss over this many last steps.
+FINAL_WINDOW = 10
+#: Test batches averaged for tasks without ``full_batch``.
+NUM_TEST_BATCHES = 8
+
+Results = dict[str, Any]
+
+
+# --- the compiled core -------------------------------------------------------------------------
+
+
+def _run_one(
+    task: Any,
+    optimizer: optax.GradientTransformation,
+    num_steps: int,
+    key: jax.Array,
+) -> dict[str, jax.Array]:
+    """Train one task instance drawn from ``key``; traced inside jit/vmap.
+
+    ``task`` is already bound to the dataset arrays passed into jit (``tasks.base.bind_data``),
+    so a data-backed family reads its batches, and its full test split, from jit arguments.
+    """
+    k_spec, k_init, k_train, k_test = jax.random.split(key, 4)
+    spec = task.sample(k_spec)
+    params = task.init(spec, k_init)
+    opt_state = optimizer.init(params)
+    extra_args = isinstance(optimizer, optax.GradientTransformationExtraArgs)
+    grad_fn = jax.value_and_grad(task.loss, argnums=1, has_aux=True)
+
+    def step(carry, k):
+        params, opt_state = carry
+        batch = task.batch(spec, k, "train")
+        (loss, _), grads = grad_fn(spec, params, batch)
+        if extra_args:
+            updates, opt_state = optimizer.update(grads, opt_state, params, loss=loss)
+        else:
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return (params, opt_state), loss
+
+    (params, _), losses = jax.lax.scan(
+        step, (params, opt_state), jax.random.split(k_train, num_steps)
+    )
+
+    full_batch = getattr(task, "full_batch", None)
+    if full_batch is not None:
+        test_loss, aux = task.loss(spec, params, full_batch("test"))
+    else:
+        def test_eval(k):
+            return task.loss(spec, params, task.batch(spec, k, "test"))
+
+        test_losses, auxes = jax.vmap(test_eval)(jax.random.split(k_test, NUM_TEST_BATCHES))
+        test_loss = jnp.mean(test_losses)
+        aux = jax.tree.map(jnp.mean, auxes)
+
+    window = min(FINAL_WINDOW, num_steps)
+    out = {
+        "train_loss": losses.astype(jnp.float32),
+        "final_train_loss": jnp.mean(losses[num_steps - window :]).astype(jnp.float32),
+        "test_loss": jnp.asarray(test_loss, jnp.float32),
+    }
+    if isinstance(aux, dict) and "accuracy" in aux:
+        out["test_accuracy"] = jnp.asarray(aux["accuracy"], jnp.float32)
+    return out
+
+
+def _to_numpy(out: dict[str, jax.Array]) -> Results:
+    res = {k: np.asarray(jax.device_get(v)) for k, v in out.items()}
+    res.setdefault("test_accuracy", None)
+    return res
+
+
+def _check_args(keys: Any, num_steps: int) -> jax.Array:
+    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
+        raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
+    keys = jnp.asarray(keys)
+    if keys.ndim < 1 or keys.shape[0] < 1:
+        raise ValueError(
+            f"keys must be a non-empty batch of PRNG keys [S, 2], got shape {keys.shape}"
+        )
+    return keys
+
+
+# --- public API --------------------------------------------------------------------------------
+
+
+def train_curves(
+    task: Any,
+    optimizer: optax.GradientTransformation,
+    keys: jax.Array | np.ndarray,
+    num_steps: int,
+) -> Results:
+    """Train one task instance per key with ``optimizer`` and record the curves.
+
+    Args:
+      task: a task family (``tasks.get(...)``).
+      optimizer: an optax transformation; an ``optax.GradientTransformationExtraArgs`` (e.g. a
+        learned optimizer) additionally receives ``loss=`` the training-batch loss.
+      keys: ``[S, 2]`` uint32 PRNG keys (``jax.random.PRNGKey`` style), one per task instance.
+      num_steps: training steps per instance.
+
+    Returns:
+      numpy arrays: ``train_loss`` ``[S, num_steps]`` (the training-batch loss before each
+      update), ``final_train_loss`` ``[S]`` (mean of the last ``min(10, num_steps)`` of those),
+      ``test_loss`` ``[S]`` and ``test_accuracy`` ``[S]`` (``None`` if the task's aux has no
+      ``"accuracy"``) of the final parameters: on ``task.full_batch("test")`` when the task has
+      it, else averaged over 8 test batches. Diverged runs give NaN/inf, never an exception.
+
+    All instances train in one ``jax.jit`` (scan over steps, vmap over keys). The compiled
+    program is cached on (task, optimizer object, num_steps, shapes): reuse the same optimizer
+    object to avoid recompiling.
+    """
+    keys = _check_args(keys, num_steps)
+    arrays = data_arrays(task)  # loads a dataset here, outside jit
+    kwargs = dict(task=task, optimizer=optimizer, num_steps=int(num_steps))
+    try:
+        hash(optimizer)
+    except TypeError:  # not usable as a static argument: compile without caching
+        fn = jax.jit(functools.partial(_curves.__wrapped__, **kwargs))
+        return _to_numpy(fn(keys, arrays))
+    return _to_numpy(_curves(keys, arrays, **kwargs))
+
+
+@functools.partial(jax.jit, static_argnames=("task", "optimizer", "num_steps"))
+def _curves(
+    keys: jax.Array,
+    arrays: Any,
+    *,
+    task: Any,
+    optimizer: optax.GradientTransformation,
+    num_steps: int,
+) -> dict[str, jax.Array]:
+    """:func:`_run_one` vmapped over keys, the task reading its data from ``arrays``. Jitted
+    with the task, the optimizer object and the step count static, so calling again with the
+    same objects reuses the compiled program."""
+    run = functools.partial(_run_one, bind_data(task, arrays), optimizer, num_steps)
+    return jax.vmap(run)(keys)
+
+
+@functools.partial(jax.jit, static_argnames=("task", "num_steps"))
+def _adam_grid(
+    keys: jax.Array, lrs: jax.Array, arrays: Any, *, task: Any, num_steps: int
+) -> dict[str, jax.Array]:
+    """:func:`_run_one` with ``optax.adam(lr)``, vmapped over keys and learning rates."""
+    bound = bind_data(task, arrays)
+
+    def per_lr(lr):
+        return jax.vmap(functools.partial(_run_one, bound, optax.adam(lr), num_steps))(keys)
+
+    return jax.vmap(per_lr)(lrs)
+
+
+def _rank_value(final_train_loss: np.ndarray) -> float:
+    """Mean final train loss with NaN counted as +inf (worst)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        m = float(np.mean(np.asarray(final_train_loss, np.float64)))
+    return math.inf if math.isnan(m) else m
+
+
+def tune_adam(
+    task: Any,
+    keys: jax.Array | np.ndarray,
+    num_steps: int,
+    learning_rates: tuple[float, ...] | list[float] = DEFAULT_LRS,
+) -> tuple[float, dict[float, Results]]:
+    """Tune Adam's learning rate on the task instances of ``keys``.
+
+    Runs :func:`train_curves` with ``optax.adam(lr)`` for every learning rate (one compilation:
+    the learning rate is a vmapped argument of a single jitted function) and picks the one with
+    the lowest mean ``final_train_loss`` over the keys; NaN/inf (diverged) count as worst, ties
+    go to the earlier learning rate in ``learning_rates``.
+
+    Returns:
+      ``(best_lr, {lr: train_curves-style results})``, keyed by the floats of ``learning_rates``.
+    """
+    keys = _check_args(keys, num_steps)
+    lrs = [float(lr) for lr in learning_rates]
+    if not lrs:
+        raise ValueError("learning_rates must not be empty")
+    if any(not (math.isfinite(lr) and lr > 0) for lr in lrs):
+        raise ValueError(f"learning rates must be positive and finite, got {lrs}")
+    out = _adam_grid(
+        keys, jnp.asarray(lrs, jnp.float32), data_arrays(task), task=task, num_steps=int(num_steps)
+    )
+    out = jax.device_get(out)
+    results: dict[float, Results] = {}
+    for i, lr in enumerate(lrs):
+        results[lr] = _to_numpy({k: v[i] for k, v in out.items()})
+    best_lr = min(lrs, key=lambda lr: _rank_value(results[lr]["final_train_loss"]))
+    return best_lr, results
+
+
+# --- reporting ---------------------------------------------------------------------------------
+
+
+def _mean_std(x: np.ndarray | None) -> str:
+    if x is None:
+        return "-"
+    x = np.asarray(x, np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):  # diverged seeds: inf/nan
+        mean, std = float(np.mean(x)), float(np.std(x))
+    return f"{mean:.4g} ± {std:.2g}"
+
+
+def format_table(rows: dict[str, Results]) -> str:
+    """A plain-text table, one row per optimizer, of mean ± std across seeds of the final train
+    loss, test loss and test accuracy (``-`` where a row has no accuracy)."""
+    header = ["optimizer", "final train loss", "test loss", "test accuracy"]
+    body = [
+        [
+            str(name),
+            _mean_std(r.get("final_train_loss")),
+            _mean_std(r.get("test_loss")),
+            _mean_std(r.get("test_accuracy")),
+        ]
+        for name, r in rows.items()
+    ]
+    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        first = cells[0].ljust(widths[0])
+        rest = [c.rjust(w) for c, w in zip(cells[1:], widths[1:])]
+        return "  ".join([first, *rest]).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(header), rule, *(line(r) for r in body)])
+
+
+def plot_curves(curves: dict[str, np.ndarray], path: str | os.PathLike, title: str) -> str:
+    """Save a PNG of mean training loss vs step with a shaded ±1 std band (across seeds) per
+    optimizer. ``curves`` maps a label to ``[S, T]`` losses. The y axis is logarithmic if every
+    finite value is positive. Non-finite values (diverged runs) are left out of the plot.
+    Returns the path written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = os.fspath(path)
+    arrays = {}
+    for name, c in curves.items():
+        c = np.asarray(c, np.float64)
+        if c.ndim == 1:
+            c = c[None]
+        arrays[name] = np.where(np.isfinite(c), c, np.nan)
+    finite = np.concatenate([a[np.isfinite(a)] for a in arrays.values()] or [np.zeros(0)])
+    log_y = finite.size > 0 and bool(np.all(finite > 0))
+    floor = float(finite.min()) if finite.size else 0.0
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, a in arrays.items():
+        steps = np.arange(a.shape[1])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN steps of diverged runs
+            mean = np.nanmean(a, axis=0)
+            std = np.nanstd(a, axis=0)
+        (ln,) = ax.plot(steps, mean, lw=1.5, label=name)
+        lo, hi = mean - std, mean + std
+        if log_y:
+            lo = np.maximum(lo, floor)
+        ax.fill_between(steps, lo, hi, color=ln.get_color(), alpha=0.2, lw=0)
+    if log_y:
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (mean ± 1 std over seeds)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if arrays:
+        ax.legend()
+    fig.tight_layout()
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
