@@ -85,10 +85,6 @@ class MetaTrainer:
             trunc_schedule=self.trunc_schedule,
         )
 
-    @property
-    def inner_steps_per_outer_step(self) -> int:
-        return self.num_particles * self.trunc_length
-
     def _bound_unroller(self, arrays: Any) -> Unroller:
         """The unroller whose task family reads the dataset passed into jit as ``arrays``."""
         if arrays is None:
@@ -226,10 +222,12 @@ def train(
             os.remove(metrics_path)
 
     total = int(config.num_outer_steps)
-    inner_per_outer = trainer.inner_steps_per_outer_step
+    done_rows = _read_metrics(metrics_path)
+    inner_total = done_rows[-1].get("inner_steps_total", 0) if done_rows else 0
     bar = tqdm(total=total, initial=start, desc="meta-train", disable=not progress, dynamic_ncols=True)
     t_first = None
-    steps_timed = 0
+    inner_timed = 0  # inner steps run after the first (compiling) outer step
+    pending: list = []  # device scalars, summed at log time so the loop never blocks
     last_metrics: dict = {}
     step = start
     try:
@@ -237,18 +235,21 @@ def train(
             while step < total:
                 state, metrics = trainer.step(state)
                 step += 1
+                pending.append(metrics["inner_steps"])
                 if t_first is None:  # the first step compiles: time from its end on
                     jax.block_until_ready(state.meta_params)
                     t_first = time.perf_counter()
-                else:
-                    steps_timed += 1
+                    first_inner = int(pending[0])
                 if step % config.log_every == 0 or step == total:
-                    row = {"step": step, **_to_python(metrics)}
+                    new_inner = int(sum(int(x) for x in jax.device_get(pending)))
+                    pending = []
+                    inner_total += new_inner
+                    inner_timed += new_inner - first_inner
+                    first_inner = 0
+                    row = {"step": step, **_to_python(metrics), "inner_steps_total": inner_total}
                     now = time.perf_counter()
                     row["wall_time"] = now - t_first
-                    row["inner_steps_per_sec"] = (
-                        steps_timed * inner_per_outer / (now - t_first) if steps_timed else None
-                    )
+                    row["inner_steps_per_sec"] = inner_timed / (now - t_first) if inner_timed else None
                     log.write(json.dumps(row) + "\n")
                     log.flush()
                     last_metrics = row
