@@ -27,32 +27,69 @@ class Estimator(Protocol):
 
 
 def num_pairs(unroller: Unroller, estimator_name: str) -> int:
-    """Antithetic estimators run particles as (+eps, -eps) pairs sharing one task and data stream."""
+    """Antithetic estimators run particles as (+eps, -eps) pairs sharing one task and data stream.
+
+    Particles are interleaved: particle 2i is pair i's positive member, 2i + 1 its negative, so
+    a contiguous block of particles (one device's shard) always holds whole pairs."""
     if unroller.num_particles % 2:
+        where = "per device" if unroller.shard_axis else "in total"
         raise ValueError(
-            f"estimator '{estimator_name}' uses antithetic pairs, so num_particles must be even; "
-            f"got {unroller.num_particles} (set num_particles={unroller.num_particles + 1})"
+            f"estimator '{estimator_name}' uses antithetic pairs, so num_particles must be even "
+            f"{where}; got {unroller.num_particles} (set num_particles={unroller.num_particles + 1})"
         )
     return unroller.num_particles // 2
 
 
-def pair_keys(key: jax.Array, n_pairs: int) -> jax.Array:
-    """[2N, 2] keys where particle i and i + N (the antithetic partner) share a key."""
-    keys = jax.random.split(key, n_pairs)
-    return jnp.concatenate([keys, keys], axis=0)
+def global_indices(unroller: Unroller, n_local: int) -> jax.Array:
+    """Global indices of this shard's ``n_local`` particles (or pairs).
+
+    Randomness is keyed by global index, never by position in a shard, so a run gives the same
+    particles on 1 or 8 devices (DESIGN.md principle 6)."""
+    offset = 0
+    if unroller.shard_axis is not None:
+        offset = jax.lax.axis_index(unroller.shard_axis) * n_local
+    return jnp.arange(n_local) + offset
 
 
-def sample_perturbation(key: jax.Array, meta_params: MetaParams, n: int, std: float) -> MetaParams:
-    """n Gaussian perturbations eps ~ N(0, std^2 I) shaped like ``meta_params`` (leading axis n)."""
+def index_keys(key: jax.Array, indices: jax.Array) -> jax.Array:
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(indices)
+
+
+def particle_keys(unroller: Unroller, key: jax.Array) -> jax.Array:
+    """[P, 2] independent keys, one per (global) particle."""
+    return index_keys(key, global_indices(unroller, unroller.num_particles))
+
+
+def pair_keys(unroller: Unroller, key: jax.Array) -> jax.Array:
+    """[2N, 2] keys; both members of a pair share theirs (same task, batches and resets)."""
+    n = unroller.num_particles // 2
+    return jnp.repeat(index_keys(key, global_indices(unroller, n)), 2, axis=0)
+
+
+def sample_perturbation(
+    unroller: Unroller, key: jax.Array, meta_params: MetaParams, std: float
+) -> MetaParams:
+    """One Gaussian perturbation eps_i ~ N(0, std^2 I) per (global) pair, leading axis N."""
     leaves, treedef = jax.tree.flatten(meta_params)
-    keys = jax.random.split(key, len(leaves))
-    eps = [std * jax.random.normal(k, (n,) + jnp.shape(x), jnp.float32) for k, x in zip(keys, leaves)]
-    return jax.tree.unflatten(treedef, eps)
+
+    def one(k):
+        ks = jax.random.split(k, len(leaves))
+        return [std * jax.random.normal(kk, jnp.shape(x), jnp.float32) for kk, x in zip(ks, leaves)]
+
+    keys = index_keys(key, global_indices(unroller, unroller.num_particles // 2))
+    return jax.tree.unflatten(treedef, jax.vmap(one)(keys))
 
 
 def antithetic_params(meta_params: MetaParams, eps: MetaParams) -> MetaParams:
-    """Stack theta + eps (first N particles) and theta - eps (last N)."""
-    return jax.tree.map(lambda t, e: jnp.concatenate([t + e, t - e], axis=0), meta_params, eps)
+    """[2N, ...] meta-params, theta + eps_i at particle 2i and theta - eps_i at 2i + 1."""
+    return from_pairs(
+        jax.tree.map(lambda t, e: jnp.stack([t + e, t - e], axis=1), meta_params, eps)
+    )
+
+
+def split_signs(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The positive and negative members' values of an interleaved [2N, ...] array."""
+    return x[0::2], x[1::2]
 
 
 def weighted_sum(coef: jax.Array, tree: MetaParams) -> MetaParams:
@@ -60,19 +97,25 @@ def weighted_sum(coef: jax.Array, tree: MetaParams) -> MetaParams:
     return jax.tree.map(lambda x: jnp.tensordot(coef, x, axes=1), tree)
 
 
-def to_pairs(tree: Any, n_pairs: int) -> Any:
-    """[2N, ...] (positives then negatives) -> [N, 2, ...] (one row per antithetic pair)."""
-    return jax.tree.map(lambda x: jnp.stack([x[:n_pairs], x[n_pairs:]], axis=1), tree)
+def to_pairs(tree: Any) -> Any:
+    """[2N, ...] interleaved particles -> [N, 2, ...] (row i: pair i's +, - members)."""
+    return jax.tree.map(lambda x: x.reshape((x.shape[0] // 2, 2) + x.shape[1:]), tree)
 
 
 def from_pairs(tree: Any) -> Any:
     """Inverse of :func:`to_pairs`."""
-    return jax.tree.map(lambda x: jnp.concatenate([x[:, 0], x[:, 1]], axis=0), tree)
+    return jax.tree.map(lambda x: x.reshape((x.shape[0] * 2,) + x.shape[2:]), tree)
 
 
-def keep_positive(tree: Any, n_pairs: int) -> Any:
+def keep_positive(tree: Any) -> Any:
     """Both members of every pair continue from the positive trajectory's state."""
-    return jax.tree.map(lambda x: jnp.concatenate([x[:n_pairs], x[:n_pairs]], axis=0), tree)
+    return jax.tree.map(lambda x: jnp.repeat(x[0::2], 2, axis=0), tree)
+
+
+def pair_mean(unroller: Unroller, x: jax.Array) -> jax.Array:
+    """Mean over the leading (pair) axis across every shard."""
+    m = x.mean(0)
+    return m if unroller.shard_axis is None else jax.lax.pmean(m, unroller.shard_axis)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,6 +27,7 @@ from estimators.base import (
     num_pairs,
     pair_keys,
     sample_perturbation,
+    split_signs,
     weighted_sum,
 )
 from estimators.unroll import Unroller, UnrollState
@@ -34,7 +35,7 @@ from lopt.base import MetaParams
 
 
 class ESState(NamedTuple):
-    unroll: UnrollState  # 2N particles, [:N] positive, [N:] negative (equal at truncation start)
+    unroll: UnrollState  # 2N interleaved particles (partners equal at truncation start)
 
 
 @estimators.register("es")
@@ -43,28 +44,29 @@ class TruncatedES(ESOptions):
     """Options ``std``, ``loss_diff_clip``, ``sign`` as in :class:`ESOptions`."""
 
     def init(self, unroller: Unroller, key: jax.Array, meta_params: MetaParams) -> ESState:
-        n = num_pairs(unroller, "es")
-        return ESState(unroller.init(meta_params, pair_keys(key, n)))
+        num_pairs(unroller, "es")
+        return ESState(unroller.init(meta_params, pair_keys(unroller, key)))
 
     def grad(
         self, unroller: Unroller, meta_params: MetaParams, state: ESState, key: jax.Array
     ) -> tuple[MetaParams, ESState, dict]:
-        n = num_pairs(unroller, "es")
+        num_pairs(unroller, "es")
         k_eps, k_unroll = jax.random.split(key)
-        eps = sample_perturbation(k_eps, meta_params, n, self.std)
+        eps = sample_perturbation(unroller, k_eps, meta_params, self.std)
         unroll, out = unroller.unroll(
             antithetic_params(meta_params, eps),
             state.unroll,
-            pair_keys(k_unroll, n),
+            pair_keys(unroller, k_unroll),
             per_particle_meta_params=True,
         )
         loss = out.step_mean()
-        grad = weighted_sum(self.es_coefficients(loss[:n] - loss[n:]), eps)
-        unroll = unroll._replace(particles=keep_positive(unroll.particles, n))
+        pos, neg = split_signs(loss)
+        grad = weighted_sum(self.es_coefficients(pos - neg), eps)
+        unroll = unroll._replace(particles=keep_positive(unroll.particles))
         metrics = {
             "meta_loss": loss.mean(),
             "inner_loss": out.step_mean(out.raw_losses).mean(),
             "inner_steps": out.mask.sum(),
-            "trajectories_done": out.done[:n].sum(),
+            "trajectories_done": split_signs(out.done)[0].sum(),
         }
         return grad, ESState(unroll), metrics

@@ -30,6 +30,7 @@ from estimators.base import (
     num_pairs,
     pair_keys,
     sample_perturbation,
+    split_signs,
     weighted_sum,
 )
 from estimators.schedules import power_of_two_buckets
@@ -84,9 +85,9 @@ class FullES(ESOptions):
         k_eps, k_len, k_unroll = jax.random.split(key, 3)
         max_length = unroller.horizon.max_length
         length = jnp.clip(unroller.horizon(k_len, state.outer_step), 1, max_length)
-        eps = sample_perturbation(k_eps, meta_params, n, self.std)
+        eps = sample_perturbation(unroller, k_eps, meta_params, self.std)
         thetas = antithetic_params(meta_params, eps)
-        keys = pair_keys(k_unroll, n)
+        keys = pair_keys(unroller, k_unroll)
         buckets = power_of_two_buckets(max_length, min(self.min_bucket, max_length))
 
         def run(bucket):
@@ -101,7 +102,8 @@ class FullES(ESOptions):
 
         index = jnp.searchsorted(jnp.asarray(buckets), length)
         losses, inner = jax.lax.switch(index, [run(b) for b in buckets], thetas, keys)
-        grad = weighted_sum(self.es_coefficients(losses[:n] - losses[n:]), eps)
+        pos, neg = split_signs(losses)
+        grad = weighted_sum(self.es_coefficients(pos - neg), eps)
         metrics = {
             "meta_loss": losses.mean(),
             "inner_loss": inner.mean(),

@@ -34,6 +34,7 @@ from estimators.base import (
     keep_positive,
     num_pairs,
     pair_keys,
+    pair_mean,
     sample_perturbation,
     to_pairs,
 )
@@ -45,18 +46,24 @@ class MergedState(NamedTuple):
     unroll: UnrollState
 
 
-def inverse_variance_merge(g_rp: jax.Array, g_es: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Metz et al. 2019 eq. 1 per element over the leading (pair) axis.
+def inverse_variance_merge(
+    unroller: Unroller, g_rp: jax.Array, g_es: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Metz et al. 2019 eq. 1 per element over the leading (pair) axis, across all shards.
 
-    Returns (merged mean, ES weight). A non-finite reparameterization sample makes that
-    element's v_rp infinite, so the element falls back to ES entirely."""
-    rp_ok = jnp.all(jnp.isfinite(g_rp), axis=0)
+    Returns (merged mean, ES weight w_es = v_rp / (v_rp + v_es)). A non-finite
+    reparameterization sample or variance (an exploding unroll) gives that element w_es = 1;
+    two zero variances split the weight evenly."""
+    n_total = g_rp.shape[0] * (1 if unroller.shard_axis is None else jax.lax.psum(1, unroller.shard_axis))
+    rp_ok = pair_mean(unroller, jnp.isfinite(g_rp).astype(jnp.float32)) == 1.0
     g_rp = jnp.where(rp_ok, g_rp, 0.0)
-    m_rp, m_es = g_rp.mean(0), g_es.mean(0)
-    v_rp, v_es = g_rp.var(0, ddof=1), g_es.var(0, ddof=1)
-    total = v_rp + v_es
-    w_es = jnp.where(total > 0, v_rp / jnp.where(total > 0, total, 1.0), 0.5)
-    w_es = jnp.where(rp_ok, w_es, 1.0)
+    m_rp, m_es = pair_mean(unroller, g_rp), pair_mean(unroller, g_es)
+    bessel = n_total / (n_total - 1)
+    v_rp = pair_mean(unroller, (g_rp - m_rp) ** 2) * bessel
+    v_es = pair_mean(unroller, (g_es - m_es) ** 2) * bessel
+    ratio = v_es / jnp.where(v_rp > 0, v_rp, 1.0)  # v_es / v_rp; inf v_rp gives 0
+    w_es = jnp.where(v_rp > 0, 1.0 / (1.0 + ratio), jnp.where(v_es > 0, 0.0, 0.5))
+    w_es = jnp.where(rp_ok & jnp.isfinite(v_rp), w_es, 1.0)
     return (1.0 - w_es) * m_rp + w_es * m_es, w_es
 
 
@@ -74,16 +81,16 @@ class Merged(ESOptions):
         if n < 2:
             raise ValueError("merged needs at least 2 antithetic pairs (num_particles >= 4) "
                              "to estimate variances")
-        return MergedState(unroller.init(meta_params, pair_keys(key, n)))
+        return MergedState(unroller.init(meta_params, pair_keys(unroller, key)))
 
     def grad(
         self, unroller: Unroller, meta_params: MetaParams, state: MergedState, key: jax.Array
     ) -> tuple[MetaParams, MergedState, dict]:
         n = num_pairs(unroller, "merged")
         k_eps, k_unroll = jax.random.split(key)
-        eps = sample_perturbation(k_eps, meta_params, n, self.std)
-        pairs = to_pairs(state.unroll.particles, n)  # [N, 2, ...]
-        keys = jax.random.split(k_unroll, n)
+        eps = sample_perturbation(unroller, k_eps, meta_params, self.std)
+        pairs = to_pairs(state.unroll.particles)  # [N, 2, ...]
+        keys = pair_keys(unroller, k_unroll)[0::2]
         outer_step = state.unroll.outer_step
 
         def pair_loss(theta, e, particles, k):
@@ -104,12 +111,12 @@ class Merged(ESOptions):
         coef = self.shape_diff(losses[:, 0] - losses[:, 1]) / (2.0 * self.std**2)
         g_es = jax.tree.map(lambda e: coef.reshape((n,) + (1,) * (e.ndim - 1)) * e, eps)
 
-        merged = jax.tree.map(inverse_variance_merge, g_rp, g_es)
+        merged = jax.tree.map(lambda a, b: inverse_variance_merge(unroller, a, b), g_rp, g_es)
         grad = jax.tree.map(lambda m: m[0], merged, is_leaf=lambda x: isinstance(x, tuple))
         w_es = [m[1] for m in jax.tree.leaves(merged, is_leaf=lambda x: isinstance(x, tuple))]
         es_share = jnp.concatenate([w.ravel() for w in w_es]).mean()
 
-        unroll = UnrollState(keep_positive(from_pairs(particles), n), outer_step + 1)
+        unroll = UnrollState(keep_positive(from_pairs(particles)), outer_step + 1)
         metrics = {
             "meta_loss": losses.mean(),
             "inner_loss": out.step_mean(out.raw_losses).mean(),

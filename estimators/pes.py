@@ -29,6 +29,7 @@ from estimators.base import (
     num_pairs,
     pair_keys,
     sample_perturbation,
+    split_signs,
     weighted_sum,
 )
 from estimators.unroll import Unroller, UnrollState
@@ -36,7 +37,7 @@ from lopt.base import MetaParams
 
 
 class PESState(NamedTuple):
-    unroll: UnrollState  # 2N particles: [:N] positive, [N:] negative
+    unroll: UnrollState  # 2N interleaved particles: 2i positive, 2i + 1 negative
     accum: MetaParams  # [N, ...] perturbation sums xi_i
 
 
@@ -47,7 +48,7 @@ class PES(ESOptions):
 
     def init(self, unroller: Unroller, key: jax.Array, meta_params: MetaParams) -> PESState:
         n = num_pairs(unroller, "pes")
-        unroll = unroller.init(meta_params, pair_keys(key, n))
+        unroll = unroller.init(meta_params, pair_keys(unroller, key))
         accum = jax.tree.map(lambda x: jnp.zeros((n,) + jnp.shape(x), jnp.float32), meta_params)
         return PESState(unroll, accum)
 
@@ -56,16 +57,16 @@ class PES(ESOptions):
     ) -> tuple[MetaParams, PESState, dict]:
         n = num_pairs(unroller, "pes")
         k_eps, k_unroll = jax.random.split(key)
-        eps = sample_perturbation(k_eps, meta_params, n, self.std)
+        eps = sample_perturbation(unroller, k_eps, meta_params, self.std)
         unroll, out = unroller.unroll(
             antithetic_params(meta_params, eps),
             state.unroll,
-            pair_keys(k_unroll, n),
+            pair_keys(unroller, k_unroll),
             per_particle_meta_params=True,
         )
-        weighted = out.losses * out.step_weights()  # per-step share of the truncation loss
-        diff = weighted[:n] - weighted[n:]  # [N, T]
-        done = out.done[:n]  # partners share tasks and lengths, so their masks agree
+        pos, neg = split_signs(out.losses * out.step_weights())  # per-step share of the loss
+        diff = pos - neg  # [N, T]
+        done = split_signs(out.done)[0]  # partners share tasks and lengths: their masks agree
         before_reset = jnp.cumsum(done, axis=1) - done == 0  # step t belongs to the old trajectory
         coef_eps = self.es_coefficients(diff.sum(axis=1))
         coef_acc = self.es_coefficients(jnp.where(before_reset, diff, 0.0).sum(axis=1))
@@ -73,7 +74,7 @@ class PES(ESOptions):
             lambda a, b: a + b, weighted_sum(coef_eps, eps), weighted_sum(coef_acc, state.accum)
         )
         any_done = done.any(axis=1)
-        last_ran = jnp.argmax(jnp.cumsum(out.mask[:n], axis=1), axis=1)  # index of last step run
+        last_ran = jnp.argmax(jnp.cumsum(split_signs(out.mask)[0], axis=1), axis=1)  # index of last step run
         reset_at_end = jnp.take_along_axis(done, last_ran[:, None], axis=1)[:, 0]
 
         def new_sum(acc, e):

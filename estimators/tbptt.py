@@ -15,6 +15,7 @@ from typing import NamedTuple
 import jax
 
 import estimators
+from estimators.base import particle_keys
 from estimators.unroll import Unroller, UnrollState
 from lopt.base import MetaParams
 
@@ -34,13 +35,12 @@ class TBPTT:
     checkpoint: bool = True
 
     def init(self, unroller: Unroller, key: jax.Array, meta_params: MetaParams) -> TBPTTState:
-        keys = jax.random.split(key, unroller.num_particles)
-        return TBPTTState(unroller.init(meta_params, keys))
+        return TBPTTState(unroller.init(meta_params, particle_keys(unroller, key)))
 
     def grad(
         self, unroller: Unroller, meta_params: MetaParams, state: TBPTTState, key: jax.Array
     ) -> tuple[MetaParams, TBPTTState, dict]:
-        keys = jax.random.split(key, unroller.num_particles)
+        keys = particle_keys(unroller, key)
 
         def meta_loss(theta):
             unroll, out = unroller.unroll(

@@ -126,6 +126,9 @@ class Unroller:
     # length are masked: one compiled program holds every bucket (`lax.switch`).
     trunc_schedule: Schedule | None = None
     trunc_seed: int = 0
+    # Set by MetaTrainer when the particles are sharded over a mesh axis (inside shard_map):
+    # num_particles is then the per-device count and estimators key randomness by global index.
+    shard_axis: str | None = None
 
     def __post_init__(self):
         if self.num_particles < 1:

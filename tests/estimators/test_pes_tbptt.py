@@ -40,10 +40,10 @@ def test_pes_matches_tbptt_on_first_truncation():
     grads = jax.jit(jax.vmap(lambda key: pes.grad(unroller, theta, state, key)[0]))(
         jax.random.split(jax.random.PRNGKey(2), k)
     )
-    # TBPTT over the positive half of the particles (the tasks PES's pairs share).
+    # TBPTT over the positive members of the pairs (the tasks each pair shares).
     tb_unroller = _unroller(n_pairs, trunc=5, horizon=100)
     tb_state = estimators.tbptt.TBPTTState(
-        jax.tree.map(lambda x: x[:n_pairs] if x.ndim else x, state.unroll)
+        jax.tree.map(lambda x: x[0::2] if x.ndim else x, state.unroll)
     )
     tb_grad = jax.jit(lambda key: estimators.get("tbptt").grad(tb_unroller, theta, tb_state, key)[0])(
         jax.random.PRNGKey(3)
@@ -71,7 +71,7 @@ def test_pes_perturbation_sum_resets_with_trajectory(horizon, expect):
     grad_fn = jax.jit(lambda s, k: pes.grad(unroller, theta, s, k))
     state1 = grad_fn(state, keys[0])[1]
     state2 = grad_fn(state1, keys[1])[1]
-    eps = [sample_perturbation(jax.random.split(k)[0], theta, 2, 0.1) for k in keys]
+    eps = [sample_perturbation(unroller, jax.random.split(k)[0], theta, 0.1) for k in keys]
     want = {
         "sum": jax.tree.map(lambda a, b: a + b, eps[0], eps[1]),
         "eps": eps[1],
