@@ -112,6 +112,17 @@ def keep_positive(tree: Any) -> Any:
     return jax.tree.map(lambda x: jnp.repeat(x[0::2], 2, axis=0), tree)
 
 
+def per_device(unroller: Unroller, tree: Any) -> Any:
+    """Mark replicated meta-params as varying across devices before differentiating.
+
+    Inside ``shard_map``, ``jax.grad`` with respect to a replicated value returns the *sum* of
+    every device's gradient (the transpose of the implicit replicated-to-varying cast is a
+    psum). Estimators want this device's own gradient, averaged explicitly by the trainer."""
+    if unroller.shard_axis is None:
+        return tree
+    return jax.tree.map(lambda x: jax.lax.pcast(x, unroller.shard_axis, to="varying"), tree)
+
+
 def pair_mean(unroller: Unroller, x: jax.Array) -> jax.Array:
     """Mean over the leading (pair) axis across every shard."""
     m = x.mean(0)

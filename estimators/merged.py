@@ -35,6 +35,7 @@ from estimators.base import (
     num_pairs,
     pair_keys,
     pair_mean,
+    per_device,
     sample_perturbation,
     to_pairs,
 )
@@ -54,7 +55,7 @@ def inverse_variance_merge(
     Returns (merged mean, ES weight w_es = v_rp / (v_rp + v_es)). A non-finite
     reparameterization sample or variance (an exploding unroll) gives that element w_es = 1;
     two zero variances split the weight evenly."""
-    n_total = g_rp.shape[0] * (1 if unroller.shard_axis is None else jax.lax.psum(1, unroller.shard_axis))
+    n_total = g_rp.shape[0] * unroller.num_shards
     rp_ok = pair_mean(unroller, jnp.isfinite(g_rp).astype(jnp.float32)) == 1.0
     g_rp = jnp.where(rp_ok, g_rp, 0.0)
     m_rp, m_es = pair_mean(unroller, g_rp), pair_mean(unroller, g_es)
@@ -78,7 +79,7 @@ class Merged(ESOptions):
 
     def init(self, unroller: Unroller, key: jax.Array, meta_params: MetaParams) -> MergedState:
         n = num_pairs(unroller, "merged")
-        if n < 2:
+        if n * unroller.num_shards < 2:
             raise ValueError("merged needs at least 2 antithetic pairs (num_particles >= 4) "
                              "to estimate variances")
         return MergedState(unroller.init(meta_params, pair_keys(unroller, key)))
@@ -107,7 +108,7 @@ class Merged(ESOptions):
             return loss.mean(), (new.particles, loss, out)
 
         grad_fn = jax.vmap(jax.grad(pair_loss, has_aux=True), in_axes=(None, 0, 0, 0))
-        g_rp, (particles, losses, out) = grad_fn(meta_params, eps, pairs, keys)
+        g_rp, (particles, losses, out) = grad_fn(per_device(unroller, meta_params), eps, pairs, keys)
         coef = self.shape_diff(losses[:, 0] - losses[:, 1]) / (2.0 * self.std**2)
         g_es = jax.tree.map(lambda e: coef.reshape((n,) + (1,) * (e.ndim - 1)) * e, eps)
 

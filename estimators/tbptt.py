@@ -15,7 +15,7 @@ from typing import NamedTuple
 import jax
 
 import estimators
-from estimators.base import particle_keys
+from estimators.base import particle_keys, per_device
 from estimators.unroll import Unroller, UnrollState
 from lopt.base import MetaParams
 
@@ -48,7 +48,9 @@ class TBPTT:
             )
             return out.step_mean().mean(), (unroll, out)
 
-        (loss, (unroll, out)), grad = jax.value_and_grad(meta_loss, has_aux=True)(meta_params)
+        (loss, (unroll, out)), grad = jax.value_and_grad(meta_loss, has_aux=True)(
+            per_device(unroller, meta_params)
+        )
         unroll = jax.lax.stop_gradient(unroll)
         metrics = {
             "meta_loss": loss,

@@ -129,6 +129,7 @@ class Unroller:
     # Set by MetaTrainer when the particles are sharded over a mesh axis (inside shard_map):
     # num_particles is then the per-device count and estimators key randomness by global index.
     shard_axis: str | None = None
+    num_shards: int = 1
 
     def __post_init__(self):
         if self.num_particles < 1:

@@ -21,7 +21,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from estimators.base import Estimator
@@ -32,6 +35,11 @@ from lopt import config as config_lib
 from lopt import export as export_lib
 from lopt.base import LearnedOptimizer
 from tasks.base import TaskFamily, bind_data, data_arrays
+
+
+PARTICLE_AXIS = "particles"
+# Estimator metrics that count things (summed over devices); all others are means.
+COUNT_METRICS = frozenset({"inner_steps", "trajectories_done"})
 
 
 class MetaTrainState(NamedTuple):
@@ -62,27 +70,51 @@ class MetaTrainer:
     meta_loss: MetaLoss = MetaLoss()
     stagger: bool = True
     trunc_schedule: Schedule | None = None  # varying truncation lengths, bucketed (Unroller)
-    mesh: Any = None
+    mesh: Mesh | None = None
 
     def __post_init__(self):
         if self.horizon is None:
             raise ValueError("MetaTrainer needs a horizon schedule, e.g. schedules.constant(200)")
         if self.mesh is not None:
-            raise NotImplementedError(
-                "sharding the particle axis over a mesh is not implemented yet; pass mesh=None"
-            )
+            if len(self.mesh.axis_names) != 1:
+                raise ValueError(
+                    f"MetaTrainer shards particles over a 1-D mesh; got axes {self.mesh.axis_names}"
+                )
+            n = self.mesh.size
+            if self.num_particles % n:
+                raise ValueError(
+                    f"num_particles={self.num_particles} must be divisible by the {n} devices of "
+                    f"the mesh; set num_particles to a multiple of {n} (e.g. "
+                    f"{n * max(1, -(-self.num_particles // n))})"
+                )
+
+    # -- sharding: the particle axis over a 1-D mesh (one device: a mesh of one) ----------------
+
+    @functools.cached_property
+    def _mesh(self) -> Mesh:
+        if self.mesh is not None:
+            return self.mesh
+        return Mesh(np.asarray(jax.devices()[:1]), (PARTICLE_AXIS,))
+
+    @property
+    def num_devices(self) -> int:
+        return self._mesh.size
 
     @functools.cached_property
     def unroller(self) -> Unroller:
+        """The per-device unroller: ``num_particles / num_devices`` particles, used inside
+        ``shard_map`` (its estimators key randomness by global particle index)."""
         return Unroller(
             task_family=self.task_family,
             learned_opt=self.learned_opt,
-            num_particles=self.num_particles,
+            num_particles=self.num_particles // self.num_devices,
             trunc_length=self.trunc_length,
             horizon=self.horizon,
             meta_loss=self.meta_loss,
             stagger=self.stagger,
             trunc_schedule=self.trunc_schedule,
+            shard_axis=self._mesh.axis_names[0],
+            num_shards=self.num_devices,
         )
 
     def _bound_unroller(self, arrays: Any) -> Unroller:
@@ -91,6 +123,28 @@ class MetaTrainer:
             return self.unroller
         family = bind_data(self.task_family, arrays)
         return dataclasses.replace(self.unroller, task_family=family)
+
+    @functools.cached_property
+    def state_specs(self) -> MetaTrainState:
+        """PartitionSpecs of the train state: estimator-state leaves with a leading particle
+        (or pair) axis are sharded over the mesh, everything else is replicated."""
+        axis = self._mesh.axis_names[0]
+        unsharded = dataclasses.replace(self.unroller, shard_axis=None)  # same local shapes
+        arrays = data_arrays(self.task_family)
+
+        def est_init(key, arrays):
+            u = unsharded if arrays is None else dataclasses.replace(
+                unsharded, task_family=bind_data(self.task_family, arrays))
+            return self.estimator.init(u, key, self.learned_opt.init(key))
+
+        shapes = jax.eval_shape(est_init, jax.random.PRNGKey(0), arrays)
+        est_specs = jax.tree.map(lambda x: P(axis) if x.ndim else P(), shapes)
+        return MetaTrainState(P(), P(), est_specs, P(), P(), P())
+
+    def _shard(self, fn, in_specs, out_specs):
+        return jax.shard_map(fn, mesh=self._mesh, in_specs=in_specs, out_specs=out_specs)
+
+    # -- init and step --------------------------------------------------------------------------
 
     def init(self, key: jax.Array) -> MetaTrainState:
         return self._init_fn(key, data_arrays(self.task_family))
@@ -110,7 +164,7 @@ class MetaTrainer:
                 num_skipped=jnp.zeros([], jnp.int32),
             )
 
-        return jax.jit(init)
+        return jax.jit(self._shard(init, (P(), P()), self.state_specs))
 
     def step(self, state: MetaTrainState) -> tuple[MetaTrainState, dict]:
         """One outer step (compiled once; ``state`` is donated)."""
@@ -118,13 +172,21 @@ class MetaTrainer:
 
     @functools.cached_property
     def _step_fn(self):
-        return jax.jit(self._step, donate_argnums=0)
+        sharded = self._shard(self._step, (self.state_specs, P()), (self.state_specs, P()))
+        return jax.jit(sharded, donate_argnums=0)
 
     def _step(self, state: MetaTrainState, arrays: Any = None) -> tuple[MetaTrainState, dict]:
+        """The per-device outer step (runs inside ``shard_map``)."""
+        axis = self._mesh.axis_names[0]
         key, k_grad = jax.random.split(state.key)
         grad, est_state, metrics = self.estimator.grad(
             self._bound_unroller(arrays), state.meta_params, state.estimator_state, k_grad
         )
+        grad = jax.lax.pmean(grad, axis)  # every device holds the same number of particles
+        metrics = {
+            k: jax.lax.psum(v, axis) if k in COUNT_METRICS else jax.lax.pmean(v, axis)
+            for k, v in metrics.items()
+        }
         finite = _all_finite(grad)
         safe_grad = jax.tree.map(lambda g: jnp.where(finite, g, 0.0), grad)
         updates, opt_state = self.meta_optimizer.update(
@@ -133,7 +195,6 @@ class MetaTrainer:
         new_params = optax.apply_updates(state.meta_params, updates)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
         num_skipped = state.num_skipped + (~finite).astype(jnp.int32)
-        metrics = dict(metrics)
         metrics.update(grad_norm=optax.global_norm(safe_grad), grad_finite=finite, num_skipped=num_skipped)
         new_state = MetaTrainState(
             meta_params=keep(new_params, state.meta_params),

@@ -1,0 +1,88 @@
+"""Runs in a subprocess with 8 forced host devices (see tests/test_sharding.py); prints JSON.
+
+Kept out of the main test process because XLA_FLAGS=--xla_force_host_platform_device_count=8
+must be set before JAX starts and slows single-device code.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import jax
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+import estimators
+import lopt
+import tasks
+from estimators import schedules
+from lopt.checkpoint import Checkpointer
+from lopt.outer import MetaTrainer
+
+
+def trainer(ndev: int | None, estimator: str = "pes") -> MetaTrainer:
+    mesh = None if ndev is None else Mesh(np.asarray(jax.devices()[:ndev]), ("particles",))
+    return MetaTrainer(
+        task_family=tasks.get("digits_mlp", hidden_sizes=(8,), batch_size=16, permute_classes=True),
+        learned_opt=lopt.get("mlp", hidden_size=8, hidden_layers=1),
+        estimator=estimators.get(estimator, **({} if estimator == "tbptt" else {"std": 0.01})),
+        meta_optimizer=optax.adam(1e-3),
+        num_particles=16,
+        trunc_length=4,
+        horizon=schedules.constant(10),
+        mesh=mesh,
+    )
+
+
+def run(t: MetaTrainer, steps: int, state=None):
+    state = t.init(jax.random.PRNGKey(0)) if state is None else state
+    for _ in range(steps):
+        state, metrics = t.step(state)
+    return state, metrics
+
+
+def flat(tree) -> list[float]:
+    return np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(tree)]).tolist()
+
+
+def determinism(estimator: str, counts: str) -> dict:
+    out = {}
+    for ndev in [None] + [int(c) for c in counts.split(",")]:
+        state, metrics = run(trainer(ndev, estimator), 3)
+        out[str(ndev)] = {
+            "meta_params": flat(state.meta_params),
+            "meta_loss": float(metrics["meta_loss"]),
+            "inner_steps": int(metrics["inner_steps"]),
+            "shards": len(jax.tree.leaves(state.estimator_state)[0].sharding.device_set),
+        }
+    return out
+
+
+def checkpoint_8_to_4(workdir: str) -> dict:
+    t8, t4 = trainer(8), trainer(4)
+    reference, _ = run(t8, 4)
+    state8, _ = run(t8, 2)
+    ckpt = Checkpointer(workdir)
+    ckpt.save(2, state8)
+    ckpt.wait()
+    restored, _ = ckpt.restore(2, t4.init(jax.random.PRNGKey(1)))
+    devices = len(jax.tree.leaves(restored.estimator_state)[0].sharding.device_set)
+    continued, _ = run(t4, 2, restored)
+    return {
+        "reference": flat(reference.meta_params),
+        "continued": flat(continued.meta_params),
+        "restored_devices": devices,
+        "outer_step": int(continued.outer_step),
+    }
+
+
+if __name__ == "__main__":
+    assert jax.device_count() == 8, jax.devices()
+    what = sys.argv[1]
+    if what == "determinism":
+        result = determinism(sys.argv[2], sys.argv[3])
+    else:
+        result = checkpoint_8_to_4(sys.argv[2])
+    print("RESULT " + json.dumps(result))

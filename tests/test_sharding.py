@@ -1,0 +1,86 @@
+"""Sharded meta-training on 8 forced CPU devices (in subprocesses, see multidevice_worker.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Reduction order: the meta-gradient is a mean over particles, taken per device and then
+# across devices (lax.pmean), so it differs from the one-device mean by float32 rounding
+# (~1e-7 relative). Adam turns that into meta-param differences far below one step (1e-3):
+# we allow 1e-6 absolute, 0.1% of a step.
+ATOL = 1e-6
+
+
+def _worker(*args: str, tmp_path) -> dict:
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+               PYTHONPATH=ROOT, LOPT_DATA_DIR=str(tmp_path / "data"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.multidevice_worker", *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT "):])
+
+
+@pytest.mark.parametrize(
+    "estimator,counts",
+    # merged pools per-pair statistics across devices (psum), so it is checked on 8 devices,
+    # where every device holds a single pair.
+    # tbptt differentiates inside shard_map (a replicated input's gradient would be summed).
+    [("pes", "1,2,4,8"), ("merged", "8"), ("tbptt", "4")],
+)
+def test_same_meta_params_on_1_2_4_8_devices(estimator, counts, tmp_path):
+    out = _worker("determinism", estimator, counts, tmp_path=tmp_path)
+    base = np.asarray(out["None"]["meta_params"])
+    for ndev in counts.split(","):
+        np.testing.assert_allclose(out[ndev]["meta_params"], base, atol=ATOL, rtol=0)
+        assert out[ndev]["inner_steps"] == out["None"]["inner_steps"] == 16 * 4
+        assert out[ndev]["shards"] == int(ndev)
+        assert abs(out[ndev]["meta_loss"] - out["None"]["meta_loss"]) < 1e-5
+    # The run really moved: three Adam steps of 1e-3 are far above the tolerance.
+    assert np.abs(base - np.asarray(_initial_params())).max() > 100 * ATOL
+
+
+def _initial_params():
+    import jax
+
+    import lopt
+
+    return np.concatenate([np.asarray(x).ravel() for x in jax.tree.leaves(
+        lopt.get("mlp", hidden_size=8, hidden_layers=1).init(jax.random.split(jax.random.PRNGKey(0), 3)[0])
+    )])
+
+
+def test_checkpoint_saved_on_8_devices_restores_on_4_and_continues(tmp_path):
+    out = _worker("checkpoint", str(tmp_path / "ckpt"), tmp_path=tmp_path)
+    assert out["restored_devices"] == 4 and out["outer_step"] == 4
+    np.testing.assert_allclose(out["continued"], out["reference"], atol=ATOL, rtol=0)
+
+
+def test_num_particles_must_divide_by_devices():
+    import jax
+    import optax
+    from jax.sharding import Mesh
+
+    import estimators
+    import lopt
+    import tasks
+    from estimators import schedules
+    from lopt.outer import MetaTrainer
+
+    mesh = Mesh(np.asarray(jax.devices()[:1] * 1), ("particles",))
+    MetaTrainer(tasks.get("quadratic"), lopt.get("mlp"), estimators.get("pes"), optax.adam(1e-3),
+                num_particles=6, horizon=schedules.constant(5), mesh=mesh)
+    with pytest.raises(ValueError, match="axes"):
+        MetaTrainer(tasks.get("quadratic"), lopt.get("mlp"), estimators.get("pes"), optax.adam(1e-3),
+                    num_particles=6, horizon=schedules.constant(5),
+                    mesh=Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1), ("a", "b")))
