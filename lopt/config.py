@@ -5,6 +5,7 @@ rest of its keys as that component's options:
 
     seed: int                   num_outer_steps: int
     log_every: int              checkpoint_every: int
+    num_devices: int (optional; 0 = shard particles over every visible device)
     task:           {name: "digits_mlp", hidden_sizes: (32,), ...}      -> tasks.get
     lopt:           {name: "mlp", hidden_size: 32, ...}                 -> lopt.get
     estimator:      {name: "pes", std: 0.01, ...}                       -> estimators.get
@@ -44,6 +45,8 @@ TOP_LEVEL = {
     "meta_optimizer": dict,
     "unroll": dict,
 }
+# Optional top-level keys and their defaults.
+OPTIONAL = {"num_devices": 0}  # devices to shard particles over (0: all visible, all hosts)
 UNROLL_KEYS = {"num_particles", "trunc_length", "horizon", "meta_loss", "stagger", "trunc_schedule"}
 
 
@@ -89,10 +92,9 @@ def meta_optimizer(section: Any) -> optax.GradientTransformation:
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raise ConfigError for unknown or missing top-level keys and unknown unroll options."""
     for key in config.keys():
-        if key not in TOP_LEVEL:
-            raise ConfigError(
-                f"unknown config key 'config.{key}'. Valid keys: {', '.join(sorted(TOP_LEVEL))}."
-            )
+        if key not in TOP_LEVEL and key not in OPTIONAL:
+            valid = ", ".join(sorted([*TOP_LEVEL, *OPTIONAL]))
+            raise ConfigError(f"unknown config key 'config.{key}'. Valid keys: {valid}.")
     missing = [k for k in TOP_LEVEL if k not in config]
     if missing:
         raise ConfigError(f"config is missing {', '.join('config.' + k for k in missing)}")
@@ -106,8 +108,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"config.{key} must be >= 1, got {config[key]}")
 
 
-def build(config: ml_collections.ConfigDict):
-    """Validate ``config`` and construct the ``MetaTrainer`` it describes (nothing compiles)."""
+def build(config: ml_collections.ConfigDict, mesh=None):
+    """Validate ``config`` and construct the ``MetaTrainer`` it describes (nothing compiles);
+    ``mesh`` shards the particles (see ``lopt.distributed.particle_mesh``)."""
     from lopt.outer import MetaTrainer  # outer imports this module
 
     validate(config)
@@ -130,6 +133,7 @@ def build(config: ml_collections.ConfigDict):
         horizon=_component(schedules.get, unroll["horizon"], "unroll.horizon"),
         meta_loss=meta_loss,
         stagger=bool(unroll.get("stagger", True)),
+        mesh=mesh,
         trunc_schedule=(
             _component(schedules.get, unroll["trunc_schedule"], "unroll.trunc_schedule")
             if unroll.get("trunc_schedule")

@@ -32,6 +32,7 @@ from estimators.schedules import Schedule
 from estimators.unroll import MetaLoss, Unroller
 from lopt import checkpoint as ckpt_lib
 from lopt import config as config_lib
+from lopt import distributed
 from lopt import export as export_lib
 from lopt.base import LearnedOptimizer
 from tasks.base import TaskFamily, bind_data, data_arrays
@@ -227,7 +228,7 @@ def _truncate_metrics(path: str, last_step: int) -> None:
 
 def _to_python(metrics: dict) -> dict:
     out = {}
-    for k, v in jax.device_get(metrics).items():
+    for k, v in distributed.to_host(metrics).items():
         v = v.item() if hasattr(v, "item") else v
         out[k] = bool(v) if isinstance(v, bool) else (float(v) if isinstance(v, float) else v)
     return out
@@ -264,10 +265,14 @@ def train(
     Returns a summary: final state, paths of the metrics, checkpoints, export and plot, and the
     measured meta-training throughput (inner steps per second, compile excluded).
     """
-    trainer = config_lib.build(config)  # fails on bad keys before anything compiles
+    mesh = distributed.particle_mesh(config.get("num_devices", 0))
+    trainer = config_lib.build(config, mesh=mesh)  # fails on bad keys before anything compiles
+    primary = distributed.is_primary()
+    progress = progress and primary
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
+    if primary:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
 
@@ -275,11 +280,12 @@ def train(
     start = checkpointer.latest_step()
     if start is not None:
         state, _ = checkpointer.restore(start, state)
-        _truncate_metrics(metrics_path, start)
+        if primary:
+            _truncate_metrics(metrics_path, start)
         logging.info("resumed from checkpoint at outer step %d", start)
     else:
         start = 0
-        if os.path.exists(metrics_path):
+        if primary and os.path.exists(metrics_path):
             os.remove(metrics_path)
 
     total = int(config.num_outer_steps)
@@ -292,7 +298,7 @@ def train(
     last_metrics: dict = {}
     step = start
     try:
-        with open(metrics_path, "a") as log:
+        with open(metrics_path if primary else os.devnull, "a") as log:
             while step < total:
                 state, metrics = trainer.step(state)
                 step += 1
@@ -332,18 +338,20 @@ def train(
     checkpointer.wait()
     checkpointer.close()
 
-    export_path = export_lib.save(
-        os.path.join(workdir, "export", "optimizer.lopt"),
-        trainer.learned_opt,
-        jax.device_get(state.meta_params),
-        metadata={
-            "outer_step": step,
-            "task": config.task.to_dict(),
-            "estimator": config.estimator.to_dict(),
-            "final_meta_loss": last_metrics.get("meta_loss"),
-        },
-    )
-    plot_path = plot_metrics(metrics_path, os.path.join(workdir, "plots", "meta_loss.png"))
+    export_path = plot_path = None
+    if primary:
+        export_path = export_lib.save(
+            os.path.join(workdir, "export", "optimizer.lopt"),
+            trainer.learned_opt,
+            distributed.to_host(state.meta_params),
+            metadata={
+                "outer_step": step,
+                "task": config.task.to_dict(),
+                "estimator": config.estimator.to_dict(),
+                "final_meta_loss": last_metrics.get("meta_loss"),
+            },
+        )
+        plot_path = plot_metrics(metrics_path, os.path.join(workdir, "plots", "meta_loss.png"))
     return {
         "state": state,
         "workdir": os.path.abspath(workdir),
