@@ -17,5 +17,8 @@ def names() -> list[str]:
 
 
 from lopt import mlp as _mlp  # noqa: E402,F401
+from lopt import adafac as _adafac  # noqa: E402,F401
+from lopt import rnn as _rnn  # noqa: E402,F401
+from lopt import hyper as _hyper  # noqa: E402,F401
 
 __all__ = ["LearnedOptimizer", "MetaParams", "get", "names", "register"]

@@ -73,3 +73,18 @@ def dense_apply(layers: list[dict], x: jax.Array) -> jax.Array:
         if i < len(layers) - 1:
             x = jax.nn.relu(x)
     return x
+
+
+def map_leaves(fn, num_outputs: int, updates: Any, *trees: Any) -> tuple[Any, ...]:
+    """Apply ``fn(update_leaf, *leaves_of_trees)`` per leaf of ``updates``; unzip the results.
+
+    ``fn`` returns a tuple of ``num_outputs`` values; the result is one tree per value, each with
+    the structure of ``updates``. The other trees may hold a subtree (e.g. a dict of
+    accumulators) where ``updates`` holds a leaf. Trees without leaves are fine.
+    """
+    treedef = jax.tree.structure(updates)
+    rows = [
+        fn(*leaves)
+        for leaves in zip(treedef.flatten_up_to(updates), *(treedef.flatten_up_to(t) for t in trees))
+    ]
+    return tuple(treedef.unflatten([row[i] for row in rows]) for i in range(num_outputs))

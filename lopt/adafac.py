@@ -1,0 +1,270 @@
+"""``adafac_mlp``: the factored per-parameter MLP learned optimizer ("small_fc_lopt").
+
+L. Metz, C. D. Freeman, J. Harrison, N. Maheswaranathan, J. Sohl-Dickstein, "Practical
+tradeoffs between memory, compute, and performance in learned optimizers", CoLLAs 2022
+(arXiv:2203.11860): the "small_fc_lopt" architecture, a per-parameter MLP on momentum,
+second-moment and Adafactor-style factored features. The same architecture ships in PyLO
+(Therien et al. 2025) as ``small_fc_lopt``, whose documentation lists the 39 inputs reproduced
+below. The factored second moments are those of Adafactor: N. Shazeer, M. Stern, "Adafactor:
+Adaptive learning rates with sublinear memory cost", ICML 2018, Sec. 3 (factored second-moment
+estimation, ``V_hat = R C / (1^T R)`` from row sums R and column sums C of the squared gradient).
+
+Accumulators, per parameter tensor (``g`` its gradient, every one an exponential moving average
+``a <- b a + (1 - b) x``):
+
+======================  =================================  =====================================
+accumulator             decays b                           shape
+======================  =================================  =====================================
+momentum ``m``          0.9, 0.99, 0.999                   leaf.shape + (3,)
+second moment ``rms``   0.999                              leaf.shape + (1,)
+row factor ``r``        0.9, 0.99, 0.999 (of mean g^2      leaf.shape, column axis -> 1, + (3,)
+                        over the column axis)
+column factor ``c``     0.9, 0.99, 0.999 (of mean g^2      leaf.shape, row axis -> 1, + (3,)
+                        over the row axis)
+full ``v`` (< 2-D)      0.9, 0.99, 0.999 (of g^2)          leaf.shape + (3,)
+======================  =================================  =====================================
+
+Rows and columns are the last two axes of a tensor of rank >= 2 (dense kernels: in/out; HWIO
+conv kernels: in/out channels; embeddings: vocabulary/features). The factored estimate of the
+second moment is Adafactor's ``v_hat = r c / mean(r)`` (``R C / 1^T R`` with means instead of
+sums); a tensor under 2-D keeps the full accumulator ``v`` and uses ``v_hat = r = c = v``.
+
+Input features, per scalar parameter (28 + 11 = 39):
+
+====  ==============================================  =====
+ #    feature                                         count
+====  ==============================================  =====
+ 1    gradient g                                        1
+ 2    parameter value p                                 1
+ 3    momenta m                                         3
+ 4    second moment rms                                 1
+ 5    m / sqrt(rms)                                     3
+ 6    1 / sqrt(rms)                                     1
+ 7    factored-preconditioned gradient g / sqrt(v_hat)  3
+ 8    factored-preconditioned momentum m / sqrt(v_hat)  3
+ 9    row factor r (broadcast over the tensor)          3
+10    column factor c (broadcast over the tensor)       3
+11    1 / sqrt(r)                                       3
+12    1 / sqrt(c)                                       3
+13    time features tanh(t / x), x = 1, 3, 10, ..., 1e5 11
+====  ==============================================  =====
+
+Features 1-12 are each divided by ``sqrt(mean(x^2) + 1e-8)`` over the tensor (Metz et al. 2019,
+App. B), which makes the optimizer (nearly) invariant to the gradient's scale. An MLP (2 hidden
+layers of 32, ReLU) maps the 39 inputs to a direction ``d`` and a log-magnitude ``s``; the
+normalisation and the time features are folded into its first layer's weights and bias, which
+is the same function with less memory traffic. The update is
+
+    dp = -d * exp(s * 1e-3) * 1e-3
+
+(the output parameterisation of Metz et al. 2019, App. B, kept by Metz et al. 2022).
+
+With ``learnable_decays=True`` the decays become meta-params too, as sigmoid(logit).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import lopt
+from lopt.base import dense_apply, dense_init, map_leaves, time_features
+
+MOMENTUM_DECAYS = (0.9, 0.99, 0.999)
+RMS_DECAYS = (0.999,)
+FACTORED_DECAYS = (0.9, 0.99, 0.999)
+TIMESCALES = (1, 3, 10, 30, 100, 300, 1000, 3000, 10_000, 30_000, 100_000)
+# Added under every reciprocal square root of an accumulator: far below any g^2 that matters,
+# yet 1/sqrt of an all-zero accumulator (1e10), squared and summed over a 1e9-element tensor,
+# stays finite in float32.
+_RSQRT_EPS = 1e-20
+# Added to mean(x^2) in the per-tensor feature normalisation (Metz et al. 2019, App. B).
+_NORM_EPS = 1e-8
+
+
+class AdafacMLPState(NamedTuple):
+    accumulators: optax.Params  # per leaf a dict: m, rms and (row, col) or v; all float32
+    step: jax.Array  # int32 scalar: updates taken so far
+
+
+def factored_axes(shape: tuple[int, ...]) -> tuple[int, int] | None:
+    """(row axis, column axis) of a factored accumulator: the last two axes, or None under 2-D.
+
+    With flax's layouts these are (in, out) of a dense kernel, (in, out) channels of an HWIO
+    conv kernel and (vocabulary, features) of an embedding table.
+    """
+    if len(shape) < 2:
+        return None
+    return len(shape) - 2, len(shape) - 1
+
+
+def _keep(shape: tuple[int, ...], axis: int) -> tuple[int, ...]:
+    """``shape`` with ``axis`` reduced to 1 (an accumulator that averaged over ``axis``)."""
+    return tuple(1 if i == axis else d for i, d in enumerate(shape))
+
+
+def _logit(p: tuple[float, ...]) -> np.ndarray:
+    p = np.asarray(p, np.float64)
+    return np.log(p) - np.log1p(-p)
+
+
+@lopt.register("adafac_mlp")
+@dataclasses.dataclass(frozen=True)
+class AdafacMLPLOpt:
+    """small_fc_lopt (Metz et al. 2022, arXiv:2203.11860; accumulators, the 39 features and the
+    update equation in the module docstring)."""
+
+    hidden_size: int = 32
+    hidden_layers: int = 2
+    momentum_decays: tuple[float, ...] = MOMENTUM_DECAYS
+    rms_decays: tuple[float, ...] = RMS_DECAYS
+    factored_decays: tuple[float, ...] = FACTORED_DECAYS
+    timescales: tuple[float, ...] = TIMESCALES
+    step_mult: float = 1e-3
+    exp_mult: float = 1e-3
+    learnable_decays: bool = False
+    name: ClassVar[str] = "adafac_mlp"
+
+    def __post_init__(self):
+        for field in ("momentum_decays", "rms_decays", "factored_decays", "timescales"):
+            object.__setattr__(self, field, tuple(float(x) for x in getattr(self, field)))
+        for field in ("momentum_decays", "rms_decays", "factored_decays"):
+            decays = getattr(self, field)
+            if not decays or not all(0.0 < d < 1.0 for d in decays):
+                raise ValueError(f"adafac_mlp: {field} must be non-empty and in (0, 1), got {decays}")
+        if len(self.factored_decays) != len(self.momentum_decays):
+            raise ValueError(
+                "adafac_mlp: factored_decays and momentum_decays must have the same length (the "
+                "factored-preconditioned momentum pairs them), got "
+                f"{self.factored_decays} and {self.momentum_decays}"
+            )
+        if self.hidden_layers < 0 or self.hidden_size < 1:
+            raise ValueError("adafac_mlp: hidden_size must be >= 1 and hidden_layers >= 0")
+
+    @property
+    def num_features(self) -> int:
+        """Inputs of the MLP (39 with the defaults)."""
+        nm, nr, nf = len(self.momentum_decays), len(self.rms_decays), len(self.factored_decays)
+        return 2 + nm + nr + nm * nr + nr + 2 * nf + 4 * nf + len(self.timescales)
+
+    def init(self, key: jax.Array) -> dict:
+        sizes = (self.num_features, *([self.hidden_size] * self.hidden_layers), 2)
+        meta_params = {"mlp": dense_init(key, sizes)}
+        if self.learnable_decays:
+            meta_params["decay_logits"] = {
+                "momentum": jnp.asarray(_logit(self.momentum_decays), jnp.float32),
+                "rms": jnp.asarray(_logit(self.rms_decays), jnp.float32),
+                "factored": jnp.asarray(_logit(self.factored_decays), jnp.float32),
+            }
+        return meta_params
+
+    def decays(self, meta_params: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(momentum, rms, factored) decays the meta-params define."""
+        if self.learnable_decays:
+            logits = meta_params["decay_logits"]
+            return tuple(
+                jax.nn.sigmoid(jnp.asarray(logits[k], jnp.float32))
+                for k in ("momentum", "rms", "factored")
+            )  # type: ignore[return-value]
+        return tuple(
+            jnp.asarray(d, jnp.float32)
+            for d in (self.momentum_decays, self.rms_decays, self.factored_decays)
+        )  # type: ignore[return-value]
+
+    def optimizer(self, meta_params: dict) -> optax.GradientTransformationExtraArgs:
+        nm, nr, nf = len(self.momentum_decays), len(self.rms_decays), len(self.factored_decays)
+
+        def init_leaf(p):
+            shape = jnp.shape(p)
+            acc = {
+                "m": jnp.zeros(shape + (nm,), jnp.float32),
+                "rms": jnp.zeros(shape + (nr,), jnp.float32),
+            }
+            axes = factored_axes(shape)
+            if axes is None:
+                acc["v"] = jnp.zeros(shape + (nf,), jnp.float32)
+            else:
+                r, c = axes
+                acc["row"] = jnp.zeros(_keep(shape, c) + (nf,), jnp.float32)
+                acc["col"] = jnp.zeros(_keep(shape, r) + (nf,), jnp.float32)
+            return acc
+
+        def init_fn(params):
+            return AdafacMLPState(
+                accumulators=jax.tree.map(init_leaf, params), step=jnp.zeros([], jnp.int32)
+            )
+
+        def update_leaf(g, p, acc, decays, t_feats):
+            b_m, b_rms, b_fac = decays
+            g32 = jnp.asarray(g, jnp.float32)[..., None]
+            p32 = jnp.asarray(p, jnp.float32)[..., None]
+            g2 = jnp.square(g32)
+            m = b_m * acc["m"] + (1.0 - b_m) * g32
+            rms = b_rms * acc["rms"] + (1.0 - b_rms) * g2
+            axes = factored_axes(jnp.shape(g))
+            if axes is None:  # under 2-D: Adafactor's unfactored accumulator for vectors
+                v = b_fac * acc["v"] + (1.0 - b_fac) * g2
+                new_acc = {"m": m, "rms": rms, "v": v}
+                row = col = v_hat = v
+            else:  # Adafactor Sec. 3: R, C and V_hat = R C / 1^T R (as means)
+                r, c = axes
+                row = b_fac * acc["row"] + (1.0 - b_fac) * jnp.mean(g2, axis=c, keepdims=True)
+                col = b_fac * acc["col"] + (1.0 - b_fac) * jnp.mean(g2, axis=r, keepdims=True)
+                new_acc = {"m": m, "rms": rms, "row": row, "col": col}
+                v_hat = row * col / (jnp.mean(row, axis=r, keepdims=True) + _RSQRT_EPS)
+            full = jnp.shape(g32)[:-1]
+            rsqrt_rms = jax.lax.rsqrt(rms + _RSQRT_EPS)  # [..., nr]
+            rsqrt_v = jax.lax.rsqrt(v_hat + _RSQRT_EPS)  # [..., nf]
+            m_div_rms = (m[..., :, None] * rsqrt_rms[..., None, :]).reshape(full + (nm * nr,))
+            feats = jnp.concatenate(
+                [
+                    g32,
+                    p32,
+                    m,
+                    rms,
+                    m_div_rms,
+                    rsqrt_rms,
+                    g32 * rsqrt_v,
+                    m * rsqrt_v,
+                    jnp.broadcast_to(row, full + (nf,)),
+                    jnp.broadcast_to(col, full + (nf,)),
+                    jnp.broadcast_to(jax.lax.rsqrt(row + _RSQRT_EPS), full + (nf,)),
+                    jnp.broadcast_to(jax.lax.rsqrt(col + _RSQRT_EPS), full + (nf,)),
+                ],
+                axis=-1,
+            )
+            # Per-feature normalisation over the tensor (Metz et al. 2019, App. B) and the time
+            # features (equal for every coordinate) are folded into the first layer, so neither
+            # a normalised copy of the features nor a broadcast of the time features is built:
+            #   norm(f) @ W[:n] + t @ W[n:] + b  =  f @ (s * W[:n]) + (t @ W[n:] + b).
+            axes = tuple(range(len(full)))
+            s = jax.lax.rsqrt(jnp.mean(jnp.square(feats), axis=axes) + _NORM_EPS)  # [n]
+            first, rest = meta_params["mlp"][0], meta_params["mlp"][1:]
+            n = feats.shape[-1]
+            layer0 = {"w": s[:, None] * first["w"][:n], "b": t_feats @ first["w"][n:] + first["b"]}
+            out = dense_apply([layer0, *rest], feats)
+            direction, magnitude = out[..., 0], out[..., 1]
+            step = direction * jnp.exp(magnitude * self.exp_mult) * self.step_mult
+            return (-step).astype(jnp.result_type(g)), new_acc
+
+        def update_fn(updates, state, params=None, **extra_args):
+            del extra_args
+            if params is None:
+                raise ValueError("the adafac_mlp learned optimizer needs `params` in update()")
+            decays = self.decays(meta_params)
+            t_feats = time_features(state.step, self.timescales, offset=0.0)
+            new_updates, new_accs = map_leaves(
+                lambda g, p, a: update_leaf(g, p, a, decays, t_feats),
+                2,
+                updates,
+                params,
+                state.accumulators,
+            )
+            return new_updates, AdafacMLPState(accumulators=new_accs, step=state.step + 1)
+
+        return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,0 +1,167 @@
+"""Time one update of every learned optimizer relative to optax.adam on the same pytree.
+
+    python scripts/benchmark_optimizers.py                       # 1e4 .. 1e7 parameters
+    python scripts/benchmark_optimizers.py --max_size=100000 --reps=5   # quick
+    python scripts/benchmark_optimizers.py --sizes=1e6,1e8 --peak_gbs=3350   # e.g. an H100
+
+For each parameter count N the pytree mixes leaf kinds the way a small network does: a dense
+kernel (about 60% of N, 256 columns), an HWIO conv kernel (about 30%), an embedding-like
+table (about 9%, 64 columns), a bias vector (the rest) and a scalar. Every optimizer's
+``update`` (learned ones with their meta-params as jit arguments, freshly initialised) is
+jitted with its state donated, run ``--warmup`` times, then timed ``--reps`` times with
+``block_until_ready``; the table shows the median time relative to ``optax.adam``'s median and
+the absolute time. ``GB/s`` is the effective bandwidth: bytes of (gradients, parameters, state
+in, updates, state out) over the median time, a lower bound on the memory traffic; with
+``--peak_gbs`` it is also shown as a fraction of the device's peak memory bandwidth.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+_SIZES = flags.DEFINE_list("sizes", ["1e4", "1e5", "1e6", "1e7"], "Parameter counts.")
+_MAX_SIZE = flags.DEFINE_float("max_size", None, "Skip parameter counts above this.")
+_REPS = flags.DEFINE_integer("reps", 7, "Timed runs per optimizer and size (the median is shown).")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed runs after compiling.")
+_OPTIMIZERS = flags.DEFINE_list(
+    "optimizers", None, "Learned optimizers to time (registry names); default all registered."
+)
+_PEAK_GBS = flags.DEFINE_float(
+    "peak_gbs", None, "The device's peak memory bandwidth in GB/s, to report the fraction achieved."
+)
+
+
+def make_params(n: int):
+    """A pytree of about ``n`` float32 parameters (see module docstring); exact count returned."""
+    import jax.numpy as jnp
+
+    cols = 256
+    rows = max(1, round(0.6 * n / cols))
+    ch = max(1, round((0.3 * n / 9) ** 0.5))
+    emb_rows = max(1, round(0.09 * n / 64))
+    used = rows * cols + 9 * ch * ch + emb_rows * 64 + 1
+    params = {
+        "dense": jnp.full((rows, cols), 0.01, jnp.float32),
+        "conv": jnp.full((3, 3, ch, ch), 0.01, jnp.float32),
+        "embed": jnp.full((emb_rows, 64), 0.01, jnp.float32),
+        "bias": jnp.zeros((max(1, n - used),), jnp.float32),
+        "scale": jnp.ones((), jnp.float32),
+    }
+    count = sum(int(x.size) for x in params.values())
+    return params, count
+
+
+def _nbytes(tree) -> int:
+    import jax
+
+    return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def time_update(init_fn, update_fn, args, params, grads, reps: int, warmup: int):
+    """(median seconds, bytes touched) of ``update_fn(*args, grads, state, params)``."""
+    import jax
+
+    state = init_fn(*args, params)
+    step = jax.jit(update_fn, donate_argnums=len(args) + 1)
+    updates, state = step(*args, grads, state, params)  # compile
+    jax.block_until_ready((updates, state))
+    nbytes = 2 * _nbytes(state) + _nbytes(updates) + _nbytes(grads) + _nbytes(params)
+    for _ in range(warmup):
+        updates, state = step(*args, grads, state, params)
+        jax.block_until_ready((updates, state))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        updates, state = step(*args, grads, state, params)
+        jax.block_until_ready((updates, state))
+        times.append(time.perf_counter() - t0)
+    del updates, state
+    return statistics.median(times), nbytes
+
+
+def _fmt_time(t: float) -> str:
+    return f"{t * 1e3:.3g} ms" if t < 1 else f"{t:.3g} s"
+
+
+def main(argv):
+    del argv
+    import jax
+    import optax
+
+    import lopt
+
+    sizes = [int(float(s)) for s in _SIZES.value]
+    if _MAX_SIZE.value is not None:
+        sizes = [s for s in sizes if s <= _MAX_SIZE.value]
+    names = _OPTIMIZERS.value or lopt.names()
+    adam = optax.adam(1e-3)
+    rows: dict[str, dict[int, str]] = {"adam": {}}
+    bandwidth: dict[str, dict[int, str]] = {"adam": {}}
+    counts = {}
+    for n in sizes:
+        params, counts[n] = make_params(n)
+        grads = jax.tree.map(lambda p: p * 0.5 + 1e-3, params)
+        t_adam, b_adam = time_update(
+            lambda p: adam.init(p), lambda g, s, p: adam.update(g, s, p), (), params, grads,
+            _REPS.value, _WARMUP.value,
+        )
+        rows["adam"][n] = f"1.00x ({_fmt_time(t_adam)})"
+        bandwidth["adam"][n] = _fmt_bw(b_adam, t_adam)
+        print(f"{counts[n]:>12,} {'adam':12s} {_fmt_time(t_adam)}", file=sys.stderr, flush=True)
+        for name in names:
+            learned_opt = lopt.get(name)
+            meta_params = learned_opt.init(jax.random.PRNGKey(0))
+            try:
+                t, b = time_update(
+                    lambda mp, p, lo=learned_opt: lo.optimizer(mp).init(p),
+                    lambda mp, g, s, p, lo=learned_opt: lo.optimizer(mp).update(g, s, p),
+                    (meta_params,), params, grads, _REPS.value, _WARMUP.value,
+                )
+            except Exception as e:  # e.g. out of memory at the largest sizes
+                rows.setdefault(name, {})[n] = f"failed: {type(e).__name__}"
+                bandwidth.setdefault(name, {})[n] = "-"
+                print(f"{name} at {n}: {str(e).splitlines()[0][:200]}", file=sys.stderr)
+                continue
+            rows.setdefault(name, {})[n] = f"{t / t_adam:.2f}x ({_fmt_time(t)})"
+            bandwidth.setdefault(name, {})[n] = _fmt_bw(b, t)
+            print(f"{counts[n]:>12,} {name:12s} {rows[name][n]}", file=sys.stderr, flush=True)
+
+    device = jax.devices()[0]
+    print(
+        f"\nTime of one jitted update relative to optax.adam (median of {_REPS.value}, "
+        f"{_WARMUP.value} warm-up runs) on {device.platform} ({device.device_kind}), "
+        f"jax {jax.__version__}"
+    )
+    _table(rows, sizes, counts)
+    print("\nEffective bandwidth (bytes of grads, params, state in/out and updates per second)")
+    _table(bandwidth, sizes, counts)
+
+
+def _fmt_bw(nbytes: int, t: float) -> str:
+    gbs = nbytes / t / 1e9
+    out = f"{gbs:.3g} GB/s"
+    if _PEAK_GBS.value:
+        out += f" ({100 * gbs / _PEAK_GBS.value:.0f}%)"
+    return out
+
+
+def _table(rows, sizes, counts) -> None:
+    header = ["optimizer"] + [f"{s:.0e} ({counts[s]:,})".replace("e+0", "e") for s in sizes]
+    lines = [header] + [[name] + [cells.get(s, "-") for s in sizes] for name, cells in rows.items()]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    fmt = lambda line: "| " + " | ".join(c.ljust(w) for c, w in zip(line, widths)) + " |"
+    print(fmt(header))
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for line in lines[1:]:
+        print(fmt(line))
+
+
+if __name__ == "__main__":
+    app.run(main)
