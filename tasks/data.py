@@ -18,6 +18,18 @@ tfds is asked anything, so a missing one raises :class:`DatasetNotPreparedError`
 instructions, instead of tfds trying the network. Preparing catalogue datasets (``tfds build``,
 ``tfds convert_format``) needs TensorFlow and is done elsewhere; copy the result into the data
 dir (``$LOPT_DATA_DIR``, default ``~/.cache/lopt/tensorflow_datasets``).
+
+Local files take the same path. A dataset name ``"idx:DIR"`` names a directory of MNIST-format
+IDX files (``train-images-idx3-ubyte.gz`` ...), ``"text:FILE"`` a plain (or gzipped) text
+corpus. On first use they are parsed (``tasks.idx``) and written with :func:`write_arrays` into
+the data dir, under a name derived from the path, sizes and modification times of the files;
+every later read goes through the array_record copy like any other dataset.
+
+* :func:`load` also preprocesses images (``resize``, ``channels``, ``scale``, ``classes``; see
+  ``tasks.preprocess``), cached per option set.
+* :func:`load_text` returns a :class:`TextDataset` of character- or byte-tokenised splits:
+  ``"generated"`` (a small corpus generated from a fixed grammar, the embedded default for
+  tests), ``"text:FILE"``, or a catalogue text dataset such as ``"tiny_shakespeare"``.
 """
 
 from __future__ import annotations
@@ -25,20 +37,32 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import functools
+import gzip
+import hashlib
+import json
 import os
 import re
 import tempfile
-from collections.abc import Mapping
+import zlib
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tasks import idx as idx_lib
+from tasks import preprocess
 from tasks.base import SPLITS
 
 DIGITS_DATASET = "lopt_digits"  # on-disk name of the embedded default
 DIGITS_TEST_FRACTION = 0.2
 _DIGITS_SEED = 0  # fixes the on-disk train/test split of lopt_digits for good
+_TEST_SEED = 0  # fixes the test split held out of a dataset that has only one split
+GENERATED_TEXT = "generated"  # load_text's embedded default ...
+GENERATED_TEXT_DATASET = "lopt_generated_text"  # ... and its on-disk name
+IDX_PREFIX, TEXT_PREFIX = "idx:", "text:"
+TOKENIZERS = ("char", "byte")
+_TEXT_CHUNK = 1 << 16  # bytes per array_record example of a local text corpus
 _READ_CHUNK = 4096  # examples decoded per __getitems__ call
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -328,8 +352,9 @@ def read_arrays(
 class Dataset:
     """Image classification splits held on the device.
 
-    ``splits[split]`` for split in train/valid/test is ``{"image": float32 [n, H, W, C] in
-    [0, 1], "label": int32 [n]}``. Hashes by identity, so it can sit in static task config.
+    ``splits[split]`` for split in train/valid/test is ``{"image": float32 [n, H, W, C] (in
+    [0, 1] unless ``load(scale=...)`` says otherwise), "label": int32 [n]}``. Hashes by
+    identity, so it can sit in static task config.
     """
 
     name: str
@@ -353,6 +378,11 @@ def load(
     *,
     valid_fraction: float = 0.1,
     seed: int = 0,
+    test_fraction: float = 0.2,
+    resize: int | Sequence[int] | None = None,
+    channels: int | None = None,
+    scale: str = "unit",
+    classes: Sequence[int] | None = None,
 ) -> Dataset:
     """The image dataset ``name`` as a device-resident :class:`Dataset` (cached).
 
@@ -360,37 +390,89 @@ def load(
     [n, 8, 8, 1], 10 classes), written on first use into ``data_dir`` as ``lopt_digits`` with a
     fixed 80/20 train/test split (seed 0), then read back like any other dataset.
 
+    ``"idx:DIR"``: the MNIST-format IDX files in ``DIR`` (see ``tasks.idx.find_idx_splits``),
+    converted once into array_record in ``data_dir`` and read back from there.
+
     Any other name: a tfds catalogue dataset (``"mnist"``, ``"imagenet_resized/32x32"``)
     already prepared as array_record in ``data_dir``, with features ``"image"`` and ``"label"``.
     Integer images are divided by their dtype's maximum (uint8: 255); 2-D images get a channel
     axis. Splits: ``train``; ``validation`` (or ``valid``) becomes ``valid``; ``test``, or
-    ``validation`` when there is no test split (imagenet_resized). If no split serves as
-    ``valid``, a ``valid_fraction`` of train, drawn with ``seed``, is held out from it (digits:
-    359 test, 144 valid, 1294 train examples at the default 0.1). ``num_classes`` comes from the
-    label's ``ClassLabel``, else max label + 1.
+    ``validation`` when there is no test split (imagenet_resized). A dataset with one split only
+    (such as MNIST's t10k files alone) becomes train, with a ``test_fraction`` of it held out
+    (fixed seed 0) as test. If no split serves as ``valid``, a ``valid_fraction`` of train,
+    drawn with ``seed``, is held out from it (digits: 359 test, 144 valid, 1294 train examples
+    at the default 0.1). ``num_classes`` comes from the label's ``ClassLabel``, else max label
+    + 1.
 
-    The result is cached on (name, resolved data_dir, valid_fraction, seed): the same call
-    returns the same object; ``load.cache_clear()`` empties the cache.
+    Preprocessing, in this order: ``resize`` (``n`` or ``(h, w)``; bilinear, antialiased when
+    shrinking), ``channels`` (1: grey, 3: colour), ``classes`` (keep these class ids, relabelled
+    0..k-1 in the given order), ``scale`` (``"unit"``: [0, 1]; ``"centered"``: [-1, 1];
+    ``"standardize"``: zero mean, unit variance per channel on the train split).
+
+    The result is cached on all arguments (with ``data_dir`` resolved, and local files by
+    path, size and modification time): the same call returns the same object;
+    ``load.cache_clear()`` empties the caches of :func:`load` and :func:`load_text`.
 
     Raises:
       DatasetNotPreparedError: at once, if the dataset is not prepared in ``data_dir``.
+      FileNotFoundError, tasks.idx.IdxFormatError: for missing or malformed IDX files.
     """
-    if not 0.0 < valid_fraction < 1.0:
-        raise ValueError(f"valid_fraction must be in (0, 1), got {valid_fraction!r}")
-    return _load(name, _resolve(data_dir), float(valid_fraction), int(seed))
+    for what, fraction in (("valid_fraction", valid_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 < fraction < 1.0:
+            raise ValueError(f"{what} must be in (0, 1), got {fraction!r}")
+    size = preprocess.normalize_size(resize)
+    if channels is not None and channels not in (1, 3):
+        raise ValueError(f"channels must be None, 1 (grey) or 3 (colour), got {channels!r}")
+    if scale not in preprocess.SCALES:
+        raise ValueError(f"scale must be one of {preprocess.SCALES}, got {scale!r}")
+    if classes is not None:
+        classes = tuple(int(c) for c in classes)
+    data_dir = _resolve(data_dir)
+    base = _load(
+        name,
+        _image_source(name, data_dir),
+        data_dir,
+        float(valid_fraction),
+        int(seed),
+        float(test_fraction),
+    )
+    if size is None and channels is None and scale == "unit" and classes is None:
+        return base
+    return _preprocessed(base, size, channels, scale, classes)
+
+
+def _image_source(name: str, data_dir: str) -> str:
+    """The on-disk dataset behind ``name``, prepared first if it is ours (digits, IDX files).
+
+    Local files are looked at on every call (a directory listing and a few ``stat``s), so a
+    changed file maps to a new dataset name and so past the in-memory cache.
+    """
+    if name == "digits":
+        _prepare_digits(data_dir)
+        return DIGITS_DATASET
+    if name.startswith(IDX_PREFIX):
+        return _local_idx(name[len(IDX_PREFIX) :], data_dir)
+    if name.startswith(TEXT_PREFIX) or name == GENERATED_TEXT:
+        raise ValueError(
+            f"dataset {name!r} is a text corpus (see tasks.data.load_text); image tasks need an "
+            "image dataset: 'digits', 'idx:DIR' or a catalogue name such as 'mnist'"
+        )
+    return name
 
 
 @functools.lru_cache(maxsize=None)
-def _load(name: str, data_dir: str, valid_fraction: float, seed: int) -> Dataset:
-    source = DIGITS_DATASET if name == "digits" else name
-    if name == "digits":
-        _prepare_digits(data_dir)
+def _load(
+    name: str, source: str, data_dir: str, valid_fraction: float, seed: int, test_fraction: float
+) -> Dataset:
     sources, features = _open(source, data_dir)
     missing = {"image", "label"} - set(features.keys())
     if missing:
         raise ValueError(f"dataset {name!r} has no {sorted(missing)} feature(s): {features}")
     raw = {split: _read_source(src, features, ("image", "label")) for split, src in sources.items()}
 
+    if "train" not in raw and len(raw) == 1:
+        (only,) = raw.values()
+        raw = dict(zip(("train", "test"), _hold_out(only, test_fraction, _TEST_SEED, name)))
     if "train" not in raw:
         raise ValueError(f"dataset {name!r} has no 'train' split; it has {sorted(raw)}")
     valid_name = next((s for s in ("validation", "valid") if s in raw), None)
@@ -412,6 +494,50 @@ def _load(name: str, data_dir: str, valid_fraction: float, seed: int) -> Dataset
         num_classes=int(num_classes),
         splits={s: _to_device(splits[s], name) for s in SPLITS},
     )
+
+
+@functools.lru_cache(maxsize=None)
+def _preprocessed(
+    base: Dataset,
+    size: tuple[int, int] | None,
+    channels: int | None,
+    scale: str,
+    classes: tuple[int, ...] | None,
+) -> Dataset:
+    """``base`` resized, colour-converted, class-selected and scaled (in numpy, then put back
+    on the device)."""
+    splits = {s: {k: np.asarray(v) for k, v in a.items()} for s, a in base.splits.items()}
+    for arrays in splits.values():
+        if size is not None:
+            arrays["image"] = preprocess.resize_images(arrays["image"], size)
+        if channels is not None:
+            arrays["image"] = preprocess.convert_channels(arrays["image"], channels)
+    num_classes = base.num_classes
+    if classes is not None:
+        splits = preprocess.select_classes(splits, classes, num_classes, base.name)
+        num_classes = len(classes)
+    splits = preprocess.scale_images(splits, scale)
+    with jax.ensure_compile_time_eval():
+        device = {
+            s: {
+                "image": jax.device_put(np.asarray(a["image"], np.float32)),
+                "label": jax.device_put(np.asarray(a["label"], np.int32)),
+            }
+            for s, a in splits.items()
+        }
+    return Dataset(name=base.name, num_classes=num_classes, splits=device)
+
+
+@functools.lru_cache(maxsize=None)
+def class_index(dataset: Dataset) -> dict[str, dict[str, jax.Array]]:
+    """``{split: {"by_class", "count"}}`` device arrays for class-balanced sampling of
+    ``dataset`` (see ``tasks.preprocess.class_index``); cached per dataset object."""
+    out = {}
+    for split, arrays in dataset.splits.items():
+        index = preprocess.class_index(np.asarray(arrays["label"]), dataset.num_classes)
+        with jax.ensure_compile_time_eval():
+            out[split] = {k: jax.device_put(v) for k, v in index.items()}
+    return out
 
 
 def _hold_out(arrays: dict, fraction: float, seed: int, name: str) -> tuple[dict, dict]:
@@ -468,4 +594,304 @@ def _prepare_digits(data_dir: str) -> None:
     )
 
 
-load.cache_clear = _load.cache_clear  # type: ignore[attr-defined]
+# ----------------------------------------------------------------------------------------------
+# Local files (IDX images, text corpora), converted once into array_record.
+
+
+def _local_name(kind: str, path: str, files: list[str]) -> str:
+    """A dataset name for local ``files``: changes when any file's path, size or mtime does."""
+    stats = []
+    for f in sorted(files):
+        st = os.stat(f)
+        stats.append((os.path.abspath(f), st.st_size, st.st_mtime_ns))
+    digest = hashlib.sha1(json.dumps(stats).encode()).hexdigest()[:12]
+    base = os.path.basename(os.path.normpath(path)).lower()
+    slug = re.sub(r"[^a-z0-9]+", "_", base).strip("_")[:32]
+    return f"{kind}_{slug}_{digest}" if slug else f"{kind}_{digest}"
+
+
+def _prepared(name: str, data_dir: str, version: str = "1.0.0") -> bool:
+    return os.path.isfile(os.path.join(data_dir, name, version, "dataset_info.json"))
+
+
+def _local_idx(path: str, data_dir: str) -> str:
+    """Convert the IDX files in directory ``path`` into array_record once; their dataset name."""
+    directory = os.path.abspath(os.path.expanduser(path))
+    files = idx_lib.find_idx_splits(directory)
+    name = _local_name("idx", directory, [f for pair in files.values() for f in pair])
+    if not _prepared(name, data_dir):
+        splits = {split: idx_lib.read_idx_split(*pair) for split, pair in files.items()}
+        shapes = {s: (a["image"].shape[1:], a["image"].dtype.name) for s, a in splits.items()}
+        if len(set(shapes.values())) > 1:
+            raise idx_lib.IdxFormatError(
+                f"the IDX files in {directory} hold images of different sizes or types: {shapes}"
+            )
+        num_classes = 1 + max(int(a["label"].max()) for a in splits.values())
+        write_arrays(
+            name,
+            splits,
+            data_dir,
+            description=f"MNIST-format IDX files from {directory}",
+            num_classes=num_classes,
+        )
+    return name
+
+
+def _read_text_file(path: str) -> bytes:
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"text file {path} is a directory; give the path of one text file")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"text file {path} does not exist")
+    with open(path, "rb") as f:
+        raw = f.read()
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (EOFError, OSError, zlib.error) as e:
+            raise ValueError(f"{path}: truncated or corrupt gzip data ({e})") from None
+    if not raw:
+        raise ValueError(f"text file {path} is empty")
+    return raw
+
+
+def _write_text(name: str, raw: bytes, data_dir: str, description: str) -> None:
+    """A corpus as one ``train`` split of fixed-size byte chunks (+ their lengths)."""
+    n = len(raw)
+    num_chunks = -(-n // _TEXT_CHUNK)
+    buf = np.zeros(num_chunks * _TEXT_CHUNK, np.uint8)
+    buf[:n] = np.frombuffer(raw, np.uint8)
+    lengths = np.full(num_chunks, _TEXT_CHUNK, np.int32)
+    lengths[-1] = n - (num_chunks - 1) * _TEXT_CHUNK
+    chunks = {"bytes": buf.reshape(num_chunks, _TEXT_CHUNK), "length": lengths}
+    write_arrays(name, {"train": chunks}, data_dir, description=description)
+
+
+def _local_text(path: str, data_dir: str) -> str:
+    """Convert the text file ``path`` (plain or gzipped) into array_record once; its name."""
+    path = os.path.abspath(os.path.expanduser(path))
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"text file {path} is a directory; give the path of one text file")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"text file {path} does not exist")
+    name = _local_name("text", path, [path])
+    if not _prepared(name, data_dir):
+        _write_text(name, _read_text_file(path), data_dir, f"text file {path}")
+    return name
+
+
+def generated_corpus(num_sentences: int = 3000, seed: int = 0) -> str:
+    """A small English-like corpus from a fixed grammar: the embedded text dataset for tests.
+
+    Sentences are ``Subject verb object[ modifier].`` drawn with ``seed``; the structure (word
+    spellings, agreement, punctuation) is learnable by a tiny language model in a few hundred
+    steps, well below the unigram entropy.
+    """
+    rng = np.random.default_rng(seed)
+    subjects = ["the cat", "the dog", "a bird", "my friend", "the old man", "a child",
+                "the teacher", "our neighbour", "the king", "a sailor"]  # fmt: skip
+    verbs = ["sees", "likes", "finds", "watches", "follows", "calls", "helps", "paints"]
+    objects = ["the ball", "a red apple", "the river", "a small house", "the moon", "her book",
+               "the garden", "an open door", "the sea"]  # fmt: skip
+    modifiers = ["", "", " today", " again", " at night", " in the rain", " with joy"]
+    lines = []
+    for _ in range(num_sentences):
+        sentence = (
+            f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)}"
+            f"{rng.choice(modifiers)}{rng.choice(['.', '.', '!', '?'])}"
+        )
+        lines.append(sentence[0].upper() + sentence[1:])
+    return "\n".join(lines) + "\n"
+
+
+def _prepare_generated_text(data_dir: str) -> None:
+    if not _prepared(GENERATED_TEXT_DATASET, data_dir):
+        _write_text(
+            GENERATED_TEXT_DATASET,
+            generated_corpus().encode("utf-8"),
+            data_dir,
+            "tasks.data.generated_corpus(): sentences from a fixed grammar, seed 0",
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Device-resident tokenised text.
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TextDataset:
+    """A tokenised corpus held on the device: ``splits[split] = {"tokens": int32 [n]}``.
+
+    ``tokenizer`` is ``"char"`` (ids index ``vocab``, the corpus' sorted characters) or
+    ``"byte"`` (ids are UTF-8 bytes, ``vocab_size`` 256). Hashes by identity.
+    """
+
+    name: str
+    tokenizer: str
+    vocab_size: int
+    vocab: tuple[str, ...] | None
+    splits: dict[str, dict[str, jax.Array]]
+
+    def size(self, split: str) -> int:
+        """Number of tokens in ``split``."""
+        if split not in self.splits:
+            raise ValueError(f"split must be one of {tuple(self.splits)}, got {split!r}")
+        return int(self.splits[split]["tokens"].shape[0])
+
+    def encode(self, text: str) -> np.ndarray:
+        if self.vocab is None:
+            return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
+        index = {c: i for i, c in enumerate(self.vocab)}
+        unknown = sorted(set(text) - set(index))
+        if unknown:
+            raise ValueError(f"characters {unknown} are not in the vocabulary of {self.name!r}")
+        return np.asarray([index[c] for c in text], np.int32)
+
+    def decode(self, ids) -> str:
+        ids = np.asarray(ids).reshape(-1)
+        if self.vocab is None:
+            return bytes(ids.astype(np.uint8).tolist()).decode("utf-8", errors="replace")
+        return "".join(self.vocab[int(i)] for i in ids)
+
+
+def load_text(
+    name: str = GENERATED_TEXT,
+    data_dir: str | None = None,
+    *,
+    tokenizer: str = "char",
+    valid_fraction: float = 0.05,
+    test_fraction: float = 0.05,
+) -> TextDataset:
+    """The text corpus ``name`` tokenised as a device-resident :class:`TextDataset` (cached).
+
+    ``name``: ``"generated"`` (:func:`generated_corpus`, written on first use as
+    ``lopt_generated_text``); ``"text:FILE"`` (a UTF-8 text file, gzipped or not, converted once
+    into array_record in ``data_dir``); or a prepared catalogue dataset with a text feature
+    (``"tiny_shakespeare"``: its ``text`` feature; several examples are joined by newlines).
+
+    Splits are contiguous: a catalogue's ``train``/``validation``/``test`` are used as they are;
+    a corpus with one split is cut into train, then the next ``valid_fraction`` and the last
+    ``test_fraction`` of its tokens (Karpathy's char-rnn split at the defaults 0.05/0.05); a
+    missing ``valid`` is the last ``valid_fraction`` of train. ``tokenizer="char"`` builds the
+    vocabulary from all splits; ``"byte"`` reads UTF-8 bytes (any file, vocabulary 256).
+    """
+    if tokenizer not in TOKENIZERS:
+        raise ValueError(f"tokenizer must be one of {TOKENIZERS}, got {tokenizer!r}")
+    for what, fraction in (("valid_fraction", valid_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 < fraction < 1.0:
+            raise ValueError(f"{what} must be in (0, 1), got {fraction!r}")
+    if valid_fraction + test_fraction >= 1.0:
+        raise ValueError("valid_fraction + test_fraction must be below 1")
+    data_dir = _resolve(data_dir)
+    source = _text_source(name, data_dir)
+    fractions = float(valid_fraction), float(test_fraction)
+    return _load_text(name, source, data_dir, tokenizer, *fractions)
+
+
+def _text_source(name: str, data_dir: str) -> str:
+    """The on-disk dataset behind ``name`` (see :func:`_image_source`)."""
+    if name == GENERATED_TEXT:
+        _prepare_generated_text(data_dir)
+        return GENERATED_TEXT_DATASET
+    if name.startswith(TEXT_PREFIX):
+        return _local_text(name[len(TEXT_PREFIX) :], data_dir)
+    if name == "digits" or name.startswith(IDX_PREFIX):
+        raise ValueError(
+            f"dataset {name!r} is an image dataset; text tasks need a corpus: 'generated', "
+            "'text:FILE' or a catalogue name such as 'tiny_shakespeare'"
+        )
+    return name
+
+
+@functools.lru_cache(maxsize=None)
+def _load_text(
+    name: str,
+    source: str,
+    data_dir: str,
+    tokenizer: str,
+    valid_fraction: float,
+    test_fraction: float,
+) -> TextDataset:
+    sources, features = _open(source, data_dir)
+    raw = {split: _split_text(src, features, name) for split, src in sources.items()}
+
+    if tokenizer == "byte":
+        ids = {s: np.frombuffer(b, np.uint8).astype(np.int32) for s, b in raw.items()}
+        vocab = None
+        vocab_size = 256
+    else:
+        points = {s: _code_points(b, name, s) for s, b in raw.items()}
+        table = np.unique(np.concatenate(list(points.values())))
+        ids = {s: np.searchsorted(table, p).astype(np.int32) for s, p in points.items()}
+        vocab = tuple(chr(int(c)) for c in table)
+        vocab_size = len(vocab)
+
+    if "train" not in ids and len(ids) == 1:
+        ids = {"train": next(iter(ids.values()))}
+    if "train" not in ids:
+        raise ValueError(f"dataset {name!r} has no 'train' split; it has {sorted(ids)}")
+    valid_name = next((s for s in ("validation", "valid") if s in ids), None)
+    test_name = "test" if "test" in ids else valid_name
+    train = ids["train"]
+    if test_name is None:
+        n = len(train)
+        n_test, n_valid = max(1, round(test_fraction * n)), max(1, round(valid_fraction * n))
+        if n_test + n_valid >= n:
+            raise ValueError(f"dataset {name!r}: {n} tokens are too few to hold out valid and test")
+        splits = {
+            "train": train[: n - n_valid - n_test],
+            "valid": train[n - n_valid - n_test : n - n_test],
+            "test": train[n - n_test :],
+        }
+    else:
+        splits = {"train": train, "test": ids[test_name]}
+        if valid_name is not None and valid_name != test_name:
+            splits["valid"] = ids[valid_name]
+        else:
+            n = len(train)
+            n_valid = max(1, round(valid_fraction * n))
+            if n_valid >= n:
+                raise ValueError(
+                    f"dataset {name!r}: {n} train tokens are too few to hold out valid"
+                )
+            splits["train"], splits["valid"] = train[: n - n_valid], train[n - n_valid :]
+    with jax.ensure_compile_time_eval():
+        device = {s: {"tokens": jax.device_put(splits[s])} for s in SPLITS}
+    return TextDataset(
+        name=name, tokenizer=tokenizer, vocab_size=vocab_size, vocab=vocab, splits=device
+    )
+
+
+def _split_text(source, features, name: str) -> bytes:
+    """All of one split's text as UTF-8 bytes."""
+    keys = list(features.keys())
+    if {"bytes", "length"} <= set(keys):  # our chunked corpus format (_write_text)
+        a = _read_source(source, features, ("bytes", "length"))
+        return b"".join(row[:n].tobytes() for row, n in zip(a["bytes"], a["length"]))
+    text_keys = ["text"] if "text" in keys else [
+        k for k in keys if type(features[k]).__name__ == "Text"
+    ]
+    if len(text_keys) != 1:
+        raise ValueError(
+            f"dataset {name!r} has no (single) text feature to read: features {keys}"
+        )
+    texts = _read_source(source, features, text_keys)[text_keys[0]]
+    return b"\n".join(t if isinstance(t, bytes) else str(t).encode("utf-8") for t in texts)
+
+
+def _code_points(raw: bytes, name: str, split: str) -> np.ndarray:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"dataset {name!r} (split {split!r}) is not valid UTF-8 text: byte {e.start} "
+            f"({e.reason}); use tokenizer='byte' to read it as raw bytes"
+        ) from None
+    return np.frombuffer(text.encode("utf-32-le"), np.dtype("<u4"))
+
+
+def _cache_clear() -> None:
+    for cached in (_load, _preprocessed, class_index, _load_text):
+        cached.cache_clear()
+
+
+load.cache_clear = _cache_clear  # type: ignore[attr-defined]

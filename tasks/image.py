@@ -1,0 +1,490 @@
+"""Image-classification task families of the seed papers.
+
+Chen et al. 2020 ("Training Stronger Baselines for Learning to Optimize"), after Andrychowicz
+et al. 2016: ``mlp_orig`` (one hidden layer of 20 sigmoid units, MNIST, batch 128),
+``mlp_relu``, ``mlp_deeper`` (two hidden layers of 20), ``conv_mnist`` (conv 16 3x3 stride 1,
+max-pool 2x2, conv 32 5x5 stride 1, max-pool 2x2, linear) and ``conv_cifar`` (the same with
+stride-2 convolutions, CIFAR-10). Metz et al. 2019 ("Understanding and correcting pathologies in
+the training of learned optimizers"): ``metz_conv`` (three 3x3 convs of 32 channels, strides
+2, 2, 1, ReLU, Glorot init, global average pool, linear) on 10-class subsets of a dataset's
+classes, and ``conv6_mnist`` (six 3x3 convs of 32, strides 2, 1, 2, 1, 1, 1). The ELO tasks:
+``mlp_d3_w128`` (three hidden layers of 128 on 32x32x3) and ``resnet18`` (CIFAR-style).
+
+All run on any image dataset ``tasks.data.load`` serves (``dataset="digits"``, the embedded
+default; ``"mnist"`` or another prepared catalogue dataset; ``"idx:DIR"`` for local IDX files),
+with ``resize``/``channels``/``scale``/``classes`` preprocessing. An image size a model cannot
+take is rejected when the family is built, with the ``resize`` that fixes it. Instances differ
+by their initialisation seed and, with ``permute_classes``, a relabelling of the classes
+(``metz_conv``: by their class subset). Batches are drawn inside jit from device-resident
+arrays that a compiled loop passes in as arguments (``tasks.base.bind_data``).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from typing import Any, ClassVar
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import tasks
+from tasks import data as data_lib
+from tasks import models, preprocess
+from tasks.base import check_split
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageClassification:
+    """Shared options and behaviour; subclasses add the model (``module``) and its options.
+
+    Spec: ``{"seed": int32 init seed, "perm": int32 [num_classes] relabelling}``.
+    """
+
+    batch_size: int = 128
+    dataset: str = "digits"
+    data_dir: str | None = None
+    resize: int | tuple[int, int] | None = None
+    channels: int | None = None
+    scale: str = "unit"
+    classes: tuple[int, ...] | None = None
+    permute_classes: bool = False
+    # Arrays bound inside jit by `tasks.base.bind_data`; not part of the family's identity.
+    bound_arrays: Any = dataclasses.field(default=None, compare=False, repr=False)
+    name: ClassVar[str] = "image_classification"
+    #: The smallest final feature-map size (per side) the model is meant for.
+    min_final_size: ClassVar[int] = 1
+    #: The input side length the papers use (suggested in size errors).
+    paper_size: ClassVar[int] = 28
+
+    def __post_init__(self):
+        size = preprocess.normalize_size(self.resize, f"{self.name}: resize")
+        if size is not None:
+            object.__setattr__(self, "resize", size[0] if size[0] == size[1] else size)
+        if self.classes is not None:
+            object.__setattr__(self, "classes", tuple(int(c) for c in self.classes))
+        batch_size = self.batch_size
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"{self.name}: batch_size must be a positive int, got {batch_size!r}")
+        if self.channels not in (None, 1, 3):
+            raise ValueError(
+                f"{self.name}: channels must be None, 1 (grey) or 3 (colour), got {self.channels!r}"
+            )
+        if self.scale not in preprocess.SCALES:
+            raise ValueError(
+                f"{self.name}: scale must be one of {preprocess.SCALES}, got {self.scale!r}"
+            )
+        self._check_options()
+        self._check_image_size()
+
+    # --- model: overridden by subclasses ------------------------------------------------------
+
+    def _check_options(self) -> None:
+        """Validate the model's own options (subclasses)."""
+
+    def module(self, num_classes: int) -> nn.Module:
+        raise NotImplementedError
+
+    def spatial_sizes(self, size: int) -> list[int]:
+        """Side lengths of the feature maps, input first, for an input side ``size``."""
+        return [size]
+
+    # --- data ---------------------------------------------------------------------------------
+
+    @property
+    def data(self) -> data_lib.Dataset:
+        return data_lib.load(
+            self.dataset,
+            self.data_dir,
+            resize=self.resize,
+            channels=self.channels,
+            scale=self.scale,
+            classes=self.classes,
+        )
+
+    @property
+    def arrays(self) -> dict:
+        """{split: {"image", "label"}} device arrays (the bound ones inside a compiled loop)."""
+        return self.data.splits if self.bound_arrays is None else self.bound_arrays
+
+    def bind(self, arrays: dict) -> "ImageClassification":
+        bound = copy.copy(self)  # no __post_init__: options were checked when self was built
+        object.__setattr__(bound, "bound_arrays", arrays)
+        return bound
+
+    @property
+    def num_classes(self) -> int:
+        return self.data.num_classes
+
+    @property
+    def num_outputs(self) -> int:
+        """Logits the model produces."""
+        return self.num_classes
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return self.data.image_shape
+
+    def _check_image_size(self) -> None:
+        h, w, _ = self.image_shape
+
+        def fits(side: int) -> bool:
+            sizes = self.spatial_sizes(side)
+            return min(sizes) >= 1 and sizes[-1] >= self.min_final_size
+
+        for side in (h, w):
+            if fits(side):
+                continue
+            sizes = self.spatial_sizes(side)
+            need = next(n for n in range(1, 4097) if fits(n))
+            fix = max(need, self.paper_size) if need > 8 else need
+            raise ValueError(
+                f"{self.name}: images of {h}x{w} (dataset {self.dataset!r}"
+                + (f", resize={self.resize!r}" if self.resize is not None else "")
+                + f") are too small for this model: its feature maps would be {sizes} pixels per "
+                f"side, and it needs at least {need}x{need} inputs (a final map of at least "
+                f"{self.min_final_size}x{self.min_final_size}). Set resize={fix} (or any size "
+                f">= {need}) to resize the images."
+            )
+
+    # --- the TaskFamily protocol -------------------------------------------------------------
+
+    def sample(self, key: jax.Array) -> dict:
+        k_seed, k_perm = jax.random.split(key)
+        n = self.num_classes
+        perm = jax.random.permutation(k_perm, n) if self.permute_classes else jnp.arange(n)
+        seed = jax.random.randint(k_seed, (), 0, jnp.iinfo(jnp.int32).max)
+        return {"seed": seed, "perm": perm.astype(jnp.int32)}
+
+    def init(self, spec: dict, key: jax.Array) -> dict:
+        dummy = jnp.zeros((1, *self.image_shape), jnp.float32)
+        variables = self.module(self.num_outputs).init(jax.random.fold_in(key, spec["seed"]), dummy)
+        return variables["params"]
+
+    def _targets(self, spec: dict, label: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+        """(class index per example, example weights or None)."""
+        return spec["perm"][label], None
+
+    def loss(self, spec: dict, params: dict, batch: dict) -> tuple[jax.Array, dict]:
+        logits = self.module(self.num_outputs).apply({"params": params}, batch["image"])
+        labels, weight = self._targets(spec, batch["label"])
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+        correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+        if weight is None:
+            return ce.mean(), {"accuracy": correct.mean()}
+        total = jnp.maximum(weight.sum(), 1.0)
+        return (ce * weight).sum() / total, {"accuracy": (correct * weight).sum() / total}
+
+    def batch(self, spec: dict, key: jax.Array, split: str) -> dict:
+        check_split(split)
+        arrays = self.arrays[split]
+        idx = jax.random.randint(key, (self.batch_size,), 0, arrays["label"].shape[0])
+        return {"image": arrays["image"][idx], "label": arrays["label"][idx]}
+
+    def full_batch(self, split: str) -> dict:
+        """The whole split as one batch (for evaluation)."""
+        check_split(split)
+        return {k: self.arrays[split][k] for k in ("image", "label")}
+
+    def param_count(
+        self, image_shape: tuple[int, int, int] | None = None, num_classes: int | None = None
+    ) -> int:
+        """Parameters of the model for ``image_shape``/``num_classes`` (default: this data's)."""
+        shape = tuple(image_shape or self.image_shape)
+        module = self.module(num_classes or self.num_outputs)
+        params = jax.eval_shape(module.init, jax.random.PRNGKey(0), jnp.zeros((1, *shape)))
+        return sum(math.prod(p.shape) for p in jax.tree.leaves(params["params"]))
+
+
+def _positive_ints(name: str, what: str, values) -> tuple[int, ...]:
+    values = tuple(int(v) for v in values)
+    if not values or min(values) < 1:
+        raise ValueError(f"{name}: {what} must be a non-empty tuple of positive ints, got {values}")
+    return values
+
+
+# ----------------------------------------------------------------------------------------------
+# MLPs (Chen et al. 2020; ELO's mlp_d3_w128).
+
+
+@dataclasses.dataclass(frozen=True)
+class MLPClassification(ImageClassification):
+    """Fully connected classifier on the flattened image."""
+
+    hidden_sizes: tuple[int, ...] = (20,)
+    activation: str = "sigmoid"
+
+    def _check_options(self) -> None:
+        hidden = tuple(int(h) for h in self.hidden_sizes)  # () is logistic regression
+        if any(h < 1 for h in hidden):
+            raise ValueError(f"{self.name}: hidden_sizes must be positive, got {hidden}")
+        object.__setattr__(self, "hidden_sizes", hidden)
+        if self.activation not in models.ACTIVATIONS:
+            raise ValueError(
+                f"{self.name}: unknown activation {self.activation!r}; choose from "
+                f"{sorted(models.ACTIVATIONS)}"
+            )
+
+    def module(self, num_classes: int) -> nn.Module:
+        return models.MLP(self.hidden_sizes, num_classes, self.activation)
+
+
+@dataclasses.dataclass(frozen=True)
+class MLPOrig(MLPClassification):
+    """One hidden layer of 20 sigmoid units, batch 128 (Andrychowicz et al. 2016's MNIST MLP)."""
+
+    name: ClassVar[str] = "mlp_orig"
+
+
+@dataclasses.dataclass(frozen=True)
+class MLPRelu(MLPClassification):
+    """``mlp_orig`` with ReLU units (Chen et al. 2020)."""
+
+    activation: str = "relu"
+    name: ClassVar[str] = "mlp_relu"
+
+
+@dataclasses.dataclass(frozen=True)
+class MLPDeeper(MLPClassification):
+    """Two hidden layers of 20 sigmoid units (Chen et al. 2020)."""
+
+    hidden_sizes: tuple[int, ...] = (20, 20)
+    name: ClassVar[str] = "mlp_deeper"
+
+
+@dataclasses.dataclass(frozen=True)
+class MLPD3W128(MLPClassification):
+    """Three hidden layers of 128 ReLU units on 32x32x3 images (ELO)."""
+
+    hidden_sizes: tuple[int, ...] = (128, 128, 128)
+    activation: str = "relu"
+    resize: int | tuple[int, int] | None = 32
+    channels: int | None = 3
+    name: ClassVar[str] = "mlp_d3_w128"
+    paper_size: ClassVar[int] = 32
+
+
+# ----------------------------------------------------------------------------------------------
+# Conv nets with max-pooling (Chen et al. 2020).
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvPoolClassification(ImageClassification):
+    """[conv -> ReLU -> 2x2 max-pool] per entry of ``features``/``kernel_sizes``, then linear."""
+
+    features: tuple[int, ...] = (16, 32)
+    kernel_sizes: tuple[int, ...] = (3, 5)
+    stride: ClassVar[int] = 1
+
+    def _check_options(self) -> None:
+        object.__setattr__(self, "features", _positive_ints(self.name, "features", self.features))
+        object.__setattr__(
+            self, "kernel_sizes", _positive_ints(self.name, "kernel_sizes", self.kernel_sizes)
+        )
+        if len(self.features) != len(self.kernel_sizes):
+            raise ValueError(
+                f"{self.name}: features {self.features} and kernel_sizes {self.kernel_sizes} "
+                "must have the same length"
+            )
+
+    def module(self, num_classes: int) -> nn.Module:
+        return models.ConvPool(self.features, self.kernel_sizes, self.stride, num_classes)
+
+    def spatial_sizes(self, size: int) -> list[int]:
+        layers = len(self.features)
+        return models.ConvPool.spatial_sizes(size, num_layers=layers, stride=self.stride)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvMNIST(ConvPoolClassification):
+    """conv 16 3x3 s1, pool, conv 32 5x5 s1, pool, linear (MNIST in Chen et al. 2020)."""
+
+    name: ClassVar[str] = "conv_mnist"
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvCIFAR(ConvPoolClassification):
+    """``conv_mnist`` with stride-2 convolutions, on 32x32x3 images (CIFAR-10 in Chen et al.)."""
+
+    resize: int | tuple[int, int] | None = 32
+    channels: int | None = 3
+    name: ClassVar[str] = "conv_cifar"
+    stride: ClassVar[int] = 2
+    paper_size: ClassVar[int] = 32
+
+
+# ----------------------------------------------------------------------------------------------
+# Conv nets with global average pooling (Metz et al. 2019).
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvGAPClassification(ImageClassification):
+    """3x3 convs of ``features`` channels at the family's strides, ReLU, GAP, linear."""
+
+    features: tuple[int, ...] = (32, 32, 32)
+    strides: ClassVar[tuple[int, ...]] = (2, 2, 1)
+
+    def _check_options(self) -> None:
+        features = _positive_ints(self.name, "features", self.features)
+        if len(features) != len(self.strides):
+            raise ValueError(
+                f"{self.name}: features must list {len(self.strides)} layers (strides "
+                f"{self.strides}), got {features}"
+            )
+        object.__setattr__(self, "features", features)
+
+    def module(self, num_classes: int) -> nn.Module:
+        return models.ConvGAP(self.features, self.strides, num_classes)
+
+    def spatial_sizes(self, size: int) -> list[int]:
+        return models.ConvGAP.spatial_sizes(size, strides=self.strides)
+
+
+@dataclasses.dataclass(frozen=True)
+class Conv6MNIST(ConvGAPClassification):
+    """Six 3x3 convs of 32 channels, strides 2, 1, 2, 1, 1, 1 (Metz et al. 2019)."""
+
+    features: tuple[int, ...] = (32,) * 6
+    name: ClassVar[str] = "conv6_mnist"
+    strides: ClassVar[tuple[int, ...]] = (2, 1, 2, 1, 1, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class MetzConv(ConvGAPClassification):
+    """Three 3x3 convs of 32 (strides 2, 2, 1) on a random ``classes_per_task``-class subset.
+
+    Metz et al. 2019 train on 10-class subsets of ImageNet 32x32 (``dataset=
+    "imagenet_resized/32x32"``). Spec: ``{"seed", "classes": int32 [classes_per_task]}``; the
+    task's label of an example of class ``classes[i]`` is ``i``. Batches are class-balanced.
+    ``heldout_classes`` are never sampled for training tasks; ``heldout=True`` samples only
+    from them, giving held-out tasks.
+    """
+
+    classes_per_task: int = 10
+    heldout_classes: tuple[int, ...] = ()
+    heldout: bool = False
+    name: ClassVar[str] = "metz_conv"
+    paper_size: ClassVar[int] = 32
+
+    def _check_options(self) -> None:
+        super()._check_options()
+        object.__setattr__(self, "heldout_classes", tuple(int(c) for c in self.heldout_classes))
+        if self.permute_classes:
+            raise ValueError(
+                f"{self.name}: permute_classes does not apply; each task's class subset is drawn "
+                "in random order already"
+            )
+        n, held = self.num_classes, self.heldout_classes
+        bad = sorted(c for c in held if not 0 <= c < n)
+        if bad or len(set(held)) != len(held):
+            raise ValueError(
+                f"{self.name}: heldout_classes must be distinct ids in 0..{n - 1} (dataset "
+                f"{self.dataset!r} has {n} classes), got {held}"
+            )
+        pool = self.class_pool
+        if not 1 <= self.classes_per_task <= len(pool):
+            which = "held-out" if self.heldout else "training (non-held-out)"
+            raise ValueError(
+                f"{self.name}: classes_per_task={self.classes_per_task} but dataset "
+                f"{self.dataset!r} has {len(pool)} {which} classes to draw from"
+            )
+        index = data_lib.class_index(self.data)
+        for split, arrays in index.items():
+            empty = [int(c) for c in pool if int(arrays["count"][c]) == 0]
+            if empty:
+                raise ValueError(
+                    f"{self.name}: dataset {self.dataset!r} has no {split} examples of classes "
+                    f"{empty}; exclude them with classes=... or heldout_classes=..."
+                )
+
+    @property
+    def class_pool(self) -> np.ndarray:
+        """The class ids this family's tasks draw their subsets from."""
+        held = set(self.heldout_classes)
+        ids = range(self.num_classes)
+        return np.asarray([c for c in ids if (c in held) == self.heldout], np.int32)
+
+    @property
+    def num_outputs(self) -> int:
+        return self.classes_per_task
+
+    @property
+    def arrays(self) -> dict:
+        if self.bound_arrays is not None:
+            return self.bound_arrays
+        index = data_lib.class_index(self.data)
+        return {s: {**a, **index[s]} for s, a in self.data.splits.items()}
+
+    def sample(self, key: jax.Array) -> dict:
+        k_seed, k_classes = jax.random.split(key)
+        pool = jnp.asarray(self.class_pool)
+        classes = jax.random.choice(k_classes, pool, (self.classes_per_task,), replace=False)
+        seed = jax.random.randint(k_seed, (), 0, jnp.iinfo(jnp.int32).max)
+        return {"seed": seed, "classes": classes.astype(jnp.int32)}
+
+    def _targets(self, spec: dict, label: jax.Array) -> tuple[jax.Array, jax.Array]:
+        match = label[:, None] == spec["classes"][None, :]
+        return jnp.argmax(match, axis=-1), match.any(axis=-1).astype(jnp.float32)
+
+    def batch(self, spec: dict, key: jax.Array, split: str) -> dict:
+        check_split(split)
+        arrays = self.arrays[split]
+        k_class, k_example = jax.random.split(key)
+        slot = jax.random.randint(k_class, (self.batch_size,), 0, self.classes_per_task)
+        cls = spec["classes"][slot]
+        row = jax.random.randint(k_example, (self.batch_size,), 0, arrays["count"][cls])
+        idx = arrays["by_class"][cls, row]
+        return {"image": arrays["image"][idx], "label": arrays["label"][idx]}
+
+
+# ----------------------------------------------------------------------------------------------
+# ResNet-18 (ELO).
+
+
+@dataclasses.dataclass(frozen=True)
+class ResNet18Classification(ImageClassification):
+    """CIFAR-style ResNet-18 on 32x32x3 inputs (``tasks.models.ResNet18``).
+
+    ``width_multiplier`` scales all widths (1/16 gives 4..32 channels for small runs). ``norm``:
+    ``"batch"`` (batch statistics, stateless), ``"layer"`` or ``"none"``. The network halves the
+    resolution three times, and needs a final feature map of at least 2x2, so inputs of at
+    least 16x16.
+    """
+
+    width_multiplier: float = 1.0
+    norm: str = "batch"
+    resize: int | tuple[int, int] | None = 32
+    channels: int | None = 3
+    name: ClassVar[str] = "resnet18"
+    min_final_size: ClassVar[int] = 2
+    paper_size: ClassVar[int] = 32
+
+    def _check_options(self) -> None:
+        if not self.width_multiplier > 0:
+            raise ValueError(
+                f"{self.name}: width_multiplier must be > 0, got {self.width_multiplier!r}"
+            )
+        if self.norm not in models.NORMS:
+            raise ValueError(f"{self.name}: norm must be one of {models.NORMS}, got {self.norm!r}")
+
+    def module(self, num_classes: int) -> nn.Module:
+        return models.ResNet18(num_classes, self.width_multiplier, self.norm)
+
+    def spatial_sizes(self, size: int) -> list[int]:
+        return models.ResNet18.spatial_sizes(size)
+
+
+# Registered in DESIGN.md's order (gpt2_mini, in tasks/text.py, comes after these).
+tasks.register("mlp_orig")(MLPOrig)
+tasks.register("mlp_relu")(MLPRelu)
+tasks.register("mlp_deeper")(MLPDeeper)
+tasks.register("conv_mnist")(ConvMNIST)
+tasks.register("conv_cifar")(ConvCIFAR)
+tasks.register("metz_conv")(MetzConv)
+tasks.register("mlp_d3_w128")(MLPD3W128)
+tasks.register("resnet18")(ResNet18Classification)
+tasks.register("conv6_mnist")(Conv6MNIST)
