@@ -23,5 +23,10 @@ from estimators import pes as _pes  # noqa: E402,F401
 from estimators import es as _es  # noqa: E402,F401
 from estimators import merged as _merged  # noqa: E402,F401
 from estimators import full_es as _full_es  # noqa: E402,F401
+from estimators import replay  # noqa: E402,F401  (ELO replay buffer, an Unroller option)
+from estimators import imitation  # noqa: E402,F401  (imitation, self-improving, behaviour cloning)
 
-__all__ = ["Estimator", "MetaLoss", "Unroller", "get", "names", "register", "schedules"]
+__all__ = [
+    "Estimator", "MetaLoss", "Unroller", "get", "imitation", "names", "register", "replay",
+    "schedules",
+]

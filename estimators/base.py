@@ -112,6 +112,14 @@ def keep_positive(tree: Any) -> Any:
     return jax.tree.map(lambda x: jnp.repeat(x[0::2], 2, axis=0), tree)
 
 
+def keep_positive_unroll(unroll: Any) -> Any:
+    """:func:`keep_positive` for an ``UnrollState``: the particles and, with the replay
+    buffer, the buffers (so partners restore the same entry)."""
+    return unroll._replace(
+        particles=keep_positive(unroll.particles), replay=keep_positive(unroll.replay)
+    )
+
+
 def per_device(unroller: Unroller, tree: Any) -> Any:
     """Mark replicated meta-params as varying across devices before differentiating.
 

@@ -23,7 +23,7 @@ import estimators
 from estimators.base import (
     ESOptions,
     antithetic_params,
-    keep_positive,
+    keep_positive_unroll,
     num_pairs,
     pair_keys,
     sample_perturbation,
@@ -62,7 +62,7 @@ class TruncatedES(ESOptions):
         loss = out.step_mean()
         pos, neg = split_signs(loss)
         grad = weighted_sum(self.es_coefficients(pos - neg), eps)
-        unroll = unroll._replace(particles=keep_positive(unroll.particles))
+        unroll = keep_positive_unroll(unroll)
         metrics = {
             "meta_loss": loss.mean(),
             "inner_loss": out.step_mean(out.raw_losses).mean(),

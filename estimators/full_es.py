@@ -59,6 +59,9 @@ class FullES(ESOptions):
     def init(self, unroller: Unroller, key: jax.Array, meta_params: MetaParams) -> FullESState:
         del key, meta_params
         num_pairs(unroller, "full_es")
+        if unroller.replay is not None:
+            raise ValueError("full_es runs complete fresh trajectories and cannot use the replay "
+                             "buffer; remove unroll.replay or pick tbptt, es, pes or merged")
         return FullESState(jnp.zeros([], jnp.int32))
 
     def _particle_losses(self, unroller, final, out, keys):

@@ -90,22 +90,22 @@ class Merged(ESOptions):
         n = num_pairs(unroller, "merged")
         k_eps, k_unroll = jax.random.split(key)
         eps = sample_perturbation(unroller, k_eps, meta_params, self.std)
-        pairs = to_pairs(state.unroll.particles)  # [N, 2, ...]
+        pairs = to_pairs((state.unroll.particles, state.unroll.replay))  # [N, 2, ...]
         keys = pair_keys(unroller, k_unroll)[0::2]
         outer_step = state.unroll.outer_step
 
-        def pair_loss(theta, e, particles, k):
+        def pair_loss(theta, e, pair, k):
             thetas = jax.tree.map(lambda t, x: jnp.stack([t + x, t - x]), theta, e)
             new, out = unroller.unroll(
                 thetas,
-                UnrollState(particles, outer_step),
+                UnrollState(pair[0], outer_step, pair[1]),
                 jnp.stack([k, k]),
                 per_particle_meta_params=True,
                 checkpoint=self.checkpoint,
                 stop_inner_grad=self.first_order,
             )
             loss = out.step_mean()  # [2]: L+, L-
-            return loss.mean(), (new.particles, loss, out)
+            return loss.mean(), ((new.particles, new.replay), loss, out)
 
         grad_fn = jax.vmap(jax.grad(pair_loss, has_aux=True), in_axes=(None, 0, 0, 0))
         g_rp, (particles, losses, out) = grad_fn(per_device(unroller, meta_params), eps, pairs, keys)
@@ -117,7 +117,8 @@ class Merged(ESOptions):
         w_es = [m[1] for m in jax.tree.leaves(merged, is_leaf=lambda x: isinstance(x, tuple))]
         es_share = jnp.concatenate([w.ravel() for w in w_es]).mean()
 
-        unroll = UnrollState(keep_positive(from_pairs(particles)), outer_step + 1)
+        particles, replay = keep_positive(from_pairs(particles))
+        unroll = UnrollState(particles, outer_step + 1, replay)
         metrics = {
             "meta_loss": losses.mean(),
             "inner_loss": out.step_mean(out.raw_losses).mean(),

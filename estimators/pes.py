@@ -12,6 +12,23 @@ xi_i + eps_i for its steps up to the reset, while the new trajectory after the r
 credited with eps_i alone (its state owes nothing to earlier perturbations). After the
 truncation xi_i becomes xi_i + eps_i, or eps_i if the pair reset mid-truncation, or 0 if it
 reset at the truncation's last step (a fresh state has seen no perturbation).
+
+With the ELO replay buffer (``Unroller.replay``) a reset may restore a stored state instead of
+a fresh one. That state was shaped by the perturbations of the trajectory that pushed it, so
+PES keeps, aligned with the buffer's slots, each entry's perturbation sum S (the pair's sum
+at the push: xi_i + eps_i of that truncation, or whatever base the pushed trajectory had).
+Every step is credited with (base + eps_i), where the base of a trajectory segment is xi_i
+for the segment carried into the truncation, S_slot for a segment restored from ``slot``,
+and 0 for a fresh one; the gradient is
+
+    g = sum_i c(sum_t d_it) eps_i + c(sum_{t carried} d_it) xi_i
+        + sum_slot c(sum_{t restored from slot} d_it) S_i,slot ,
+
+with d_it the per-step loss differences and c(.) the ES coefficient (``es_coefficients``,
+the clip/sign options applied per part). After the truncation xi_i is the base of the final
+state (+ eps_i if it took a step of this truncation) and the pushed entry's S is computed the
+same way at the push step. Restored states owe their dependence on the meta-params to
+earlier meta-params, the same approximation PES makes for every carried state.
 """
 
 from __future__ import annotations
@@ -39,6 +56,7 @@ from lopt.base import MetaParams
 class PESState(NamedTuple):
     unroll: UnrollState  # 2N interleaved particles: 2i positive, 2i + 1 negative
     accum: MetaParams  # [N, ...] perturbation sums xi_i
+    replay_sums: MetaParams | None = None  # [N, M, ...] sums S of the replay buffer's entries
 
 
 @estimators.register("pes")
@@ -50,7 +68,11 @@ class PES(ESOptions):
         n = num_pairs(unroller, "pes")
         unroll = unroller.init(meta_params, pair_keys(unroller, key))
         accum = jax.tree.map(lambda x: jnp.zeros((n,) + jnp.shape(x), jnp.float32), meta_params)
-        return PESState(unroll, accum)
+        sums = None
+        if unroller.replay is not None:
+            m = unroller.replay.capacity
+            sums = jax.tree.map(lambda x: jnp.zeros((n, m) + jnp.shape(x), jnp.float32), meta_params)
+        return PESState(unroll, accum, sums)
 
     def grad(
         self, unroller: Unroller, meta_params: MetaParams, state: PESState, key: jax.Array
@@ -82,11 +104,55 @@ class PES(ESOptions):
             fresh = jnp.where(reset_at_end.reshape(shape), 0.0, e)
             return jnp.where(any_done.reshape(shape), fresh, acc + e)
 
-        accum = jax.tree.map(new_sum, state.accum, eps)
+        if unroller.replay is None:
+            accum, sums = jax.tree.map(new_sum, state.accum, eps), None
+        else:
+            g_replay, accum, sums = self._replay_terms(unroller, out, diff, done, eps, state)
+            grad = jax.tree.map(lambda a, b: a + b, grad, g_replay)
         metrics = {
             "meta_loss": out.step_mean().mean(),
             "inner_loss": out.step_mean(out.raw_losses).mean(),
             "inner_steps": out.mask.sum(),
             "trajectories_done": done.sum(),
         }
-        return grad, PESState(unroll, accum), metrics
+        return grad, PESState(unroll, accum, sums), metrics
+
+    def _replay_terms(self, unroller, out, diff, done, eps, state):
+        """Replay-buffer bookkeeping (module docstring): the restored segments' gradient
+        term, the new sums xi_i, and the buffer's sums with this truncation's push written."""
+        n, t_len = done.shape
+        m = unroller.replay.capacity
+        restored = split_signs(out.restored)[0]  # [N, T] slot restored by step t's reset, or -1
+        steps = jnp.arange(t_len)
+        latest = jax.lax.cummax(jnp.where(done, steps, -1), axis=1)  # last reset at or before t
+        prev = jnp.concatenate([jnp.full((n, 1), -1), latest[:, :-1]], axis=1)  # strictly before
+        prev_slot = jnp.take_along_axis(restored, jnp.maximum(prev, 0), axis=1)
+        src = jnp.where(prev >= 0, prev_slot, -1)  # step t's segment restored from src (or -1)
+        onehot = (src[..., None] == jnp.arange(m)).astype(diff.dtype)  # [N, T, M]
+        coef = self.es_coefficients((onehot * diff[..., None]).sum(axis=1))  # [N, M]
+        g_replay = jax.tree.map(
+            lambda s: jnp.tensordot(coef, s, axes=([0, 1], [0, 1])), state.replay_sums
+        )
+        rows = jnp.arange(n)
+
+        def sum_after(t):
+            """Perturbation sum of the state after step t[i] of pair i."""
+            d = done[rows, t]
+            slot = jnp.where(d, restored[rows, t], src[rows, t])
+            carried = ~d & (prev[rows, t] < 0)
+
+            def leaf(acc, s, e):
+                shape = (n,) + (1,) * (acc.ndim - 1)
+                stored = s[rows, jnp.maximum(slot, 0)]
+                base = jnp.where(carried.reshape(shape), acc,
+                                 jnp.where((slot >= 0).reshape(shape), stored, 0.0))
+                return base + jnp.where(d.reshape(shape), 0.0, e)
+
+            return jax.tree.map(leaf, state.accum, state.replay_sums, eps)
+
+        last_ran = jnp.argmax(jnp.cumsum(split_signs(out.mask)[0], axis=1), axis=1)
+        accum = sum_after(last_ran)
+        pushed = sum_after(split_signs(out.push_index)[0])
+        slot = split_signs(out.push_slot)[0]
+        sums = jax.tree.map(lambda s, p: s.at[rows, slot].set(p), state.replay_sums, pushed)
+        return g_replay, accum, sums

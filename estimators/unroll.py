@@ -13,6 +13,16 @@ validation batch after the update (``split="valid"``, the Metz et al. 2019 optio
 is divided by the trajectory's first term (``normalize="initial"``) so tasks of different loss
 scales weigh alike, and clipped at ``clip`` so a diverging inner run cannot dominate the
 meta-gradient (Metz et al. 2019 Sec. 4 use a similar clip; non-finite terms become ``clip``).
+
+Optional components, each off unless given (see their modules):
+  * ``replay`` (:class:`estimators.replay.ReplayBuffer`): the ELO replay buffer; a reset may
+    restore a stored optimizee state instead of starting fresh, and each truncation enqueues
+    one state. The buffer rides in ``UnrollState.replay`` (one ring buffer per particle).
+  * ``behaviour_cloning`` (:class:`estimators.imitation.BehaviourCloning`): the ELO fused
+    Adam/LO trajectory and fused meta-loss term.
+  * ``self_improving`` (:class:`estimators.imitation.SelfImproving`): each inner step takes the
+    update of an optimizer drawn from {learned, teachers}.
+The teachers' optimizer states of the last two ride in ``ParticleState.aux``.
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from estimators.replay import PUSH_SALT, RESTORE_SALT
 from estimators.schedules import Schedule, power_of_two_buckets
 from lopt.base import LearnedOptimizer, MetaParams
 from tasks.base import TaskFamily
@@ -39,11 +50,13 @@ class ParticleState(NamedTuple):
     step: jax.Array  # int32: inner steps taken in this trajectory
     length: jax.Array  # int32: this trajectory's horizon
     init_loss: jax.Array  # float32: first meta-loss term, the normaliser
+    aux: Any = None  # teacher optimizer state(s): behaviour cloning / self-improving mixing
 
 
 class UnrollState(NamedTuple):
     particles: ParticleState
     outer_step: jax.Array  # int32: truncations unrolled so far (drives the horizon schedule)
+    replay: Any = None  # ReplayState batched over particles (leading axis P), or None
 
 
 class UnrollOutput(NamedTuple):
@@ -51,6 +64,10 @@ class UnrollOutput(NamedTuple):
     raw_losses: jax.Array  # [P, T] training-batch losses before normalisation
     done: jax.Array  # [P, T] bool: the trajectory ended at this step (state after it is fresh)
     mask: jax.Array  # [P, T] bool: the step ran (False only past a scheduled truncation length)
+    # With a replay buffer (else None):
+    restored: jax.Array | None = None  # [P, T] int32: slot restored by this step's reset, or -1
+    push_index: jax.Array | None = None  # [P] int32: the state after this step was enqueued
+    push_slot: jax.Array | None = None  # [P] int32: the buffer slot that push wrote
 
     def step_mean(self, x: jax.Array | None = None) -> jax.Array:
         """Mean of ``x`` (default: the meta-loss terms) over the steps that ran, per particle."""
@@ -83,7 +100,14 @@ class MetaLoss:
     def term(self, loss: jax.Array, init_loss: jax.Array) -> jax.Array:
         if self.normalize == "initial":
             loss = loss / jnp.maximum(init_loss, 1e-8)
-        return jnp.where(jnp.isfinite(loss), jnp.minimum(loss, self.clip), self.clip)
+        return self.bound(loss)
+
+    def bound(self, x: jax.Array) -> jax.Array:
+        """Clip at ``clip``; non-finite values become ``clip``."""
+        return jnp.where(jnp.isfinite(x), jnp.minimum(x, self.clip), self.clip)
+
+
+_MIX_SALT = 0x313C  # self-improving draws (estimators.imitation.MIX_SALT)
 
 
 def _tree_where(cond: jax.Array, a: Any, b: Any) -> Any:
@@ -130,12 +154,36 @@ class Unroller:
     # num_particles is then the per-device count and estimators key randomness by global index.
     shard_axis: str | None = None
     num_shards: int = 1
+    # Training techniques (module docstring); None switches each off.
+    replay: Any = None  # estimators.replay.ReplayBuffer
+    behaviour_cloning: Any = None  # estimators.imitation.BehaviourCloning
+    self_improving: Any = None  # estimators.imitation.SelfImproving
 
     def __post_init__(self):
         if self.num_particles < 1:
             raise ValueError(f"num_particles must be >= 1, got {self.num_particles}")
         if self.trunc_length < 1:
             raise ValueError(f"trunc_length must be >= 1, got {self.trunc_length}")
+        if self.behaviour_cloning is not None and self.self_improving is not None:
+            raise ValueError(
+                "behaviour_cloning and self_improving both choose the inner update; enable one"
+            )
+
+    def vary(self, tree: Any) -> Any:
+        """Mark values created inside ``shard_map`` (zeros, constants) as varying over the
+        particle axis, so a ``lax.scan`` carry has the same type in and out."""
+        if self.shard_axis is None:
+            return tree
+
+        def one(x):
+            aval = jax.typeof(x)
+            mat = getattr(aval, "mat", None)
+            varying = mat.varying if mat is not None else getattr(aval, "vma", frozenset())
+            if self.shard_axis in varying:
+                return x
+            return jax.lax.pcast(x, self.shard_axis, to="varying")
+
+        return jax.tree.map(one, tree)
 
     @property
     def buckets(self) -> tuple[int, ...]:
@@ -161,6 +209,11 @@ class Unroller:
         spec = self.task_family.sample(k_spec)
         params = self.task_family.init(spec, k_init)
         opt_state = self.learned_opt.optimizer(meta_params).init(params)
+        aux = None
+        if self.behaviour_cloning is not None:
+            aux = self.behaviour_cloning.init(params)
+        elif self.self_improving is not None:
+            aux = self.self_improving.init(params)
         return ParticleState(
             spec=spec,
             params=params,
@@ -168,6 +221,7 @@ class Unroller:
             step=jnp.zeros([], jnp.int32),
             length=jnp.maximum(self.horizon(k_len, outer_step), 1),
             init_loss=jnp.ones([], jnp.float32),
+            aux=aux,
         )
 
     def inner_step(
@@ -179,11 +233,15 @@ class Unroller:
         *,
         stop_inner_grad: bool = False,
         reset: bool = True,
-    ) -> tuple[ParticleState, tuple[jax.Array, jax.Array, jax.Array]]:
+        replay_state: Any = None,
+    ) -> tuple[ParticleState, tuple[jax.Array, jax.Array, jax.Array, jax.Array]]:
         """One inner training step of one particle, resetting it if its trajectory ends.
 
+        Returns the new state and (meta-loss term, training loss, done, restored slot or -1).
         ``stop_inner_grad`` cuts the meta-gradient path through the optimizee's gradient (the
-        first-order approximation of Andrychowicz et al. 2016, Sec. 2.1)."""
+        first-order approximation of Andrychowicz et al. 2016, Sec. 2.1). With the replay
+        buffer's ``replay_state`` (this particle's, read-only), a reset restores a stored entry
+        when the buffer's draw says so (``ReplayBuffer.draw``)."""
         task = self.task_family
         k_batch, k_valid, k_reset = jax.random.split(key, 3)
         batch = task.batch(ps.spec, k_batch, "train")
@@ -194,6 +252,15 @@ class Unroller:
             grads = jax.lax.stop_gradient(grads)
         opt = self.learned_opt.optimizer(meta_params)
         updates, opt_state = opt.update(grads, ps.opt_state, ps.params, loss=loss)
+        aux, bc = ps.aux, self.behaviour_cloning
+        if bc is not None:  # ELO: theta_n + (1 - a) u_teacher + a u_LO, both from theta_n
+            alpha = bc.alpha(outer_step)
+            updates, aux, bc_dist = bc.fuse(grads, ps.params, loss, updates, aux, alpha)
+        elif self.self_improving is not None:
+            mix_key = jax.random.fold_in(key, _MIX_SALT)
+            updates, aux = self.self_improving.mix(
+                grads, ps.params, loss, updates, aux, outer_step, mix_key
+            )
         params = optax.apply_updates(ps.params, updates)
         if self.meta_loss.split == "valid":
             valid_batch = task.batch(ps.spec, k_valid, "valid")
@@ -202,18 +269,28 @@ class Unroller:
             term_loss = loss
         init_loss = jnp.where(ps.step == 0, term_loss, ps.init_loss).astype(ps.init_loss.dtype)
         term = self.meta_loss.term(term_loss, init_loss)
+        if bc is not None:
+            term = bc.fused_term(self.meta_loss.bound(bc_dist), term, alpha)
         step = ps.step + 1
         done = step >= ps.length
-        advanced = ParticleState(ps.spec, params, opt_state, step, ps.length, init_loss)
+        advanced = ParticleState(ps.spec, params, opt_state, step, ps.length, init_loss, aux)
+        restored = jnp.asarray(-1, jnp.int32)
         if not reset:
-            return advanced, (term, loss, done)
+            return advanced, (term, loss, done, restored)
         fresh = self.fresh_particle(meta_params, k_reset, outer_step)
-        return _tree_where(done, fresh, advanced), (term, loss, done)
+        if replay_state is not None:
+            restore, slot = self.replay.draw(
+                replay_state, jax.random.fold_in(key, RESTORE_SALT), outer_step
+            )
+            fresh = _tree_where(restore, self.replay.lookup(replay_state, slot), fresh)
+            restored = jnp.where(done & restore, slot, -1).astype(jnp.int32)
+        return _tree_where(done, fresh, advanced), (term, loss, done, restored)
 
     # -- batches of particles -----------------------------------------------------------------
 
     def init(self, meta_params: MetaParams, keys: jax.Array) -> UnrollState:
-        """Fresh particles, one per key (``keys``: [P, 2]); pass equal keys for antithetic pairs."""
+        """Fresh particles, one per key (``keys``: [P, 2]); pass equal keys for antithetic pairs.
+        With a replay buffer, each particle also gets an empty buffer."""
         outer_step = jnp.zeros([], jnp.int32)
 
         def one(key):
@@ -225,7 +302,11 @@ class Unroller:
                 ps = ps._replace(length=jnp.clip(length, 1, ps.length))
             return ps
 
-        return UnrollState(jax.vmap(one)(keys), outer_step)
+        particles = jax.vmap(one)(keys)
+        replay = None
+        if self.replay is not None:
+            replay = jax.vmap(self.replay.init)(particles)
+        return UnrollState(particles, outer_step, replay)
 
     def unroll(
         self,
@@ -251,41 +332,68 @@ class Unroller:
         """
         outer_step = state.outer_step
         n_steps = self.truncation_length(outer_step)
+        use_replay = self.replay is not None
+        if use_replay and state.replay is None:
+            raise ValueError("the Unroller has a replay buffer but the UnrollState has none; "
+                             "build the state with this Unroller's init")
+        # Replay: each particle enqueues the state after step push_index (partners: same key).
+        push_index = jax.vmap(
+            lambda k: self.replay.push_index(jax.random.fold_in(k, PUSH_SALT), n_steps)
+        )(keys) if use_replay else None
 
         def run(bucket: int):
-            def go(theta, particles, keys):
+            def go(theta, particles, keys, replay):
                 step_keys = jax.vmap(lambda k: jax.random.split(k, bucket))(keys)  # [P,B,2]
 
-                def one_particle(th, ps, ks):
+                def one_particle(th, ps, ks, rb, push_at):
                     def body(carry, xs):
+                        cur, pushed = carry
                         k, t = xs
-                        new, (term, loss, done) = self.inner_step(
-                            th, carry, k, outer_step, stop_inner_grad=stop_inner_grad
+                        new, (term, loss, done, restored) = self.inner_step(
+                            th, cur, k, outer_step, stop_inner_grad=stop_inner_grad,
+                            replay_state=rb,
                         )
                         ran = t < n_steps
-                        new = _tree_where(ran, new, carry)
-                        return new, (term, loss, done & ran, ran)
+                        new = _tree_where(ran, new, cur)
+                        if use_replay:
+                            pushed = _tree_where(t == push_at, new, pushed)
+                        restored = jnp.where(done & ran, restored, -1)
+                        return (new, pushed), (term, loss, done & ran, ran, restored)
 
                     scan = checkpointed_scan if checkpoint else _plain_scan
-                    return scan(body, ps, (ks, jnp.arange(bucket)), bucket)
+                    carry = (ps, ps if use_replay else None)
+                    return scan(body, carry, (ks, jnp.arange(bucket)), bucket)
 
-                in_axes = (0 if per_particle_meta_params else None, 0, 0)
-                out_particles, ys = jax.vmap(one_particle, in_axes=in_axes)(theta, particles, step_keys)
+                in_axes = (0 if per_particle_meta_params else None, 0, 0, 0, 0)
+                (out_particles, pushed), ys = jax.vmap(one_particle, in_axes=in_axes)(
+                    theta, particles, step_keys, replay, push_index
+                )
                 pad = self.trunc_length - bucket
-                ys = jax.tree.map(lambda y: jnp.pad(y, ((0, 0), (0, pad))), ys)
-                return out_particles, ys
+                ys = tuple(
+                    jnp.pad(y, ((0, 0), (0, pad)), constant_values=-1 if i == 4 else 0)
+                    for i, y in enumerate(ys)
+                )
+                return out_particles, pushed, ys
 
             return go
 
         buckets = self.buckets
+        args = (meta_params, state.particles, keys, state.replay)
         if len(buckets) == 1:
-            particles, ys = run(buckets[0])(meta_params, state.particles, keys)
+            particles, pushed, ys = run(buckets[0])(*args)
         else:
             index = jnp.searchsorted(jnp.asarray(buckets), n_steps)
             branches = [run(b) for b in buckets]
-            particles, ys = jax.lax.switch(index, branches, meta_params, state.particles, keys)
-        terms, losses, done, mask = ys
-        return UnrollState(particles, outer_step + 1), UnrollOutput(terms, losses, done, mask)
+            particles, pushed, ys = jax.lax.switch(index, branches, *args)
+        terms, losses, done, mask, restored = ys
+        replay, extra = state.replay, {}
+        if use_replay:
+            extra = dict(restored=restored, push_index=push_index, push_slot=state.replay.head)
+            replay = jax.vmap(self.replay.push)(state.replay, pushed)
+        return (
+            UnrollState(particles, outer_step + 1, replay),
+            UnrollOutput(terms, losses, done, mask, **extra),
+        )
 
     def trajectory(
         self,
@@ -304,11 +412,11 @@ class Unroller:
 
         def one_particle(theta, key):
             k_init, k_steps = jax.random.split(key)
-            ps = self.fresh_particle(theta, k_init, outer_step)._replace(length=length)
+            ps = self.vary(self.fresh_particle(theta, k_init, outer_step)._replace(length=length))
 
             def body(carry, xs):
                 k, t = xs
-                new, (term, loss, done) = self.inner_step(theta, carry, k, outer_step, reset=False)
+                new, (term, loss, done, _) = self.inner_step(theta, carry, k, outer_step, reset=False)
                 ran = t < length
                 return _tree_where(ran, new, carry), (term, loss, done & ran, ran)
 

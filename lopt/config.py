@@ -15,6 +15,11 @@ rest of its keys as that component's options:
                      meta_loss: {split, normalize, clip},
                      trunc_schedule: None or {name: "log_uniform", low: 5, high: 50}}
                      (with a trunc_schedule, trunc_length is the largest truncation)
+    curriculum:     optional {enabled: True, stages: (100, 200, 500, 1000), period: 100,
+                     min_periods: 2, max_periods: None, valid_seeds: 8,
+                     valid_metric: "final_train_loss", restart_from_best: True}
+                     -> lopt.curriculum.Curriculum (Chen et al. 2020, Algorithm 1); while it is
+                     enabled, each stage's length replaces unroll.horizon (see lopt.outer.train)
 
 ``build`` checks every key before constructing anything, so a typo fails at once with a
 message naming the key, long before the first compile.
@@ -46,8 +51,15 @@ TOP_LEVEL = {
     "unroll": dict,
 }
 # Optional top-level keys and their defaults.
-OPTIONAL = {"num_devices": 0}  # devices to shard particles over (0: all visible, all hosts)
-UNROLL_KEYS = {"num_particles", "trunc_length", "horizon", "meta_loss", "stagger", "trunc_schedule"}
+OPTIONAL = {
+    "num_devices": 0,  # devices to shard particles over (0: all visible, all hosts)
+    "curriculum": None,  # lopt.curriculum.Curriculum options plus `enabled` (see curriculum())
+    "imitation": None,  # estimators.imitation.Imitation options plus `enabled` (Chen et al. 2020)
+}
+UNROLL_KEYS = {
+    "num_particles", "trunc_length", "horizon", "meta_loss", "stagger", "trunc_schedule",
+    "replay", "behaviour_cloning", "self_improving",
+}
 
 
 def _as_dict(section: Any, where: str) -> dict:
@@ -106,6 +118,28 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for key in ("num_outer_steps", "log_every", "checkpoint_every"):
         if int(config[key]) < 1:
             raise ConfigError(f"config.{key} must be >= 1, got {config[key]}")
+    curriculum(config)
+
+
+def curriculum(config: ml_collections.ConfigDict):
+    """The ``lopt.curriculum.Curriculum`` of ``config.curriculum``, or None when the section is
+    absent, None, or has ``enabled=False``."""
+    from lopt.curriculum import Curriculum
+
+    section = config.get("curriculum")
+    if section is None:
+        return None
+    options = _as_dict(section, "curriculum")
+    enabled = options.pop("enabled", True)
+    if not isinstance(enabled, bool):
+        raise ConfigError(f"config.curriculum.enabled must be True or False, got {enabled!r}")
+    check_kwargs("config.curriculum", Curriculum, options)
+    try:
+        built = Curriculum(**options)
+    except (TypeError, ValueError) as e:
+        message = str(e) if str(e).startswith("curriculum:") else f"curriculum: {e}"
+        raise ConfigError(f"config.{message}") from None
+    return built if enabled else None
 
 
 def build(config: ml_collections.ConfigDict, mesh=None):
@@ -123,10 +157,27 @@ def build(config: ml_collections.ConfigDict, mesh=None):
         meta_loss = MetaLoss(**meta_loss_opts)
     except (ConfigError, ValueError) as e:
         raise ConfigError(str(e)) from None
+    from estimators import imitation as imitation_lib
+    from estimators import replay as replay_lib
+
+    estimator = imitation_lib.wrap_estimator(
+        _component(estimators.get, config.estimator, "estimator"), config.get("imitation")
+    )
+    replay = replay_lib.from_config(unroll.get("replay"))
+    bc = imitation_lib.behaviour_cloning_from_config(unroll.get("behaviour_cloning"))
+    si = imitation_lib.self_improving_from_config(unroll.get("self_improving"))
+    if bc is not None and si is not None:
+        raise ConfigError(
+            "config.unroll: behaviour_cloning and self_improving both choose the inner update; "
+            "enable one"
+        )
     return MetaTrainer(
         task_family=_component(tasks.get, config.task, "task"),
         learned_opt=_component(lopt.get, config.lopt, "lopt"),
-        estimator=_component(estimators.get, config.estimator, "estimator"),
+        estimator=estimator,
+        replay=replay,
+        behaviour_cloning=bc,
+        self_improving=si,
         meta_optimizer=meta_optimizer(config.meta_optimizer),
         num_particles=int(unroll["num_particles"]),
         trunc_length=int(unroll["trunc_length"]),

@@ -4,8 +4,9 @@
 meta-gradient (task sampling, batch sampling and every particle's truncated unroll included),
 a finiteness check, and the meta-optimizer update. A non-finite meta-gradient is never
 applied: the meta-params and meta-optimizer state stay as they were and ``num_skipped`` counts
-it. ``train`` adds logging (``metrics.jsonl``, a tqdm bar), orbax checkpoints, resumption and
-the final export; see DESIGN.md for the workdir layout.
+it. ``train`` adds logging (``metrics.jsonl``, a tqdm bar), orbax checkpoints, resumption,
+the optional unroll-length curriculum (``lopt.curriculum``, Chen et al. 2020) and the final
+export; see DESIGN.md for the workdir layout.
 """
 
 from __future__ import annotations
@@ -28,10 +29,12 @@ from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from estimators.base import Estimator
+from estimators import schedules
 from estimators.schedules import Schedule
 from estimators.unroll import MetaLoss, Unroller
 from lopt import checkpoint as ckpt_lib
 from lopt import config as config_lib
+from lopt import curriculum as curriculum_lib
 from lopt import distributed
 from lopt import export as export_lib
 from lopt.base import LearnedOptimizer
@@ -72,6 +75,11 @@ class MetaTrainer:
     stagger: bool = True
     trunc_schedule: Schedule | None = None  # varying truncation lengths, bucketed (Unroller)
     mesh: Mesh | None = None
+    # Training techniques passed to the Unroller (None: off); see estimators/replay.py and
+    # estimators/imitation.py. Imitation episodes wrap the estimator (imitation.Imitation).
+    replay: Any = None  # estimators.replay.ReplayBuffer
+    behaviour_cloning: Any = None  # estimators.imitation.BehaviourCloning
+    self_improving: Any = None  # estimators.imitation.SelfImproving
 
     def __post_init__(self):
         if self.horizon is None:
@@ -116,6 +124,9 @@ class MetaTrainer:
             trunc_schedule=self.trunc_schedule,
             shard_axis=self._mesh.axis_names[0],
             num_shards=self.num_devices,
+            replay=self.replay,
+            behaviour_cloning=self.behaviour_cloning,
+            self_improving=self.self_improving,
         )
 
     def _bound_unroller(self, arrays: Any) -> Unroller:
@@ -235,8 +246,10 @@ def _to_python(metrics: dict) -> dict:
 
 
 def plot_metrics(metrics_path: str, out_path: str) -> str | None:
-    """Meta-loss against outer step (PNG); returns the path, or None if nothing was logged."""
-    rows = _read_metrics(metrics_path)
+    """Meta-loss against outer step (PNG), curriculum stage changes as dotted lines; returns the
+    path, or None if nothing was logged."""
+    all_rows = _read_metrics(metrics_path)
+    rows = [r for r in all_rows if "meta_loss" in r]  # curriculum rows carry "decision" instead
     if not rows:
         return None
     import matplotlib
@@ -246,6 +259,9 @@ def plot_metrics(metrics_path: str, out_path: str) -> str | None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([r["step"] for r in rows], [r["meta_loss"] for r in rows], lw=1)
+    for r in all_rows:
+        if r.get("decision") == "advance":
+            ax.axvline(r["step"], color="grey", ls=":", lw=1)
     ax.set_xlabel("outer step")
     ax.set_ylabel("meta-loss (normalised)")
     ax.set_title("meta-training")
@@ -257,16 +273,137 @@ def plot_metrics(metrics_path: str, out_path: str) -> str | None:
     return out_path
 
 
+def _put_like(host_tree: Any, like: Any) -> Any:
+    """``host_tree`` (numpy) as device arrays with the shardings of ``like`` (any process count)."""
+
+    def one(x, ref):
+        x = np.asarray(x, dtype=ref.dtype)
+        return jax.make_array_from_callback(x.shape, ref.sharding, lambda index: x[index])
+
+    return jax.tree.map(one, host_tree, like)
+
+
+class _CurriculumRun:
+    """``train``'s side of the curriculum (Chen et al. 2020, Algorithm 1; ``lopt.curriculum``).
+
+    Holds the controller state, the best meta-params (host numpy) and the trainer of the current
+    stage: ``base`` with ``horizon=constant(N_train)``, one compile of the outer step per stage.
+    At every ``period``-th outer step :meth:`validate` validates, decides, and on "advance"
+    switches to the next stage's trainer, restarts from the best meta-params (unless
+    ``restart_from_best=False``) and re-initialises the estimator state (particles start fresh
+    trajectories of the new length; PES sums restart), keeping the meta-optimizer state.
+    """
+
+    def __init__(self, curriculum: curriculum_lib.Curriculum, base: MetaTrainer, seed: int):
+        self.curriculum = curriculum
+        self.base = base
+        self.seed = seed
+        self.validator = curriculum_lib.Validator(base.task_family, base.learned_opt, curriculum)
+        self.state = curriculum.init()
+        self.best: Any = None  # host numpy meta-params; set by the first (baseline) validation
+        self.trainer = self._trainer(0)
+
+    @property
+    def done(self) -> bool:
+        return self.state.done
+
+    def _trainer(self, stage: int) -> MetaTrainer:
+        horizon = schedules.constant(self.curriculum.stages[stage])
+        return dataclasses.replace(self.base, horizon=horizon)
+
+    def due(self, step: int) -> bool:
+        """Whether the validation of outer step ``step`` is still to run."""
+        s = self.state
+        return not s.done and step % self.curriculum.period == 0 and s.last_step < step
+
+    # -- checkpoints: the best meta-params beside the train state, the controller in JSON -------
+
+    def pack(self, state: MetaTrainState) -> dict:
+        best = self.best if self.best is not None else distributed.to_host(state.meta_params)
+        return {"state": state, "best_meta_params": best}
+
+    def host(self) -> dict:
+        return {"curriculum": self.state.to_dict()}
+
+    def unpack(self, restored: dict, host: dict) -> MetaTrainState:
+        if "curriculum" not in host:
+            raise ValueError("this checkpoint was written without a curriculum; use a new workdir")
+        self.state = curriculum_lib.CurriculumState.from_dict(host["curriculum"])
+        self.best = distributed.to_host(restored["best_meta_params"])
+        if self.state.best_step < 0:  # saved before the first validation
+            self.best = None
+        self.trainer = self._trainer(self.state.stage)
+        return restored["state"]
+
+    # -- validation and decisions ---------------------------------------------------------------
+
+    def validate(self, state: MetaTrainState, step: int) -> tuple[MetaTrainState, list[dict]]:
+        """Validate at outer step ``step``; returns the (possibly restarted) state and the
+        decision rows for ``metrics.jsonl``."""
+        c, rows = self.curriculum, []
+        params = distributed.to_host(state.meta_params)
+        if self.state.period >= 0:  # the end of a period of training
+            self.state, d = c.update(self.state, self.validator(params, c.valid_length(self.state)), step)
+            rows.append(d.to_row())
+            if d.is_best:
+                self.best = params
+            if d.action == "advance":
+                state = self._start_stage(state)
+        while not self.state.done and self.state.period < 0:  # a stage's baseline
+            candidate = self.best if self.best is not None else params
+            self.state, d = c.update(
+                self.state, self.validator(candidate, c.valid_length(self.state)), step
+            )
+            rows.append(d.to_row())
+            if d.is_best:
+                self.best = candidate
+        return state, rows
+
+    def _start_stage(self, state: MetaTrainState) -> MetaTrainState:
+        stage = self.state.stage
+        self.trainer = self._trainer(stage)
+        fresh = self.trainer.init(jax.random.fold_in(jax.random.PRNGKey(self.seed), stage))
+        meta_params = state.meta_params
+        if self.curriculum.restart_from_best:
+            meta_params = _put_like(self.best, state.meta_params)
+        return state._replace(meta_params=meta_params, estimator_state=fresh.estimator_state)
+
+    def summary(self) -> dict:
+        s = self.state
+        return {
+            "exported": "best",
+            "best_valid_loss": s.best_loss if np.isfinite(s.best_loss) else None,
+            "best_stage": s.best_stage,
+            "best_step": s.best_step,
+            "valid_length": self.curriculum.valid_length(s),
+            "stage": s.stage,
+            "stages": list(self.curriculum.stages),
+            "stopped": s.done,
+        }
+
+
 def train(
     config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
 ) -> dict[str, Any]:
     """Meta-train as ``config`` says, in ``workdir``; resume from its latest checkpoint if any.
 
+    With an enabled ``config.curriculum`` section (``lopt.curriculum``, Chen et al. 2020,
+    Algorithm 1) each stage trains at its own constant horizon (replacing ``unroll.horizon``),
+    every ``period`` outer steps the meta-params are validated and the decision is logged in
+    ``metrics.jsonl`` (rows with ``decision``), training ends at the curriculum's "stop" (or at
+    ``num_outer_steps``), and the export holds the *best* validated meta-params, not the last.
+
     Returns a summary: final state, paths of the metrics, checkpoints, export and plot, and the
-    measured meta-training throughput (inner steps per second, compile excluded).
+    measured meta-training throughput (inner steps per second, compile and validation excluded);
+    with a curriculum also ``curriculum`` (where the best meta-params come from) and
+    ``best_meta_params``.
     """
     mesh = distributed.particle_mesh(config.get("num_devices", 0))
     trainer = config_lib.build(config, mesh=mesh)  # fails on bad keys before anything compiles
+    curriculum = config_lib.curriculum(config)
+    run = _CurriculumRun(curriculum, trainer, int(config.seed)) if curriculum else None
+    if run is not None:
+        trainer = run.trainer
     primary = distributed.is_primary()
     progress = progress and primary
     os.makedirs(workdir, exist_ok=True)
@@ -276,10 +413,23 @@ def train(
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
 
+    def save(step: int, state: MetaTrainState) -> None:
+        if checkpointer.latest_step() == step:  # e.g. rerun on a finished workdir: same state
+            return
+        if run is None:
+            checkpointer.save(step, state)
+        else:
+            checkpointer.save(step, run.pack(state), host=run.host())
+
     state = trainer.init(jax.random.PRNGKey(config.seed))
     start = checkpointer.latest_step()
     if start is not None:
-        state, _ = checkpointer.restore(start, state)
+        if run is None:
+            state, _ = checkpointer.restore(start, state)
+        else:
+            restored, host = checkpointer.restore(start, run.pack(state))
+            state = run.unpack(restored, host)
+            trainer = run.trainer
         if primary:
             _truncate_metrics(metrics_path, start)
         logging.info("resumed from checkpoint at outer step %d", start)
@@ -290,16 +440,42 @@ def train(
 
     total = int(config.num_outer_steps)
     done_rows = _read_metrics(metrics_path)
-    inner_total = done_rows[-1].get("inner_steps_total", 0) if done_rows else 0
+    inner_total = next((r["inner_steps_total"] for r in reversed(done_rows) if "inner_steps_total" in r), 0)
     bar = tqdm(total=total, initial=start, desc="meta-train", disable=not progress, dynamic_ncols=True)
     t_first = None
+    paused = 0.0  # seconds after t_first spent validating or recompiling (not meta-training)
     inner_timed = 0  # inner steps run after the first (compiling) outer step
     pending: list = []  # device scalars, summed at log time so the loop never blocks
     last_metrics: dict = {}
     step = start
+    recompiled = False  # a new stage's trainer compiles its step on the next call
+    validating = False  # inside curriculum_step: an interrupt there must not save a checkpoint
+
+    def curriculum_step(state, log):
+        """Validate and decide at ``step`` if due; returns the state to continue from."""
+        nonlocal trainer, paused, recompiled, validating
+        if run is None or not run.due(step):
+            return state
+        validating = True  # cleared by the caller once it holds the returned state
+        t0 = time.perf_counter()
+        stage = run.state.stage
+        state, rows = run.validate(state, step)
+        for r in rows:
+            log.write(json.dumps(r) + "\n")
+        log.flush()
+        if run.state.stage != stage:
+            trainer, recompiled = run.trainer, True
+        if t_first is not None:
+            paused += time.perf_counter() - t0
+        bar.set_postfix(stage=run.state.stage, best_valid=f"{run.state.best_loss:.4g}")
+        return state
+
     try:
         with open(metrics_path if primary else os.devnull, "a") as log:
-            while step < total:
+            state = curriculum_step(state, log)  # stage 0's baseline (or one missed at an interrupt)
+            validating = False
+            while step < total and not (run is not None and run.done):
+                t_step = time.perf_counter()
                 state, metrics = trainer.step(state)
                 step += 1
                 pending.append(metrics["inner_steps"])
@@ -307,7 +483,14 @@ def train(
                     jax.block_until_ready(state.meta_params)
                     t_first = time.perf_counter()
                     first_inner = int(pending[0])
-                if step % config.log_every == 0 or step == total:
+                    recompiled = False
+                elif recompiled:  # the first step of a new curriculum stage compiled too
+                    jax.block_until_ready(state.meta_params)
+                    paused += time.perf_counter() - t_step
+                    first_inner += int(pending[-1])
+                    recompiled = False
+                boundary = run is not None and step % run.curriculum.period == 0
+                if step % config.log_every == 0 or step == total or boundary:
                     new_inner = int(sum(int(x) for x in jax.device_get(pending)))
                     pending = []
                     inner_total += new_inner
@@ -316,43 +499,52 @@ def train(
                     row = {"step": step, **_to_python(metrics), "inner_steps_total": inner_total}
                     now = time.perf_counter()
                     row["wall_time"] = now - t_first
-                    row["inner_steps_per_sec"] = inner_timed / (now - t_first) if inner_timed else None
+                    busy = now - t_first - paused
+                    row["inner_steps_per_sec"] = inner_timed / busy if inner_timed and busy > 0 else None
                     log.write(json.dumps(row) + "\n")
                     log.flush()
                     last_metrics = row
                     bar.set_postfix(meta_loss=f"{row['meta_loss']:.4f}")
+                state = curriculum_step(state, log)
+                validating = False
                 bar.update(1)
-                if step % config.checkpoint_every == 0 and step < total:
-                    checkpointer.save(step, state)
+                finished = run is not None and run.done
+                if step % config.checkpoint_every == 0 and step < total and not finished:
+                    save(step, state)
     except KeyboardInterrupt:
         bar.close()
         try:  # the state is donated to each step: if the interrupt hit mid-step it is gone
-            checkpointer.save(int(state.outer_step), state)
+            if validating:  # the curriculum state and the train state may disagree
+                raise RuntimeError("interrupted during a curriculum validation")
+            save(int(state.outer_step), state)
             checkpointer.wait()
             logging.warning("interrupted at outer step %d; checkpoint saved, rerun to resume", step)
         except Exception:  # noqa: BLE001
             logging.warning("interrupted mid-step; rerun to resume from the last checkpoint")
         raise
     bar.close()
-    checkpointer.save(step, state)
+    save(step, state)
     checkpointer.wait()
     checkpointer.close()
 
     export_path = plot_path = None
     if primary:
+        metadata = {
+            "outer_step": step,
+            "task": config.task.to_dict(),
+            "estimator": config.estimator.to_dict(),
+            "final_meta_loss": last_metrics.get("meta_loss"),
+        }
+        if run is not None:
+            metadata["curriculum"] = run.summary()
         export_path = export_lib.save(
             os.path.join(workdir, "export", "optimizer.lopt"),
             trainer.learned_opt,
-            distributed.to_host(state.meta_params),
-            metadata={
-                "outer_step": step,
-                "task": config.task.to_dict(),
-                "estimator": config.estimator.to_dict(),
-                "final_meta_loss": last_metrics.get("meta_loss"),
-            },
+            run.best if run is not None else distributed.to_host(state.meta_params),
+            metadata=metadata,
         )
         plot_path = plot_metrics(metrics_path, os.path.join(workdir, "plots", "meta_loss.png"))
-    return {
+    summary = {
         "state": state,
         "workdir": os.path.abspath(workdir),
         "metrics": metrics_path,
@@ -362,3 +554,7 @@ def train(
         "last_metrics": last_metrics,
         "inner_steps_per_sec": last_metrics.get("inner_steps_per_sec"),
     }
+    if run is not None:
+        summary["curriculum"] = run.summary()
+        summary["best_meta_params"] = run.best
+    return summary

@@ -100,3 +100,24 @@ class LearnedLR:
             return jax.tree.map(lambda g: -lr * g, updates), state
 
         return optax.GradientTransformationExtraArgs(lambda p: optax.EmptyState(), update)
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherAsLearnedOptimizer:
+    """A hand-designed optax optimizer dressed as a learned optimizer with no meta-params
+    (a reference trajectory for behaviour cloning and imitation tests)."""
+
+    teacher: str = "adam"
+    learning_rate: float = 1e-3
+    name: ClassVar[str] = "teacher_as_lo"
+
+    def init(self, key):
+        return {}
+
+    def optimizer(self, meta_params):
+        from lopt import teachers
+
+        opt = teachers.get(self.teacher, learning_rate=self.learning_rate)
+        return optax.GradientTransformationExtraArgs(
+            opt.init, lambda g, s, p=None, **extra: opt.update(g, s, p)
+        )

@@ -1,0 +1,351 @@
+"""Validation-gated unroll-length curriculum (Chen et al. 2020, Algorithm 1), run on the host.
+
+T. Chen, W. Zhang, J. Zhou, S. Chang, S. Liu, L. Amini, Z. Wang, "Training Stronger Baselines
+for Learning to Optimize", NeurIPS 2020, Sec. 3.1 and Algorithm 1. Meta-training goes through
+stages of training unroll length ``N_train`` (``stages``, default 100, 200, 500, 1000). Every
+``T_period`` outer steps (``period``) the current meta-params are validated at ``N_valid``, the
+*next* stage's length (the last stage validates at its own), and the best meta-params by
+validation loss are kept. A stage lasts at least ``N_period`` periods (``min_periods``). After
+that, at each validation:
+
+* the stage has beaten its baseline (some validation of the stage was a new best) ->
+  **advance**: the next stage starts, by default from the best meta-params
+  (``restart_from_best``), and its baseline is those best meta-params re-validated at the new
+  validation length; in the last stage this ends the curriculum (**stop**, complete);
+* it has not, and its allowed periods (``max_periods``, default ``N_period``) are used up ->
+  **stop**: training ends and the best meta-params are exported;
+* otherwise **continue**.
+
+Stage 0's baseline is the initial meta-params validated before the first outer step.
+
+Two pieces, both host-side and deterministic:
+
+* :class:`Curriculum` (static options) with the pure transition
+  ``Curriculum.update(state, valid_loss, outer_step) -> (state, Decision)`` over Python floats and
+  a JSON-able :class:`CurriculumState`; ``lopt.outer.train`` saves the state in each checkpoint's
+  ``host`` dict, so a resumed run makes the same decisions.
+* :class:`Validator`: the validation loss of meta-params at a length, on held-out task instances,
+  one compiled program per length (the lengths are few).
+
+Validation loss (``valid_metric``): by default ``"final_train_loss"``, the optimizee's training
+loss at the *end* of the ``N_valid``-step run (mean of its last ``lopt.evaluation.FINAL_WINDOW``
+= 10 training-batch losses, for less batch noise), averaged over ``valid_seeds`` held-out task
+instances. This follows the final-loss validation of the L2O-DM code base (Andrychowicz et al.
+2016) on which Chen et al. build; ``"mean_train_loss"`` (the mean over all ``N_valid`` steps, the
+meta-training objective's shape) and ``"test_loss"`` (test-split loss of the final parameters)
+are the alternatives. A diverged validation (NaN/inf) counts as +inf: never a new best.
+
+Where the best meta-params live: host-side numpy copies, saved in the orbax checkpoint beside
+the train state (``{"state": MetaTrainState, "best_meta_params": ...}``), bit-exact, while the
+controller state goes into the checkpoint's JSON ``host`` dict (``lopt.outer.train``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lopt import evaluation
+from lopt.base import LearnedOptimizer, MetaParams
+from tasks.base import TaskFamily, bind_data, data_arrays
+
+__all__ = [
+    "ACTIONS",
+    "DEFAULT_STAGES",
+    "VALID_METRICS",
+    "VALID_SEED_OFFSET",
+    "Curriculum",
+    "CurriculumState",
+    "Decision",
+    "Validator",
+]
+
+#: Chen et al. 2020's training unroll lengths N_train.
+DEFAULT_STAGES: tuple[int, ...] = (100, 200, 500, 1000)
+#: What a validation can decide.
+ACTIONS = ("continue", "advance", "stop")
+VALID_METRICS = ("final_train_loss", "mean_train_loss", "test_loss")
+#: Held-out validation instance i is drawn from ``jax.random.PRNGKey(VALID_SEED_OFFSET + i)``,
+#: far from the keys meta-training derives from ``config.seed`` (and from the evaluation
+#: offset 1,000,000 of configs/ablate_estimators.py).
+VALID_SEED_OFFSET = 2_000_000
+
+
+def _as_loss(x: float) -> float:
+    """A validation loss for comparisons: NaN and +-inf (diverged) count as +inf."""
+    x = float(x)
+    return x if math.isfinite(x) else math.inf
+
+
+def _enc(x: float) -> float | str:
+    """JSON-safe float (non-finite values as strings)."""
+    return x if math.isfinite(x) else str(x)
+
+
+def _dec(x: float | str) -> float:
+    return float(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class CurriculumState:
+    """Where the curriculum stands (host-side, JSON-able via ``to_dict``/``from_dict``).
+
+    ``period`` counts the validated periods of the current stage; -1 means the stage's baseline
+    (the best meta-params validated at this stage's validation length) is still to be measured.
+    ``best_loss`` is the best validation loss *at the current validation length*.
+    """
+
+    stage: int = 0
+    period: int = -1
+    baseline: float = math.inf
+    best_loss: float = math.inf
+    improved: bool = False  # this stage has beaten its baseline
+    best_stage: int = -1  # stage and outer step the best meta-params come from
+    best_step: int = -1
+    last_step: int = -1  # outer step of the last validation (the host loop never repeats one)
+    done: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["baseline"], d["best_loss"] = _enc(self.baseline), _enc(self.best_loss)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "CurriculumState":
+        d = dict(d)
+        d["baseline"], d["best_loss"] = _dec(d["baseline"]), _dec(d["best_loss"])
+        return cls(**d)
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """What one validation decided.
+
+    ``action``: ``"continue"`` (keep training this stage), ``"advance"`` (start the next stage,
+    whose baseline is measured next) or ``"stop"`` (end meta-training, export the best).
+    ``is_best``: the meta-params just validated are the new best; the caller keeps a copy.
+    ``kind``: ``"baseline"`` (a stage's first validation, of its starting/best meta-params) or
+    ``"period"`` (after ``period`` outer steps of training).
+    """
+
+    action: str
+    kind: str
+    stage: int
+    outer_step: int
+    valid_loss: float
+    valid_length: int
+    train_length: int
+    is_best: bool
+    best_loss: float
+    reason: str
+
+    def to_row(self) -> dict[str, Any]:
+        """A ``metrics.jsonl`` row (non-finite losses as None)."""
+        fin = lambda x: x if math.isfinite(x) else None  # noqa: E731
+        return {
+            "step": self.outer_step,
+            "curriculum_stage": self.stage,
+            "train_length": self.train_length,
+            "valid_length": self.valid_length,
+            "validation": self.kind,
+            "valid_loss": fin(self.valid_loss),
+            "best_valid_loss": fin(self.best_loss),
+            "is_best": self.is_best,
+            "decision": self.action,
+            "reason": self.reason,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class Curriculum:
+    """Chen et al. 2020, Algorithm 1 (see the module docstring).
+
+    Attributes:
+      stages: training unroll lengths N_train, strictly increasing.
+      period: T_period, outer steps between validations.
+      min_periods: N_period: a stage lasts at least this many periods; after them it advances
+        as soon as it has beaten its baseline.
+      max_periods: the periods a stage is allowed to beat its baseline in; if it has not by
+        then, training stops. None: ``min_periods`` (every stage is then exactly ``min_periods``
+        periods long).
+      valid_seeds: held-out task instances per validation.
+      valid_metric: one of ``VALID_METRICS`` (module docstring).
+      valid_seed_offset: instance i is drawn from ``PRNGKey(valid_seed_offset + i)``.
+      restart_from_best: a new stage starts from the best meta-params (Algorithm 1's
+        "baseline"); False continues from the last ones. The meta-optimizer state is kept.
+    """
+
+    stages: tuple[int, ...] = DEFAULT_STAGES
+    period: int = 100
+    min_periods: int = 2
+    max_periods: int | None = None
+    valid_seeds: int = 8
+    valid_metric: str = "final_train_loss"
+    valid_seed_offset: int = VALID_SEED_OFFSET
+    restart_from_best: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "stages", tuple(int(s) for s in self.stages))
+        s = self.stages
+        if not s or min(s) < 1 or any(b <= a for a, b in zip(s, s[1:])):
+            raise ValueError(f"curriculum: stages must be positive and strictly increasing, got {s}")
+        for name in ("period", "min_periods", "valid_seeds"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"curriculum: {name} must be an int >= 1, got {v!r}")
+        if self.max_periods is not None and (
+            isinstance(self.max_periods, bool) or not isinstance(self.max_periods, int)
+            or self.max_periods < self.min_periods
+        ):
+            raise ValueError(
+                f"curriculum: max_periods must be None or an int >= min_periods "
+                f"({self.min_periods}), got {self.max_periods!r}"
+            )
+        if self.valid_metric not in VALID_METRICS:
+            raise ValueError(
+                f"curriculum: valid_metric must be one of {VALID_METRICS}, got {self.valid_metric!r}"
+            )
+
+    @property
+    def allowed_periods(self) -> int:
+        """Periods a stage may take to beat its baseline before training stops."""
+        return self.min_periods if self.max_periods is None else self.max_periods
+
+    # -- lengths --------------------------------------------------------------------------------
+
+    def train_length(self, state: CurriculumState) -> int:
+        """N_train of the current stage."""
+        return self.stages[state.stage]
+
+    def valid_length(self, state: CurriculumState) -> int:
+        """N_valid: the next stage's N_train; the last stage validates at its own."""
+        return self.stages[min(state.stage + 1, len(self.stages) - 1)]
+
+    # -- the transition -------------------------------------------------------------------------
+
+    def init(self) -> CurriculumState:
+        return CurriculumState()
+
+    def update(
+        self, state: CurriculumState, valid_loss: float, outer_step: int
+    ) -> tuple[CurriculumState, Decision]:
+        """Record one validation loss (measured at ``valid_length(state)``) and decide.
+
+        If ``state.period == -1`` this is the stage's baseline (the meta-params the stage starts
+        from); otherwise the validation after a period of training. Pure: ``state`` is unchanged.
+        """
+        if state.done:
+            raise ValueError("curriculum: update() after the curriculum stopped")
+        loss = _as_loss(valid_loss)
+        step = int(outer_step)
+        info = dict(
+            stage=state.stage,
+            outer_step=step,
+            valid_loss=float(valid_loss),
+            valid_length=self.valid_length(state),
+            train_length=self.train_length(state),
+        )
+        if state.period < 0:  # the stage's baseline
+            first = state.best_step < 0  # stage 0: the initial meta-params become the best
+            new = dataclasses.replace(
+                state,
+                period=0,
+                baseline=loss,
+                best_loss=loss,
+                improved=False,
+                best_stage=state.stage if first else state.best_stage,
+                best_step=step if first else state.best_step,
+                last_step=step,
+            )
+            reason = "baseline: " + ("initial meta-params" if first else
+                                     f"best meta-params (stage {state.best_stage}, step "
+                                     f"{state.best_step}) re-validated at the new length")
+            return new, Decision("continue", "baseline", is_best=first, best_loss=loss,
+                                 reason=reason, **info)
+
+        period = state.period + 1
+        is_best = loss < state.best_loss
+        improved = state.improved or is_best
+        new = dataclasses.replace(
+            state,
+            period=period,
+            best_loss=loss if is_best else state.best_loss,
+            improved=improved,
+            best_stage=state.stage if is_best else state.best_stage,
+            best_step=step if is_best else state.best_step,
+            last_step=step,
+        )
+        name = f"stage {state.stage} (N_train={self.train_length(state)})"
+        if period < self.min_periods or (not improved and period < self.allowed_periods):
+            action = "continue"
+            reason = (f"period {period} of at least {self.min_periods}" if period < self.min_periods
+                      else f"period {period} of at most {self.allowed_periods}: baseline not beaten yet")
+            if is_best:
+                reason += "; new best"
+        elif not improved:
+            action = "stop"
+            reason = f"{name} never beat its baseline {state.baseline:.6g} in {period} periods"
+            new = dataclasses.replace(new, done=True)
+        elif state.stage + 1 < len(self.stages):
+            action = "advance"
+            reason = (f"{name} improved {state.baseline:.6g} -> {new.best_loss:.6g}; "
+                      f"next N_train={self.stages[state.stage + 1]}")
+            new = dataclasses.replace(new, stage=state.stage + 1, period=-1, improved=False)
+        else:
+            action = "stop"
+            reason = (f"last {name} improved {state.baseline:.6g} -> {new.best_loss:.6g}; "
+                      "curriculum complete")
+            new = dataclasses.replace(new, done=True)
+        return new, Decision(action, "period", is_best=is_best, best_loss=new.best_loss,
+                             reason=reason, **info)
+
+
+# --- validation ---------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=64)
+def _valid_program(task: TaskFamily, learned_opt: LearnedOptimizer, num_steps: int):
+    """One jitted program per (task, learned optimizer, length): the meta-params are an argument
+    (``lopt.evaluation.train_curves`` caches on the optimizer object, i.e. on the meta-params)."""
+
+    def run(meta_params, keys, arrays):
+        one = functools.partial(
+            evaluation._run_one, bind_data(task, arrays), learned_opt.optimizer(meta_params), num_steps
+        )
+        out = jax.vmap(one)(keys)
+        return {
+            "final_train_loss": out["final_train_loss"],
+            "mean_train_loss": jnp.mean(out["train_loss"], axis=1),
+            "test_loss": out["test_loss"],
+        }
+
+    return jax.jit(run)
+
+
+@dataclasses.dataclass(frozen=True)
+class Validator:
+    """Validation loss of meta-params: ``valid_seeds`` held-out instances of ``task_family``
+    trained ``length`` steps by the learned optimizer (as ``lopt.evaluation.train_curves``), the
+    ``valid_metric`` averaged over instances; non-finite -> +inf."""
+
+    task_family: TaskFamily
+    learned_opt: LearnedOptimizer
+    curriculum: Curriculum
+
+    @functools.cached_property
+    def keys(self) -> jax.Array:
+        c = self.curriculum
+        return jnp.stack([jax.random.PRNGKey(c.valid_seed_offset + i) for i in range(c.valid_seeds)])
+
+    def __call__(self, meta_params: MetaParams, length: int) -> float:
+        fn = _valid_program(self.task_family, self.learned_opt, int(length))
+        out = fn(meta_params, self.keys, data_arrays(self.task_family))
+        values = np.asarray(jax.device_get(out[self.curriculum.valid_metric]), np.float64)
+        with np.errstate(invalid="ignore", over="ignore"):
+            return _as_loss(np.mean(values))
