@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import optax
 
 import lopt
-from lopt.base import dense_apply, dense_init, tensor_rms_normalize, time_features
+from lopt.base import dense_apply, dense_init, map_leaves, tensor_rms_normalize, time_features
 
 DEFAULT_DECAYS = (0.5, 0.9, 0.99, 0.999, 0.9999)
 DEFAULT_TIMESCALES = (1, 3, 10, 30, 100, 300, 1000, 3000, 10_000, 30_000, 100_000)
@@ -96,13 +96,9 @@ class MLPLOpt:
             if params is None:
                 raise ValueError("the mlp learned optimizer needs `params` in update()")
             t_feats = time_features(state.step, self.timescales, offset=1.0)
-            out = jax.tree.map(
-                lambda g, p, m: update_leaf(g, p, m, t_feats), updates, params, state.momenta
+            new_updates, new_momenta = map_leaves(
+                lambda g, p, m: update_leaf(g, p, m, t_feats), 2, updates, params, state.momenta
             )
-            treedef = jax.tree.structure(updates)
-            leaves = treedef.flatten_up_to(out)
-            new_updates = treedef.unflatten([u for u, _ in leaves])
-            new_momenta = treedef.unflatten([m for _, m in leaves])
             return new_updates, MLPLOptState(momenta=new_momenta, step=state.step + 1)
 
         return optax.GradientTransformationExtraArgs(init_fn, update_fn)
