@@ -9,28 +9,20 @@ trajectory from the first outer step (no behaviour cloning), no curriculum and n
 the "LO naive" row of the ablation.
 """
 
+import importlib.util
+import os
+
 from ml_collections import ConfigDict
 
 
 def get_config() -> ConfigDict:
-    c = ConfigDict()
-    c.seed = 0
-    c.num_outer_steps = 600
-    c.log_every = 10
-    c.checkpoint_every = 100
-    c.task = ConfigDict(
-        dict(name="digits_mlp", hidden_sizes=(32,), activation="relu", batch_size=64,
-             permute_classes=True)
-    )
-    c.lopt = ConfigDict(dict(name="mlp", hidden_size=32, hidden_layers=2))
-    c.estimator = ConfigDict(dict(name="pes", std=0.01))
-    c.meta_optimizer = ConfigDict(dict(name="adam", learning_rate=3e-3, clip_grad_norm=3.0))
-    c.unroll = ConfigDict(
-        dict(
-            num_particles=8,
-            trunc_length=20,
-            horizon=ConfigDict(dict(name="constant", length=200)),
-            meta_loss=ConfigDict(dict(split="train", normalize="initial", clip=2.0)),
-        )
-    )
+    """``configs/elo.py`` with the replay buffer and behaviour cloning switched off, so the two
+    runs can never drift apart in anything but the techniques being ablated."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "elo.py")
+    spec = importlib.util.spec_from_file_location("configs_elo", path)
+    elo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(elo)
+    c = elo.get_config()
+    c.unroll.replay.enabled = False
+    c.unroll.behaviour_cloning.enabled = False
     return c
