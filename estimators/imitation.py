@@ -288,6 +288,11 @@ class Imitation:
     """Wraps ``base``: with probability r (``prob``, kept in the state so the host may change
     it per curriculum stage) an outer step is a Chen et al. 2020 Alg. 2 imitation episode.
 
+    prob: r, a float, or one r per curriculum stage (Chen et al. 2020 schedule r per stage;
+      the last value repeats for later stages). ``lopt.outer.train`` sets stage s's value at
+      the start of the stage (:meth:`prob_at`, :func:`set_imitation_prob`); a per-stage tuple
+      needs an enabled ``config.curriculum``.
+
     teachers: drawn uniformly per episode (names or dicts, see :func:`teacher_spec`).
     length: teacher trajectory length T (a shape; default the unroller's truncation length).
     normalize: ``"teacher"`` divides the loss by sum_t w_t ||dtheta_teacher_t||^2 (scale-free
@@ -301,7 +306,7 @@ class Imitation:
     """
 
     base: Estimator
-    prob: float = 0.5
+    prob: float | tuple[float, ...] = 0.5
     teachers: Any = CHEN_TEACHERS
     length: int | None = None
     normalize: str = "teacher"
@@ -310,8 +315,11 @@ class Imitation:
 
     def __post_init__(self):
         object.__setattr__(self, "teachers", _teacher_specs(self.teachers))
-        if not 0.0 <= float(self.prob) <= 1.0:
-            raise ValueError(f"imitation.prob must lie in [0, 1], got {self.prob}")
+        probs = self.prob if isinstance(self.prob, (tuple, list)) else (self.prob,)
+        if isinstance(self.prob, (tuple, list)):
+            object.__setattr__(self, "prob", tuple(float(p) for p in self.prob))
+        if not probs or not all(0.0 <= float(p) <= 1.0 for p in probs):
+            raise ValueError(f"imitation.prob must lie in [0, 1] (one value or one per stage), got {self.prob}")
         if self.length is not None and int(self.length) < 1:
             raise ValueError(f"imitation.length must be >= 1, got {self.length}")
         if self.normalize not in ("teacher", "none"):
@@ -319,8 +327,20 @@ class Imitation:
         if self.weights not in ("uniform", "linear"):
             raise ValueError(f"imitation.weights must be 'uniform' or 'linear', got {self.weights!r}")
 
+    @property
+    def per_stage(self) -> bool:
+        """Whether ``prob`` gives one r per curriculum stage."""
+        return isinstance(self.prob, tuple)
+
+    def prob_at(self, stage: int) -> float:
+        """r of curriculum stage ``stage`` (the last value repeats; a float is every stage's)."""
+        if not self.per_stage:
+            return float(self.prob)
+        return self.prob[min(int(stage), len(self.prob) - 1)]
+
     def init(self, unroller: Unroller, key: jax.Array, meta_params: MetaParams) -> ImitationState:
-        return ImitationState(self.base.init(unroller, key, meta_params), jnp.asarray(self.prob, jnp.float32))
+        r = jnp.asarray(self.prob_at(0), jnp.float32)
+        return ImitationState(self.base.init(unroller, key, meta_params), r)
 
     # -- the imitation loss -------------------------------------------------------------------
 
@@ -424,7 +444,9 @@ def set_imitation_prob(state: ImitationState, prob: float) -> ImitationState:
     curriculum stage; the compiled outer step is reused, r being data)."""
     if not 0.0 <= float(prob) <= 1.0:
         raise ValueError(f"imitation probability must lie in [0, 1], got {prob}")
-    return state._replace(prob=jnp.asarray(prob, jnp.float32))
+    r = jnp.asarray(prob, jnp.float32)
+    sharding = getattr(state.prob, "sharding", None)
+    return state._replace(prob=r if sharding is None else jax.device_put(r, sharding))
 
 
 __all__ = [

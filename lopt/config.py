@@ -163,6 +163,11 @@ def build(config: ml_collections.ConfigDict, mesh=None):
     estimator = imitation_lib.wrap_estimator(
         _component(estimators.get, config.estimator, "estimator"), config.get("imitation")
     )
+    if isinstance(estimator, imitation_lib.Imitation) and estimator.per_stage and curriculum(config) is None:
+        raise ConfigError(
+            "config.imitation.prob has one value per curriculum stage but config.curriculum is "
+            "off; give one float or enable the curriculum"
+        )
     replay = replay_lib.from_config(unroll.get("replay"))
     bc = imitation_lib.behaviour_cloning_from_config(unroll.get("behaviour_cloning"))
     si = imitation_lib.self_improving_from_config(unroll.get("self_improving"))

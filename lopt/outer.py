@@ -29,6 +29,7 @@ from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from estimators.base import Estimator
+from estimators import imitation as imitation_lib
 from estimators import schedules
 from estimators.schedules import Schedule
 from estimators.unroll import MetaLoss, Unroller
@@ -291,7 +292,8 @@ class _CurriculumRun:
     At every ``period``-th outer step :meth:`validate` validates, decides, and on "advance"
     switches to the next stage's trainer, restarts from the best meta-params (unless
     ``restart_from_best=False``) and re-initialises the estimator state (particles start fresh
-    trajectories of the new length; PES sums restart), keeping the meta-optimizer state.
+    trajectories of the new length; PES sums restart; an imitation wrapper takes the stage's
+    r), keeping the meta-optimizer state.
     """
 
     def __init__(self, curriculum: curriculum_lib.Curriculum, base: MetaTrainer, seed: int):
@@ -366,7 +368,11 @@ class _CurriculumRun:
         meta_params = state.meta_params
         if self.curriculum.restart_from_best:
             meta_params = _put_like(self.best, state.meta_params)
-        return state._replace(meta_params=meta_params, estimator_state=fresh.estimator_state)
+        estimator_state = fresh.estimator_state
+        estimator = self.trainer.estimator
+        if isinstance(estimator, imitation_lib.Imitation):  # r of this stage (Chen et al. 2020)
+            estimator_state = imitation_lib.set_imitation_prob(estimator_state, estimator.prob_at(stage))
+        return state._replace(meta_params=meta_params, estimator_state=estimator_state)
 
     def summary(self) -> dict:
         s = self.state

@@ -281,3 +281,24 @@ def test_new_stage_restarts_from_the_best_with_fresh_particles():
     # Fresh particles drawn for the new horizon (deterministically: a resumed run gets the same).
     fresh = run.trainer.init(jax.random.fold_in(jax.random.PRNGKey(0), 1))
     _assert_trees_equal(new.estimator_state, fresh.estimator_state)
+
+
+def test_imitation_probability_follows_the_curriculum_stage():
+    """Chen et al. 2020: r may change per stage; ``imitation.prob=(r0, r1)`` gives stage 0's
+    particles r0 and a new stage r1 (the last value repeating), and a per-stage r without a
+    curriculum is a config error."""
+    imitation = ConfigDict(dict(prob=(1.0, 0.25), teachers=("adam", "sgd")))
+    config = cl_config(imitation=imitation)
+    trainer = config_lib.build(config)
+    assert [trainer.estimator.prob_at(s) for s in (0, 1, 5)] == [1.0, 0.25, 0.25]
+    run = outer._CurriculumRun(config_lib.curriculum(config), trainer, seed=0)
+    state = run.trainer.init(jax.random.PRNGKey(0))
+    assert float(state.estimator_state.prob) == 1.0
+    run.best = jax.device_get(state.meta_params)
+    run.state = CurriculumState(stage=1, period=-1, best_step=2, best_stage=0)
+    new = run._start_stage(state)
+    assert float(new.estimator_state.prob) == 0.25
+    with pytest.raises(ConfigError, match="one value per curriculum stage"):
+        config_lib.build(cl_config(imitation=imitation, curriculum=ConfigDict(dict(enabled=False))))
+    with pytest.raises(ConfigError, match=r"imitation.prob must lie in \[0, 1\]"):
+        config_lib.build(cl_config(imitation=ConfigDict(dict(prob=(0.5, 1.5)))))
