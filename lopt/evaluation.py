@@ -182,15 +182,27 @@ def _curves(
     return jax.vmap(run)(keys)
 
 
-@functools.partial(jax.jit, static_argnames=("task", "num_steps"))
+def _adam(lr: jax.Array, weight_decay: float | None) -> optax.GradientTransformation:
+    """Adam, or AdamW (Loshchilov & Hutter 2019, decoupled decay) when ``weight_decay`` is set."""
+    return optax.adam(lr) if weight_decay is None else optax.adamw(lr, weight_decay=weight_decay)
+
+
+@functools.partial(jax.jit, static_argnames=("task", "num_steps", "weight_decay"))
 def _adam_grid(
-    keys: jax.Array, lrs: jax.Array, arrays: Any, *, task: Any, num_steps: int
+    keys: jax.Array,
+    lrs: jax.Array,
+    arrays: Any,
+    *,
+    task: Any,
+    num_steps: int,
+    weight_decay: float | None = None,
 ) -> dict[str, jax.Array]:
-    """:func:`_run_one` with ``optax.adam(lr)``, vmapped over keys and learning rates."""
+    """:func:`_run_one` with Adam(W) at learning rate ``lr``, vmapped over keys and rates."""
     bound = bind_data(task, arrays)
 
     def per_lr(lr):
-        return jax.vmap(functools.partial(_run_one, bound, optax.adam(lr), num_steps))(keys)
+        opt = _adam(lr, weight_decay)
+        return jax.vmap(functools.partial(_run_one, bound, opt, num_steps))(keys)
 
     return jax.vmap(per_lr)(lrs)
 
@@ -207,8 +219,10 @@ def tune_adam(
     keys: jax.Array | np.ndarray,
     num_steps: int,
     learning_rates: tuple[float, ...] | list[float] = DEFAULT_LRS,
+    weight_decay: float | None = None,
 ) -> tuple[float, dict[float, Results]]:
-    """Tune Adam's learning rate on the task instances of ``keys``.
+    """Tune Adam's learning rate on the task instances of ``keys``; with ``weight_decay``,
+    AdamW's (``optax.adamw(lr, weight_decay=weight_decay)``, decoupled weight decay).
 
     Runs :func:`train_curves` with ``optax.adam(lr)`` for every learning rate (one compilation:
     the learning rate is a vmapped argument of a single jitted function) and picks the one with
@@ -224,8 +238,15 @@ def tune_adam(
         raise ValueError("learning_rates must not be empty")
     if any(not (math.isfinite(lr) and lr > 0) for lr in lrs):
         raise ValueError(f"learning rates must be positive and finite, got {lrs}")
+    if weight_decay is not None and not (math.isfinite(weight_decay) and weight_decay >= 0):
+        raise ValueError(f"weight_decay must be None or finite and >= 0, got {weight_decay}")
     out = _adam_grid(
-        keys, jnp.asarray(lrs, jnp.float32), data_arrays(task), task=task, num_steps=int(num_steps)
+        keys,
+        jnp.asarray(lrs, jnp.float32),
+        data_arrays(task),
+        task=task,
+        num_steps=int(num_steps),
+        weight_decay=None if weight_decay is None else float(weight_decay),
     )
     out = jax.device_get(out)
     results: dict[float, Results] = {}

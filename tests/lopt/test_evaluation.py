@@ -102,6 +102,19 @@ def test_tune_adam_picks_best_and_survives_divergence(quadratic):
         assert r["test_accuracy"] is None
 
 
+def test_tune_adamw_is_decoupled_weight_decay(quadratic):
+    """``weight_decay`` tunes AdamW: each grid entry equals optax.adamw at that rate, and the
+    decay changes the trajectory (so it is not silently plain Adam)."""
+    lrs, wd = (1e-2, 1e-1), 0.5
+    _, adamw = evaluation.tune_adam(quadratic, _keys(), STEPS, lrs, weight_decay=wd)
+    _, adam = evaluation.tune_adam(quadratic, _keys(), STEPS, lrs)
+    direct = evaluation.train_curves(quadratic, optax.adamw(1e-1, weight_decay=wd), _keys(), STEPS)
+    np.testing.assert_allclose(adamw[1e-1]["train_loss"], direct["train_loss"], rtol=1e-5, atol=1e-6)
+    assert np.max(np.abs(adamw[1e-1]["train_loss"][:, -1] - adam[1e-1]["train_loss"][:, -1])) > 1e-3
+    with pytest.raises(ValueError, match="weight_decay"):
+        evaluation.tune_adam(quadratic, _keys(), STEPS, lrs, weight_decay=-1.0)
+
+
 def test_default_lrs():
     assert len(evaluation.DEFAULT_LRS) >= 7
     assert evaluation.DEFAULT_LRS[0] == pytest.approx(1e-4)
