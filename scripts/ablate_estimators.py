@@ -24,9 +24,7 @@ Outputs in --workdir: ``table.md`` (also printed), ``results.json`` and ``meta_l
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
-import math
 import os
 import sys
 import time
@@ -36,6 +34,20 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import ConfigDict, config_flags  # noqa: E402
+
+from scripts._shared import (  # noqa: E402
+    FINAL_FRACTION,
+    UsageError,
+    clean,
+    final_mean,
+    finished_export,
+    fmt,
+    load_module,
+    markdown_table,
+    pm,
+    read_rows,
+    stats,
+)
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _DEFAULT_CONFIG = os.path.join(_REPO, "configs", "ablate_estimators.py")
@@ -56,14 +68,6 @@ _SEED = flags.DEFINE_integer("seed", None, "Meta-training seed, shared by every 
                              "(default: the config's seed).")
 _ADAM = flags.DEFINE_bool("adam_baseline", True, "Add tuned Adam on the held-out instances.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar per estimator.")
-
-#: The final meta-loss is the mean over this fraction of the last logged rows.
-FINAL_FRACTION = 0.1
-
-
-class UsageError(Exception):
-    """A bad command-line input: reported in one line, exit code 2."""
-
 
 # --- the inner-step budget ---------------------------------------------------------------------
 
@@ -120,56 +124,7 @@ def outer_steps_for_budget(config: ConfigDict, inner_steps: int) -> tuple[int, f
     return n, float(totals[n - 1] / n)
 
 
-# --- reading runs ------------------------------------------------------------------------------
-
-
-def _read_rows(path: str) -> list[dict]:
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def _final_mean(rows: list[dict], key: str) -> float | None:
-    vals = [r[key] for r in rows if r.get(key) is not None]
-    if not vals:
-        return None
-    k = max(1, math.ceil(FINAL_FRACTION * len(vals)))
-    return float(sum(vals[-k:]) / k)
-
-
-def _stats(x: Any) -> dict | None:
-    import numpy as np
-
-    if x is None:
-        return None
-    v = np.asarray(x, np.float64)
-    with np.errstate(invalid="ignore", over="ignore"):
-        return {"mean": float(np.mean(v)), "std": float(np.std(v)), "per_seed": v.tolist()}
-
-
-def _clean(obj: Any) -> Any:
-    """JSON-safe: non-finite floats become null."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    return obj
-
-
 # --- reporting ---------------------------------------------------------------------------------
-
-
-def _fmt(x: float | None, spec: str = ".4f") -> str:
-    return "-" if x is None or not math.isfinite(x) else format(x, spec)
-
-
-def _pm(s: dict | None, spec: str = ".4f") -> str:
-    if s is None or not math.isfinite(s["mean"]):
-        return "-"
-    return f"{s['mean']:{spec}} ± {s['std']:{spec}}"
 
 
 def format_table(results: dict[str, dict], adam: dict | None = None) -> str:
@@ -185,22 +140,15 @@ def format_table(results: dict[str, dict], adam: dict | None = None) -> str:
             name,
             str(r["outer_steps"]),
             f"{r['inner_steps']:,}",
-            _fmt(r["final_meta_loss"]),
-            _pm(r["eval"]["test_loss"]),
-            _pm(r["eval"]["test_accuracy"], ".3f"),
-            _fmt(r["inner_steps_per_sec"], ",.0f"),
+            fmt(r["final_meta_loss"]),
+            pm(r["eval"]["test_loss"]),
+            pm(r["eval"]["test_accuracy"], ".3f"),
+            fmt(r["inner_steps_per_sec"], ",.0f"),
         ])
     if adam is not None:
         body.append([f"adam (lr={adam['best_lr']:.3g}, reference)", "-", "-", "-",
-                     _pm(adam["test_loss"]), _pm(adam["test_accuracy"], ".3f"), "-"])
-    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
-
-    def line(cells):
-        out = [cells[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(cells[1:], widths[1:])]
-        return "| " + " | ".join(out) + " |"
-
-    rule = "|" + "|".join(["-" * (widths[0] + 2)] + ["-" * (w + 1) + ":" for w in widths[1:]]) + "|"
-    return "\n".join([line(header), rule, *(line(r) for r in body)])
+                     pm(adam["test_loss"]), pm(adam["test_accuracy"], ".3f"), "-"])
+    return markdown_table(header, body)
 
 
 def plot_meta_loss(results: dict[str, dict], path: str) -> str:
@@ -250,9 +198,7 @@ def _load_ablation(config_flag: str) -> ConfigDict:
     for candidate in (path, _DEFAULT_CONFIG):
         if not os.path.isfile(candidate):
             continue
-        spec = importlib.util.spec_from_file_location("_ablation_config", candidate)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        module = load_module(candidate, "_ablation_config")
         if hasattr(module, "get_ablation"):
             return module.get_ablation()
     raise UsageError(f"{path} has no get_ablation() and neither has {_DEFAULT_CONFIG}")
@@ -279,30 +225,6 @@ def _settings(ablation: ConfigDict) -> dict:
                 eval_seed_offset=offset)
 
 
-def _finished_export(run_dir: str, num_outer_steps: int) -> str | None:
-    """The export of a run in ``run_dir`` that already reached ``num_outer_steps``, else None.
-
-    ``lopt.outer.train`` resumes an unfinished run by itself, but on a finished one it saves
-    the final checkpoint again, which orbax refuses (StepAlreadyExistsError); a finished run
-    is therefore not passed to it again."""
-    from lopt import checkpoint as ckpt_lib
-
-    export_path = os.path.join(run_dir, "export", "optimizer.lopt")
-    ckpt_dir = os.path.join(run_dir, "checkpoints")
-    if not (os.path.isfile(export_path) and os.path.isdir(ckpt_dir)):
-        return None
-    checkpointer = ckpt_lib.Checkpointer(ckpt_dir)
-    latest = checkpointer.latest_step()
-    checkpointer.close()
-    rows = _read_rows(os.path.join(run_dir, "metrics.jsonl"))
-    if latest is None or latest < num_outer_steps or not rows or rows[-1]["step"] < latest:
-        return None
-    if latest > num_outer_steps:
-        logging.warning("%s ran %d outer steps, more than the %d of this budget; reusing it",
-                        run_dir, latest, num_outer_steps)
-    return export_path
-
-
 def run_estimator(base: ConfigDict, section: ConfigDict, name: str, s: dict, eval_keys: Any,
                   workdir: str, index: str) -> dict:
     """Meta-train with one estimator on the shared budget, then evaluate its export."""
@@ -319,14 +241,14 @@ def run_estimator(base: ConfigDict, section: ConfigDict, name: str, s: dict, eva
     print(f"[{index}] {name}: {num_outer} outer steps x {per_step:,.0f} inner steps "
           f"(budget {s['inner_steps']:,}) -> {run_dir}", flush=True)
     t0 = time.perf_counter()
-    export_path = _finished_export(run_dir, num_outer)
+    export_path = finished_export(run_dir, num_outer)
     if export_path is None:
         export_path = outer.train(config, run_dir, progress=_PROGRESS.value)["export"]
     else:
         print(f"    already trained: reusing {export_path}", flush=True)
     train_wall = time.perf_counter() - t0
 
-    rows = _read_rows(os.path.join(run_dir, "metrics.jsonl"))
+    rows = read_rows(os.path.join(run_dir, "metrics.jsonl"))
     last = rows[-1] if rows else {}
     t1 = time.perf_counter()
     learned_opt, meta_params = export.load(export_path)
@@ -342,13 +264,13 @@ def run_estimator(base: ConfigDict, section: ConfigDict, name: str, s: dict, eva
         "outer_steps": int(last.get("step", 0)),
         "inner_steps": int(last.get("inner_steps_total", 0)),
         "inner_steps_per_outer_step": per_step,
-        "final_meta_loss": _final_mean(rows, "meta_loss"),
-        "final_inner_loss": _final_mean(rows, "inner_loss"),
+        "final_meta_loss": final_mean(rows, "meta_loss"),
+        "final_inner_loss": final_mean(rows, "inner_loss"),
         "inner_steps_per_sec": last.get("inner_steps_per_sec"),
         "skipped_outer_steps": last.get("num_skipped"),
         "train_wall_s": train_wall,
         "eval_wall_s": eval_wall,
-        "eval": {k: _stats(curves.get(k)) for k in ("final_train_loss", "test_loss", "test_accuracy")},
+        "eval": {k: stats(curves.get(k)) for k in ("final_train_loss", "test_loss", "test_accuracy")},
         "eval_train_loss_curve_mean": np.nanmean(np.asarray(curves["train_loss"], np.float64), 0).tolist(),
         "curve": {
             "step": [r["step"] for r in rows],
@@ -357,9 +279,9 @@ def run_estimator(base: ConfigDict, section: ConfigDict, name: str, s: dict, eva
         },
     }
     if any("es_share" in r for r in rows):
-        result["final_es_share"] = _final_mean(rows, "es_share")
-    print(f"    meta-loss {_fmt(result['final_meta_loss'])}, held-out test loss "
-          f"{_pm(result['eval']['test_loss'])}, {_fmt(result['inner_steps_per_sec'], ',.0f')} "
+        result["final_es_share"] = final_mean(rows, "es_share")
+    print(f"    meta-loss {fmt(result['final_meta_loss'])}, held-out test loss "
+          f"{pm(result['eval']['test_loss'])}, {fmt(result['inner_steps_per_sec'], ',.0f')} "
           f"inner steps/s, {train_wall:.0f} s training + {eval_wall:.0f} s evaluation", flush=True)
     return result
 
@@ -419,7 +341,7 @@ def main(argv) -> int:
         task = tasks.get(task_opts.pop("name"), **task_opts)
         best_lr, per_lr = evaluation.tune_adam(task, eval_keys, s["eval_steps"])
         adam = {"best_lr": best_lr,
-                **{k: _stats(per_lr[best_lr].get(k))
+                **{k: stats(per_lr[best_lr].get(k))
                    for k in ("final_train_loss", "test_loss", "test_accuracy")}}
 
     table = format_table(results, adam)
@@ -441,7 +363,7 @@ def main(argv) -> int:
         "table": table,
     }
     with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump(_clean(out), f, indent=1)
+        json.dump(clean(out), f, indent=1)
         f.write("\n")
     print(f"  table:   {os.path.join(workdir, 'table.md')}")
     print(f"  results: {os.path.join(workdir, 'results.json')}")
