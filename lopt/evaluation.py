@@ -292,11 +292,36 @@ def format_table(rows: dict[str, Results]) -> str:
     return "\n".join([line(header), rule, *(line(r) for r in body)])
 
 
-def plot_curves(curves: dict[str, np.ndarray], path: str | os.PathLike, title: str) -> str:
+def _trailing_mean(c: np.ndarray, fraction: float) -> np.ndarray:
+    """``c`` [S, T] with step t replaced by the mean of steps (t - w, t], w = max(1, fraction * t),
+    NaNs left out of each mean."""
+    t = np.arange(c.shape[1])
+    w = np.maximum(1, (fraction * t).astype(int))
+    ok = np.isfinite(c)
+    sums = np.concatenate([np.zeros((c.shape[0], 1)), np.cumsum(np.where(ok, c, 0.0), 1)], 1)
+    counts = np.concatenate([np.zeros((c.shape[0], 1)), np.cumsum(ok, 1)], 1)
+    n = counts[:, t + 1] - counts[:, t + 1 - w]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n > 0, (sums[:, t + 1] - sums[:, t + 1 - w]) / n, np.nan)
+
+
+def plot_curves(
+    curves: dict[str, np.ndarray],
+    path: str | os.PathLike,
+    title: str,
+    *,
+    vlines: dict[str, float] | None = None,
+    log_x: bool = False,
+    smooth: float = 0.0,
+) -> str:
     """Save a PNG of mean training loss vs step with a shaded ±1 std band (across seeds) per
-    optimizer. ``curves`` maps a label to ``[S, T]`` losses. The y axis is logarithmic if every
-    finite value is positive. Non-finite values (diverged runs) are left out of the plot.
-    Returns the path written."""
+    optimizer. ``curves`` maps a label to ``[S, T]`` losses. The y axis is logarithmic if no
+    finite value is negative (zeros, e.g. an underflowed cross-entropy, are drawn at the
+    smallest positive value). Non-finite values (diverged runs) are left out of the plot.
+    ``vlines`` marks steps (label -> step, e.g. the meta-training horizon) with dashed lines;
+    ``log_x`` puts the steps on a log axis (steps counted from 1); ``smooth`` = f > 0 averages
+    each seed's curve at step t over its last max(1, f * t) steps (a window of constant width
+    on a log axis; minibatch noise otherwise fills the late steps). Returns the path written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -308,14 +333,18 @@ def plot_curves(curves: dict[str, np.ndarray], path: str | os.PathLike, title: s
         c = np.asarray(c, np.float64)
         if c.ndim == 1:
             c = c[None]
-        arrays[name] = np.where(np.isfinite(c), c, np.nan)
+        c = np.where(np.isfinite(c), c, np.nan)
+        arrays[name] = _trailing_mean(c, smooth) if smooth > 0 else c
     finite = np.concatenate([a[np.isfinite(a)] for a in arrays.values()] or [np.zeros(0)])
-    log_y = finite.size > 0 and bool(np.all(finite > 0))
-    floor = float(finite.min()) if finite.size else 0.0
+    positive = finite[finite > 0]
+    log_y = positive.size > 0 and bool(np.all(finite >= 0))
+    floor = float(positive.min()) if log_y else 0.0
+    if log_y:
+        arrays = {name: np.where(a > 0, a, np.where(np.isnan(a), a, floor)) for name, a in arrays.items()}
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, a in arrays.items():
-        steps = np.arange(a.shape[1])
+        steps = np.arange(a.shape[1]) + (1 if log_x else 0)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN steps of diverged runs
             mean = np.nanmean(a, axis=0)
@@ -327,6 +356,12 @@ def plot_curves(curves: dict[str, np.ndarray], path: str | os.PathLike, title: s
         ax.fill_between(steps, lo, hi, color=ln.get_color(), alpha=0.2, lw=0)
     if log_y:
         ax.set_yscale("log")
+    if log_x:
+        ax.set_xscale("log")
+    for i, (label, x) in enumerate((vlines or {}).items()):
+        ax.axvline(float(x), color="0.3", ls="--", lw=1, alpha=0.7 - 0.2 * (i % 2))
+        ax.annotate(label, (float(x), 1.0), xycoords=("data", "axes fraction"), xytext=(3, -12),
+                    textcoords="offset points", fontsize=8, color="0.3")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (mean ± 1 std over seeds)")
     ax.set_title(title)

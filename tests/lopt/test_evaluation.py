@@ -141,6 +141,12 @@ def test_format_table_and_plot(tmp_path, sgd_quadratic):
         {k: r["train_loss"] for k, r in rows.items()}, tmp_path / "c.png", "title"
     )
     assert os.path.getsize(path) > 1000
+    marked = evaluation.plot_curves(
+        {k: r["train_loss"] for k, r in rows.items()}, tmp_path / "m.png", "title",
+        vlines={"horizon": 10}, log_x=True,
+    )
+    with open(path, "rb") as a, open(marked, "rb") as b:
+        assert a.read() != b.read()  # the marks and the log axis are drawn
 
 
 @pytest.fixture(scope="module")
@@ -226,3 +232,18 @@ def test_script_bad_inputs(tmp_path, export_path, args, needle):
     assert "Traceback" not in err
     assert needle in err.splitlines()[-1]
     assert len(err.splitlines()[-1]) < 300
+
+
+def test_trailing_mean_matches_a_direct_window_mean():
+    """The plot smoothing: step t is the mean of the last max(1, f t) finite values."""
+    rng = np.random.default_rng(0)
+    c = rng.normal(size=(3, 50))
+    c[1, 7] = c[2, 20:30] = np.nan
+    f = 0.3
+    got = evaluation._trailing_mean(c, f)
+    for s in range(3):
+        for t in range(50):
+            w = max(1, int(f * t))
+            window = c[s, t - w + 1 : t + 1]
+            want = np.nanmean(window) if np.isfinite(window).any() else np.nan
+            np.testing.assert_allclose(got[s, t], want, rtol=1e-12, equal_nan=True)
