@@ -1,0 +1,119 @@
+"""scripts/ablate.py end to end on a tiny budget (tuned AdamW, LO naive, LO + curriculum,
+ELO-LO; evaluated at H and a multiple of H), its reuse of finished runs, and its flag checks."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SCRIPT = os.path.join(REPO, "scripts", "ablate.py")
+
+H, FACTOR, OUTER, SEEDS = 8, 3, 6, 2
+LRS = (1e-3, 1e-2)
+TINY = [
+    "--set=task.hidden_sizes=(4,)", "--set=task.batch_size=8", "--set=lopt.hidden_size=4",
+    "--set=lopt.hidden_layers=1", "--set=unroll.num_particles=2", "--set=unroll.trunc_length=4",
+    f"--set=unroll.horizon.length={H}", "--set=unroll.replay.capacity=2",
+    "--set=unroll.behaviour_cloning.schedule.steps=4", f"--outer_steps={OUTER}",
+    f"--seeds={SEEDS}", f"--factor={FACTOR}", "--lrs=" + ",".join(map(str, LRS)),
+    "--cl_period=1", "--cl_max_periods=2", "--noprogress",
+]
+# The run is all compilation: skipping XLA's optimisation passes makes it much faster.
+ENV = dict(os.environ, JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+
+
+def _run(args, timeout=300):
+    return subprocess.run([sys.executable, SCRIPT, *args], cwd=REPO, env=ENV,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("ablate"))
+    proc = _run([f"--out={out}", *TINY])
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    with open(os.path.join(out, "results.json")) as f:
+        return out, json.load(f), proc.stdout
+
+
+def test_table_results_and_plot(tiny):
+    out, results, stdout = tiny
+    for name in ("table.md", "results.json", "curves.png"):
+        assert os.path.getsize(os.path.join(out, name)) > 0, name
+    methods = results["methods"]
+    assert list(methods) == ["adamw", "naive", "curriculum", "elo"]
+    assert results["horizon"] == H and results["long_horizon"] == FACTOR * H
+    table = open(os.path.join(out, "table.md")).read()
+    for label in ("AdamW", "LO naive", "LO + curriculum", "ELO-LO"):
+        assert label in table and label in stdout
+    assert f"test acc @ H={H}" in table and f"@ {FACTOR}H={FACTOR * H}" in table
+    assert "Command: python scripts/ablate.py" in table
+    for method, r in methods.items():
+        for length in (str(H), str(FACTOR * H)):
+            e = r["eval"][length]
+            assert len(e["test_accuracy"]["per_seed"]) == SEEDS, (method, length)
+            assert all(0.0 <= a <= 1.0 for a in e["test_accuracy"]["per_seed"])
+            assert math.isfinite(e["test_loss"]["mean"])
+            assert len(e["train_loss_curve_mean"]) == int(length)
+    # AdamW's learning rate is tuned per evaluation length, from the grid.
+    assert all(methods["adamw"]["eval"][n]["best_lr"] in LRS for n in (str(H), str(FACTOR * H)))
+
+
+def test_learned_optimizers_share_the_setup_but_the_techniques(tiny):
+    out, results, _ = tiny
+    m = results["methods"]
+    naive, cl, elo = (m[k]["config"] for k in ("naive", "curriculum", "elo"))
+    assert not naive["unroll"]["replay"]["enabled"] and not naive["unroll"]["behaviour_cloning"]["enabled"]
+    assert elo["unroll"]["replay"]["enabled"] and elo["unroll"]["behaviour_cloning"]["enabled"]
+    assert "curriculum" not in naive and cl["curriculum"]["stages"] == [H // 4, H // 2, H]
+    for k in ("task", "lopt", "estimator", "meta_optimizer", "num_outer_steps"):
+        assert naive[k] == elo[k] == cl[k], k
+    for method in ("naive", "elo"):
+        (run,) = m[method]["runs"]
+        assert run["outer_steps"] == OUTER and run["inner_steps"] == OUTER * 2 * 4
+        assert os.path.exists(run["export"])
+    (run,) = m["curriculum"]["runs"]
+    assert 1 <= run["outer_steps"] <= OUTER
+    decisions = run["curriculum"]
+    assert decisions[0]["validation"] == "baseline" and decisions[0]["train_length"] == H // 4
+    assert {d["train_length"] for d in decisions} <= {H // 4, H // 2, H}
+
+
+def test_rerun_reuses_finished_runs(tiny):
+    out, results, _ = tiny
+    proc = _run([f"--out={out}", "--methods=curriculum,naive", *TINY])
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    with open(os.path.join(out, "results.json")) as f:
+        again = json.load(f)["methods"]
+    assert list(again) == ["naive", "curriculum"]  # table order, not the flag's
+    for method in again:
+        assert again[method]["runs"][0]["reused"]
+        assert again[method]["eval"] == results["methods"][method]["eval"]  # same exports, same keys
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--methods=adamw,sgd"], "unknown sgd"),
+        (["--set=unroll.particles=4"], "no key unroll.particles"),
+        (["--set=optimizer.lr=1"], "no section optimizer"),
+        (["--set=seed"], "key=value"),
+        (["--set=unroll.num_particles=four"], "unroll.num_particles"),
+        (["--cl_stages=8,4"], "increasing"),
+        (["--set=unroll.horizon.name=linear"], "constant meta-training horizon"),
+        (["--lrs=0.1,-1"], "positive"),
+        (["--seeds=0"], "--seeds must be >= 1"),
+        (["--nonsense=1"], "nonsense"),
+    ],
+)
+def test_bad_flags_are_one_line_errors(tmp_path, args, needle):
+    proc = _run([f"--out={tmp_path}", *args], timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert needle in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+    assert not os.listdir(tmp_path)  # nothing ran
