@@ -32,6 +32,19 @@ def parse_flags(argv: list[str]) -> list[str]:
         sys.exit(2)
 
 
+def parse_lrs(text: str | None) -> list[float] | None:
+    """Comma-separated learning rates (``--lrs``); None for an empty flag (the default grid)."""
+    if text is None or not text.strip():
+        return None
+    try:
+        lrs = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"--lrs must be comma-separated numbers, got {text!r}") from None
+    if not lrs or any(not (math.isfinite(lr) and lr > 0) for lr in lrs):
+        raise UsageError(f"--lrs must be positive finite numbers, got {text!r}")
+    return lrs
+
+
 def load_module(path: str, name: str) -> Any:
     """Execute the Python file ``path`` (a config file) as module ``name``."""
     if not os.path.isfile(path):
@@ -140,3 +153,22 @@ def markdown_table(header: list[str], body: list[list[str]]) -> str:
 
     rule = "|" + "|".join(["-" * (widths[0] + 2)] + ["-" * (w + 1) + ":" for w in widths[1:]]) + "|"
     return "\n".join([line(header), rule, *(line(r) for r in body)])
+
+
+def write_report(directory: str, caption: str, table: str, record: dict, plot_path: str | None,
+                 wall_s: float) -> None:
+    """Print ``table``; write ``table.md`` (caption + table) and ``results.json`` (``record``,
+    non-finite numbers as null) into ``directory``; print where everything went."""
+    print()
+    print(table)
+    table_path = os.path.join(directory, "table.md")
+    with open(table_path, "w") as f:
+        f.write(f"{caption}\n\n{table}\n")
+    results_path = os.path.join(directory, "results.json")
+    with open(results_path, "w") as f:
+        json.dump(clean(record), f, indent=1)
+        f.write("\n")
+    print(f"  table:   {table_path}")
+    print(f"  results: {results_path}")
+    print(f"  plot:    {plot_path}")
+    print(f"  wall time: {wall_s:.0f} s")

@@ -50,16 +50,17 @@ from ml_collections import ConfigDict  # noqa: E402
 
 from scripts._shared import (  # noqa: E402
     UsageError,
-    clean,
     final_mean,
     finished_export,
     fmt,
     load_module,
     markdown_table,
     parse_flags,
+    parse_lrs,
     pm,
     read_rows,
     stats,
+    write_report,
 )
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -159,18 +160,6 @@ def curriculum_stages(text: str | None, horizon: int) -> tuple[int, ...]:
     return stages
 
 
-def parse_lrs(text: str) -> list[float]:
-    import math
-
-    try:
-        lrs = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise UsageError(f"--lrs must be comma-separated numbers, got {text!r}") from None
-    if not lrs or any(not (math.isfinite(lr) and lr > 0) for lr in lrs):
-        raise UsageError(f"--lrs must be positive finite numbers, got {text!r}")
-    return lrs
-
-
 def settings() -> dict:
     """Check every flag and build the three meta-training configs (no JAX yet)."""
     methods = [m.strip() for m in _METHODS.value.split(",") if m.strip()]
@@ -216,7 +205,7 @@ def settings() -> dict:
         configs={"naive": naive, "curriculum": cl, "elo": elo},
         horizon=horizon,
         long=horizon * _FACTOR.value,
-        lrs=parse_lrs(_LRS.value),
+        lrs=parse_lrs(_LRS.value) or parse_lrs(DEFAULT_LRS),
         seeds=[_SEED_OFFSET.value + i for i in range(_SEEDS.value)],
     )
 
@@ -444,10 +433,6 @@ def main(argv) -> int:
         f"length over {len(s['lrs'])} values. Wall time {total:.0f} s.\n"
         f"Command: {' '.join(['python', 'scripts/ablate.py', *sys.argv[1:]])}"
     )
-    print()
-    print(table)
-    with open(os.path.join(out, "table.md"), "w") as f:
-        f.write(f"{caption}\n\n{table}\n")
     plot_path = plot(results, long, H, os.path.join(out, "curves.png"),
                      f"{task.name}: training loss on held-out instances ({long} steps)")
     for r in results.values():
@@ -465,13 +450,7 @@ def main(argv) -> int:
         "total_wall_s": total,
         "table": table,
     }
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(clean(record), f, indent=1)
-        f.write("\n")
-    print(f"  table:   {os.path.join(out, 'table.md')}")
-    print(f"  results: {os.path.join(out, 'results.json')}")
-    print(f"  plot:    {plot_path}")
-    print(f"  wall time: {total:.0f} s")
+    write_report(out, caption, table, record, plot_path, total)
     return 1 if failed else 0
 
 

@@ -38,7 +38,6 @@ from ml_collections import ConfigDict, config_flags  # noqa: E402
 from scripts._shared import (  # noqa: E402
     FINAL_FRACTION,
     UsageError,
-    clean,
     final_mean,
     finished_export,
     fmt,
@@ -47,6 +46,7 @@ from scripts._shared import (  # noqa: E402
     pm,
     read_rows,
     stats,
+    write_report,
 )
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -345,13 +345,11 @@ def main(argv) -> int:
                    for k in ("final_train_loss", "test_loss", "test_accuracy")}}
 
     table = format_table(results, adam)
-    print()
-    print(table)
-    with open(os.path.join(workdir, "table.md"), "w") as f:
-        f.write(f"Estimator ablation: {s['inner_steps']:,} inner steps per estimator, "
-                f"held-out evaluation on {len(seeds)} task instances x {s['eval_steps']} steps "
-                f"(eval loss: final test loss, mean ± std over instances).\n\n{table}\n")
+    caption = (f"Estimator ablation: {s['inner_steps']:,} inner steps per estimator, held-out "
+               f"evaluation on {len(seeds)} task instances x {s['eval_steps']} steps (eval loss: "
+               "final test loss, mean ± std over instances).")
     plot_path = plot_meta_loss(results, os.path.join(workdir, "meta_loss.png"))
+    total = time.perf_counter() - t_start
     out = {
         "base_config": json.loads(base.to_json_best_effort()),
         "inner_steps_budget": s["inner_steps"],
@@ -359,16 +357,10 @@ def main(argv) -> int:
         "final_fraction": FINAL_FRACTION,
         "estimators": results,
         "adam_reference": adam,
-        "total_wall_s": time.perf_counter() - t_start,
+        "total_wall_s": total,
         "table": table,
     }
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump(clean(out), f, indent=1)
-        f.write("\n")
-    print(f"  table:   {os.path.join(workdir, 'table.md')}")
-    print(f"  results: {os.path.join(workdir, 'results.json')}")
-    print(f"  plot:    {plot_path}")
-    print(f"  wall time: {time.perf_counter() - t_start:.0f} s")
+    write_report(workdir, caption, table, out, plot_path, total)
     return 1 if failed else 0
 
 

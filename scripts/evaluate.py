@@ -14,7 +14,6 @@ flags) and curves.png into --out.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import sys
@@ -22,6 +21,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags, logging  # noqa: E402
+
+from scripts._shared import UsageError, parse_flags, parse_lrs  # noqa: E402
 
 _EXPORT = flags.DEFINE_string("export", None, "Path of the exported learned optimizer (.lopt).")
 _TASK = flags.DEFINE_string("task", "digits_mlp", "Task family name (tasks registry).")
@@ -38,23 +39,6 @@ _LRS = flags.DEFINE_string(
 )
 _OUT = flags.DEFINE_string("out", "runs/eval", "Output directory for results.json and curves.png.")
 flags.mark_flag_as_required("export")
-
-
-class UsageError(Exception):
-    """A bad command-line input: reported in one line, exit code 2."""
-
-
-def _parse_lrs(text: str | None) -> list[float] | None:
-    """The learning rates of --lrs, or None for the default grid."""
-    if text is None or not text.strip():
-        return None
-    try:
-        lrs = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise UsageError(f"--lrs must be comma-separated numbers, got {text!r}") from None
-    if not lrs or any(not (math.isfinite(lr) and lr > 0) for lr in lrs):
-        raise UsageError(f"--lrs must be positive finite numbers, got {text!r}")
-    return lrs
 
 
 def _parse_task_kwargs(text: str) -> dict:
@@ -97,7 +81,7 @@ def _setup():
     if _SEED_OFFSET.value < 0 or _SEED_OFFSET.value + _SEEDS.value > 2**32:
         raise UsageError(f"--seed_offset must lie in [0, 2**32 - seeds), got {_SEED_OFFSET.value}")
     task_kwargs = _parse_task_kwargs(_TASK_KWARGS.value)
-    lrs = _parse_lrs(_LRS.value)
+    lrs = parse_lrs(_LRS.value)
     path = _EXPORT.value
     if not os.path.isfile(path):
         raise UsageError(f"export file not found: {path}")
@@ -195,14 +179,5 @@ def main(argv) -> int:
     return 0
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, but a bad or missing flag is a one-line error with exit code 2."""
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as e:
-        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
-        sys.exit(2)
-
-
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)), flags_parser=_parse_flags)
+    app.run(lambda argv: sys.exit(main(argv)), flags_parser=parse_flags)
