@@ -187,7 +187,7 @@ def settings() -> dict:
                          "the horizon, or the ablation compares different problems")
 
     cl = copy.deepcopy(naive)
-    period = _CL_PERIOD.value or max(1, int(cl.num_outer_steps) // 8)
+    period = _CL_PERIOD.value if _CL_PERIOD.value is not None else max(1, int(cl.num_outer_steps) // 8)
     if period < 1 or _CL_MIN_PERIODS.value < 1 or _CL_MAX_PERIODS.value < _CL_MIN_PERIODS.value:
         raise UsageError("need --cl_period >= 1 and 1 <= --cl_min_periods <= --cl_max_periods")
     cl.curriculum = ConfigDict(dict(

@@ -106,6 +106,7 @@ def test_rerun_reuses_finished_runs(tiny):
         (["--set=seed"], "key=value"),
         (["--set=unroll.num_particles=four"], "unroll.num_particles"),
         (["--cl_stages=8,4"], "increasing"),
+        (["--cl_period=0"], "--cl_period >= 1"),
         (["--set=unroll.horizon.name=linear"], "constant meta-training horizon"),
         (["--lrs=0.1,-1"], "positive"),
         (["--seeds=0"], "--seeds must be >= 1"),
