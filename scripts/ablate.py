@@ -256,7 +256,7 @@ def meta_train(method: str, config: ConfigDict, meta_seed: int, out: str) -> dic
     decisions = [r for r in rows if "decision" in r]
     if decisions:
         record["curriculum"] = [
-            {k: r.get(k) for k in ("step", "stage", "train_length", "valid_length", "validation",
+            {k: r.get(k) for k in ("step", "curriculum_stage", "train_length", "valid_length", "validation",
                                    "valid_loss", "decision")}
             for r in decisions
         ]

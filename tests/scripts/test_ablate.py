@@ -82,6 +82,9 @@ def test_learned_optimizers_share_the_setup_but_the_techniques(tiny):
     assert 1 <= run["outer_steps"] <= OUTER
     decisions = run["curriculum"]
     assert decisions[0]["validation"] == "baseline" and decisions[0]["train_length"] == H // 4
+    assert decisions[0]["curriculum_stage"] == 0
+    for d in decisions:
+        assert d["train_length"] == [H // 4, H // 2, H][d["curriculum_stage"]]
     assert {d["train_length"] for d in decisions} <= {H // 4, H // 2, H}
 
 
