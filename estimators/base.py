@@ -87,6 +87,23 @@ def antithetic_params(meta_params: MetaParams, eps: MetaParams) -> MetaParams:
     )
 
 
+def antithetic_unroll(
+    unroller: Unroller, meta_params: MetaParams, unroll_state: Any, key: jax.Array, std: float
+) -> tuple[MetaParams, Any, Any]:
+    """One truncation of the antithetic particles (truncated ES / PES, Vicol et al. 2021):
+    draws eps_i per pair, unrolls theta + eps_i and theta - eps_i with shared task keys, and
+    returns ``(eps, new unroll state, UnrollOutput)``."""
+    k_eps, k_unroll = jax.random.split(key)
+    eps = sample_perturbation(unroller, k_eps, meta_params, std)
+    unroll, out = unroller.unroll(
+        antithetic_params(meta_params, eps),
+        unroll_state,
+        pair_keys(unroller, k_unroll),
+        per_particle_meta_params=True,
+    )
+    return eps, unroll, out
+
+
 def split_signs(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """The positive and negative members' values of an interleaved [2N, ...] array."""
     return x[0::2], x[1::2]

@@ -22,11 +22,10 @@ import jax
 import estimators
 from estimators.base import (
     ESOptions,
-    antithetic_params,
+    antithetic_unroll,
     keep_positive_unroll,
     num_pairs,
     pair_keys,
-    sample_perturbation,
     split_signs,
     weighted_sum,
 )
@@ -51,14 +50,7 @@ class TruncatedES(ESOptions):
         self, unroller: Unroller, meta_params: MetaParams, state: ESState, key: jax.Array
     ) -> tuple[MetaParams, ESState, dict]:
         num_pairs(unroller, "es")
-        k_eps, k_unroll = jax.random.split(key)
-        eps = sample_perturbation(unroller, k_eps, meta_params, self.std)
-        unroll, out = unroller.unroll(
-            antithetic_params(meta_params, eps),
-            state.unroll,
-            pair_keys(unroller, k_unroll),
-            per_particle_meta_params=True,
-        )
+        eps, unroll, out = antithetic_unroll(unroller, meta_params, state.unroll, key, self.std)
         loss = out.step_mean()
         pos, neg = split_signs(loss)
         grad = weighted_sum(self.es_coefficients(pos - neg), eps)

@@ -42,10 +42,9 @@ import jax.numpy as jnp
 import estimators
 from estimators.base import (
     ESOptions,
-    antithetic_params,
+    antithetic_unroll,
     num_pairs,
     pair_keys,
-    sample_perturbation,
     split_signs,
     weighted_sum,
 )
@@ -78,14 +77,7 @@ class PES(ESOptions):
         self, unroller: Unroller, meta_params: MetaParams, state: PESState, key: jax.Array
     ) -> tuple[MetaParams, PESState, dict]:
         n = num_pairs(unroller, "pes")
-        k_eps, k_unroll = jax.random.split(key)
-        eps = sample_perturbation(unroller, k_eps, meta_params, self.std)
-        unroll, out = unroller.unroll(
-            antithetic_params(meta_params, eps),
-            state.unroll,
-            pair_keys(unroller, k_unroll),
-            per_particle_meta_params=True,
-        )
+        eps, unroll, out = antithetic_unroll(unroller, meta_params, state.unroll, key, self.std)
         pos, neg = split_signs(out.losses * out.step_weights())  # per-step share of the loss
         diff = pos - neg  # [N, T]
         done = split_signs(out.done)[0]  # partners share tasks and lengths: their masks agree
