@@ -24,10 +24,13 @@ column factor ``c``     0.9, 0.99, 0.999 (of mean g^2      leaf.shape, row axis 
 full ``v`` (< 2-D)      0.9, 0.99, 0.999 (of g^2)          leaf.shape + (3,)
 ======================  =================================  =====================================
 
-Rows and columns are the last two axes of a tensor of rank >= 2 (dense kernels: in/out; HWIO
-conv kernels: in/out channels; embeddings: vocabulary/features). The factored estimate of the
-second moment is Adafactor's ``v_hat = r c / mean(r)`` (``R C / 1^T R`` with means instead of
-sums); a tensor under 2-D keeps the full accumulator ``v`` and uses ``v_hat = r = c = v``.
+Rows and columns are the two largest axes of a tensor of rank >= 2 (as Adafactor's and
+learned_optimization's ``factored_dims``: "factor the largest 2 dims"; among equal sizes the
+later axis counts as larger), row before column in axis order: dense kernels in/out, an HWIO
+conv kernel (3, 3, 16, 32) its channels, a (3, 3, 2, 4) kernel its axes 1 and 3. The factored
+estimate of the second moment is Adafactor's ``v_hat = r c / mean(r)`` (``R C / 1^T R`` with
+means instead of sums); a tensor under 2-D keeps the full accumulator ``v`` and uses
+``v_hat = r = c = v``.
 
 Input features, per scalar parameter (28 + 11 = 39):
 
@@ -46,18 +49,30 @@ Input features, per scalar parameter (28 + 11 = 39):
 10    column factor c (broadcast over the tensor)       3
 11    1 / sqrt(r)                                       3
 12    1 / sqrt(c)                                       3
-13    time features tanh(t / x), x = 1, 3, 10, ..., 1e5 11
+13    time features tanh(t / x - 1), x = 1, 3, ..., 1e5 11
 ====  ==============================================  =====
 
-Features 1-12 are each divided by ``sqrt(mean(x^2) + 1e-8)`` over the tensor (Metz et al. 2019,
-App. B), which makes the optimizer (nearly) invariant to the gradient's scale. An MLP (2 hidden
+The time features are tanh(t / x - 1), as in learned_optimization's small_fc_lopt
+(``tanh_embedding``) and Metz et al. 2019 App. D.1; PyLO's background page writes the
+simplified tanh(t / x). Reciprocal square roots add an epsilon inside the root, as
+learned_optimization's small_fc_lopt does: 1e-6 for the second moment ``rms`` (feature 5, 6)
+and 1e-8 for the factored accumulators (features 7, 8, 11, 12). An all-zero accumulator (a
+weight whose gradient has been exactly zero, e.g. an always-black pixel's) then gives 1e3 or
+1e4, not the 1e10 of a 1e-20 epsilon that, after the normalisation below, squashed every live
+entry's feature to ~1e-5.
+
+Features 1-12 are each divided by ``sqrt(mean(x^2) + 1e-8)`` over the tensor (Metz et al.
+2019, App. D.1; learned_optimization's ``second_moment_normalizer`` adds 1e-5, which would
+attenuate features below ~3e-3, such as the reciprocal square roots of large second moments),
+which makes the optimizer invariant to the gradient's scale once the second moments dwarf the
+reciprocal-sqrt epsilons. An MLP (2 hidden
 layers of 32, ReLU) maps the 39 inputs to a direction ``d`` and a log-magnitude ``s``; the
 normalisation and the time features are folded into its first layer's weights and bias, which
 is the same function with less memory traffic. The update is
 
     dp = -d * exp(s * 1e-3) * 1e-3
 
-(the output parameterisation of Metz et al. 2019, App. B, kept by Metz et al. 2022).
+(the output parameterisation of Metz et al. 2019, App. D.1, kept by Metz et al. 2022).
 
 With ``learnable_decays=True`` the decays become meta-params too, as sigmoid(logit).
 """
@@ -79,11 +94,11 @@ MOMENTUM_DECAYS = (0.9, 0.99, 0.999)
 RMS_DECAYS = (0.999,)
 FACTORED_DECAYS = (0.9, 0.99, 0.999)
 TIMESCALES = (1, 3, 10, 30, 100, 300, 1000, 3000, 10_000, 30_000, 100_000)
-# Added under every reciprocal square root of an accumulator: far below any g^2 that matters,
-# yet 1/sqrt of an all-zero accumulator (1e10), squared and summed over a 1e9-element tensor,
-# stays finite in float32.
-_RSQRT_EPS = 1e-20
-# Added to mean(x^2) in the per-tensor feature normalisation (Metz et al. 2019, App. B).
+# Added under the reciprocal square roots (module docstring): of the second moment, and of the
+# factored accumulators; learned_optimization's small_fc_lopt uses the same values.
+_RSQRT_EPS_RMS = 1e-6
+_RSQRT_EPS_FACTORED = 1e-8
+# Added to mean(x^2) in the per-tensor feature normalisation (module docstring).
 _NORM_EPS = 1e-8
 
 
@@ -93,14 +108,17 @@ class AdafacMLPState(NamedTuple):
 
 
 def factored_axes(shape: tuple[int, ...]) -> tuple[int, int] | None:
-    """(row axis, column axis) of a factored accumulator: the last two axes, or None under 2-D.
+    """(row axis, column axis) of a factored accumulator: the two largest axes in axis order
+    (ties: the later axis counts as larger), or None under 2-D.
 
-    With flax's layouts these are (in, out) of a dense kernel, (in, out) channels of an HWIO
-    conv kernel and (vocabulary, features) of an embedding table.
+    With flax's layouts these are (in, out) of a dense kernel, the (in, out) channels of an HWIO
+    conv kernel with at least 3 of each and (vocabulary, features) of an embedding table.
     """
     if len(shape) < 2:
         return None
-    return len(shape) - 2, len(shape) - 1
+    by_size = sorted(range(len(shape)), key=lambda axis: (shape[axis], axis))
+    row, col = sorted(by_size[-2:])
+    return row, col
 
 
 def _keep(shape: tuple[int, ...], axis: int) -> tuple[int, ...]:
@@ -216,10 +234,10 @@ class AdafacMLPLOpt:
                 row = b_fac * acc["row"] + (1.0 - b_fac) * jnp.mean(g2, axis=c, keepdims=True)
                 col = b_fac * acc["col"] + (1.0 - b_fac) * jnp.mean(g2, axis=r, keepdims=True)
                 new_acc = {"m": m, "rms": rms, "row": row, "col": col}
-                v_hat = row * col / (jnp.mean(row, axis=r, keepdims=True) + _RSQRT_EPS)
+                v_hat = row * col / (jnp.mean(row, axis=r, keepdims=True) + _RSQRT_EPS_FACTORED)
             full = jnp.shape(g32)[:-1]
-            rsqrt_rms = jax.lax.rsqrt(rms + _RSQRT_EPS)  # [..., nr]
-            rsqrt_v = jax.lax.rsqrt(v_hat + _RSQRT_EPS)  # [..., nf]
+            rsqrt_rms = jax.lax.rsqrt(rms + _RSQRT_EPS_RMS)  # [..., nr]
+            rsqrt_v = jax.lax.rsqrt(v_hat + _RSQRT_EPS_FACTORED)  # [..., nf]
             m_div_rms = (m[..., :, None] * rsqrt_rms[..., None, :]).reshape(full + (nm * nr,))
             feats = jnp.concatenate(
                 [
@@ -233,12 +251,12 @@ class AdafacMLPLOpt:
                     m * rsqrt_v,
                     jnp.broadcast_to(row, full + (nf,)),
                     jnp.broadcast_to(col, full + (nf,)),
-                    jnp.broadcast_to(jax.lax.rsqrt(row + _RSQRT_EPS), full + (nf,)),
-                    jnp.broadcast_to(jax.lax.rsqrt(col + _RSQRT_EPS), full + (nf,)),
+                    jnp.broadcast_to(jax.lax.rsqrt(row + _RSQRT_EPS_FACTORED), full + (nf,)),
+                    jnp.broadcast_to(jax.lax.rsqrt(col + _RSQRT_EPS_FACTORED), full + (nf,)),
                 ],
                 axis=-1,
             )
-            # Per-feature normalisation over the tensor (Metz et al. 2019, App. B) and the time
+            # Per-feature normalisation over the tensor (Metz et al. 2019, App. D.1) and the time
             # features (equal for every coordinate) are folded into the first layer, so neither
             # a normalised copy of the features nor a broadcast of the time features is built:
             #   norm(f) @ W[:n] + t @ W[n:] + b  =  f @ (s * W[:n]) + (t @ W[n:] + b).
@@ -257,7 +275,7 @@ class AdafacMLPLOpt:
             if params is None:
                 raise ValueError("the adafac_mlp learned optimizer needs `params` in update()")
             decays = self.decays(meta_params)
-            t_feats = time_features(state.step, self.timescales, offset=0.0)
+            t_feats = time_features(state.step, self.timescales, offset=1.0)
             new_updates, new_accs = map_leaves(
                 lambda g, p, a: update_leaf(g, p, a, decays, t_feats),
                 2,

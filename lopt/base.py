@@ -47,12 +47,15 @@ def config_of(learned_opt: LearnedOptimizer) -> dict[str, Any]:
 
 
 def tensor_rms_normalize(x: jax.Array, axes: tuple[int, ...], eps: float = 1e-8) -> jax.Array:
-    """x / sqrt(mean(x^2) + eps) over ``axes`` (the tensor's own axes): Metz et al. 2019, App. B."""
+    """x / sqrt(mean(x^2) + eps) over ``axes`` (the tensor's own axes): Metz et al. 2019, App. D.1,
+    "normalized by the second moment with regard to other elements in the 'batch' dimension"."""
     return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=axes, keepdims=True) + eps)
 
 
 def time_features(step: jax.Array, scales: tuple[float, ...], offset: float = 1.0) -> jax.Array:
-    """tanh(t / x - offset) for each timescale x (Metz et al. 2019, App. B; offset 0 gives PyLO's)."""
+    """tanh(t / x - offset) for each timescale x: Metz et al. 2019 App. D.1, "tanh(t/eta - 1)",
+    also learned_optimization's small_fc_lopt (``tanh_embedding``); offset 0 is the simplified
+    tanh(t/x) of PyLO's background page."""
     t = jnp.asarray(step, jnp.float32)
     return jnp.tanh(t / jnp.asarray(scales, jnp.float32) - offset)
 

@@ -4,7 +4,14 @@ D. P. Kingma, J. Ba, "Adam: A method for stochastic optimization", ICLR 2015, Al
 
     m_t = b1 m_{t-1} + (1 - b1) g_t            v_t = b2 v_{t-1} + (1 - b2) g_t^2
     m_hat = m_t / (1 - b1^t)                   v_hat = v_t / (1 - b2^t)
-    dp = -lr * m_hat / (sqrt(v_hat) + eps)
+    dp = -lr * m_hat / (sqrt(v_hat + eps_root) + eps)
+
+``eps_root`` (optax's name; 0 in Kingma & Ba) sits inside the square root. Meta-training
+differentiates *through* this update (second-order TBPTT differentiates it with respect to the
+gradient), and d sqrt(v)/dv is infinite at v = 0, which every coordinate with an exactly-zero
+gradient reaches (the always-black pixels of 8x8 digits feed such weights): inf * 0 = NaN and
+the whole meta-gradient is lost. With ``eps_root`` > 0 the derivative is finite everywhere;
+the default 1e-16 adds sqrt(1e-16) = 1e-8 to the denominator only where v is ~0.
 
 The meta-params are ``{"log_lr", "log_one_minus_b1", "log_one_minus_b2"}`` (float32 scalars),
 so ``lr = exp(log_lr)`` and ``b = 1 - exp(log_one_minus_b)``: unconstrained, with b in (0, 1)
@@ -13,8 +20,8 @@ three numbers, whose meta-loss landscape can be plotted, used for truncation-bia
 (Wu et al., "Understanding short-horizon bias in stochastic meta-optimization", ICLR 2018;
 Vicol et al., "Unbiased gradient estimation in unrolled computation graphs with persistent
 evolution strategies", ICML 2021) and as a sanity check of every estimator. With
-``meta_params_for(1e-3, 0.9, 0.999)`` it follows ``optax.adam(1e-3)`` to float tolerance (the
-arithmetic mirrors ``optax.scale_by_adam``).
+``meta_params_for(1e-3, 0.9, 0.999)`` it follows ``optax.adam(1e-3, eps_root=eps_root)`` to float
+tolerance (the arithmetic mirrors ``optax.scale_by_adam``).
 """
 
 from __future__ import annotations
@@ -57,12 +64,15 @@ class HyperAdam:
     init_b1: float = 0.9
     init_b2: float = 0.999
     eps: float = 1e-8
+    eps_root: float = 1e-16
     name: ClassVar[str] = "hyper_adam"
 
     def __post_init__(self):
         _check_hyperparameters(self.init_learning_rate, self.init_b1, self.init_b2)
         if not self.eps >= 0:
             raise ValueError(f"hyper_adam: eps must be >= 0, got {self.eps}")
+        if not self.eps_root >= 0:
+            raise ValueError(f"hyper_adam: eps_root must be >= 0, got {self.eps_root}")
 
     @staticmethod
     def meta_params_for(learning_rate: float, b1: float, b2: float) -> dict:
@@ -88,7 +98,7 @@ class HyperAdam:
         return self.meta_params_for(self.init_learning_rate, self.init_b1, self.init_b2)
 
     def optimizer(self, meta_params: dict) -> optax.GradientTransformationExtraArgs:
-        eps = self.eps
+        eps, eps_root = self.eps, self.eps_root
 
         def init_fn(params):
             zeros = lambda p: jnp.zeros(jnp.shape(p), jnp.float32)
@@ -114,7 +124,7 @@ class HyperAdam:
             c1 = 1 - b1**count
             c2 = 1 - b2**count
             new_updates = jax.tree.map(
-                lambda g, m, v: (-lr * ((m / c1) / (jnp.sqrt(v / c2) + eps))).astype(
+                lambda g, m, v: (-lr * ((m / c1) / (jnp.sqrt(v / c2 + eps_root) + eps))).astype(
                     jnp.result_type(g)
                 ),
                 updates,

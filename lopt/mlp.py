@@ -1,18 +1,29 @@
 """``mlp``: the per-parameter MLP learned optimizer of Metz et al. 2019.
 
 L. Metz, N. Maheswaranathan, J. Nixon, C. D. Freeman, J. Sohl-Dickstein, "Understanding and
-correcting pathologies in the training of learned optimizers", ICML 2019, Appendix B.
+correcting pathologies in the training of learned optimizers", ICML 2019, Sec. 4.1 and
+Appendix D.1 ("Architecture"), which this module implements line by line:
 
-For every scalar parameter w with gradient g the MLP reads
-  * g, w, and momenta m_b = b m_b + (1 - b) g for b in (0.5, 0.9, 0.99, 0.999, 0.9999),
-    each divided by the square root of its second moment over the tensor;
-  * time features tanh(t / x - 1) for log-spaced timescales x;
-and outputs a direction d and a log-magnitude m. The update is
+* "a single hidden layer feed forward MLP with 32 hidden units" (``hidden_size=32,
+  hidden_layers=1``, the defaults; more layers are an option), ReLU;
+* inputs: "momentum terms at a few different decay values: [0.5, 0.9, 0.99, 0.999, 0.9999]",
+  "the current gradient as well as the current weight value" (``decays``);
+* "the current training iteration is fed in transformed via applying a tanh squashing functions
+  at different timescales: tanh(t/eta - 1) where eta is the timescale. We use 9 timescales
+  logarithmicly spaced from (3, 300k)" (``timescales="metz2019"``, read as
+  ``geomspace(3, 300_000, 9)``, both ends included). The default ``timescales`` are instead the 11
+  of learned_optimization's ``MLPLOpt`` (1, 3, 10, ..., 1e5), with the same tanh(t/eta - 1);
+* "All non-time features are normalized by the second moment with regard to other elements in
+  the 'batch' dimension (the other weights of the weight tensor)": x / sqrt(mean(x^2) + 1e-8)
+  over the tensor;
+* "the network produces two outputs, and we combine them in an exponential manner:
+  exp(lambda_exp o_1) lambda_lin o_2 ... both set to 1e-3". With d = o_1 the direction and
+  m = o_2 the log-magnitude:
 
-    dw = -d * exp(m * 1e-3) * 1e-3 .
+    dw = -d * exp(m * 1e-3) * 1e-3   (``exp_mult``, ``step_mult``),
 
-The 1e-3 factors keep the first steps small, so a freshly initialised optimizer takes steps of
-about 1e-3 and meta-training starts from a stable point.
+  so a freshly initialised optimizer takes steps of about 1e-3 and meta-training starts from a
+  stable point.
 """
 
 from __future__ import annotations
@@ -22,6 +33,7 @@ from typing import ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 import lopt
@@ -29,6 +41,9 @@ from lopt.base import dense_apply, dense_init, map_leaves, tensor_rms_normalize,
 
 DEFAULT_DECAYS = (0.5, 0.9, 0.99, 0.999, 0.9999)
 DEFAULT_TIMESCALES = (1, 3, 10, 30, 100, 300, 1000, 3000, 10_000, 30_000, 100_000)
+#: Named timescale sets: Metz et al. 2019 App. D.1, "9 timescales logarithmicly spaced from
+#: (3, 300k)".
+TIMESCALE_PRESETS = {"metz2019": tuple(float(x) for x in np.geomspace(3.0, 300_000.0, 9))}
 
 
 class MLPLOptState(NamedTuple):
@@ -39,21 +54,39 @@ class MLPLOptState(NamedTuple):
 @lopt.register("mlp")
 @dataclasses.dataclass(frozen=True)
 class MLPLOpt:
-    """Metz et al. 2019 per-parameter MLP optimizer (see module docstring)."""
+    """Metz et al. 2019 per-parameter MLP optimizer (see module docstring).
+
+    ``timescales``: a tuple of timescales eta, or the name of a preset in ``TIMESCALE_PRESETS``
+    (``"metz2019"``: the paper's 9).
+    """
 
     hidden_size: int = 32
-    hidden_layers: int = 2
+    hidden_layers: int = 1
     decays: tuple[float, ...] = DEFAULT_DECAYS
-    timescales: tuple[float, ...] = DEFAULT_TIMESCALES
+    timescales: tuple[float, ...] | str = DEFAULT_TIMESCALES
     step_mult: float = 1e-3
     exp_mult: float = 1e-3
     name: ClassVar[str] = "mlp"
 
     def __post_init__(self):
         object.__setattr__(self, "decays", tuple(float(d) for d in self.decays))
+        if isinstance(self.timescales, str):
+            if self.timescales not in TIMESCALE_PRESETS:
+                raise ValueError(
+                    f"mlp: timescales must be a tuple or one of {sorted(TIMESCALE_PRESETS)}, "
+                    f"got {self.timescales!r}"
+                )
+            object.__setattr__(self, "timescales", TIMESCALE_PRESETS[self.timescales])
         object.__setattr__(self, "timescales", tuple(float(x) for x in self.timescales))
         if not all(0.0 <= d < 1.0 for d in self.decays):
             raise ValueError(f"mlp: decays must lie in [0, 1), got {self.decays}")
+        if isinstance(self.hidden_size, bool) or int(self.hidden_size) < 1 or int(self.hidden_layers) < 0:
+            raise ValueError(
+                f"mlp: hidden_size must be >= 1 and hidden_layers >= 0, got {self.hidden_size} "
+                f"and {self.hidden_layers}"
+            )
+        if not all(x > 0 for x in self.timescales):
+            raise ValueError(f"mlp: timescales must be positive, got {self.timescales}")
 
     @property
     def num_features(self) -> int:

@@ -179,10 +179,14 @@ class LSTMDM:
     N. de Freitas, "Learning to learn by gradient descent by gradient descent", NeurIPS 2016:
     the update ``theta_{t+1} = theta_t + g_t`` (Eq. 1) with ``[g_t, h_{t+1}] = m(grad_t, h_t,
     phi)``, m an LSTM (Sec. 2), applied coordinate-wise with shared weights (Sec. 2.1), on
-    LogAndSign-preprocessed gradients (App. A). Configured as the L2O-DM baseline of T. Chen,
-    W. Zhang, J. Zhou, S. Chang, S. Liu, L. Amini, Z. Wang, "Training stronger baselines for
-    learning to optimize", NeurIPS 2020: two LSTM layers of 20 units, preprocessing with k = 5,
-    and a linear output scaled by 0.01 (``update = 0.01 * (h_top W + b)``).
+    LogAndSign-preprocessed gradients (App. A). The L2O-DM baseline of T. Chen, W. Zhang, J. Zhou,
+    S. Chang, S. Liu, L. Amini, Z. Wang, "Training stronger baselines for learning to optimize",
+    NeurIPS 2020 (Sec. 5, "Optimizer Settings": "the earliest and simplest L2O-DM introduced by
+    DeepMind [1]") is this network as DeepMind's released L2O-DM code configures it
+    (github.com/deepmind/learning-to-learn, ``util.get_default_net_config``), which Chen et
+    al.'s code builds on: two LSTM layers of 20 units (also Andrychowicz et al., Sec. 3),
+    LogAndSign with k = 5 and a linear output scaled by 0.01 (``update = 0.01 * (h_top W + b)``).
+    k = 5 and the 0.01 scale are the released code's defaults; Chen et al. do not print them.
     """
 
     hidden_size: int = 20
@@ -247,8 +251,10 @@ class RNNProp:
         m_t = b1 m + (1 - b1) g,  v_t = b2 v + (1 - b2) g^2,
         m_hat = m_t / (1 - b1^t),  v_hat = v_t / (1 - b2^t)
 
-    give ``m_hat / (sqrt(v_hat) + eps)`` and ``g / (sqrt(v_hat) + eps)``, which are invariant to
-    the gradient's scale. Network: a linear layer of 20 with ELU, two coordinate-wise LSTM
+    give ``m_hat / (sqrt(v_hat + eps_root) + eps)`` and ``g / (sqrt(v_hat + eps_root) + eps)``,
+    which are invariant to the gradient's scale. ``eps_root`` (1e-16, not in Lv et al.) keeps the
+    derivative of the square root finite where v = 0 (a coordinate whose gradient has been
+    exactly zero), so second-order meta-gradients through this preprocessing stay finite. Network: a linear layer of 20 with ELU, two coordinate-wise LSTM
     layers of 20, and a linear output squashed by tanh:
 
         update = learning_rate * output_scale * tanh(h_top W + b)
@@ -261,6 +267,7 @@ class RNNProp:
     beta1: float = 0.95
     beta2: float = 0.95
     eps: float = 1e-8
+    eps_root: float = 1e-16
     output_scale: float = 0.01
     learning_rate: float = 1.0
     name: ClassVar[str] = "rnnprop"
@@ -281,7 +288,7 @@ class RNNProp:
         }
 
     def optimizer(self, meta_params: dict) -> optax.GradientTransformationExtraArgs:
-        b1, b2, eps = self.beta1, self.beta2, self.eps
+        b1, b2, eps, eps_root = self.beta1, self.beta2, self.eps, self.eps_root
         scale = self.learning_rate * self.output_scale
 
         def init_fn(params):
@@ -307,7 +314,7 @@ class RNNProp:
                 # Lv et al. 2017: Adam's bias-corrected moments normalise the inputs.
                 mu = b1 * mu + (1.0 - b1) * g
                 nu = b2 * nu + (1.0 - b2) * jnp.square(g)
-                denom = jnp.sqrt(nu / c2) + eps
+                denom = jnp.sqrt(nu / c2 + eps_root) + eps
                 x = jnp.stack([(mu / c1) / denom, g / denom], axis=-1)
                 x = jax.nn.elu(x @ meta_params["input"]["w"] + meta_params["input"]["b"])
                 top, h, c = lstm_stack(meta_params["lstm"], x, h, c)

@@ -149,8 +149,9 @@ def test_documented_state_shapes():
     params = _params()
     lo, mp = _zoo("adafac_mlp")
     acc = _init(lo, mp, params).accumulators
-    assert acc["conv"]["row"].shape == (3, 3, 2, 1, 3)  # factored over the in/out channels
-    assert acc["conv"]["col"].shape == (3, 3, 1, 4, 3)
+    # (3, 3, 2, 4): the two largest axes are 1 (3; the later of the two 3s) and 3 (4).
+    assert acc["conv"]["row"].shape == (3, 3, 2, 1, 3)
+    assert acc["conv"]["col"].shape == (3, 1, 2, 4, 3)
     assert acc["embed"]["row"].shape == (11, 1, 3) and acc["embed"]["col"].shape == (1, 3, 3)
     assert acc["bias"]["v"].shape == (5, 3) and acc["scale"]["v"].shape == (3,)
     assert acc["dense"]["w"]["m"].shape == (6, 4, 3) and acc["dense"]["w"]["rms"].shape == (6, 4, 1)
@@ -175,7 +176,12 @@ def test_first_update_scale(name):
     if name == "hyper_adam":  # Adam's first step is exactly lr * sign(g)
         np.testing.assert_allclose(_rms(upd), 1e-3, rtol=1e-2)
     if name in SCALE_INVARIANT:
-        big, _ = _update(learned_opt, meta_params, _grads(params, scale=100.0), state, params)
+        # adafac_mlp's reciprocal-sqrt epsilons (1e-6, 1e-8, as small_fc_lopt) make it scale
+        # invariant only once the second moments dwarf them: compare scales 1e2 and 1e4 there.
+        base = 100.0 if name == "adafac_mlp" else 1.0
+        if base != 1.0:
+            upd, _ = _update(learned_opt, meta_params, _grads(params, scale=base), state, params)
+        big, _ = _update(learned_opt, meta_params, _grads(params, scale=100.0 * base), state, params)
         diff = jax.tree.map(lambda a, b: a.astype(jnp.float32) - b.astype(jnp.float32), big, upd)
         assert _rms(diff) < 0.02 * _rms(upd), (_rms(diff), _rms(upd))
 
@@ -287,7 +293,7 @@ def test_hyper_adam_reproduces_optax_adam():
     _assert_trees_close(learned_opt.init(jax.random.PRNGKey(5)), meta_params, rtol=0, atol=0)
     params = {"xy": jnp.asarray([-1.2, 1.0]), "w": jnp.linspace(-1.0, 1.0, 6).reshape(2, 3)}
     ours = _trajectory(learned_opt.optimizer(meta_params), params, 300)
-    ref = _trajectory(optax.adam(1e-3), params, 300)
+    ref = _trajectory(optax.adam(1e-3, eps_root=learned_opt.eps_root), params, 300)
     _assert_trees_close(ours, ref, rtol=1e-6, atol=5e-7)
     moved = jax.tree.map(lambda a, b: jnp.max(jnp.abs(a[-1] - b)), ref, params)
     assert min(jax.tree.leaves(moved)) > 0.1  # the trajectory went somewhere
@@ -411,3 +417,64 @@ def test_short_meta_training_lowers_meta_loss(name):
     assert int(state.num_skipped) == 0
     first, last = np.mean(losses[:5]), np.mean(losses[-5:])
     assert last < first - 0.04, (first, last, np.round(losses, 3))
+
+
+# --- adafac_mlp as small_fc_lopt ----------------------------------------------------------------
+
+# Feature indices with the default sizes (module docstring of lopt/adafac.py).
+_RSQRT_RMS_FEATURE = 9
+_FIRST_TIME_FEATURE = 28
+
+
+def _probe(feature: int) -> tuple:
+    """A linear adafac_mlp (no hidden layer) whose direction is normalised input ``feature`` and
+    whose magnitude is 0: its update is exactly -1e-3 * that feature."""
+    learned_opt = lopt.get("adafac_mlp", hidden_layers=0)
+    mp = learned_opt.init(jax.random.PRNGKey(0))
+    w = jnp.zeros_like(mp["mlp"][0]["w"]).at[feature, 0].set(1.0)
+    mp = {"mlp": [{"w": w, "b": jnp.zeros_like(mp["mlp"][0]["b"])}]}
+    return learned_opt, mp
+
+
+def test_adafac_time_features_are_tanh_t_over_x_minus_one():
+    """At step 0 the time features of small_fc_lopt are tanh(0 / x - 1) = tanh(-1) for every
+    timescale (tanh(t / x) would give 0)."""
+    learned_opt, mp = _probe(_FIRST_TIME_FEATURE)
+    params = {"w": jnp.ones((4, 3))}
+    opt = learned_opt.optimizer(mp)
+    updates, _ = opt.update({"w": jnp.ones((4, 3))}, opt.init(params), params)
+    np.testing.assert_allclose(np.asarray(updates["w"]), -1e-3 * np.tanh(-1.0), rtol=1e-6)
+
+
+def test_adafac_rsqrt_feature_survives_dead_rows():
+    """A 64x32 kernel with three all-zero gradient rows (always-black input pixels): the live
+    entries' 1/sqrt(rms) feature must stay O(1) after the per-tensor normalisation. With a
+    1e-20 epsilon the dead rows' 1e10 dominated the tensor's second moment and squashed the
+    live entries to ~1e-5."""
+    learned_opt, mp = _probe(_RSQRT_RMS_FEATURE)
+    g = jax.random.normal(jax.random.PRNGKey(3), (64, 32)).at[:3].set(0.0)
+    params = {"w": jnp.zeros((64, 32))}
+    opt = learned_opt.optimizer(mp)
+    updates, _ = opt.update({"w": g}, opt.init(params), params)
+    live = np.abs(np.asarray(updates["w"][3:])) / 1e-3  # the normalised feature itself
+    assert np.median(live) > 0.05, np.median(live)
+
+
+def test_adafac_factors_the_two_largest_axes():
+    learned_opt, mp = _zoo("adafac_mlp")
+    params = {"k": jnp.zeros((5, 7, 3)), "t": jnp.zeros((4, 4))}
+    acc = _init(learned_opt, mp, params).accumulators
+    assert acc["k"]["row"].shape == (5, 1, 3, 3) and acc["k"]["col"].shape == (1, 7, 3, 3)
+    assert acc["t"]["row"].shape == (4, 1, 3) and acc["t"]["col"].shape == (1, 4, 3)
+
+
+def test_mlp_metz2019_timescales_and_architecture():
+    """Metz et al. 2019 App. D.1: one hidden layer of 32 by default; the paper's 9 timescales
+    log-spaced over (3, 300k) as the ``"metz2019"`` preset."""
+    learned_opt = lopt.get("mlp", timescales="metz2019")
+    np.testing.assert_allclose(learned_opt.timescales, np.geomspace(3, 3e5, 9))
+    assert learned_opt.num_features == 2 + 5 + 9
+    shapes = [layer["w"].shape for layer in learned_opt.init(jax.random.PRNGKey(0))["mlp"]]
+    assert shapes == [(16, 32), (32, 2)]
+    with pytest.raises(ValueError, match="metz2019"):
+        lopt.get("mlp", timescales="metz")
