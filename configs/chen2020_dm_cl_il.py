@@ -1,14 +1,16 @@
-"""Chen et al. 2020's strongest L2O-DM recipe, "DM-CL-IL", at small scale.
+"""Chen et al. 2020's strongest L2O-DM recipe, "DM-CL-IL", at CPU scale.
 
     python scripts/meta_train.py --config=configs/chen2020_dm_cl_il.py --workdir=runs/dm_cl_il
 
 T. Chen et al., "Training Stronger Baselines for Learning to Optimize", NeurIPS 2020: the
-coordinate-wise LSTM (L2O-DM) on ``mlp_orig`` with the unroll-length curriculum (Sec. 3.1,
+coordinate-wise LSTM (L2O-DM) on ``mlp_orig`` with the unroll-length curriculum (Sec. 3.2,
 Algorithm 1; see configs/chen2020_cl.py) *and* off-policy imitation of analytical optimizers
-(Sec. 3.2, Algorithm 2): with probability ``imitation.prob`` an outer step is an imitation
-episode that fits the LSTM's updates to those of a teacher drawn uniformly from Adam, SGD,
-Adagrad, RMSProp and Nesterov momentum, on the teacher's own trajectory. Ablate with
-``--config.imitation.enabled=False`` or ``--config.curriculum.enabled=False``.
+(Sec. 4.1, Algorithm 2): with probability r (``imitation.prob``) an outer step is an imitation
+episode that fits the LSTM's updates to those of a teacher drawn uniformly from Adam, SGD and
+Adagrad (Sec. 5.3, "off-policy imitation learning (IL) of analytical optimizers (Adam, SGD and
+Adagrad)"), along the teacher's own N_train-step trajectory. The paper does not print r; 0.2
+is our choice. Ablate with ``--config.imitation.enabled=False`` or
+``--config.curriculum.enabled=False``.
 """
 
 import importlib.util
@@ -28,6 +30,6 @@ def _sibling(name: str):
 def get_config() -> ConfigDict:
     c = _sibling("chen2020_cl").get_config()
     c.imitation = ConfigDict(
-        dict(enabled=True, prob=0.2, teachers=("adam", "sgd", "adagrad", "rmsprop", "nesterov"))
+        dict(enabled=True, prob=0.2, teachers=("adam", "sgd", "adagrad"))
     )
     return c

@@ -29,7 +29,7 @@ from estimators.base import (
     split_signs,
     weighted_sum,
 )
-from estimators.unroll import Unroller, UnrollState
+from estimators.unroll import Unroller, UnrollState, unroll_metrics
 from lopt.base import MetaParams
 
 
@@ -57,8 +57,6 @@ class TruncatedES(ESOptions):
         unroll = keep_positive_unroll(unroll)
         metrics = {
             "meta_loss": loss.mean(),
-            "inner_loss": out.step_mean(out.raw_losses).mean(),
-            "inner_steps": out.mask.sum(),
-            "trajectories_done": split_signs(out.done)[0].sum(),
+            **unroll_metrics(unroller, out, unroll.particles, pairs=True),
         }
         return grad, ESState(unroll), metrics

@@ -34,7 +34,7 @@ from estimators.base import (
     weighted_sum,
 )
 from estimators.schedules import power_of_two_buckets
-from estimators.unroll import Unroller
+from estimators.unroll import Unroller, unroll_metrics
 from lopt.base import MetaParams
 
 LOSS_TYPES = ("avg", "last", "last_recomputed")
@@ -99,17 +99,20 @@ class FullES(ESOptions):
                     thetas, keys, length, bucket, outer_step=state.outer_step,
                     per_particle_meta_params=True,
                 )
-                return self._particle_losses(unroller, final, out, keys), out.step_mean(out.raw_losses)
+                common = unroll_metrics(unroller, out, final, pairs=True)
+                return (self._particle_losses(unroller, final, out, keys), common["inner_loss"],
+                        common["unnormalized_share"])
 
             return go
 
         index = jnp.searchsorted(jnp.asarray(buckets), length)
-        losses, inner = jax.lax.switch(index, [run(b) for b in buckets], thetas, keys)
+        losses, inner, unnormalized = jax.lax.switch(index, [run(b) for b in buckets], thetas, keys)
         pos, neg = split_signs(losses)
         grad = weighted_sum(self.es_coefficients(pos - neg), eps)
         metrics = {
             "meta_loss": losses.mean(),
-            "inner_loss": inner.mean(),
+            "inner_loss": inner,
+            "unnormalized_share": unnormalized,
             "inner_steps": length * 2 * n,
             "trajectory_length": length,
         }

@@ -57,7 +57,10 @@ DEFAULT_LEARNING_RATES = {
     "adagrad": 0.1,
     "rmsprop": 1e-3,
 }
-CHEN_TEACHERS = ("adam", "sgd", "adagrad", "rmsprop", "nesterov")  # Chen et al. 2020, Sec. 3.3
+#: Chen et al. 2020's teachers: Sec. 5.3, "off-policy imitation learning (IL) of analytical
+#: optimizers (Adam, SGD and Adagrad)"; the same three serve self-improving ("which also take
+#: Adam, SGD, and Adagrad as their auxiliary optimizers").
+CHEN_TEACHERS = ("adam", "sgd", "adagrad")
 
 TeacherSpec = tuple  # (name, ((option, value), ...)), hashable
 
@@ -294,7 +297,8 @@ class Imitation:
       needs an enabled ``config.curriculum``.
 
     teachers: drawn uniformly per episode (names or dicts, see :func:`teacher_spec`).
-    length: teacher trajectory length T (a shape; default the unroller's truncation length).
+    length: teacher trajectory length T (a shape; default N_train, the horizon's length:
+      :meth:`episode_length`).
     normalize: ``"teacher"`` divides the loss by sum_t w_t ||dtheta_teacher_t||^2 (scale-free
       across teachers and tasks), ``"none"`` is the plain weighted sum of squares.
     weights: w_t, ``"uniform"`` (1/T) or ``"linear"`` (proportional to t + 1, later steps
@@ -338,6 +342,13 @@ class Imitation:
             return float(self.prob)
         return self.prob[min(int(stage), len(self.prob) - 1)]
 
+    def episode_length(self, unroller: Unroller) -> int:
+        """T of an imitation episode: ``length``, or by default the trajectory length N_train
+        (Alg. 2: "Generate an optimization trajectory T = [(g_1, dtheta_1), ...,
+        (g_Ntrain, dtheta_Ntrain)]"), i.e. the horizon's maximum; under the curriculum each
+        stage's trainer has the constant horizon N_train of its stage, so episodes follow it."""
+        return int(self.length or unroller.horizon.max_length)
+
     def init(self, unroller: Unroller, key: jax.Array, meta_params: MetaParams) -> ImitationState:
         r = jnp.asarray(self.prob_at(0), jnp.float32)
         return ImitationState(self.base.init(unroller, key, meta_params), r)
@@ -353,7 +364,7 @@ class Imitation:
         task = unroller.task_family
         teacher_opt = build_teacher(teacher)
         opt = unroller.learned_opt.optimizer(meta_params)
-        length = int(self.length or unroller.trunc_length)
+        length = self.episode_length(unroller)
         k_init, k_steps = jax.random.split(key)
         ps = unroller.fresh_particle(meta_params, k_init, jnp.zeros([], jnp.int32))
         params = jax.lax.stop_gradient(ps.params)
@@ -405,7 +416,7 @@ class Imitation:
         k_coin, k_teacher, k_episode, k_base = jax.random.split(key, 4)
         is_imitation = jax.random.uniform(k_coin) < state.prob
         teacher = jax.random.randint(k_teacher, (), 0, len(self.teachers))
-        length = int(self.length or unroller.trunc_length)
+        length = self.episode_length(unroller)
 
         traced = {}  # the normal branch's metric shapes, recorded when it is traced
 

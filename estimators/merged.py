@@ -39,7 +39,7 @@ from estimators.base import (
     sample_perturbation,
     to_pairs,
 )
-from estimators.unroll import Unroller, UnrollState
+from estimators.unroll import Unroller, UnrollState, unroll_metrics
 from lopt.base import MetaParams
 
 
@@ -121,9 +121,7 @@ class Merged(ESOptions):
         unroll = UnrollState(particles, outer_step + 1, replay)
         metrics = {
             "meta_loss": losses.mean(),
-            "inner_loss": out.step_mean(out.raw_losses).mean(),
-            "inner_steps": out.mask.sum(),
-            "trajectories_done": out.done[:, 0].sum(),
+            **unroll_metrics(unroller, from_pairs(out), particles, pairs=True),
             "es_share": es_share,
         }
         return grad, MergedState(unroll), metrics

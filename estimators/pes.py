@@ -48,7 +48,7 @@ from estimators.base import (
     split_signs,
     weighted_sum,
 )
-from estimators.unroll import Unroller, UnrollState
+from estimators.unroll import Unroller, UnrollState, unroll_metrics
 from lopt.base import MetaParams
 
 
@@ -103,9 +103,7 @@ class PES(ESOptions):
             grad = jax.tree.map(lambda a, b: a + b, grad, g_replay)
         metrics = {
             "meta_loss": out.step_mean().mean(),
-            "inner_loss": out.step_mean(out.raw_losses).mean(),
-            "inner_steps": out.mask.sum(),
-            "trajectories_done": done.sum(),
+            **unroll_metrics(unroller, out, unroll.particles, pairs=True),
         }
         return grad, PESState(unroll, accum, sums), metrics
 

@@ -23,6 +23,9 @@ class Schedule(Protocol):
     @property
     def max_length(self) -> int: ...
 
+    @property
+    def min_length(self) -> int: ...
+
 
 REGISTRY: Registry[Schedule] = Registry("length schedule")
 
@@ -56,6 +59,10 @@ class Constant:
     def max_length(self) -> int:
         return self.length
 
+    @property
+    def min_length(self) -> int:
+        return self.length
+
 
 @REGISTRY.register("linear")
 @dataclasses.dataclass(frozen=True)
@@ -63,8 +70,12 @@ class Linear:
     """Length growing linearly from ``start`` to ``end`` over ``steps`` outer steps, then flat,
     each draw multiplied by U(1 - jitter, 1 + jitter).
 
-    Metz et al. 2019, Sec. 4.2 / App. D: "the unroll length is increased linearly from 50 to
-    10,000 over the course of meta-training, with +-20% uniform noise"."""
+    Metz et al. 2019, Sec. 4.3: "we linearly increase the number of unrolled steps from 50 to
+    10,000 over the course of 5,000 outer-training weight updates. The number of unrolled steps
+    is additionally jittered by a small percentage (sampled uniformly up to 20%)"; App. C:
+    "Sample a number of steps per truncation, k, based on current outer-training iteration".
+    It is the *truncation* length there (``unroll.trunc_schedule``); as ``unroll.horizon`` it
+    grows whole trajectories instead."""
 
     start: int = 50
     end: int = 10_000
@@ -90,6 +101,10 @@ class Linear:
     def max_length(self) -> int:
         return int(math.ceil(max(self.start, self.end) * (1.0 + self.jitter)))
 
+    @property
+    def min_length(self) -> int:
+        return max(1, int(math.floor(min(self.start, self.end) * (1.0 - self.jitter))))
+
 
 @REGISTRY.register("log_uniform")
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +126,10 @@ class LogUniform:
     @property
     def max_length(self) -> int:
         return self.high
+
+    @property
+    def min_length(self) -> int:
+        return self.low
 
 
 @REGISTRY.register("stages")
@@ -141,6 +160,10 @@ class Stages:
     @property
     def max_length(self) -> int:
         return max(self.lengths)
+
+    @property
+    def min_length(self) -> int:
+        return min(self.lengths)
 
 
 def constant(length: int) -> Constant:

@@ -16,7 +16,7 @@ import jax
 
 import estimators
 from estimators.base import particle_keys, per_device
-from estimators.unroll import Unroller, UnrollState
+from estimators.unroll import Unroller, UnrollState, unroll_metrics
 from lopt.base import MetaParams
 
 
@@ -52,10 +52,5 @@ class TBPTT:
             per_device(unroller, meta_params)
         )
         unroll = jax.lax.stop_gradient(unroll)
-        metrics = {
-            "meta_loss": loss,
-            "inner_loss": out.step_mean(out.raw_losses).mean(),
-            "inner_steps": out.mask.sum(),
-            "trajectories_done": out.done.sum(),
-        }
+        metrics = {"meta_loss": loss, **unroll_metrics(unroller, out, unroll.particles)}
         return grad, TBPTTState(unroll), metrics

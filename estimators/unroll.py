@@ -7,12 +7,16 @@ optimizer state, and a new length from the horizon schedule. It returns the per-
 terms and a done-mask, so each estimator can attribute every step's loss to the trajectory it
 belongs to.
 
-Meta-loss (one choice for every estimator, :class:`MetaLoss`): per step either the training
-loss of the batch used for that step's gradient (``split="train"``) or the loss of a fresh
-validation batch after the update (``split="valid"``, the Metz et al. 2019 option). Each term
-is divided by the trajectory's first term (``normalize="initial"``) so tasks of different loss
-scales weigh alike, and clipped at ``clip`` so a diverging inner run cannot dominate the
-meta-gradient (Metz et al. 2019 Sec. 4 use a similar clip; non-finite terms become ``clip``).
+Meta-loss (one definition for every estimator, :class:`MetaLoss`): per inner step, the loss of
+the parameters AFTER that step's update, on a fresh batch of the ``split`` ("train" or
+"valid") drawn independently of the batch the update's gradient used. A truncation of T
+steps from position K therefore scores the T updates it made, f(theta_{K+1}) ... f(theta_{K+T}):
+Metz et al. 2019, Figure 1, L_train(theta) = E_{x ~ D_train}[1/T sum_{t=1..T} l(x; w(t))] and
+L_valid likewise with D_valid. Two options, both off by default (the papers' objective is the
+plain mean): ``normalize="initial"`` divides each term by the loss of the trajectory's initial
+parameters (on a batch of the same split, under ``stop_gradient``: it does not depend on the
+meta-params), so task instances of different loss scales weigh alike; ``clip`` bounds each term
+(and turns a non-finite one into ``clip``) so a diverging inner run cannot dominate.
 
 Optional components, each off unless given (see their modules):
   * ``replay`` (:class:`estimators.replay.ReplayBuffer`): the ELO replay buffer; a reset may
@@ -49,7 +53,7 @@ class ParticleState(NamedTuple):
     opt_state: Any
     step: jax.Array  # int32: inner steps taken in this trajectory
     length: jax.Array  # int32: this trajectory's horizon
-    init_loss: jax.Array  # float32: first meta-loss term, the normaliser
+    init_loss: jax.Array  # float32: loss of the initial params on the meta-loss split (normaliser)
     aux: Any = None  # teacher optimizer state(s): behaviour cloning / self-improving mixing
 
 
@@ -81,29 +85,56 @@ class UnrollOutput(NamedTuple):
         return m / jnp.maximum(m.sum(-1, keepdims=True), 1.0)
 
 
+#: An initial loss at or below this is "zero": normalising by it would blow every term up to
+#: the clip (and zero the meta-gradient), so such a trajectory's terms are left unnormalised.
+NORMALIZER_FLOOR = 1e-8
+
+
 @dataclasses.dataclass(frozen=True)
 class MetaLoss:
-    """How per-step losses become the meta-objective (see module docstring)."""
+    """How per-step losses become the meta-objective (module docstring).
+
+    split: ``"train"`` or ``"valid"``: the data the loss after each update is measured on
+      (Metz et al. 2019's L_train and L_valid, Figure 1).
+    normalize: ``"none"`` (default) or ``"initial"``: divide by the loss of the trajectory's
+      initial parameters (theta-independent, under ``stop_gradient``). A trajectory whose initial
+      loss is <= ``NORMALIZER_FLOOR`` is left unnormalised and counted (``unnormalized_share``).
+    clip: None (default) or a bound c > 0: each term becomes min(term, c), non-finite -> c.
+
+    What the papers used: Metz et al. 2019 (Figure 1, Sec. 2.1): the plain mean of the per-step
+    loss over the truncation, no normalisation, no clip (``normalize="none", clip=None``). L2O-DM
+    (Andrychowicz et al. 2016, eq. 2) and Chen et al. 2020 (Sec. 3, L_f = sum_t w_t f(theta_t)):
+    a weighted sum of raw losses, here with w_t = 1/T. Neither paper normalises or clips; both are
+    this framework's options for mixing task instances of different loss scales (e.g.
+    ``normalize="initial", clip=2.0`` in the quickstart).
+    """
 
     split: str = "train"
-    normalize: str = "initial"
-    clip: float = 2.0
+    normalize: str = "none"
+    clip: float | None = None
 
     def __post_init__(self):
         if self.split not in ("train", "valid"):
             raise ValueError(f"meta_loss.split must be 'train' or 'valid', got {self.split!r}")
         if self.normalize not in ("initial", "none"):
             raise ValueError(f"meta_loss.normalize must be 'initial' or 'none', got {self.normalize!r}")
-        if not self.clip > 0:
-            raise ValueError(f"meta_loss.clip must be positive, got {self.clip}")
+        if self.clip is not None and not self.clip > 0:
+            raise ValueError(f"meta_loss.clip must be None or positive, got {self.clip}")
+
+    def normalizer(self, init_loss: jax.Array) -> jax.Array:
+        """What a term is divided by: the initial loss, or 1 (no normalisation, or an initial
+        loss at or below ``NORMALIZER_FLOOR``)."""
+        if self.normalize == "none":
+            return jnp.ones_like(init_loss)
+        return jnp.where(init_loss > NORMALIZER_FLOOR, init_loss, 1.0)
 
     def term(self, loss: jax.Array, init_loss: jax.Array) -> jax.Array:
-        if self.normalize == "initial":
-            loss = loss / jnp.maximum(init_loss, 1e-8)
-        return self.bound(loss)
+        return self.bound(loss / jax.lax.stop_gradient(self.normalizer(init_loss)))
 
     def bound(self, x: jax.Array) -> jax.Array:
-        """Clip at ``clip``; non-finite values become ``clip``."""
+        """With ``clip``: min(x, clip), non-finite values become ``clip``; else x unchanged."""
+        if self.clip is None:
+            return x
         return jnp.where(jnp.isfinite(x), jnp.minimum(x, self.clip), self.clip)
 
 
@@ -187,10 +218,12 @@ class Unroller:
 
     @property
     def buckets(self) -> tuple[int, ...]:
-        """Compiled truncation lengths: powers of two below ``trunc_length``, then itself."""
+        """Compiled truncation lengths: powers of two from the largest one at or below the
+        schedule's shortest length, up to ``trunc_length``, then ``trunc_length`` itself."""
         if self.trunc_schedule is None:
             return (self.trunc_length,)
-        return power_of_two_buckets(self.trunc_length)
+        shortest = min(self.trunc_schedule.min_length, self.trunc_length)
+        return power_of_two_buckets(self.trunc_length, 1 << (shortest.bit_length() - 1))
 
     def truncation_length(self, outer_step: jax.Array) -> jax.Array:
         """This outer step's truncation length (shared by all particles)."""
@@ -205,7 +238,7 @@ class Unroller:
         self, meta_params: MetaParams, key: jax.Array, outer_step: jax.Array
     ) -> ParticleState:
         """A new trajectory: sample a task instance, initialise it, draw its length."""
-        k_spec, k_init, k_len = jax.random.split(key, 3)
+        k_spec, k_init, k_len, k_norm = jax.random.split(key, 4)
         spec = self.task_family.sample(k_spec)
         params = self.task_family.init(spec, k_init)
         opt_state = self.learned_opt.optimizer(meta_params).init(params)
@@ -214,13 +247,17 @@ class Unroller:
             aux = self.behaviour_cloning.init(params)
         elif self.self_improving is not None:
             aux = self.self_improving.init(params)
+        init_loss = jnp.ones([], jnp.float32)
+        if self.meta_loss.normalize == "initial":  # the normaliser: theta-independent by design
+            batch = self.task_family.batch(spec, k_norm, self.meta_loss.split)
+            init_loss = jax.lax.stop_gradient(self.task_family.loss(spec, params, batch)[0])
         return ParticleState(
             spec=spec,
             params=params,
             opt_state=opt_state,
             step=jnp.zeros([], jnp.int32),
             length=jnp.maximum(self.horizon(k_len, outer_step), 1),
-            init_loss=jnp.ones([], jnp.float32),
+            init_loss=jnp.asarray(init_loss, jnp.float32),
             aux=aux,
         )
 
@@ -237,13 +274,15 @@ class Unroller:
     ) -> tuple[ParticleState, tuple[jax.Array, jax.Array, jax.Array, jax.Array]]:
         """One inner training step of one particle, resetting it if its trajectory ends.
 
-        Returns the new state and (meta-loss term, training loss, done, restored slot or -1).
+        Returns the new state and (meta-loss term, training loss, done, restored slot or -1):
+        the term is the meta-loss of the params after this step's update, the training loss the
+        one of the batch the update's gradient came from (before the update).
         ``stop_inner_grad`` cuts the meta-gradient path through the optimizee's gradient (the
         first-order approximation of Andrychowicz et al. 2016, Sec. 2.1). With the replay
         buffer's ``replay_state`` (this particle's, read-only), a reset restores a stored entry
         when the buffer's draw says so (``ReplayBuffer.draw``)."""
         task = self.task_family
-        k_batch, k_valid, k_reset = jax.random.split(key, 3)
+        k_batch, k_meta, k_reset = jax.random.split(key, 3)
         batch = task.batch(ps.spec, k_batch, "train")
         (loss, _), grads = jax.value_and_grad(task.loss, argnums=1, has_aux=True)(
             ps.spec, ps.params, batch
@@ -262,18 +301,15 @@ class Unroller:
                 grads, ps.params, loss, updates, aux, outer_step, mix_key
             )
         params = optax.apply_updates(ps.params, updates)
-        if self.meta_loss.split == "valid":
-            valid_batch = task.batch(ps.spec, k_valid, "valid")
-            term_loss = task.loss(ps.spec, params, valid_batch)[0]
-        else:
-            term_loss = loss
-        init_loss = jnp.where(ps.step == 0, term_loss, ps.init_loss).astype(ps.init_loss.dtype)
-        term = self.meta_loss.term(term_loss, init_loss)
+        # The meta-loss term scores this update: the loss of the NEW params on a fresh batch of
+        # the meta-loss split (Metz et al. 2019: l(x; w(t)) for t = 1..T).
+        meta_batch = task.batch(ps.spec, k_meta, self.meta_loss.split)
+        term = self.meta_loss.term(task.loss(ps.spec, params, meta_batch)[0], ps.init_loss)
         if bc is not None:
             term = bc.fused_term(self.meta_loss.bound(bc_dist), term, alpha)
         step = ps.step + 1
         done = step >= ps.length
-        advanced = ParticleState(ps.spec, params, opt_state, step, ps.length, init_loss, aux)
+        advanced = ParticleState(ps.spec, params, opt_state, step, ps.length, ps.init_loss, aux)
         restored = jnp.asarray(-1, jnp.int32)
         if not reset:
             return advanced, (term, loss, done, restored)
@@ -426,6 +462,27 @@ class Unroller:
         in_axes = (0 if per_particle_meta_params else None, 0)
         final, (terms, losses, done, mask) = jax.vmap(one_particle, in_axes=in_axes)(meta_params, keys)
         return final, UnrollOutput(terms, losses, done, mask)
+
+
+def unroll_metrics(unroller: Unroller, out: UnrollOutput, particles: ParticleState,
+                   *, pairs: bool = False) -> dict[str, jax.Array]:
+    """Metrics every estimator reports about its unroll.
+
+    ``inner_loss``: mean training-batch loss over the steps that ran; ``inner_steps``: steps
+    run (all particles); ``trajectories_done``: trajectories that ended (per pair when ``pairs``:
+    antithetic partners share theirs); ``unnormalized_share``: with ``normalize="initial"``,
+    the share of particles whose initial loss was ~0 and whose terms are therefore left
+    unnormalised (0 otherwise)."""
+    done = out.done[0::2] if pairs else out.done
+    unnormalized = jnp.zeros([], jnp.float32)
+    if unroller.meta_loss.normalize == "initial":
+        unnormalized = jnp.mean((particles.init_loss <= NORMALIZER_FLOOR).astype(jnp.float32))
+    return {
+        "inner_loss": out.step_mean(out.raw_losses).mean(),
+        "inner_steps": out.mask.sum(),
+        "trajectories_done": done.sum(),
+        "unnormalized_share": unnormalized,
+    }
 
 
 def _plain_scan(body, carry, xs, length):

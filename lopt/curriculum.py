@@ -1,28 +1,47 @@
 """Validation-gated unroll-length curriculum (Chen et al. 2020, Algorithm 1), run on the host.
 
 T. Chen, W. Zhang, J. Zhou, S. Chang, S. Liu, L. Amini, Z. Wang, "Training Stronger Baselines
-for Learning to Optimize", NeurIPS 2020, Sec. 3.1 and Algorithm 1. Meta-training goes through
-stages of training unroll length ``N_train`` (``stages``, default 100, 200, 500, 1000). Every
-``T_period`` outer steps (``period``) the current meta-params are validated at ``N_valid``, the
-*next* stage's length (the last stage validates at its own), and the best meta-params by
-validation loss are kept. A stage lasts at least ``N_period`` periods (``min_periods``). After
-that, at each validation:
+for Learning to Optimize", NeurIPS 2020, Sec. 3.2 and Algorithm 1:
 
-* the stage has beaten its baseline (some validation of the stage was a new best) ->
-  **advance**: the next stage starts, by default from the best meta-params
-  (``restart_from_best``), and its baseline is those best meta-params re-validated at the new
-  validation length; in the last stage this ends the curriculum (**stop**, complete);
-* it has not, and its allowed periods (``max_periods``, default ``N_period``) are used up ->
-  **stop**: training ends and the best meta-params are exported;
-* otherwise **continue**.
+    while True do
+      n = 1, stop = True
+      while n <= N_period or L_val == L_min do
+        n = n + 1
+        for t = 1, 2, ..., T_period do  Update phi0 a epoch with N_train^i
+        L_val = val. loss with phi0 and N_valid^i
+        if L_min > L_val then  L_min = L_val, phi = phi0, stop = False
+      if stop == True then break
+      i = i + 1, phi0 = phi
+      L_min = val. loss with phi and N_valid^i
 
-Stage 0's baseline is the initial meta-params validated before the first outer step.
+Meta-training goes through stages of training unroll length ``N_train`` (``stages``, default
+100, 200, 500, 1000). A *period* is ``T_period`` epochs (``period``), "where a single epoch
+indicates an optimization trajectory of N_train steps": here every particle runs one
+trajectory of N_train steps in ceil(N_train / trunc_length) outer steps, so a period is
+``period * ceil(N_train / trunc_length)`` outer steps (:meth:`Curriculum.period_steps`) and
+later stages get longer periods in outer steps, the same number of trajectories. After each
+period the meta-params are validated at ``N_valid``, the *next* stage's length ("N_valid^i =
+N_train^(i+1)"; the last stage validates at its own), and the best are kept (phi). A stage runs
+at least ``N_period`` periods (``min_periods``) and then continues while its latest validation
+is its best so far: we read "L_val == L_min" as "the last period's validation loss is the lowest
+during the i-th training stage" (the paper's sentence), i.e. the latest validation set a new
+minimum strictly below every earlier one of the stage and the stage's baseline. When the loop
+ends: a stage that never beat its baseline (``stop``) ends training, and the best meta-params
+of the earlier stages are exported; otherwise the next stage starts from the best (phi0 = phi,
+``restart_from_best``) and its baseline L_min is the best re-validated at the new N_valid. The
+paper's list of stages is open-ended ("[100, 200, 500, 1000, ...]"); ours is finite, and the
+last stage's loop ending completes the curriculum.
+
+Our additions, each off unless set: ``max_periods`` caps a stage's periods (the paper has no
+cap; when reached the stage ends as if its loop had, advancing if it improved); stage 0's
+baseline is the initial meta-params validated before the first outer step (the paper's L_min
+input).
 
 Two pieces, both host-side and deterministic:
 
 * :class:`Curriculum` (static options) with the pure transition
   ``Curriculum.update(state, valid_loss, outer_step) -> (state, Decision)`` over Python floats and
-  a JSON-able :class:`CurriculumState`; ``lopt.outer.train`` saves the state in each checkpoint's
+  a JSON-able :class:`CurriculumState`; the training loop saves the state in each checkpoint's
   ``host`` dict, so a resumed run makes the same decisions.
 * :class:`Validator`: the validation loss of meta-params at a length, on held-out task instances,
   one compiled program per length (the lengths are few).
@@ -30,14 +49,14 @@ Two pieces, both host-side and deterministic:
 Validation loss (``valid_metric``): by default ``"final_train_loss"``, the optimizee's training
 loss at the *end* of the ``N_valid``-step run (mean of its last ``lopt.evaluation.FINAL_WINDOW``
 = 10 training-batch losses, for less batch noise), averaged over ``valid_seeds`` held-out task
-instances. This follows the final-loss validation of the L2O-DM code base (Andrychowicz et al.
-2016) on which Chen et al. build; ``"mean_train_loss"`` (the mean over all ``N_valid`` steps, the
-meta-training objective's shape) and ``"test_loss"`` (test-split loss of the final parameters)
-are the alternatives. A diverged validation (NaN/inf) counts as +inf: never a new best.
+instances: Chen et al. evaluate learned optimizers by "the training loss of testing optimizees"
+(Sec. 5). ``"mean_train_loss"`` (the mean over all ``N_valid`` steps, the meta-training
+objective's shape) and ``"test_loss"`` (test-split loss of the final parameters) are the
+alternatives. A diverged validation (NaN/inf) counts as +inf: never a new best.
 
 Where the best meta-params live: host-side numpy copies, saved in the orbax checkpoint beside
 the train state (``{"state": MetaTrainState, "best_meta_params": ...}``), bit-exact, while the
-controller state goes into the checkpoint's JSON ``host`` dict (``lopt.outer.train``).
+controller state goes into the checkpoint's JSON ``host`` dict.
 """
 
 from __future__ import annotations
@@ -96,9 +115,12 @@ def _dec(x: float | str) -> float:
 class CurriculumState:
     """Where the curriculum stands (host-side, JSON-able via ``to_dict``/``from_dict``).
 
-    ``period`` counts the validated periods of the current stage; -1 means the stage's baseline
-    (the best meta-params validated at this stage's validation length) is still to be measured.
-    ``best_loss`` is the best validation loss *at the current validation length*.
+    ``period`` counts the validated periods of the current stage (Algorithm 1's n - 1); -1
+    means the stage's baseline (the best meta-params validated at this stage's validation
+    length) is still to be measured. ``best_loss`` is L_min, the best validation loss *at the
+    current validation length*; ``improved`` is Algorithm 1's ``not stop``. ``stage_start`` is
+    the outer step at which the stage's baseline was validated: its periods end at
+    ``stage_start + k * period_steps``.
     """
 
     stage: int = 0
@@ -109,6 +131,7 @@ class CurriculumState:
     best_stage: int = -1  # stage and outer step the best meta-params come from
     best_step: int = -1
     last_step: int = -1  # outer step of the last validation (the host loop never repeats one)
+    stage_start: int = 0
     done: bool = False
 
     def to_dict(self) -> dict[str, Any]:
@@ -168,17 +191,17 @@ class Curriculum:
 
     Attributes:
       stages: training unroll lengths N_train, strictly increasing.
-      period: T_period, outer steps between validations.
-      min_periods: N_period: a stage lasts at least this many periods; after them it advances
-        as soon as it has beaten its baseline.
-      max_periods: the periods a stage is allowed to beat its baseline in; if it has not by
-        then, training stops. None: ``min_periods`` (every stage is then exactly ``min_periods``
-        periods long).
+      period: T_period, *epochs* between validations; an epoch is one trajectory of N_train
+        steps per particle, ceil(N_train / trunc_length) outer steps (:meth:`period_steps`).
+      min_periods: N_period: a stage lasts at least this many periods, then continues while
+        its latest validation is its best so far.
+      max_periods: our extension (not in the paper): None (default) or the most periods a
+        stage may take; a stage that reaches it ends as if its loop had ended.
       valid_seeds: held-out task instances per validation.
       valid_metric: one of ``VALID_METRICS`` (module docstring).
       valid_seed_offset: instance i is drawn from ``PRNGKey(valid_seed_offset + i)``.
       restart_from_best: a new stage starts from the best meta-params (Algorithm 1's
-        "baseline"); False continues from the last ones. The meta-optimizer state is kept.
+        "phi0 = phi"); False continues from the last ones. The meta-optimizer state is kept.
     """
 
     stages: tuple[int, ...] = DEFAULT_STAGES
@@ -212,10 +235,10 @@ class Curriculum:
                 f"curriculum: valid_metric must be one of {VALID_METRICS}, got {self.valid_metric!r}"
             )
 
-    @property
-    def allowed_periods(self) -> int:
-        """Periods a stage may take to beat its baseline before training stops."""
-        return self.min_periods if self.max_periods is None else self.max_periods
+    def period_steps(self, stage: int, trunc_length: int) -> int:
+        """Outer steps of one period of ``stage``: T_period epochs of one N_train-step
+        trajectory per particle, each epoch ceil(N_train / trunc_length) outer steps."""
+        return self.period * -(-self.stages[stage] // int(trunc_length))
 
     # -- lengths --------------------------------------------------------------------------------
 
@@ -262,6 +285,7 @@ class Curriculum:
                 best_stage=state.stage if first else state.best_stage,
                 best_step=step if first else state.best_step,
                 last_step=step,
+                stage_start=step,
             )
             reason = "baseline: " + ("initial meta-params" if first else
                                      f"best meta-params (stage {state.best_stage}, step "
@@ -270,7 +294,7 @@ class Curriculum:
                                  reason=reason, **info)
 
         period = state.period + 1
-        is_best = loss < state.best_loss
+        is_best = loss < state.best_loss  # "if L_min > L_val": strictly better than all so far
         improved = state.improved or is_best
         new = dataclasses.replace(
             state,
@@ -282,19 +306,22 @@ class Curriculum:
             last_step=step,
         )
         name = f"stage {state.stage} (N_train={self.train_length(state)})"
-        if period < self.min_periods or (not improved and period < self.allowed_periods):
+        capped = self.max_periods is not None and period >= self.max_periods
+        if period < self.min_periods and not capped:  # "while n <= N_period ..."
             action = "continue"
-            reason = (f"period {period} of at least {self.min_periods}" if period < self.min_periods
-                      else f"period {period} of at most {self.allowed_periods}: baseline not beaten yet")
-            if is_best:
-                reason += "; new best"
-        elif not improved:
+            reason = f"period {period} of at least {self.min_periods}" + ("; new best" if is_best else "")
+        elif is_best and not capped:  # "... or L_val == L_min"
+            action = "continue"
+            reason = f"period {period}: the latest validation is the stage's best; keep training"
+        elif not improved:  # "if stop == True then break"
             action = "stop"
             reason = f"{name} never beat its baseline {state.baseline:.6g} in {period} periods"
             new = dataclasses.replace(new, done=True)
-        elif state.stage + 1 < len(self.stages):
+        elif state.stage + 1 < len(self.stages):  # "i = i + 1, phi0 = phi"
             action = "advance"
-            reason = (f"{name} improved {state.baseline:.6g} -> {new.best_loss:.6g}; "
+            why = f"reached max_periods={self.max_periods}" if capped and is_best else \
+                "its latest validation is not its best"
+            reason = (f"{name} improved {state.baseline:.6g} -> {new.best_loss:.6g} and {why}; "
                       f"next N_train={self.stages[state.stage + 1]}")
             new = dataclasses.replace(new, stage=state.stage + 1, period=-1, improved=False)
         else:

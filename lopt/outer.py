@@ -314,9 +314,15 @@ class _CurriculumRun:
         return dataclasses.replace(self.base, horizon=horizon)
 
     def due(self, step: int) -> bool:
-        """Whether the validation of outer step ``step`` is still to run."""
+        """Whether a validation is due at outer step ``step``: a stage's baseline (at once), or
+        the end of a period, ``period_steps`` outer steps of this stage apart."""
         s = self.state
-        return not s.done and step % self.curriculum.period == 0 and s.last_step < step
+        if s.done or s.last_step >= step:
+            return False
+        if s.period < 0:
+            return True
+        every = self.curriculum.period_steps(s.stage, self.base.trunc_length)
+        return step >= s.stage_start + (s.period + 1) * every
 
     # -- checkpoints: the best meta-params beside the train state, the controller in JSON -------
 
@@ -495,7 +501,7 @@ def train(
                     paused += time.perf_counter() - t_step
                     first_inner += int(pending[-1])
                     recompiled = False
-                boundary = run is not None and step % run.curriculum.period == 0
+                boundary = run is not None and run.due(step)
                 if step % config.log_every == 0 or step == total or boundary:
                     new_inner = int(sum(int(x) for x in jax.device_get(pending)))
                     pending = []

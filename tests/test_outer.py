@@ -171,4 +171,4 @@ def test_dataset_is_a_jit_argument_not_an_embedded_constant():
     arrays = tasks.base.data_arrays(trainer.task_family)
     assert arrays is not None
     text = trainer._step_fn.lower(state, arrays).as_text()
-    assert len(text) < 300_000, len(text)
+    assert len(text) < 1_000_000, len(text)  # the embedded digits would add several MB

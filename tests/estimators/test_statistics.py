@@ -83,7 +83,9 @@ def test_pes_is_unbiased_across_truncations_and_tbptt_is_not():
 
     tbptt, _ = _replicas(estimators.get("tbptt"), unroller, THETA, 2, truncations=3)
     np.testing.assert_allclose(np.asarray(tbptt[0]), truncated, rtol=1e-4, atol=1e-7)
-    assert np.all(np.abs(truncated - full) > 6 * se), (truncated - full, se)
+    # Power: TBPTT's answer is more than 5 PES standard errors from the full gradient, so a
+    # PES that were as biased as TBPTT would fail the |z| < 3 check above.
+    assert np.all(np.abs(truncated - full) > 5 * se), (truncated - full, se)
 
 
 def test_truncated_es_is_biased_like_tbptt_across_truncations():

@@ -33,15 +33,17 @@ class FixedQuadratic:
         return {}
 
     def trajectory_gradient(self, theta: np.ndarray, length: int, trunc: int | None = None) -> np.ndarray:
-        """d/dtheta of mean_{t<length} loss(x_t) for the constant-step optimizer x_t = x0 + t theta.
+        """d/dtheta of the meta-loss 1/T sum_{t=1..T} loss(x_t) (the loss AFTER each update,
+        Metz et al. 2019) for the constant-step optimizer x_t = x0 + t theta, T = ``length``.
 
         With ``trunc`` K, the TBPTT gradient: within each truncation the state at its start is
-        treated as a constant, so loss(x_t) contributes (t - K floor(t/K)) * dloss/dx."""
+        treated as a constant, so loss(x_t) contributes (t - K floor((t - 1) / K)) * dloss/dx:
+        the number of this truncation's updates that x_t owes to theta."""
         h, c, x0 = map(np.asarray, (self.h, self.c, self.x0))
         g = np.zeros_like(theta, dtype=np.float64)
-        for t in range(length):
+        for t in range(1, length + 1):
             x = x0 + t * theta
-            lever = t if trunc is None else t - trunc * (t // trunc)
+            lever = t if trunc is None else t - trunc * ((t - 1) // trunc)
             g += lever * h * (x - c) / h.size
         return g / length
 

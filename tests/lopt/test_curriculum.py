@@ -73,19 +73,41 @@ def test_stop_when_a_new_stage_never_beats_its_baseline():
         cur.update(state, 0.1, 100)
 
 
-def test_continue_while_improving_under_min_periods_and_allowed_periods():
-    # min_periods: no decision before 3 periods, even though period 1 already improved.
+def test_a_stage_continues_while_its_latest_period_is_its_best():
+    """Algorithm 1: "while n <= N_period or L_val == L_min": at least N_period periods, then
+    on while the latest validation is the stage's best so far; the first period that is not
+    ends the stage (advancing, as it improved)."""
+    cur = Curriculum(stages=(10, 20), period=1, min_periods=2)
+    _, ds = run_script(cur, [1.0, 0.9, 0.8, 0.7, 0.6, 0.65])
+    assert [d.action for d in ds] == ["continue"] * 5 + ["advance"]
+    assert "latest validation is the stage's best" in ds[3].reason
+    # Under N_period periods the stage goes on whatever the losses do ...
     cur = Curriculum(stages=(10, 20), period=1, min_periods=3)
     _, ds = run_script(cur, [1.0, 0.5, 0.6, 0.7])
     assert [d.action for d in ds] == ["continue", "continue", "continue", "advance"]
-    # max_periods: a stage without improvement may keep trying up to max_periods periods...
-    cur = Curriculum(stages=(10, 20), period=1, min_periods=2, max_periods=4)
-    _, ds = run_script(cur, [1.0, 1.1, 1.2, 0.9])
-    assert [d.action for d in ds] == ["continue", "continue", "continue", "advance"]
-    # ... and stops at the last of them.
-    _, ds = run_script(cur, [1.0, 1.1, 1.2, 1.0, 1.3])
-    assert [d.action for d in ds] == ["continue"] * 4 + ["stop"]
-    assert ds[-1].outer_step == 4
+    # ... and after them a period that is no new best ends a stage that never improved.
+    cur = Curriculum(stages=(10, 20), period=1, min_periods=2)
+    _, ds = run_script(cur, [1.0, 1.1, 1.2])
+    assert [d.action for d in ds] == ["continue", "continue", "stop"]
+
+
+def test_max_periods_is_an_optional_cap():
+    """Our extension: with max_periods a stage that keeps improving ends at the cap."""
+    assert Curriculum().max_periods is None
+    cur = Curriculum(stages=(10, 20), period=1, min_periods=2, max_periods=3)
+    _, ds = run_script(cur, [1.0, 0.9, 0.8, 0.7])
+    assert [d.action for d in ds] == ["continue"] * 3 + ["advance"]
+    assert "max_periods=3" in ds[-1].reason
+    _, ds = run_script(cur, [1.0, 1.1, 1.2])
+    assert [d.action for d in ds][-1] == "stop"
+
+
+def test_periods_are_epochs_of_n_train_steps():
+    """A period is T_period epochs, an epoch one N_train-step trajectory per particle:
+    ceil(N_train / trunc_length) outer steps, so a later stage's period is longer."""
+    cur = Curriculum(stages=(100, 200, 500), period=3)
+    assert [cur.period_steps(s, trunc_length=20) for s in range(3)] == [15, 30, 75]
+    assert cur.period_steps(0, trunc_length=30) == 3 * 4
 
 
 def test_stage_zero_without_improvement_stops():
@@ -106,13 +128,14 @@ def test_best_kept_and_diverged_validations_never_best():
 
 def test_last_stage_validates_at_its_own_length_and_completes():
     cur = Curriculum(stages=(10, 20), period=1, min_periods=1)
-    state, ds = run_script(cur, [1.0, 0.9, 0.95, 0.9])
+    state, ds = run_script(cur, [1.0, 0.9, 0.95, 0.95, 0.9, 0.92])
     assert actions(ds) == [
-        ("baseline", "continue"), ("period", "advance"), ("baseline", "continue"), ("period", "stop"),
+        ("baseline", "continue"), ("period", "continue"), ("period", "advance"),
+        ("baseline", "continue"), ("period", "continue"), ("period", "stop"),
     ]
-    assert [d.valid_length for d in ds] == [20, 20, 20, 20]
+    assert [d.valid_length for d in ds] == [20] * 6
     assert state.done and "curriculum complete" in ds[-1].reason
-    assert (state.best_stage, state.best_step) == (1, 2)
+    assert (state.best_stage, state.best_step) == (1, 3)
 
 
 def test_state_json_round_trip_gives_identical_future_decisions():
@@ -176,7 +199,10 @@ def cl_config(**overrides) -> ConfigDict:
     c.unroll = ConfigDict(
         dict(num_particles=2, trunc_length=2, horizon=ConfigDict(dict(name="constant", length=4)))
     )
-    c.curriculum = ConfigDict(dict(stages=(4, 8), period=2, min_periods=2, valid_seeds=2))
+    # A period is one epoch: 2 outer steps in stage 0 (N_train 4), 4 in stage 1 (N_train 8).
+    c.curriculum = ConfigDict(
+        dict(stages=(4, 8), period=1, min_periods=2, max_periods=2, valid_seeds=2)
+    )
     for k, v in overrides.items():
         c[k] = v
     return c
@@ -246,7 +272,8 @@ def test_scripted_validations_export_the_best_not_the_last(tmp_path, monkeypatch
     """With the validation losses scripted, training stops where Algorithm 1 says, a new stage
     re-validates the best meta-params as its baseline, and the export is the meta-params
     validated best, not the last ones."""
-    # Validations at steps 0 (baseline), 2, 4 (-> advance), 4 (stage 1's baseline), 6, 8.
+    # Validations at steps 0 (baseline), 2, 4 (-> advance), 4 (stage 1's baseline), then stage
+    # 1's periods of one 8-step trajectory per particle: 4 outer steps each, at 8 and 12.
     losses = iter([1.0, 0.5, 0.8, 0.6, 0.7, 0.75])
     params = []
 
@@ -259,9 +286,9 @@ def test_scripted_validations_export_the_best_not_the_last(tmp_path, monkeypatch
     decisions = [(r["step"], r["validation"], r["decision"]) for r in _rows(str(tmp_path)) if "decision" in r]
     assert decisions == [
         (0, "baseline", "continue"), (2, "period", "continue"), (4, "period", "advance"),
-        (4, "baseline", "continue"), (6, "period", "continue"), (8, "period", "stop"),
+        (4, "baseline", "continue"), (8, "period", "continue"), (12, "period", "stop"),
     ]
-    assert out["curriculum"]["best_step"] == 2 and int(out["state"].outer_step) == 8
+    assert out["curriculum"]["best_step"] == 2 and int(out["state"].outer_step) == 12
     _assert_trees_equal(params[3], params[1])  # stage 1's baseline re-validates the best
     _, exported = export.load(out["export"])
     _assert_trees_equal(exported, params[1])

@@ -293,3 +293,25 @@ def test_bind_reads_the_given_arrays():
     batch = bound.batch(bound.sample(jax.random.PRNGKey(0)), jax.random.PRNGKey(1), "train")
     assert float(jnp.abs(batch["image"]).max()) == 0.0
     assert family.arrays is not fake
+
+
+def test_chen_optimizees_are_initialised_normal_with_std_001():
+    """Chen et al. 2020, Sec. 5: "The optimizee parameters are initialized by a random normal
+    distribution of standard deviation of 0.01", biases included; other families keep their
+    model's initialisers unless ``init_std`` is given."""
+    import jax
+    import numpy as np
+
+    import tasks
+
+    for name in ("mlp_orig", "mlp_relu", "mlp_deeper"):
+        family = tasks.get(name, dataset="digits")
+        params = family.init(family.sample(jax.random.PRNGKey(0)), jax.random.PRNGKey(1))
+        flat = np.concatenate([np.ravel(x) for x in jax.tree.leaves(params)])
+        assert flat.size > 1000
+        assert abs(flat.std() - 0.01) < 0.001 and abs(flat.mean()) < 0.001, (name, flat.std())
+        biases = [np.ravel(x) for p, x in jax.tree_util.tree_leaves_with_path(params) if "bias" in str(p)]
+        assert biases and all(np.abs(b).max() > 0 for b in biases)
+    lecun = tasks.get("mlp_d3_w128", dataset="digits")
+    w = lecun.init(lecun.sample(jax.random.PRNGKey(0)), jax.random.PRNGKey(1))
+    assert np.ravel(jax.tree.leaves(w)[-1]).std() > 0.05  # LeCun normal, not 0.01
