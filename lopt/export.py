@@ -5,7 +5,7 @@ file into an ordinary optax transformation with one call (or, with the ``torch``
 ``torch.optim.Optimizer`` with ``lopt.torch.load``):
 
     lopt.export.save("out/mlp.safetensors", learned_opt, meta_params, metadata={"outer_step": 5000})
-    opt = lopt.export.load_optimizer("out/mlp.safetensors")   # optax.GradientTransformationExtraArgs
+    opt = lopt.export.load_optimizer("out/mlp.safetensors")  # an optax transformation
 
 :func:`save` writes whatever path it is given; ``.safetensors`` is the conventional suffix.
 :func:`load` tells the two formats below apart by their first bytes, not by the file name.
@@ -59,7 +59,8 @@ raw bytes, C order, little-endian. With only numpy and safetensors::
     from safetensors.numpy import load_file
     h = hashlib.sha256()
     for name, a in sorted(load_file(path).items()):
-        h.update((json.dumps([name, a.dtype.name, list(a.shape)], separators=(",", ":")) + "\\n").encode())
+        line = json.dumps([name, a.dtype.name, list(a.shape)], separators=(",", ":")) + "\\n"
+        h.update(line.encode())
         h.update(a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes(order="C"))
     assert h.hexdigest() == safe_open(path, "np").metadata()["tensors_sha256"]
 
@@ -615,7 +616,9 @@ def _load_arrays_format2(
 def _unflatten_like(template_state: Any, arrays: dict[tuple[str, ...], Any], prefix=()) -> Any:
     """``arrays`` (path -> array) arranged in the nested dicts of ``template_state``."""
     if isinstance(template_state, dict):
-        return {k: _unflatten_like(v, arrays, prefix + (str(k),)) for k, v in template_state.items()}
+        return {
+            k: _unflatten_like(v, arrays, prefix + (str(k),)) for k, v in template_state.items()
+        }
     return arrays[prefix]
 
 

@@ -26,7 +26,9 @@ epsilons (1e-6 for the second moment, 1e-8 for the factored accumulators) and it
 normalisation folded into the first layer, the ReLU MLP ``x @ w + b`` with the exported weights,
 and the update ``p <- p - d * exp(m * exp_mult) * lr`` with ``lr`` the export's ``step_mult``.
 Only float rounding differs (reduction order, library ``exp``/``tanh``/``rsqrt``);
-``tests/lopt/test_torch.py`` trains one model with both for 100 steps and bounds the difference.
+``tests/lopt/test_torch.py`` trains one model with both for 100 steps on the CPU and bounds the
+difference. (On accelerators, compare with full-float32 matmuls on both sides: a framework's
+default there may be a lower-precision mode such as TF32.)
 
 Layouts. The optimizer sees each parameter tensor with the shape it has; nothing is transposed.
 The ``mlp`` optimizer is elementwise apart from the per-tensor normalisation, so a tensor's
@@ -125,9 +127,11 @@ def _as_float32(x: Any) -> torch.Tensor:
 def _mlp_layers(meta_params: Any, num_features: int, name: str) -> list[tuple[torch.Tensor, ...]]:
     """The exported MLP's (w, b) pairs as float32 tensors, with their shapes checked."""
     try:
-        layers = [(_as_float32(layer["w"]), _as_float32(layer["b"])) for layer in meta_params["mlp"]]
+        layers = [(_as_float32(lay["w"]), _as_float32(lay["b"])) for lay in meta_params["mlp"]]
     except (KeyError, TypeError) as e:
-        raise ValueError(f"{name}: meta_params must hold 'mlp': [{{'w', 'b'}}, ...] ({e!r})") from None
+        raise ValueError(
+            f"{name}: meta_params must hold 'mlp': [{{'w', 'b'}}, ...] ({e!r})"
+        ) from None
     fan_in = num_features
     for i, (w, b) in enumerate(layers):
         if w.ndim != 2 or w.shape[0] != fan_in or b.shape != (w.shape[1],):
@@ -137,7 +141,9 @@ def _mlp_layers(meta_params: Any, num_features: int, name: str) -> list[tuple[to
             )
         fan_in = w.shape[1]
     if fan_in != 2:
-        raise ValueError(f"{name}: the MLP must output 2 values (direction, magnitude), not {fan_in}")
+        raise ValueError(
+            f"{name}: the MLP must output 2 values (direction, magnitude), not {fan_in}"
+        )
     return layers
 
 
@@ -225,7 +231,10 @@ class _LearnedOptimizerTorch(torch.optim.Optimizer):
             if i not in saved_state:
                 continue
             want = {k: tuple(v.shape) for k, v in self._init_state(p).items()}
-            got = {k: tuple(v.shape) if torch.is_tensor(v) else None for k, v in saved_state[i].items()}
+            got = {
+                k: tuple(v.shape) if torch.is_tensor(v) else None
+                for k, v in saved_state[i].items()
+            }
             if got != want:
                 raise ValueError(
                     f"{type(self).__name__}.load_state_dict: the saved state of parameter {i} "
@@ -259,7 +268,9 @@ class MLPLOptTorch(_LearnedOptimizerTorch):
         self, params: Iterable, learned_opt: MLPLOpt, meta_params: Any, *, lr: float | None = None
     ):
         if not isinstance(learned_opt, MLPLOpt):
-            raise TypeError(f"MLPLOptTorch needs an lopt.mlp.MLPLOpt, got {type(learned_opt).__name__}")
+            raise TypeError(
+                f"MLPLOptTorch needs an lopt.mlp.MLPLOpt, got {type(learned_opt).__name__}"
+            )
         self._layers = _mlp_layers(meta_params, learned_opt.num_features, "mlp")
         super().__init__(params, learned_opt, lr)
 
@@ -331,19 +342,22 @@ class AdafacMLPLOptTorch(_LearnedOptimizerTorch):
                 f"AdafacMLPLOptTorch needs an lopt.adafac.AdafacMLPLOpt, got "
                 f"{type(learned_opt).__name__}"
             )
-        self._layers = _mlp_layers(
-            meta_params, learned_opt.num_features, "adafac_mlp"
-        )
+        self._layers = _mlp_layers(meta_params, learned_opt.num_features, "adafac_mlp")
         if learned_opt.learnable_decays:
             try:
                 logits = meta_params["decay_logits"]
-                decays = [torch.sigmoid(_as_float32(logits[k])) for k in ("momentum", "rms", "factored")]
+                decays = [
+                    torch.sigmoid(_as_float32(logits[k])) for k in ("momentum", "rms", "factored")
+                ]
             except (KeyError, TypeError) as e:
-                raise ValueError(f"adafac_mlp: learnable decays need meta_params['decay_logits'] ({e!r})") from None
+                raise ValueError(
+                    f"adafac_mlp: learnable decays need meta_params['decay_logits'] ({e!r})"
+                ) from None
         else:
+            lo = learned_opt
             decays = [
                 torch.tensor(d, dtype=torch.float32)
-                for d in (learned_opt.momentum_decays, learned_opt.rms_decays, learned_opt.factored_decays)
+                for d in (lo.momentum_decays, lo.rms_decays, lo.factored_decays)
             ]
         self._decays = decays
         super().__init__(params, learned_opt, lr)
@@ -369,8 +383,11 @@ class AdafacMLPLOptTorch(_LearnedOptimizerTorch):
         def zeros(s):
             return torch.zeros(s, dtype=torch.float32, device=p.device)
 
-        state = {"step": torch.zeros((), dtype=torch.int64), "m": zeros(shape + (nm,)),
-                 "rms": zeros(shape + (nr,))}
+        state = {
+            "step": torch.zeros((), dtype=torch.int64),
+            "m": zeros(shape + (nm,)),
+            "rms": zeros(shape + (nr,)),
+        }
         axes = factored_axes(shape)
         if axes is None:
             state["v"] = zeros(shape + (nf,))

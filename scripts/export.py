@@ -27,7 +27,9 @@ def _define_flags() -> None:
     """Flags are defined only when run as a program, so tests can import this module beside
     others that define --workdir."""
     flags.DEFINE_string("workdir", None, "Meta-training workdir (holds config.json, checkpoints/).")
-    flags.DEFINE_string("out", None, "Output file; default WORKDIR/export/optimizer_step{STEP}.safetensors.")
+    flags.DEFINE_string(
+        "out", None, "Output file; default WORKDIR/export/optimizer_step{STEP}.safetensors."
+    )
     flags.DEFINE_integer("step", None, "Checkpoint step to export; default the latest.")
 
 

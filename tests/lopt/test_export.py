@@ -144,7 +144,8 @@ def test_file_is_plain_safetensors_with_documented_metadata(saved, tiny):
     assert json.loads(meta["library_versions"])["jax"] == jax.__version__
     h = hashlib.sha256()  # the recipe of the module docstring, written out independently
     for name, a in sorted(tensors.items()):
-        h.update((json.dumps([name, a.dtype.name, list(a.shape)], separators=(",", ":")) + "\n").encode())
+        line = json.dumps([name, a.dtype.name, list(a.shape)], separators=(",", ":")) + "\n"
+        h.update(line.encode())
         h.update(a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes(order="C"))
     assert meta["tensors_sha256"] == h.hexdigest()
 

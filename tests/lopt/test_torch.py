@@ -217,7 +217,8 @@ def test_state_dict_round_trip(tmp_path, case):
     run(opt_a, params_a, extra_a, 10)
     buf = io.BytesIO()
     torch.save(opt_a.state_dict(), buf)
-    snapshot = {k: v.detach().clone() for k, v in params_a.items()} | {"extra": extra_a.detach().clone()}
+    snapshot = {k: v.detach().clone() for k, v in params_a.items()}
+    snapshot["extra"] = extra_a.detach().clone()
 
     params_b, extra_b = make(snapshot)
     opt_b = lt.load(path, [*params_b.values(), extra_b])
@@ -240,12 +241,15 @@ def test_state_dict_round_trip(tmp_path, case):
 
 def test_unsupported_architecture_is_a_clear_error(tmp_path):
     learned_opt = lopt.get("lstm_dm")
-    path = export.save(tmp_path / "lstm.safetensors", learned_opt, learned_opt.init(jax.random.PRNGKey(0)))
+    meta_params = learned_opt.init(jax.random.PRNGKey(0))
+    path = export.save(tmp_path / "lstm.safetensors", learned_opt, meta_params)
     with pytest.raises(lt.UnsupportedArchitectureError, match="'lstm_dm'.*load_optimizer"):
         lt.load(path, [torch.zeros(3, requires_grad=True)])
     mlp = lopt.get("mlp", hidden_size=4)
     with pytest.raises(TypeError, match="AdafacMLPLOpt"):
-        lt.AdafacMLPLOptTorch([torch.zeros(3, requires_grad=True)], mlp, mlp.init(jax.random.PRNGKey(0)))
+        lt.AdafacMLPLOptTorch(
+            [torch.zeros(3, requires_grad=True)], mlp, mlp.init(jax.random.PRNGKey(0))
+        )
 
 
 def test_step_closure_lr_and_parameters_without_grad(tmp_path):
