@@ -1,54 +1,109 @@
 """Export a trained learned optimizer to a single file, and load it back (DESIGN.md, "lopt/").
 
 A researcher saves the architecture *and* the meta-params in one file; an end user turns that
-file into an ordinary optax transformation with one call:
+file into an ordinary optax transformation with one call (or, with the ``torch`` extra, into a
+``torch.optim.Optimizer`` with ``lopt.torch.load``):
 
-    lopt.export.save("out/mlp.lopt", learned_opt, meta_params, metadata={"outer_step": 5000})
-    opt = lopt.export.load_optimizer("out/mlp.lopt")   # optax.GradientTransformationExtraArgs
+    lopt.export.save("out/mlp.safetensors", learned_opt, meta_params, metadata={"outer_step": 5000})
+    opt = lopt.export.load_optimizer("out/mlp.safetensors")  # an optax transformation
 
-File format (version 1; this layout is the versioned public format)
+:func:`save` writes whatever path it is given; ``.safetensors`` is the conventional suffix.
+:func:`load` tells the two formats below apart by their first bytes, not by the file name.
+
+File format (version 2, written by :func:`save`): a safetensors file
 --------------------------------------------------------------------
-All integers are little-endian. The file is, in order:
+The file is a plain safetensors file (the format of Hugging Face's ``safetensors`` library), so
+``safetensors.numpy.load_file(path)`` returns the meta-params as numpy arrays and
+``safetensors.safe_open(path, "np").metadata()`` the string table below, without JAX or lopt.
+The layout, for a reader without the library: an unsigned 64-bit little-endian integer ``N``;
+``N`` bytes of UTF-8 JSON (padded with spaces), an object mapping each tensor name to
+``{"dtype": "F32", "shape": [...], "data_offsets": [begin, end]}`` plus the string-to-string
+object ``"__metadata__"``; then the tensor data, each tensor's bytes (C order, little-endian) at
+``[begin, end)`` counted from the end of the JSON. The data is covered exactly, nothing follows.
 
-1. **Magic**: the 12 bytes ``b"LOPT-EXPORT\\n"``.
-2. **Header length**: an unsigned 64-bit integer ``n`` (8 bytes, ``struct`` format ``"<Q"``).
-3. **Header**: ``n`` bytes of UTF-8 JSON, an object with the keys
+**Tensors**: one per meta-param leaf, named by its path of
+``flax.serialization.to_state_dict`` keys joined with ``/`` (list indices appear as ``0``,
+``1``, ...): ``mlp/0/w``, ``mlp/0/b``, ..., ``mlp/2/b``, and for ``adafac_mlp`` with
+``learnable_decays`` also ``decay_logits/momentum``, ``decay_logits/rms``,
+``decay_logits/factored``. Every tensor has the dtype of the architecture's ``init``
+(float32). Layer ``i`` of the per-parameter MLP is ``x @ mlp/i/w + mlp/i/b`` with ``w`` of shape
+(inputs, outputs), ReLU between layers; the module of each architecture (``lopt/mlp.py``,
+``lopt/adafac.py``) documents its input features and output.
 
-   ``format_version``  int, ``1`` for this layout. Readers refuse versions newer than theirs.
-   ``architecture``    ``{"name": <registry name>, "config": <constructor options>}``; the
-                       config is :func:`lopt.base.config_of` (tuples written as lists), so
-                       ``lopt.get(name, **config)`` rebuilds the architecture.
-   ``meta_params``     ``{"encoding": "flax-msgpack-state-dict", "leaves": [...]}`` with one
-                       ``{"path": [key, ...], "shape": [int, ...], "dtype": "float32"}`` per
-                       array, in the order of the flattened state dict. ``path`` are the string
-                       keys of ``flax.serialization.to_state_dict(meta_params)`` (list indices
-                       appear as ``"0"``, ``"1"``, ...).
-   ``payload_bytes``   int, the payload's length.
-   ``payload_sha256``  hex SHA-256 digest of the payload.
-   ``created``         UTC time of the export, ISO 8601 (``2024-05-01T12:00:00+00:00``).
-   ``lopt_version``    version of the installed ``lopt`` distribution, or ``null``.
-   ``library_versions`` ``{"jax": ..., "flax": ..., "optax": ...}`` (informational).
-   ``metadata``        the user's dict (JSON; keys become strings, tuples become lists;
-                       NaN/Infinity are written the way Python's ``json`` writes them).
+**``__metadata__``** (safetensors allows only string values; JSON where noted):
 
-4. **Payload**: exactly ``payload_bytes`` bytes,
-   ``flax.serialization.msgpack_serialize(flax.serialization.to_state_dict(meta_params))``.
-   Nothing follows the payload.
+====================  ===========================================================================
+key                   value
+====================  ===========================================================================
+``format``            ``"lopt.export"``: marks the file as a learned-optimizer export
+``format_version``    ``"2"``. Readers refuse versions newer than theirs.
+``architecture``      the registry name, e.g. ``"mlp"``, ``"adafac_mlp"``
+``config``            JSON object of the constructor options (:func:`lopt.base.config_of`, tuples
+                      as lists): ``lopt.get(architecture, **json.loads(config))`` rebuilds it
+``tensors_sha256``    hex SHA-256 of the canonical tensor bytes (below)
+``created``           UTC time of the export, ISO 8601 (``2024-05-01T12:00:00+00:00``)
+``lopt_version``      version of the installed ``lopt`` distribution, ``""`` if unknown
+``library_versions``  JSON object: jax, flax, optax, numpy, safetensors versions (informational)
+``metadata``          JSON of the user's dict (keys become strings, tuples lists; NaN/Infinity
+                      are written the way Python's ``json`` writes them)
+====================  ===========================================================================
 
-Loading checks, in order: the magic, the header length and JSON (a failure is a
-:class:`CorruptExportError`), ``format_version`` (:class:`UnsupportedFormatError` when newer),
-the payload length and SHA-256 (:class:`CorruptExportError`, "corrupted or truncated"), the
-architecture (rebuilt from the registry, or compared with the one the caller passes:
-:class:`ArchitectureMismatchError`), then every meta-param leaf: the header's leaves and the
-payload's arrays must both match, path for path, the shapes and dtypes of the architecture's own
-``init`` (:class:`ArchitectureMismatchError`). Only the payload is checksummed, so a header whose
-shapes were edited by hand passes the checksum and is reported as an
-:class:`ArchitectureMismatchError` naming the leaf, its shape in the export and its shape in the
-architecture. Arrays are restored into the architecture's template with
-``flax.serialization.from_state_dict``, so the round trip is bit-exact.
+**Canonical tensor bytes** (what ``tensors_sha256`` digests; independent of where the writer put
+each tensor in the data section): for each tensor in ascending order of name (Python's
+``sorted``), the UTF-8 line ``json.dumps([name, dtype, shape], separators=(",", ":")) + "\\n"``
+(``dtype`` numpy's name, e.g. ``"float32"``; ``shape`` a list of ints), followed by the tensor's
+raw bytes, C order, little-endian. With only numpy and safetensors::
+
+    import hashlib, json
+    from safetensors import safe_open
+    from safetensors.numpy import load_file
+    h = hashlib.sha256()
+    for name, a in sorted(load_file(path).items()):
+        line = json.dumps([name, a.dtype.name, list(a.shape)], separators=(",", ":")) + "\\n"
+        h.update(line.encode())
+        h.update(a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes(order="C"))
+    assert h.hexdigest() == safe_open(path, "np").metadata()["tensors_sha256"]
+
+Because names, dtypes and shapes are digested with the data, a header whose tensors were
+renamed, swapped or reshaped fails the checksum like a flipped data byte.
+
+Loading checks, in order: the safetensors framing (header length, JSON header, every tensor's
+offsets inside the data, the data neither shorter nor longer than the tensors: a failure is a
+:class:`CorruptExportError` saying "corrupted or truncated"), ``format`` (a safetensors file
+that is not an export is a :class:`CorruptExportError`), ``format_version``
+(:class:`UnsupportedFormatError` when newer), the remaining metadata keys, the checksum
+(:class:`CorruptExportError`), the architecture (rebuilt from the registry, or compared with the
+one the caller passes: :class:`ArchitectureMismatchError`), then every tensor against the
+shapes and dtypes of the architecture's own ``init``: a missing, unexpected or differently
+shaped leaf is an :class:`ArchitectureMismatchError` naming the leaf, its shape in the export
+and its shape in the architecture. The metadata is not checksummed, so a ``config`` edited by
+hand is caught by that comparison. Arrays are restored into the architecture's template with
+``flax.serialization.from_state_dict``, so the round trip is bit-exact (NaN payloads and -0.0
+included).
 
 Files are written atomically: to a temporary file in the target's directory, then
 ``os.replace``; parent directories are created.
+
+Format version 1 (``.lopt`` files written before safetensors): read, never written
+--------------------------------------------------------------------------------------
+This module keeps a *reader* for version 1, so :func:`load`, :func:`load_optimizer` and
+:func:`read_metadata` accept those files unchanged (``lopt.torch.load`` too); there is no
+version-1 writer. To convert one: ``save(new_path, *load(old_path),
+metadata=read_metadata(old_path)["metadata"])``. Version 1 is, all integers little-endian:
+
+1. **Magic**: the 12 bytes ``b"LOPT-EXPORT\\n"`` (:data:`FORMAT1_MAGIC`).
+2. **Header length**: an unsigned 64-bit integer ``n`` (``struct`` format ``"<Q"``).
+3. **Header**: ``n`` bytes of UTF-8 JSON, an object with ``format_version`` (1),
+   ``architecture`` (``{"name", "config"}`` as above), ``meta_params``
+   (``{"encoding": "flax-msgpack-state-dict", "leaves": [{"path": [key, ...], "shape": [...],
+   "dtype": "float32"}, ...]}``), ``payload_bytes``, ``payload_sha256`` (hex SHA-256 of the
+   payload), ``created``, ``lopt_version``, ``library_versions`` and ``metadata``.
+4. **Payload**: exactly ``payload_bytes`` bytes,
+   ``flax.serialization.msgpack_serialize(flax.serialization.to_state_dict(meta_params))``.
+
+Its checks are those above with the magic for the framing and the payload's SHA-256 for the
+checksum; only the payload is checksummed there, so a hand-edited leaf shape in its header is
+reported as an :class:`ArchitectureMismatchError`.
 """
 
 from __future__ import annotations
@@ -68,21 +123,45 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import safetensors
+import safetensors.numpy
 
 import lopt
 from lopt.base import LearnedOptimizer, MetaParams, config_of
 
-FORMAT_VERSION = 1
-MAGIC = b"LOPT-EXPORT\n"
-PAYLOAD_ENCODING = "flax-msgpack-state-dict"
+FORMAT_VERSION = 2
+FORMAT_NAME = "lopt.export"
+#: The first bytes of a format-1 (pre-safetensors) export.
+FORMAT1_MAGIC = b"LOPT-EXPORT\n"
+FORMAT1_ENCODING = "flax-msgpack-state-dict"
+#: The ``__metadata__`` keys every format-2 export has.
+METADATA_KEYS = (
+    "format",
+    "format_version",
+    "architecture",
+    "config",
+    "tensors_sha256",
+    "created",
+    "lopt_version",
+    "library_versions",
+    "metadata",
+)
 _LEN = struct.Struct("<Q")
-_REQUIRED_KEYS = (
+_FORMAT1_REQUIRED_KEYS = (
     "format_version", "architecture", "meta_params", "payload_bytes", "payload_sha256"
 )
+# safetensors dtype codes -> (numpy name, bytes per element).
+_ST_DTYPES = {
+    "BOOL": ("bool", 1), "U8": ("uint8", 1), "I8": ("int8", 1), "U16": ("uint16", 2),
+    "I16": ("int16", 2), "F16": ("float16", 2), "BF16": ("bfloat16", 2), "U32": ("uint32", 4),
+    "I32": ("int32", 4), "F32": ("float32", 4), "U64": ("uint64", 8), "I64": ("int64", 8),
+    "F64": ("float64", 8),
+}
 
 __all__ = [
     "FORMAT_VERSION",
-    "MAGIC",
+    "FORMAT1_MAGIC",
+    "METADATA_KEYS",
     "ExportError",
     "CorruptExportError",
     "ArchitectureMismatchError",
@@ -91,6 +170,7 @@ __all__ = [
     "load",
     "load_optimizer",
     "read_metadata",
+    "tensors_sha256",
 ]
 
 
@@ -99,7 +179,7 @@ class ExportError(ValueError):
 
 
 class CorruptExportError(ExportError):
-    """Bad magic, truncated file, checksum mismatch or unparsable header."""
+    """Not an export, truncated file, checksum mismatch or unparsable header."""
 
 
 class ArchitectureMismatchError(ExportError):
@@ -197,7 +277,13 @@ def _check_leaves(
 
 
 def _library_versions() -> dict[str, str]:
-    return {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__}
+    return {
+        "jax": jax.__version__,
+        "flax": flax.__version__,
+        "optax": optax.__version__,
+        "numpy": np.__version__,
+        "safetensors": safetensors.__version__,
+    }
 
 
 def _lopt_version() -> str | None:
@@ -207,7 +293,44 @@ def _lopt_version() -> str | None:
         return None
 
 
+def tensors_sha256(tensors: dict[str, np.ndarray]) -> str:
+    """Hex SHA-256 of the canonical bytes of named tensors (module docstring): per tensor in
+    sorted name order, ``[name, dtype, shape]`` as compact JSON and a newline, then its raw
+    little-endian C-order bytes."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        a = np.asarray(tensors[name])
+        line = json.dumps([name, a.dtype.name, list(a.shape)], separators=(",", ":")) + "\n"
+        h.update(line.encode("utf-8"))
+        h.update(a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes(order="C"))
+    return h.hexdigest()
+
+
+def _tensor_name(path: tuple[str, ...]) -> str:
+    return "/".join(path)
+
+
 # --- writing -----------------------------------------------------------------------------------
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    prefix = "." + os.path.basename(path) + "."
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
 
 
 def save(
@@ -216,12 +339,13 @@ def save(
     meta_params: MetaParams,
     metadata: dict | None = None,
 ) -> str:
-    """Write ``learned_opt`` and its ``meta_params`` to the single file ``path`` (atomically).
+    """Write ``learned_opt`` and its ``meta_params`` to the safetensors file ``path`` (atomically).
 
-    ``metadata`` is an optional JSON-able dict stored in the header (e.g. the outer step, the
-    task family, the final meta-loss). The meta-params must have the structure, shapes and dtypes
-    of ``learned_opt.init(key)``, else :class:`ArchitectureMismatchError` is raised before any
-    file is touched. Returns the path written, as a string.
+    ``path`` is used as given (``.safetensors`` is the conventional suffix). ``metadata`` is an
+    optional JSON-able dict stored in the header (e.g. the outer step, the task family, the
+    final meta-loss). The meta-params must have the structure, shapes and dtypes of
+    ``learned_opt.init(key)``, else :class:`ArchitectureMismatchError` is raised before any file
+    is touched. Returns the path written, as a string.
     """
     path = os.fspath(path)
     if metadata is None:
@@ -233,10 +357,8 @@ def save(
     config = _arch_config(learned_opt)
     arch = _describe(name, config)
 
-    host = jax.device_get(meta_params)
-    host = jax.tree.map(np.asarray, host)
-    state = flax.serialization.to_state_dict(host)
-    leaves = _flatten(state)
+    host = jax.tree.map(np.asarray, jax.device_get(meta_params))
+    leaves = _flatten(flax.serialization.to_state_dict(host))
     for p, leaf in leaves.items():
         if not isinstance(leaf, np.ndarray):
             raise ExportError(
@@ -246,132 +368,47 @@ def save(
     want = _specs(_template(learned_opt))
     _check_leaves(got, want, "the meta-params", arch, f"the export to {path}")
 
-    payload = flax.serialization.msgpack_serialize(state)
+    tensors: dict[str, np.ndarray] = {}
+    for p, leaf in leaves.items():
+        tname = _tensor_name(p)
+        if not tname or tname in tensors:  # a root leaf, or keys that contain "/"
+            raise ExportError(
+                f"meta-param leaf '{_fmt_path(p)}' has no unique tensor name ('{tname}'); "
+                "meta-params must be nested dicts/lists whose keys do not contain '/'"
+            )
+        tensors[tname] = np.array(leaf, order="C")  # (ascontiguousarray makes 0-d 1-d)
     header = {
-        "format_version": FORMAT_VERSION,
-        "architecture": {"name": name, "config": config},
-        "meta_params": {
-            "encoding": PAYLOAD_ENCODING,
-            "leaves": [
-                {"path": list(p), "shape": list(shape), "dtype": dtype}
-                for p, (shape, dtype) in got.items()
-            ],
-        },
-        "payload_bytes": len(payload),
-        "payload_sha256": hashlib.sha256(payload).hexdigest(),
+        "format": FORMAT_NAME,
+        "format_version": str(FORMAT_VERSION),
+        "architecture": name,
+        "config": json.dumps(config),
+        "tensors_sha256": tensors_sha256(tensors),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "lopt_version": _lopt_version(),
-        "library_versions": _library_versions(),
-        "metadata": metadata,
+        "lopt_version": _lopt_version() or "",
+        "library_versions": json.dumps(_library_versions()),
+        "metadata": json.dumps(metadata),
     }
-    header_bytes = json.dumps(header, indent=1).encode("utf-8")
-
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    prefix = "." + os.path.basename(path) + "."
-    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=directory)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(MAGIC)
-            f.write(_LEN.pack(len(header_bytes)))
-            f.write(header_bytes)
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+        data = safetensors.numpy.save(tensors, metadata=header)
+    except Exception as e:  # e.g. a dtype safetensors cannot store
+        raise ExportError(f"cannot write the meta-params as safetensors: {e}") from e
+    _atomic_write(path, data)
     return path
 
 
-# --- reading -----------------------------------------------------------------------------------
+# --- reading: common ---------------------------------------------------------------------------
 
 
 def _corrupt(path: str, why: str) -> CorruptExportError:
     return CorruptExportError(f"learned-optimizer export {path} is corrupted or truncated: {why}")
 
 
-def _read_header(f, path: str) -> tuple[dict, int]:
-    """Parse magic, header length and header; return (header, payload offset)."""
-    magic = f.read(len(MAGIC))
-    if magic != MAGIC:
-        raise _corrupt(
-            path,
-            f"it does not start with the magic bytes {MAGIC!r} (found {magic!r}); "
-            "is it a lopt export?",
-        )
-    raw_len = f.read(_LEN.size)
-    if len(raw_len) != _LEN.size:
-        raise _corrupt(path, "the file ends inside the header length")
-    (n,) = _LEN.unpack(raw_len)
-    size = os.fstat(f.fileno()).st_size
-    offset = len(MAGIC) + _LEN.size
-    if n > size - offset:
-        raise _corrupt(path, f"the header claims {n} bytes but only {size - offset} follow")
-    raw = f.read(n)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise _corrupt(path, f"the header is not valid UTF-8 JSON ({e})") from None
-    if not isinstance(header, dict):
-        raise _corrupt(path, "the header is not a JSON object")
-    version = header.get("format_version")
-    if not isinstance(version, int) or isinstance(version, bool):
-        raise _corrupt(path, f"the header has no integer format_version (got {version!r})")
-    if version > FORMAT_VERSION:
-        made_by = header.get("lopt_version")
-        by = f" (written by lopt {made_by})" if made_by else ""
-        raise UnsupportedFormatError(
-            f"learned-optimizer export {path} has format_version {version}{by}, but this lopt "
-            f"reads versions up to {FORMAT_VERSION}; upgrade lopt to load it"
-        )
-    if version < 1:
-        raise _corrupt(path, f"invalid format_version {version}")
-    missing = [k for k in _REQUIRED_KEYS if k not in header]
-    if missing:
-        raise _corrupt(path, f"the header lacks {', '.join(missing)}")
-    arch = header["architecture"]
-    if not (
-        isinstance(arch, dict)
-        and isinstance(arch.get("name"), str)
-        and isinstance(arch.get("config"), dict)
-    ):
-        raise _corrupt(path, "the header's architecture is not {name: str, config: dict}")
-    return header, offset + n
-
-
-def read_metadata(path: str | os.PathLike) -> dict:
-    """The export's JSON header (architecture, leaf shapes, versions, ``metadata``, ...).
-
-    Reads only the header, not the arrays; the payload checksum is not verified.
-    """
-    path = os.fspath(path)
-    with open(path, "rb") as f:
-        header, _ = _read_header(f, path)
-    return header
-
-
-def _header_leaves(header: dict, path: str) -> dict[tuple[str, ...], tuple[tuple[int, ...], str]]:
-    mp = header["meta_params"]
-    try:
-        if mp.get("encoding", PAYLOAD_ENCODING) != PAYLOAD_ENCODING:
-            raise _corrupt(path, f"unknown meta-param encoding {mp['encoding']!r}")
-        out = {}
-        for leaf in mp["leaves"]:
-            out[tuple(str(k) for k in leaf["path"])] = (
-                tuple(int(d) for d in leaf["shape"]),
-                np.dtype(leaf["dtype"]).name,
-            )
-        return out
-    except (AttributeError, KeyError, TypeError, ValueError) as e:
-        if isinstance(e, CorruptExportError):
-            raise
-        raise _corrupt(path, f"the header's meta_params table is malformed ({e!r})") from None
+def _unsupported(path: str, version: int, made_by: str | None) -> UnsupportedFormatError:
+    by = f" (written by lopt {made_by})" if made_by else ""
+    return UnsupportedFormatError(
+        f"learned-optimizer export {path} has format_version {version}{by}, but this lopt reads "
+        f"versions up to {FORMAT_VERSION}; upgrade lopt to load it"
+    )
 
 
 def _rebuild(name: str, config: dict, path: str) -> LearnedOptimizer:
@@ -384,10 +421,212 @@ def _rebuild(name: str, config: dict, path: str) -> LearnedOptimizer:
         ) from e
 
 
+def _resolve_architecture(
+    name: str, config: dict, learned_opt: LearnedOptimizer | None, path: str
+) -> LearnedOptimizer:
+    """The file's architecture, rebuilt; or ``learned_opt`` if it is the same one."""
+    if learned_opt is None:
+        return _rebuild(name, config, path)
+    req_name, req_config = learned_opt.name, _arch_config(learned_opt)
+    file_config = config
+    if req_name == name:
+        # Compare with the file's architecture as this code builds it, so options added (with
+        # defaults) since the export was written do not count as a difference.
+        try:
+            file_config = _arch_config(lopt.get(name, **config))
+        except Exception:
+            file_config = config
+    if req_name != name or req_config != file_config:
+        diff = ""
+        if req_name == name:
+            keys = sorted(set(file_config) | set(req_config))
+            diff = "; options differ: " + ", ".join(
+                f"{k} ({file_config.get(k, '<unset>')!r} in the export, "
+                f"{req_config.get(k, '<unset>')!r} requested)"
+                for k in keys
+                if file_config.get(k, "<unset>") != req_config.get(k, "<unset>")
+            )
+        raise ArchitectureMismatchError(
+            f"export {path} holds {_describe(name, config)} but "
+            f"{_describe(req_name, req_config)} was requested{diff}"
+        )
+    return learned_opt
+
+
+def _read_safetensors_header(f, path: str) -> tuple[dict, dict, int]:
+    """Parse the safetensors framing of the open file ``f`` up to the end of its JSON header;
+    return (``__metadata__``, tensor table, offset of the tensor data). The tensor table is
+    checked against the data by :func:`_check_data_extent`."""
+    size = os.fstat(f.fileno()).st_size
+    raw_len = f.read(_LEN.size)
+    if len(raw_len) < _LEN.size:
+        raise _corrupt(
+            path, f"the file has {len(raw_len)} bytes, fewer than a safetensors header length"
+        )
+    (n,) = _LEN.unpack(raw_len)
+    if n > size - _LEN.size:
+        raise _corrupt(path, f"the header claims {n} bytes but only {size - _LEN.size} follow")
+    try:
+        header = json.loads(f.read(n).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise _corrupt(
+            path, f"the safetensors header is not valid UTF-8 JSON ({e}); is it a lopt export?"
+        ) from None
+    if not isinstance(header, dict):
+        raise _corrupt(path, "the safetensors header is not a JSON object")
+    meta = header.pop("__metadata__", None)
+    if meta is not None and not (
+        isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())
+    ):
+        raise _corrupt(path, "the safetensors __metadata__ is not a string-to-string object")
+    return meta or {}, header, _LEN.size + n
+
+
+def _check_data_extent(table: dict, data_len: int, path: str) -> None:
+    """Every tensor's offsets lie in the data, match its shape and dtype, and the tensors cover
+    the data exactly (safetensors' own rule: no holes, nothing after)."""
+    spans = []
+    for tname, entry in table.items():
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            size = _ST_DTYPES[dtype][1] * int(np.prod([int(d) for d in shape], dtype=np.int64))
+            begin, end = int(begin), int(end)
+        except (KeyError, TypeError, ValueError) as e:
+            raise _corrupt(path, f"tensor '{tname}' has a malformed header entry ({e!r})") from None
+        if end - begin != size or begin < 0:
+            raise _corrupt(
+                path, f"tensor '{tname}' spans bytes [{begin}, {end}) but its shape needs {size}"
+            )
+        spans.append((begin, end))
+    spans.sort()
+    pos = 0
+    for begin, end in spans:
+        if begin != pos:
+            raise _corrupt(path, "the tensors' byte ranges overlap or leave holes")
+        pos = end
+    if data_len < pos:
+        raise _corrupt(path, f"the tensor data has {data_len} of its {pos} bytes")
+    if data_len > pos:
+        raise _corrupt(path, f"{data_len - pos} unexpected bytes follow the payload")
+
+
+def _decode_metadata(meta: dict, path: str) -> dict:
+    """The format-2 ``__metadata__`` as :func:`read_metadata` returns it (JSON decoded)."""
+    if meta.get("format") != FORMAT_NAME:
+        raise _corrupt(
+            path,
+            f"it is a safetensors file without lopt's metadata (format is "
+            f"{meta.get('format')!r}, not {FORMAT_NAME!r}); is it a lopt export?",
+        )
+    try:
+        version = int(meta.get("format_version", ""))
+    except ValueError:
+        raise _corrupt(
+            path, f"format_version {meta.get('format_version')!r} is not an integer"
+        ) from None
+    if version > FORMAT_VERSION:
+        raise _unsupported(path, version, meta.get("lopt_version"))
+    if version < 2:
+        raise _corrupt(path, f"a safetensors export cannot have format_version {version}")
+    missing = [k for k in METADATA_KEYS if k not in meta]
+    if missing:
+        raise _corrupt(path, f"the metadata lacks {', '.join(missing)}")
+    try:
+        config = json.loads(meta["config"])
+        library_versions = json.loads(meta["library_versions"])
+        user_metadata = json.loads(meta["metadata"])
+    except ValueError as e:
+        raise _corrupt(path, f"a JSON value of the metadata does not parse ({e})") from None
+    if not isinstance(config, dict):
+        raise _corrupt(path, "the metadata's config is not a JSON object")
+    return {
+        "format": FORMAT_NAME,
+        "format_version": version,
+        "architecture": {"name": meta["architecture"], "config": config},
+        "tensors_sha256": meta["tensors_sha256"],
+        "created": meta["created"],
+        "lopt_version": meta["lopt_version"] or None,
+        "library_versions": library_versions,
+        "metadata": user_metadata,
+    }
+
+
+def _leaves_table(table: dict) -> list[dict]:
+    """The tensor table as format 1's ``meta_params.leaves``: path, shape, numpy dtype name."""
+    return [
+        {
+            "path": tname.split("/"),
+            "shape": [int(d) for d in entry["shape"]],
+            "dtype": _ST_DTYPES[entry["dtype"]][0],
+        }
+        for tname, entry in sorted(table.items())
+    ]
+
+
+def _read_header(f, path: str) -> dict:
+    """The decoded header of either format (what :func:`read_metadata` returns), with the
+    private keys ``_table``/``_offset`` (format 2) or ``_offset`` (format 1)."""
+    head = f.read(len(FORMAT1_MAGIC))
+    if head == FORMAT1_MAGIC:
+        header, offset = _read_format1_header(f, path)
+        header["_offset"] = offset
+        return header
+    f.seek(0)
+    meta, table, offset = _read_safetensors_header(f, path)
+    header = _decode_metadata(meta, path)
+    _check_data_extent(table, os.fstat(f.fileno()).st_size - offset, path)
+    header["meta_params"] = {"leaves": _leaves_table(table)}
+    header["_table"], header["_offset"] = table, offset
+    return header
+
+
+def _public(header: dict) -> dict:
+    return {k: v for k, v in header.items() if not k.startswith("_")}
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The export's header, decoded: ``format_version``, ``architecture`` (``{"name", "config"}``),
+    ``meta_params`` (``{"leaves": [{"path", "shape", "dtype"}, ...]}``), ``created``,
+    ``lopt_version``, ``library_versions``, ``metadata`` (the user's dict), and the checksum
+    (``tensors_sha256``; ``payload_sha256`` and ``payload_bytes`` in format 1).
+
+    Reads only the header, not the arrays; the checksum is not verified.
+    """
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        return _public(_read_header(f, path))
+
+
+def _load_arrays_format2(
+    data: bytes, header: dict, path: str
+) -> dict[tuple[str, ...], np.ndarray]:
+    try:
+        tensors = safetensors.numpy.load(data)
+    except Exception as e:  # safetensors' own validation (SafetensorError)
+        raise _corrupt(path, f"safetensors cannot decode it ({e})") from None
+    digest = tensors_sha256(tensors)
+    if digest != header["tensors_sha256"]:
+        raise _corrupt(
+            path,
+            f"tensors sha256 {digest} differs from the metadata's {header['tensors_sha256']}",
+        )
+    return {tuple(name.split("/")): a for name, a in tensors.items()}
+
+
+def _unflatten_like(template_state: Any, arrays: dict[tuple[str, ...], Any], prefix=()) -> Any:
+    """``arrays`` (path -> array) arranged in the nested dicts of ``template_state``."""
+    if isinstance(template_state, dict):
+        return {
+            k: _unflatten_like(v, arrays, prefix + (str(k),)) for k, v in template_state.items()
+        }
+    return arrays[prefix]
+
+
 def load(
     path: str | os.PathLike, learned_opt: LearnedOptimizer | None = None
 ) -> tuple[LearnedOptimizer, MetaParams]:
-    """Load ``(learned_opt, meta_params)`` from an export written by :func:`save`.
+    """Load ``(learned_opt, meta_params)`` from an export: a safetensors file written by
+    :func:`save`, or a format-1 ``.lopt`` file.
 
     With ``learned_opt=None`` the architecture is rebuilt from the file's name and config via
     ``lopt.get``. With ``learned_opt`` given, its name and config must equal the file's, else
@@ -396,65 +635,29 @@ def load(
     """
     path = os.fspath(path)
     with open(path, "rb") as f:
-        header, offset = _read_header(f, path)
-        payload = f.read()
-    expected = header["payload_bytes"]
-    if len(payload) < expected:
-        raise _corrupt(path, f"the payload has {len(payload)} of its {expected} bytes")
-    if len(payload) > expected:
-        raise _corrupt(path, f"{len(payload) - expected} unexpected bytes follow the payload")
-    digest = hashlib.sha256(payload).hexdigest()
-    if digest != header["payload_sha256"]:
-        raise _corrupt(
-            path, f"payload sha256 {digest} differs from the header's {header['payload_sha256']}"
-        )
+        header = _read_header(f, path)
+        f.seek(0)
+        data = f.read()
+    if header["format_version"] == 1:
+        payload = _check_format1_payload(data[header["_offset"] :], header, path)
+    else:
+        arrays = _load_arrays_format2(data, header, path)
 
     name = header["architecture"]["name"]
     config = header["architecture"]["config"]
-    file_arch = _describe(name, config)
-    if learned_opt is None:
-        learned_opt = _rebuild(name, config, path)
-    else:
-        req_name, req_config = learned_opt.name, _arch_config(learned_opt)
-        file_config = config
-        if req_name == name:
-            # Compare with the file's architecture as this code builds it, so options added
-            # (with defaults) since the export was written do not count as a difference.
-            try:
-                file_config = _arch_config(lopt.get(name, **config))
-            except Exception:
-                file_config = config
-        if req_name != name or req_config != file_config:
-            diff = ""
-            if req_name == name:
-                keys = sorted(set(file_config) | set(req_config))
-                diff = "; options differ: " + ", ".join(
-                    f"{k} ({file_config.get(k, '<unset>')!r} in the export, "
-                    f"{req_config.get(k, '<unset>')!r} requested)"
-                    for k in keys
-                    if file_config.get(k, "<unset>") != req_config.get(k, "<unset>")
-                )
-            raise ArchitectureMismatchError(
-                f"export {path} holds {file_arch} but {_describe(req_name, req_config)} was "
-                f"requested{diff}"
-            )
-
+    learned_opt = _resolve_architecture(name, config, learned_opt, path)
     arch = _describe(learned_opt.name, _arch_config(learned_opt))
     template = _template(learned_opt)
     want = _specs(template)
-    _check_leaves(_header_leaves(header, path), want, "the header's meta-params", arch, path)
-
-    try:
-        state = flax.serialization.msgpack_restore(payload)
-    except Exception as e:
-        raise _corrupt(path, f"the payload does not decode ({e!r})") from None
-    arrays = _flatten(state)
-    for p, leaf in arrays.items():
-        if not isinstance(leaf, np.ndarray):
-            raise _corrupt(path, f"payload leaf '{_fmt_path(p)}' is not an array")
+    if header["format_version"] == 1:
+        _check_leaves(
+            _format1_header_leaves(header, path), want, "the header's meta-params", arch, path
+        )
+        arrays = _decode_format1_payload(payload, path)
     _check_leaves(
-        {p: _spec(v) for p, v in arrays.items()}, want, "the payload's meta-params", arch, path
+        {p: _spec(v) for p, v in arrays.items()}, want, "the export's meta-params", arch, path
     )
+    state = _unflatten_like(flax.serialization.to_state_dict(template), arrays)
     restored = flax.serialization.from_state_dict(template, state)
     meta_params = jax.tree.map(jnp.asarray, restored)
     return learned_opt, meta_params
@@ -470,3 +673,90 @@ def load_optimizer(path: str | os.PathLike) -> optax.GradientTransformationExtra
     """
     learned_opt, meta_params = load(path)
     return learned_opt.optimizer(meta_params)
+
+
+# --- reading: format 1 (the pre-safetensors .lopt container; read only) ------------------------
+
+
+def _read_format1_header(f, path: str) -> tuple[dict, int]:
+    """Header length and JSON header of a format-1 file whose magic ``f`` has just read; return
+    (header, payload offset)."""
+    raw_len = f.read(_LEN.size)
+    if len(raw_len) != _LEN.size:
+        raise _corrupt(path, "the file ends inside the header length")
+    (n,) = _LEN.unpack(raw_len)
+    size = os.fstat(f.fileno()).st_size
+    offset = len(FORMAT1_MAGIC) + _LEN.size
+    if n > size - offset:
+        raise _corrupt(path, f"the header claims {n} bytes but only {size - offset} follow")
+    raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise _corrupt(path, f"the header is not valid UTF-8 JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise _corrupt(path, "the header is not a JSON object")
+    version = header.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise _corrupt(path, f"the header has no integer format_version (got {version!r})")
+    if version != 1:  # format 1's framing carries version 1 only; later versions are safetensors
+        if version > FORMAT_VERSION:
+            raise _unsupported(path, version, header.get("lopt_version"))
+        raise _corrupt(path, f"invalid format_version {version} for a {FORMAT1_MAGIC!r} file")
+    missing = [k for k in _FORMAT1_REQUIRED_KEYS if k not in header]
+    if missing:
+        raise _corrupt(path, f"the header lacks {', '.join(missing)}")
+    arch = header["architecture"]
+    if not (
+        isinstance(arch, dict)
+        and isinstance(arch.get("name"), str)
+        and isinstance(arch.get("config"), dict)
+    ):
+        raise _corrupt(path, "the header's architecture is not {name: str, config: dict}")
+    return header, offset + n
+
+
+def _check_format1_payload(payload: bytes, header: dict, path: str) -> bytes:
+    expected = header["payload_bytes"]
+    if len(payload) < expected:
+        raise _corrupt(path, f"the payload has {len(payload)} of its {expected} bytes")
+    if len(payload) > expected:
+        raise _corrupt(path, f"{len(payload) - expected} unexpected bytes follow the payload")
+    digest = hashlib.sha256(payload).hexdigest()
+    if digest != header["payload_sha256"]:
+        raise _corrupt(
+            path, f"payload sha256 {digest} differs from the header's {header['payload_sha256']}"
+        )
+    return payload
+
+
+def _format1_header_leaves(
+    header: dict, path: str
+) -> dict[tuple[str, ...], tuple[tuple[int, ...], str]]:
+    mp = header["meta_params"]
+    try:
+        if mp.get("encoding", FORMAT1_ENCODING) != FORMAT1_ENCODING:
+            raise _corrupt(path, f"unknown meta-param encoding {mp['encoding']!r}")
+        out = {}
+        for leaf in mp["leaves"]:
+            out[tuple(str(k) for k in leaf["path"])] = (
+                tuple(int(d) for d in leaf["shape"]),
+                np.dtype(leaf["dtype"]).name,
+            )
+        return out
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        if isinstance(e, CorruptExportError):
+            raise
+        raise _corrupt(path, f"the header's meta_params table is malformed ({e!r})") from None
+
+
+def _decode_format1_payload(payload: bytes, path: str) -> dict[tuple[str, ...], np.ndarray]:
+    try:
+        state = flax.serialization.msgpack_restore(payload)
+    except Exception as e:
+        raise _corrupt(path, f"the payload does not decode ({e!r})") from None
+    arrays = _flatten(state)
+    for p, leaf in arrays.items():
+        if not isinstance(leaf, np.ndarray):
+            raise _corrupt(path, f"payload leaf '{_fmt_path(p)}' is not an array")
+    return arrays

@@ -1,14 +1,15 @@
 """Export a meta-training checkpoint as a single learned-optimizer file (lopt.export format).
 
     python scripts/export.py --workdir=runs/quickstart                  # latest checkpoint
-    python scripts/export.py --workdir=runs/quickstart --step=300 --out=/tmp/mlp_300.lopt
+    python scripts/export.py --workdir=runs/quickstart --step=300 --out=/tmp/mlp_300.safetensors
 
 Reads ``WORKDIR/config.json`` (the resolved config ``train`` wrote), rebuilds the
 ``MetaTrainer`` it describes, restores the orbax checkpoint of ``--step`` (default: the latest)
 from ``WORKDIR/checkpoints`` into the structure of a freshly initialised state, and writes the
 meta-params with ``lopt.export.save``. The default output is
-``WORKDIR/export/optimizer_step{STEP}.lopt``. Load it anywhere with
-``lopt.export.load_optimizer(path)``.
+``WORKDIR/export/optimizer_step{STEP}.safetensors`` (a safetensors file; ``--out`` may name any
+path). Load it anywhere with ``lopt.export.load_optimizer(path)``, or in PyTorch with
+``lopt.torch.load(path, model.parameters())``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ def _define_flags() -> None:
     """Flags are defined only when run as a program, so tests can import this module beside
     others that define --workdir."""
     flags.DEFINE_string("workdir", None, "Meta-training workdir (holds config.json, checkpoints/).")
-    flags.DEFINE_string("out", None, "Output file; default WORKDIR/export/optimizer_step{STEP}.lopt.")
+    flags.DEFINE_string(
+        "out", None, "Output file; default WORKDIR/export/optimizer_step{STEP}.safetensors."
+    )
     flags.DEFINE_integer("step", None, "Checkpoint step to export; default the latest.")
 
 
@@ -77,7 +80,7 @@ def export_checkpoint(workdir: str, out: str | None = None, step: int | None = N
         checkpointer.close()
 
     if out is None:
-        out = os.path.join(workdir, "export", f"optimizer_step{step}.lopt")
+        out = os.path.join(workdir, "export", f"optimizer_step{step}.safetensors")
     return export_lib.save(
         out,
         trainer.learned_opt,

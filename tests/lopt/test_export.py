@@ -1,8 +1,10 @@
-"""Tests for lopt.export: the single-file learned-optimizer export format."""
+"""Tests for lopt.export: the safetensors learned-optimizer export (format 2) and the reader of
+the format-1 ``.lopt`` container."""
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import struct
@@ -13,10 +15,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import safetensors.numpy
+from safetensors import safe_open
 
 import lopt
 from lopt import export
 from lopt.base import config_of
+
+FORMAT1_FIXTURE = os.path.join(os.path.dirname(__file__), "data", "mlp_format1.lopt")
 
 
 @pytest.fixture(scope="module")
@@ -29,23 +35,32 @@ def tiny():
 @pytest.fixture
 def saved(tmp_path, tiny):
     learned_opt, meta_params = tiny
-    path = tmp_path / "nested" / "dir" / "opt.lopt"
+    path = tmp_path / "nested" / "dir" / "opt.safetensors"
     export.save(path, learned_opt, meta_params, metadata={"outer_step": 7, "note": "tiny"})
     return path
 
 
 def _split(path):
-    """(header dict, header bytes, payload bytes) of an export file."""
+    """(tensor table, ``__metadata__``, header bytes, data bytes) of a safetensors file."""
     data = path.read_bytes()
-    off = len(export.MAGIC)
-    (n,) = struct.unpack("<Q", data[off : off + 8])
-    header_bytes = data[off + 8 : off + 8 + n]
-    return json.loads(header_bytes), header_bytes, data[off + 8 + n :]
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    meta = header.pop("__metadata__")
+    return header, meta, data[8 : 8 + n], data[8 + n :]
 
 
-def _write(path, header, payload):
-    header_bytes = json.dumps(header).encode("utf-8")
-    path.write_bytes(export.MAGIC + struct.pack("<Q", len(header_bytes)) + header_bytes + payload)
+def _rewrite(path, tensors=None, **meta_changes):
+    """Rewrite the export at ``path`` as a well-formed safetensors file with other tensors and/or
+    metadata values; the checksum is recomputed when the tensors change (a file as a buggy or
+    foreign writer could make it)."""
+    with safe_open(str(path), "np") as f:
+        meta = dict(f.metadata())
+    if tensors is not None:
+        meta["tensors_sha256"] = export.tensors_sha256(tensors)
+    else:
+        tensors = safetensors.numpy.load_file(str(path))
+    meta.update(meta_changes)
+    safetensors.numpy.save_file(tensors, str(path), metadata=meta)
 
 
 def _assert_trees_equal(a, b):
@@ -72,16 +87,27 @@ def test_round_trip_preserves_special_values(tmp_path, tiny):
     learned_opt, meta_params = tiny
     weird = jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(jnp.nan), meta_params)
     weird["mlp"][0]["b"] = weird["mlp"][0]["b"].at[-1].set(-0.0)
-    path = export.save(tmp_path / "weird.lopt", learned_opt, weird)
+    path = export.save(tmp_path / "weird.safetensors", learned_opt, weird)
     _, loaded = export.load(path)
     for x, y in zip(jax.tree.leaves(weird), jax.tree.leaves(loaded)):
         assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
 
 
+def test_round_trip_of_scalar_and_learnable_decay_leaves(tmp_path):
+    # hyper_adam's meta-params are 0-d arrays; adafac_mlp adds decay_logits with learnable decays.
+    for learned_opt in (lopt.get("hyper_adam"), lopt.get("adafac_mlp", hidden_size=4,
+                                                          learnable_decays=True)):
+        meta_params = learned_opt.init(jax.random.PRNGKey(0))
+        path = export.save(tmp_path / f"{learned_opt.name}.safetensors", learned_opt, meta_params)
+        loaded_opt, loaded = export.load(path)
+        assert loaded_opt == learned_opt
+        _assert_trees_equal(loaded, meta_params)
+
+
 def test_metadata_and_header(saved, tiny):
     learned_opt, _ = tiny
     header = export.read_metadata(saved)
-    assert header["format_version"] == export.FORMAT_VERSION
+    assert header["format_version"] == export.FORMAT_VERSION == 2
     assert header["metadata"] == {"outer_step": 7, "note": "tiny"}
     assert header["architecture"] == {
         "name": "mlp",
@@ -92,31 +118,68 @@ def test_metadata_and_header(saved, tiny):
     expected = {"path": ["mlp", "1", "b"], "shape": [2], "dtype": "float32"}
     assert leaves[("mlp", "1", "b")] == expected
     assert header["created"].endswith("+00:00")
-    assert header["payload_bytes"] == len(_split(saved)[2])
+    assert set(header["library_versions"]) >= {"jax", "flax", "optax", "safetensors", "numpy"}
+    assert header["tensors_sha256"] == export.tensors_sha256(
+        safetensors.numpy.load_file(str(saved))
+    )
+
+
+def test_file_is_plain_safetensors_with_documented_metadata(saved, tiny):
+    """What a non-JAX reader sees: numpy arrays under the meta-param paths and the documented
+    string metadata, whose checksum it can verify with the module docstring's recipe."""
+    learned_opt, meta_params = tiny
+    tensors = safetensors.numpy.load_file(str(saved))
+    assert sorted(tensors) == ["mlp/0/b", "mlp/0/w", "mlp/1/b", "mlp/1/w"]
+    for i, layer in enumerate(meta_params["mlp"]):
+        for k in ("w", "b"):
+            assert tensors[f"mlp/{i}/{k}"].dtype == np.float32
+            np.testing.assert_array_equal(tensors[f"mlp/{i}/{k}"], np.asarray(layer[k]))
+    with safe_open(str(saved), "np") as f:
+        meta = f.metadata()
+    assert set(meta) == set(export.METADATA_KEYS)
+    assert meta["format"] == "lopt.export" and meta["format_version"] == "2"
+    assert meta["architecture"] == "mlp"
+    assert lopt.get(meta["architecture"], **json.loads(meta["config"])) == learned_opt
+    assert json.loads(meta["metadata"]) == {"outer_step": 7, "note": "tiny"}
+    assert json.loads(meta["library_versions"])["jax"] == jax.__version__
+    h = hashlib.sha256()  # the recipe of the module docstring, written out independently
+    for name, a in sorted(tensors.items()):
+        line = json.dumps([name, a.dtype.name, list(a.shape)], separators=(",", ":")) + "\n"
+        h.update(line.encode())
+        h.update(a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes(order="C"))
+    assert meta["tensors_sha256"] == h.hexdigest()
+
+
+def test_any_path_is_accepted(tmp_path, tiny):
+    # The training loop may still name its export optimizer.lopt: the content decides the format.
+    learned_opt, meta_params = tiny
+    path = export.save(tmp_path / "optimizer.lopt", learned_opt, meta_params)
+    assert safetensors.numpy.load_file(path).keys() == {"mlp/0/b", "mlp/0/w", "mlp/1/b", "mlp/1/w"}
+    _assert_trees_equal(export.load(path)[1], meta_params)
 
 
 def test_save_returns_path_and_leaves_no_temp_files(tmp_path, tiny):
     learned_opt, meta_params = tiny
-    out = export.save(tmp_path / "a.lopt", learned_opt, meta_params)
-    assert out == str(tmp_path / "a.lopt")
+    out = export.save(tmp_path / "a.safetensors", learned_opt, meta_params)
+    assert out == str(tmp_path / "a.safetensors")
     export.save(out, learned_opt, meta_params, metadata={"again": True})  # overwrite in place
-    assert os.listdir(tmp_path) == ["a.lopt"]
+    assert os.listdir(tmp_path) == ["a.safetensors"]
     assert export.read_metadata(out)["metadata"] == {"again": True}
 
 
 def test_metadata_must_be_json(tmp_path, tiny):
     learned_opt, meta_params = tiny
     with pytest.raises(export.ExportError, match="JSON"):
-        export.save(tmp_path / "x.lopt", learned_opt, meta_params, metadata={"f": object()})
-    assert not (tmp_path / "x.lopt").exists()
+        export.save(tmp_path / "x.safetensors", learned_opt, meta_params, metadata={"f": object()})
+    assert not (tmp_path / "x.safetensors").exists()
 
 
 def test_save_rejects_meta_params_of_another_architecture(tmp_path, tiny):
     learned_opt, _ = tiny
     other = lopt.get("mlp", hidden_size=16, hidden_layers=1).init(jax.random.PRNGKey(0))
     with pytest.raises(export.ArchitectureMismatchError, match="mlp/0/"):
-        export.save(tmp_path / "x.lopt", learned_opt, other)
-    assert not (tmp_path / "x.lopt").exists()
+        export.save(tmp_path / "x.safetensors", learned_opt, other)
+    assert not (tmp_path / "x.safetensors").exists()
 
 
 def test_load_optimizer_matches_original(saved, tiny):
@@ -138,9 +201,18 @@ def test_flipped_payload_byte_is_corrupt(saved):
     data = bytearray(saved.read_bytes())
     data[-5] ^= 0xFF
     saved.write_bytes(bytes(data))
-    with pytest.raises(export.CorruptExportError, match="corrupted") as err:
+    with pytest.raises(export.CorruptExportError, match="corrupted.*sha256") as err:
         export.load(saved)
     assert str(saved) in str(err.value)
+
+
+def test_renamed_tensor_fails_the_checksum(saved):
+    # Names are digested with the data: a header edit that keeps the file well-formed is caught.
+    data = saved.read_bytes()
+    assert data.count(b'"mlp/1/b"') == 1
+    saved.write_bytes(data.replace(b'"mlp/1/b"', b'"mlp/1/c"'))
+    with pytest.raises(export.CorruptExportError, match="sha256"):
+        export.load(saved)
 
 
 @pytest.mark.parametrize("keep", [4, 14, 40, -1])
@@ -158,21 +230,36 @@ def test_trailing_bytes_are_corrupt(saved):
         export.load(saved)
 
 
-def test_wrong_magic_is_corrupt(saved):
+def test_not_an_export_is_corrupt(saved, tmp_path):
     data = saved.read_bytes()
-    saved.write_bytes(b"NOT-AN-EXPORT" + data[len(export.MAGIC) :])
-    with pytest.raises(export.CorruptExportError, match="magic") as err:
+    saved.write_bytes(b"NOT-AN-EXPORT" + data[13:])
+    with pytest.raises(export.CorruptExportError, match="corrupted") as err:
         export.load(saved)
     assert str(saved) in str(err.value)
     with pytest.raises(export.CorruptExportError):
         export.read_metadata(saved)
+    # A well-formed safetensors file that is not an export (no lopt metadata).
+    plain = tmp_path / "plain.safetensors"
+    safetensors.numpy.save_file({"w": np.ones((2, 2), np.float32)}, str(plain))
+    for fn in (export.load, export.read_metadata):
+        with pytest.raises(export.CorruptExportError, match="is it a lopt export"):
+            fn(plain)
 
 
 def test_unparsable_header_is_corrupt(saved):
-    _, header_bytes, payload = _split(saved)
+    _, _, header_bytes, data = _split(saved)
     garbage = b"{" + b"x" * (len(header_bytes) - 1)
-    saved.write_bytes(export.MAGIC + struct.pack("<Q", len(garbage)) + garbage + payload)
+    saved.write_bytes(struct.pack("<Q", len(garbage)) + garbage + data)
     with pytest.raises(export.CorruptExportError, match="header"):
+        export.load(saved)
+
+
+def test_header_shape_inconsistent_with_data_is_corrupt(saved):
+    table, _, header_bytes, data = _split(saved)
+    assert table["mlp/1/b"]["shape"] == [2] and header_bytes.count(b'"shape":[2]') == 1
+    edited = header_bytes.replace(b'"shape":[2]', b'"shape":[3]')
+    saved.write_bytes(struct.pack("<Q", len(edited)) + edited + data)
+    with pytest.raises(export.CorruptExportError, match="its shape needs"):
         export.load(saved)
 
 
@@ -198,40 +285,41 @@ def test_loading_as_another_architecture_is_a_mismatch(saved):
         export.load(saved, learned_opt=_OtherLOpt())
 
 
-def test_tampered_header_shape_is_an_architecture_mismatch(saved):
-    # Only the payload is checksummed; a hand-edited leaf shape in the header is caught by the
-    # comparison with the architecture's own init and reported as an ArchitectureMismatchError.
-    header, _, payload = _split(saved)
-    header["meta_params"]["leaves"][0]["shape"] = [3, 3]
-    _write(saved, header, payload)
+def test_wrong_leaf_shape_is_an_architecture_mismatch(saved):
+    # A well-formed export (valid checksum) whose tensor has another shape than the
+    # architecture's init is reported naming the leaf and both shapes.
+    tensors = safetensors.numpy.load_file(str(saved))
+    tensors["mlp/0/w"] = np.zeros((3, 3), np.float32)
+    _rewrite(saved, tensors)
     with pytest.raises(export.ArchitectureMismatchError, match=r"\[3, 3\] in the export") as err:
         export.load(saved)
-    assert str(saved) in str(err.value)
+    assert str(saved) in str(err.value) and "mlp/0/w" in str(err.value)
+    del tensors["mlp/0/w"]
+    _rewrite(saved, tensors)
+    with pytest.raises(export.ArchitectureMismatchError, match="missing mlp/0/w"):
+        export.load(saved)
 
 
-def test_tampered_header_config_is_an_architecture_mismatch(saved):
-    # Header claims hidden_size=16 while the (valid) payload holds hidden_size=8 arrays.
-    header, _, payload = _split(saved)
-    header["architecture"]["config"]["hidden_size"] = 16
-    _write(saved, header, payload)
+def test_tampered_config_is_an_architecture_mismatch(saved):
+    # Metadata claims hidden_size=16 while the (valid) tensors hold hidden_size=8 arrays.
+    config = export.read_metadata(saved)["architecture"]["config"]
+    assert config["hidden_size"] == 8
+    config["hidden_size"] = 16
+    _rewrite(saved, config=json.dumps(config))
     with pytest.raises(export.ArchitectureMismatchError, match="mlp/0/"):
         export.load(saved)
 
 
 def test_future_format_version_is_unsupported(saved):
-    header, _, payload = _split(saved)
-    header["format_version"] = export.FORMAT_VERSION + 1
-    _write(saved, header, payload)
-    with pytest.raises(export.UnsupportedFormatError, match="format_version"):
+    _rewrite(saved, format_version=str(export.FORMAT_VERSION + 1))
+    with pytest.raises(export.UnsupportedFormatError, match="format_version 3"):
         export.load(saved)
     with pytest.raises(export.UnsupportedFormatError):
         export.read_metadata(saved)
 
 
 def test_unknown_architecture_name(saved):
-    header, _, payload = _split(saved)
-    header["architecture"]["name"] = "no_such_lopt"
-    _write(saved, header, payload)
+    _rewrite(saved, architecture="no_such_lopt")
     with pytest.raises(export.ExportError, match="no_such_lopt"):
         export.load(saved)
 
@@ -244,3 +332,82 @@ def test_error_hierarchy():
     ):
         assert issubclass(cls, export.ExportError)
     assert issubclass(export.ExportError, ValueError)
+
+
+# --- format 1: .lopt files written before safetensors (read only) ------------------------------
+
+
+def _format1_fixture_value(name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """The values the committed fixture holds. tests/lopt/data/mlp_format1.lopt was written by
+    the format-1 ``export.save`` (lopt before safetensors) as
+    ``save(path, lopt.get("mlp", hidden_size=4, hidden_layers=1), {"mlp": [{"w": v("mlp/0/w",
+    (18, 4)), "b": v("mlp/0/b", (4,))}, {"w": v("mlp/1/w", (4, 2)), "b": v("mlp/1/b", (2,))}]},
+    metadata={"outer_step": 12, "note": "format-1 fixture"})`` with ``v`` this function."""
+    n = int(np.prod(shape))
+    salt = sum(map(ord, name))
+    return (((np.arange(n) * 37 + salt) % 101 - 50) / 64.0).astype(np.float32).reshape(shape)
+
+
+def _split_format1(path):
+    """(header dict, payload bytes) of a format-1 file."""
+    data = path.read_bytes()
+    off = len(export.FORMAT1_MAGIC)
+    (n,) = struct.unpack("<Q", data[off : off + 8])
+    return json.loads(data[off + 8 : off + 8 + n]), data[off + 8 + n :]
+
+
+def _write_format1(path, header, payload):
+    """A minimal format-1 writer (magic, header length, JSON header, payload)."""
+    header_bytes = json.dumps(header).encode("utf-8")
+    path.write_bytes(
+        export.FORMAT1_MAGIC + struct.pack("<Q", len(header_bytes)) + header_bytes + payload
+    )
+
+
+@pytest.fixture
+def format1(tmp_path):
+    path = tmp_path / "old.lopt"
+    path.write_bytes(open(FORMAT1_FIXTURE, "rb").read())
+    return path
+
+
+def test_format1_file_still_loads(format1, tmp_path):
+    learned_opt, meta_params = export.load(format1)
+    assert learned_opt == lopt.get("mlp", hidden_size=4, hidden_layers=1)
+    for i, shape in enumerate([(18, 4), (4, 2)]):
+        layer = meta_params["mlp"][i]
+        np.testing.assert_array_equal(layer["w"], _format1_fixture_value(f"mlp/{i}/w", shape))
+        np.testing.assert_array_equal(layer["b"], _format1_fixture_value(f"mlp/{i}/b", shape[1:]))
+    header = export.read_metadata(format1)
+    assert header["format_version"] == 1
+    assert header["metadata"] == {"outer_step": 12, "note": "format-1 fixture"}
+    opt = export.load_optimizer(format1)
+    params = {"w": jnp.ones((3, 2))}
+    updates, _ = opt.update(params, opt.init(params), params)
+    assert np.all(np.isfinite(updates["w"])) and np.any(updates["w"] != 0)
+    # The documented conversion to format 2 keeps the arrays bit for bit and the metadata.
+    new = export.save(tmp_path / "new.safetensors", *export.load(format1),
+                      metadata=export.read_metadata(format1)["metadata"])
+    assert export.read_metadata(new)["format_version"] == 2
+    assert export.read_metadata(new)["metadata"] == header["metadata"]
+    _assert_trees_equal(export.load(new)[1], meta_params)
+
+
+def test_format1_errors(format1):
+    data = format1.read_bytes()
+    format1.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
+    with pytest.raises(export.CorruptExportError, match="payload sha256"):
+        export.load(format1)
+    format1.write_bytes(data[:-10])
+    with pytest.raises(export.CorruptExportError, match="truncated"):
+        export.load(format1)
+    header, payload = _split_format1(format1.__class__(FORMAT1_FIXTURE))
+    header["format_version"] = 3
+    _write_format1(format1, header, payload)
+    with pytest.raises(export.UnsupportedFormatError, match="format_version 3"):
+        export.read_metadata(format1)
+    header["format_version"] = 1
+    header["meta_params"]["leaves"][0]["shape"] = [3, 3]  # only the payload is checksummed
+    _write_format1(format1, header, payload)
+    with pytest.raises(export.ArchitectureMismatchError, match=r"\[3, 3\] in the export"):
+        export.load(format1)

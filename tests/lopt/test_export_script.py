@@ -57,7 +57,8 @@ def test_export_latest_and_given_step(workdir, tmp_path):
     path, summary = workdir
     script = _load_script()
     latest = script.export_checkpoint(path)
-    assert latest == os.path.join(path, "export", "optimizer_step3.lopt")
+    assert latest == os.path.join(path, "export", "optimizer_step3.safetensors")
+    assert export.read_metadata(latest)["format_version"] == 2
     learned_opt, meta_params = export.load(latest)
     assert learned_opt.name == "hyper_adam" and learned_opt.init_learning_rate == 3e-3
     assert _leaves_equal(meta_params, summary["state"].meta_params)
@@ -67,8 +68,8 @@ def test_export_latest_and_given_step(workdir, tmp_path):
     assert header["outer_step"] == 3 and header["checkpoint_step"] == 3
     assert header["task"]["name"] == "quadratic"
 
-    earlier = script.export_checkpoint(path, out=str(tmp_path / "two.lopt"), step=2)
-    assert earlier == str(tmp_path / "two.lopt")
+    earlier = script.export_checkpoint(path, out=str(tmp_path / "two.safetensors"), step=2)
+    assert earlier == str(tmp_path / "two.safetensors")
     assert export.read_metadata(earlier)["metadata"]["outer_step"] == 2
     _, meta_params_2 = export.load(earlier)
     assert not _leaves_equal(meta_params_2, meta_params)
@@ -85,7 +86,7 @@ def test_missing_step_and_workdir(workdir, tmp_path):
 
 def test_command_line(workdir, tmp_path):
     path, _ = workdir
-    out = tmp_path / "cli.lopt"
+    out = tmp_path / "cli.safetensors"
     run = subprocess.run(
         [sys.executable, SCRIPT, f"--workdir={path}", f"--out={out}", "--step=2"],
         capture_output=True, text=True, cwd=REPO, timeout=300,
