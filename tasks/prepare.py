@@ -91,6 +91,13 @@ def prepare(
     source = os.path.abspath(os.path.expanduser(source))
     if not os.path.exists(source):
         raise FileNotFoundError(f"--source {source} does not exist; give {entry.source}")
+    if entry.kind == "text" and os.path.isdir(source):
+        raise IsADirectoryError(f"--source {source} is a directory; give the text file itself")
+    if entry.kind != "text" and not os.path.isdir(source):
+        raise NotADirectoryError(
+            f"--source {source} is not a directory; give the directory that holds the raw files "
+            f"({entry.source})"
+        )
     target = os.path.join(data_dir, *dataset.split("/"), VERSION)
     if os.path.exists(target) and not overwrite:
         raise FileExistsError(
@@ -233,10 +240,6 @@ def _read_cifar10(source: str, progress: bool):
     directory = source
     if os.path.isdir(os.path.join(source, "cifar-10-batches-py")):
         directory = os.path.join(source, "cifar-10-batches-py")
-    if not os.path.isdir(directory):
-        raise NotADirectoryError(
-            f"{source} is not a directory; give the unpacked cifar-10-batches-py directory"
-        )
     paths = [os.path.join(directory, f) for f in _CIFAR_FILES]
     missing = [os.path.basename(p) for p in paths if not os.path.isfile(p)]
     if missing:
@@ -314,11 +317,6 @@ def _npz_batch(path: str, num_classes: int) -> dict[str, np.ndarray]:
 
 
 def _read_imagenet32(source: str, progress: bool):
-    if not os.path.isdir(source):
-        raise NotADirectoryError(
-            f"{source} is not a directory; give the directory holding train_data_batch_*.npz "
-            "and val_data.npz"
-        )
     train, val = _find_npz(source)
     if not train or val is None:
         missing = "train_data_batch_*.npz" if not train else "val_data.npz"

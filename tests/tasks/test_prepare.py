@@ -368,6 +368,13 @@ def test_unknown_dataset_and_missing_source(tmp_path):
         prepare_lib.prepare("svhn", str(tmp_path), str(tmp_path / "tfds"))
     with pytest.raises(FileNotFoundError, match=r"--source .*nowhere does not exist; give PATH"):
         prepare_lib.prepare("cifar10", str(tmp_path / "nowhere"), str(tmp_path / "tfds"))
+    text = tmp_path / "a.txt"
+    text.write_text(TEXT)
+    with pytest.raises(NotADirectoryError, match=f"--source {text} is not a directory"):
+        prepare_lib.prepare("mnist", str(text), str(tmp_path / "tfds"))
+    with pytest.raises(IsADirectoryError, match=f"--source {tmp_path} is a directory"):
+        prepare_lib.prepare("tiny_shakespeare", str(tmp_path), str(tmp_path / "tfds"))
+    assert not (tmp_path / "tfds").exists()
 
 
 # ----------------------------------------------------------------------------------------------
