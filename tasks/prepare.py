@@ -310,7 +310,8 @@ def _npz_batch(path: str, num_classes: int) -> dict[str, np.ndarray]:
         first = int(np.argmax(bad))
         raise LabelRangeError(
             f"{path}: label {int(labels[first])} at index {first} is outside 1..{num_classes} "
-            f"(downsampled-ImageNet labels are 1-based); {int(bad.sum())} of {len(labels)} are"
+            f"(downsampled-ImageNet labels are 1-based); {int(bad.sum())} of {len(labels)} labels "
+            "lie outside it"
         )
     images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     return {"image": np.ascontiguousarray(images), "label": labels.astype(np.int64) - 1}
