@@ -1,17 +1,21 @@
 """Inner steps per second under Adam for every registered task family.
 
     python scripts/benchmark_tasks.py [--tasks=mlp_orig,gpt2_mini] [--steps=20] [--particles=1]
-        [--batch_size=N] [--preset=default|small] [--data_dir=../shared/data]
+        [--batch_size=N] [--preset=default|small] [--data=paper|embedded]
+        [--data_dir=../shared/data]
 
 Each task trains ``--particles`` instances (vmapped over their specs, as meta-training runs
 them) for ``--steps`` Adam steps in one compiled ``lax.scan``, reading its dataset passed into
 jit as an argument. The program is compiled and run once to warm up, then timed on a second
 call; inner steps per second = particles x steps / wall time (DESIGN.md, performance rules).
 
-Data: each family's default data (the embedded digits, generated text) unless --data_dir names
-a directory with MNIST IDX files (``*-images-idx3-ubyte.gz`` ...) and/or ``tinyshakespeare.txt``:
-then the MNIST tasks (mlp_orig, mlp_relu, mlp_deeper, conv_mnist, conv6_mnist, metz_conv) read
-the IDX files and gpt2_mini reads the text. --preset=small uses the tests' small widths and
+Data: with --data=paper (the default) each family's default dataset, its paper's (MNIST,
+CIFAR-10, ImageNet 32x32, Tiny Shakespeare), prepared beforehand with scripts/prepare_data.py
+(an unprepared one stops the run at once with the command that prepares it); with
+--data=embedded the embedded smoke data (digits for image tasks, generated text for gpt2_mini).
+--data_dir names a directory with MNIST IDX files (``*-images-idx3-ubyte.gz`` ...) and/or
+``tinyshakespeare.txt`` read in place: the MNIST tasks (mlp_orig, mlp_relu, mlp_deeper,
+conv_mnist, conv6_mnist, metz_conv) read the IDX files and gpt2_mini reads the text. --preset=small uses the tests' small widths and
 resolutions; --preset=default the families' default (paper) architectures.
 """
 
@@ -33,6 +37,11 @@ _PARTICLES = flags.DEFINE_integer("particles", 1, "Task instances trained in par
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Override every task's batch size.")
 _LR = flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate.")
 _PRESET = flags.DEFINE_enum("preset", "default", ["default", "small"], "Task options preset.")
+_DATA = flags.DEFINE_enum(
+    "data", "paper", ["paper", "embedded"],
+    "paper: each family's default (its paper's) dataset, prepared with scripts/prepare_data.py; "
+    "embedded: digits / generated text, for CPU smoke runs.",
+)  # fmt: skip
 _DATA_DIR = flags.DEFINE_string(
     "data_dir", None, "Directory with MNIST IDX files and/or tinyshakespeare.txt (local data)."
 )
@@ -53,8 +62,27 @@ SMALL = {
 }
 
 
+def embedded_dataset(name: str) -> str | None:
+    """The embedded dataset to run ``name`` on for --data=embedded (None: keep its default)."""
+    import dataclasses
+
+    import tasks
+    from tasks import catalogue
+
+    factory = tasks.REGISTRY.factory(name)
+    if not dataclasses.is_dataclass(factory):
+        return None
+    default = {f.name: f.default for f in dataclasses.fields(factory)}.get("dataset")
+    entry = catalogue.PAPER_DATASETS.get(default)
+    if entry is None:
+        return None  # no data, or already embedded
+    return catalogue.SMOKE_TEXT if entry.kind == "text" else catalogue.SMOKE_IMAGE
+
+
 def task_options(name: str) -> dict:
     options = dict(SMALL.get(name, {})) if _PRESET.value == "small" else {}
+    if _DATA.value == "embedded" and embedded_dataset(name) is not None:
+        options["dataset"] = embedded_dataset(name)
     if _BATCH_SIZE.value and name != "quadratic":
         options["batch_size"] = _BATCH_SIZE.value
     data_dir = _DATA_DIR.value
@@ -155,7 +183,11 @@ def main(argv) -> int:
     print("| " + " | ".join(header) + " |")
     print("|" + "|".join("---" for _ in header) + "|")
     for name in names:
-        r = benchmark(name, task_options(name))
+        try:
+            r = benchmark(name, task_options(name))
+        except FileNotFoundError as e:  # e.g. a paper dataset not prepared: say how, no traceback
+            print(f"error: {e}", file=sys.stderr)
+            return 1
         print(
             f"| {r['task']} | {r['data']} | {r['params']:,} | {r['batch']} | "
             f"{r['compile_s']:.1f} | {r['steps_per_s']:.1f} | {r['ms_per_step']:.1f} | "

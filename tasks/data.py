@@ -15,15 +15,26 @@ That reader is pure numpy; TensorFlow is never imported.
 
 This layer never downloads. Whether a dataset is prepared is decided on the filesystem before
 tfds is asked anything, so a missing one raises :class:`DatasetNotPreparedError` at once, with
-instructions, instead of tfds trying the network. Preparing catalogue datasets (``tfds build``,
-``tfds convert_format``) needs TensorFlow and is done elsewhere; copy the result into the data
-dir (``$LOPT_DATA_DIR``, default ``~/.cache/lopt/tensorflow_datasets``).
+the command that prepares it, instead of tfds trying the network. The paper datasets (MNIST,
+CIFAR-10, ImageNet 32x32, Tiny Shakespeare; ``tasks.catalogue``) are prepared from raw files a
+user downloaded with ``python scripts/prepare_data.py`` (``tasks.prepare``); other catalogue
+datasets with ``tfds build`` / ``tfds convert_format``, which need TensorFlow, elsewhere. The
+data dir is ``$LOPT_DATA_DIR``, else ``$TFDS_DATA_DIR``, else ``~/.cache/lopt/tensorflow_datasets``
+(:func:`default_data_dir`).
 
 Local files take the same path. A dataset name ``"idx:DIR"`` names a directory of MNIST-format
 IDX files (``train-images-idx3-ubyte.gz`` ...), ``"text:FILE"`` a plain (or gzipped) text
 corpus. On first use they are parsed (``tasks.idx``) and written with :func:`write_arrays` into
-the data dir, under a name derived from the path, sizes and modification times of the files;
-every later read goes through the array_record copy like any other dataset.
+the data dir, under a name derived from their path, with a record of each file's size,
+modification time and sha256; every later read goes through the array_record copy like any
+other dataset. A file that changed since (by its sha256, recomputed when its size or times
+change) is reconverted, with a :class:`StaleDataWarning` that says so; the copy never serves
+stale data.
+
+Bad inputs fail before any training starts, with a first line that names the file and the
+fault (``tasks.errors``): malformed IDX or text files, labels outside ``[0, num_classes)``,
+a prepared directory whose ``dataset_info.json`` is unreadable or whose shards are missing or
+disagree with it.
 
 * :func:`load` also preprocesses images (``resize``, ``channels``, ``scale``, ``classes``; see
   ``tasks.preprocess``), cached per option set.
@@ -42,7 +53,9 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import tempfile
+import warnings
 import zlib
 from collections.abc import Mapping, Sequence
 
@@ -50,9 +63,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tasks import catalogue
 from tasks import idx as idx_lib
 from tasks import preprocess
 from tasks.base import SPLITS
+from tasks.errors import (
+    CorruptDatasetError,
+    DataFileError,
+    DatasetFileMissingError,
+    DatasetNotPreparedError,
+    LabelRangeError,
+    StaleDataError,
+    StaleDataWarning,
+    TextFormatError,
+)
 
 DIGITS_DATASET = "lopt_digits"  # on-disk name of the embedded default
 DIGITS_TEST_FRACTION = 0.2
@@ -66,20 +90,23 @@ _TEXT_CHUNK = 1 << 16  # bytes per array_record example of a local text corpus
 _READ_CHUNK = 4096  # examples decoded per __getitems__ call
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+_CONFIG_RE = re.compile(r"^[a-z0-9][a-z0-9_.\-]*$")
 _SPLIT_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 _KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _VERSION_RE = re.compile(r"^\d+\.\d+\.\d+$")
 
 
-class DatasetNotPreparedError(FileNotFoundError):
-    """The dataset has no array_record copy in the data dir (this layer never downloads)."""
-
-
 def default_data_dir() -> str:
-    """``$LOPT_DATA_DIR`` if set, else ``~/.cache/lopt/tensorflow_datasets``."""
-    return os.environ.get("LOPT_DATA_DIR") or os.path.join(
-        os.path.expanduser("~"), ".cache", "lopt", "tensorflow_datasets"
-    )
+    """The data dir: ``$LOPT_DATA_DIR``, else ``$TFDS_DATA_DIR``, else
+    ``~/.cache/lopt/tensorflow_datasets``.
+
+    ``LOPT_DATA_DIR`` wins over tfds' own ``TFDS_DATA_DIR``: it is this project's, so it can
+    point this project elsewhere while other tfds users on the machine keep theirs.
+    """
+    for var in ("LOPT_DATA_DIR", "TFDS_DATA_DIR"):
+        if os.environ.get(var):
+            return os.environ[var]
+    return os.path.join(os.path.expanduser("~"), ".cache", "lopt", "tensorflow_datasets")
 
 
 def _resolve(data_dir: str | None) -> str:
@@ -104,45 +131,111 @@ def _version_dir(name: str, data_dir: str, version: str | None = None) -> str:
     name = name.strip("/")
     version = version or name_version or None
     root = os.path.join(data_dir, *name.split("/"))
-    found = []
+    found, unlisted = [], []
     if name and os.path.isdir(root):
         for entry in os.listdir(root):
             path = os.path.join(root, entry)
-            if (
-                _VERSION_RE.match(entry)
-                and version in (None, entry)
-                and os.path.isfile(os.path.join(path, "dataset_info.json"))
-            ):
+            if not _VERSION_RE.match(entry) or version not in (None, entry):
+                continue
+            if os.path.isfile(os.path.join(path, "dataset_info.json")):
                 found.append(entry)
+            elif os.path.isdir(path) and _has_shards(path, "array_record"):
+                unlisted.append(path)
     ready = [v for v in found if _has_shards(os.path.join(root, v), "array_record")]
     if ready:
         return os.path.join(root, max(ready, key=_version_key))
+    if unlisted:
+        vdir = max(unlisted, key=lambda p: _version_key(os.path.basename(p)))
+        raise DatasetFileMissingError(
+            f"{os.path.join(vdir, 'dataset_info.json')}: missing, so the array_record shards in "
+            f"{vdir} cannot be read; {_reprepare_hint(name, data_dir, vdir)}"
+        )
     tfrecord = [v for v in found if _has_shards(os.path.join(root, v), "tfrecord")]
     if tfrecord:
         vdir = os.path.join(root, max(tfrecord, key=_version_key))
+        command = f"tfds convert_format --dataset_version_dir={vdir} --out_file_format=array_record"
         raise DatasetNotPreparedError(
-            f"Dataset {name!r} in {vdir} exists only as TFRecord shards (*.tfrecord*). tfds reads "
-            "TFRecord only through TensorFlow, which this project does not use; random access "
-            "needs array_record. Convert it once, in an environment with TensorFlow installed "
-            "(the `tfds` command-line tool imports TensorFlow at start-up, so it does not run "
-            "in this project's environment):\n"
-            f"    tfds convert_format --dataset_version_dir={vdir} --out_file_format=array_record\n"
-            "This writes array_record shards beside the TFRecord ones and records them in "
-            "dataset_info.json (add --out_dir=OTHER to write a converted copy elsewhere, then copy "
-            f"it here). Or rebuild it: tfds build {name} --file_format=array_record "
-            f"--data_dir={data_dir}"
+            f"dataset {name!r} in {vdir} exists only as TFRecord shards, which need TensorFlow; "
+            f"convert it once where TensorFlow is installed: {command}\n"
+            "tfds reads TFRecord only through TensorFlow, which this project does not use; random "
+            "access needs array_record. The `tfds` command-line tool imports TensorFlow at "
+            "start-up, so it does not run in this project's environment. The conversion writes "
+            "array_record shards beside the TFRecord ones and records them in dataset_info.json "
+            "(add --out_dir=OTHER to write a converted copy elsewhere, then copy it here). Or "
+            f"rebuild it: tfds build {name} --file_format=array_record --data_dir={data_dir}",
+            dataset=name,
+            data_dir=data_dir,
+            command=command,
         )
-    wanted = f"version {version}" if version else "a <version>"
-    raise DatasetNotPreparedError(
-        f"Dataset {name!r} is not prepared in data dir {data_dir} (looked for {root}/ with "
-        f"{wanted} directory holding dataset_info.json and *.array_record* shards). This layer "
-        "never downloads. To prepare it:\n"
-        "  * on a machine with network access and TensorFlow (the `tfds` CLI and most catalogue "
-        "builders need it), run\n"
-        f"        tfds build {name} --file_format=array_record --data_dir={data_dir}\n"
-        f"    and copy {os.path.join(data_dir, name.split('/')[0])} to this machine;\n"
-        "  * or set LOPT_DATA_DIR (or pass data_dir) to a directory that already holds it;\n"
-        "  * or write local numpy arrays with tasks.data.write_arrays(name, splits, data_dir)."
+    raise _not_prepared(name, data_dir, root, version)
+
+
+def _not_prepared(
+    name: str, data_dir: str, root: str, version: str | None
+) -> DatasetNotPreparedError:
+    where = os.path.join(root, version or "<version>")
+    looked = (
+        f"Looked for {where}{os.sep} holding dataset_info.json and *.array_record* shards; "
+        "this layer never downloads."
+    )
+    build = (
+        f"tfds build {name} --file_format=array_record --data_dir={data_dir} (on a machine with "
+        f"network access and TensorFlow, which the tfds CLI and most catalogue builders need; "
+        f"then copy {os.path.join(data_dir, name.split('/')[0])} here)"
+    )
+    elsewhere = (
+        "Or set LOPT_DATA_DIR (it wins over tfds' TFDS_DATA_DIR) or pass data_dir= to point at "
+        "a directory that already holds it."
+    )
+    command = catalogue.prepare_command(name, data_dir)
+    if command is not None:
+        entry = catalogue.PAPER_DATASETS[name]
+        lines = [
+            f"dataset {name!r} is not prepared in data dir {data_dir}; prepare it from raw files "
+            f"with: {command}",
+            f"Raw files: {entry.title}, {entry.download}.",
+            looked,
+            f"Other ways: {build}. {elsewhere}",
+        ]
+    else:
+        lines = [
+            f"dataset {name!r} is not prepared in data dir {data_dir} (no {where}{os.sep} with "
+            "dataset_info.json and *.array_record* shards; this layer never downloads)",
+            "To prepare it:",
+            f"  * {build};",
+            f"  * {elsewhere[0].lower()}{elsewhere[1:]}",
+            "  * or write local numpy arrays with tasks.data.write_arrays(name, splits, data_dir).",
+        ]
+    return DatasetNotPreparedError(
+        "\n".join(lines), dataset=name, data_dir=data_dir, command=command
+    )
+
+
+def _reprepare_hint(name: str, data_dir: str, vdir: str) -> str:
+    """How to rebuild a prepared dataset whose files are damaged (the end of a one-line error)."""
+    if name.startswith(("idx_", "text_", "lopt_")):  # converted by this module on first use
+        return f"delete {vdir} and it is rebuilt from its source on the next load"
+    command = catalogue.prepare_command(name, data_dir)
+    if command is not None:
+        return f"prepare it again with: {command} --overwrite"
+    return (
+        f"prepare it again (tfds build {name} --file_format=array_record) or copy an intact copy "
+        f"into {data_dir}"
+    )
+
+
+def with_smoke_hint(
+    error: DatasetNotPreparedError, family: str, smoke: str
+) -> DatasetNotPreparedError:
+    """``error`` with its first line prefixed by ``family`` and ending in the option that runs
+    the family on the embedded dataset ``smoke`` instead (for CPU smoke runs)."""
+    first, _, rest = str(error).partition("\n")
+    message = f'{family}: {first}; or pass dataset="{smoke}" for a CPU smoke run'
+    return DatasetNotPreparedError(
+        message + (f"\n{rest}" if rest else ""),
+        dataset=getattr(error, "dataset", None),
+        data_dir=getattr(error, "data_dir", None),
+        command=getattr(error, "command", None),
     )
 
 
@@ -153,10 +246,16 @@ def _version_dir(name: str, data_dir: str, version: str | None = None) -> str:
 def _validate(
     name: str, splits: Mapping, version: str, num_classes: int | None
 ) -> dict[str, dict[str, np.ndarray]]:
-    if not isinstance(name, str) or not _NAME_RE.match(name):
+    dataset, _, config = name.partition("/") if isinstance(name, str) else (None, "", "")
+    if (
+        not isinstance(name, str)
+        or not _NAME_RE.match(dataset)
+        or ("/" in name and not _CONFIG_RE.match(config))
+    ):
         raise ValueError(
             "write_arrays: dataset name must be lower-case letters, digits and underscores, "
-            f"starting with a letter (a tfds name without config or version), got {name!r}"
+            "starting with a letter, optionally followed by /CONFIG (a tfds name such as "
+            f"'imagenet_resized/32x32', without version), got {name!r}"
         )
     if not isinstance(version, str) or not _VERSION_RE.match(version):
         raise ValueError(f"write_arrays: version must look like '1.0.0', got {version!r}")
@@ -223,7 +322,8 @@ def write_arrays(
     """Write numpy arrays as the array_record tfds dataset ``NAME/VERSION`` in ``data_dir``.
 
     Args:
-      name: snake_case dataset name (no config, no version).
+      name: snake_case dataset name, optionally with a builder config (``"NAME/CONFIG"``, as
+        tfds writes ``imagenet_resized/32x32``), no version.
       splits: ``{split: {key: array}}``; within a split all arrays share their leading (example)
         length, and every split has the same keys, per-example shapes and dtypes.
       data_dir: tfds data dir; defaults to :func:`default_data_dir`.
@@ -238,27 +338,30 @@ def write_arrays(
     already prepared this does nothing (it does not compare contents).
 
     Returns:
-      The dataset directory ``data_dir/NAME/VERSION``.
+      The dataset directory ``data_dir/NAME[/CONFIG]/VERSION``.
     """
     arrays = _validate(name, splits, version, num_classes)
+    dataset, _, config = name.partition("/")
     data_dir = _resolve(data_dir)
-    target = os.path.join(data_dir, name, version)
+    target = os.path.join(data_dir, dataset, *([config] if config else []), version)
     if os.path.isfile(os.path.join(target, "dataset_info.json")):
         return target
     os.makedirs(data_dir, exist_ok=True)
-    with open(os.path.join(data_dir, f".{name}-{version}.lock"), "w") as lock:
+    lock_name = f".{name.replace('/', '-')}-{version}.lock"
+    with open(os.path.join(data_dir, lock_name), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         if not os.path.isfile(os.path.join(target, "dataset_info.json")):
-            builder = _builder_class(name, version, description, arrays, num_classes)
+            builder = _builder_class(dataset, config, version, description, arrays, num_classes)
             with tempfile.TemporaryDirectory() as downloads:  # keep data_dir free of downloads/
-                builder(data_dir=data_dir, file_format="array_record").download_and_prepare(
-                    download_dir=downloads
-                )
+                builder(
+                    data_dir=data_dir, config=config or None, file_format="array_record"
+                ).download_and_prepare(download_dir=downloads)
     return target
 
 
 def _builder_class(
     dataset_name: str,
+    config: str,
     version: str,
     description: str,
     splits: dict[str, dict[str, np.ndarray]],
@@ -280,6 +383,8 @@ def _builder_class(
     class ArrayBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         name = dataset_name
         VERSION = tfds.core.Version(version)
+        if config:
+            BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=config)]
         # No code directory (checksums, metadata files). Left to tfds, finding it for a class
         # defined in a package imports `importlib_resources`, which tfds does not install.
         code_path = None
@@ -303,23 +408,94 @@ def _builder_class(
 
 
 def _open(name: str, data_dir: str, version: str | None = None):
-    """(``{split: ArrayRecordDataSource}``, features) of a prepared dataset."""
+    """(``{split: ArrayRecordDataSource}``, features, version dir) of a prepared dataset.
+
+    Checked before anything is read: ``dataset_info.json`` parses, tfds can build the dataset's
+    features from the directory, every shard it lists exists, and each split's shards hold the
+    number of examples it records. Any failure is a :class:`CorruptDatasetError` (a missing
+    file: :class:`DatasetFileMissingError`) whose first line names the file.
+    """
     vdir = _version_dir(name, data_dir, version)
+    name = name.partition(":")[0].strip("/")
+    hint = _reprepare_hint(name, data_dir, vdir)
+    info_path = os.path.join(vdir, "dataset_info.json")
+    try:
+        with open(info_path, "rb") as f:
+            info = json.loads(f.read().decode("utf-8"))
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise CorruptDatasetError(
+            f"{info_path}: unreadable dataset_info.json ({_one_line(e)}); {hint}"
+        ) from None
+    if not isinstance(info, dict) or not isinstance(info.get("splits"), list):
+        raise CorruptDatasetError(
+            f"{info_path}: dataset_info.json is not a tfds dataset info (no list of splits); "
+            f"{hint}"
+        )
     import tensorflow_datasets as tfds
 
     # A read-only builder from the directory: works for any dataset, registered or not, and
     # cannot download (tfds.data_source would build the registered catalogue class instead).
-    builder = tfds.builder_from_directory(vdir)
-    return builder.as_data_source(file_format="array_record"), builder.info.features
+    try:
+        builder = tfds.builder_from_directory(vdir)
+        features = builder.info.features
+        split_infos = dict(builder.info.splits.items())
+    except Exception as e:  # noqa: BLE001 - tfds raises many types for bad metadata
+        raise CorruptDatasetError(
+            f"{vdir}: tfds cannot read the dataset's metadata ({_one_line(e)}); {hint}"
+        ) from None
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    for split, split_info in split_infos.items():
+        paths = [os.fspath(p) for p in split_info.filepaths]
+        where = f"shard {{}} of {len(paths)} of split {split!r}"
+        for i, path in enumerate(paths):
+            if not os.path.isfile(path):
+                raise DatasetFileMissingError(
+                    f"{path}: missing {where.format(i + 1)} (listed in {info_path}); {hint}"
+                )
+        for i, (path, want) in enumerate(zip(paths, split_info.shard_lengths)):
+            try:  # reads the shard's footer only
+                reader = ArrayRecordReader(path)
+                have = reader.num_records()
+                reader.close()
+            except Exception as e:  # noqa: BLE001 - array_record raises RuntimeError and others
+                raise CorruptDatasetError(
+                    f"{path}: unreadable array_record {where.format(i + 1)} ({_one_line(e)}); "
+                    f"{hint}"
+                ) from None
+            if have != want:
+                raise CorruptDatasetError(
+                    f"{path}: {where.format(i + 1)} holds {have} examples but {info_path} records "
+                    f"{want} (cut short or replaced); {hint}"
+                )
+    try:
+        sources = builder.as_data_source(file_format="array_record")
+    except Exception as e:  # noqa: BLE001 - tfds raises many types
+        raise CorruptDatasetError(
+            f"{vdir}: cannot open the array_record shards ({_one_line(e)}); {hint}"
+        ) from None
+    return sources, features, vdir
 
 
-def _read_source(source, features, keys=None) -> dict[str, np.ndarray]:
+def _one_line(error: BaseException) -> str:
+    """``error`` as ``Type: first line`` (for embedding in a one-line message)."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+
+
+def _read_source(source, features, keys=None, where: str = "") -> dict[str, np.ndarray]:
     """All examples of one split as stacked arrays, decoded ``_READ_CHUNK`` at a time."""
     n = len(source)
     keys = list(features.keys()) if keys is None else list(keys)
     out: dict[str, np.ndarray] = {}
     for start in range(0, n, _READ_CHUNK):
-        examples = source.__getitems__(list(range(start, min(n, start + _READ_CHUNK))))
+        try:
+            examples = source.__getitems__(list(range(start, min(n, start + _READ_CHUNK))))
+        except Exception as e:  # noqa: BLE001 - a damaged shard fails inside array_record
+            raise CorruptDatasetError(
+                f"{where or 'dataset'}: cannot read examples {start}.."
+                f"{min(n, start + _READ_CHUNK) - 1} ({_one_line(e)}); a shard is damaged"
+            ) from None
         for key in keys:
             dtype = getattr(features[key], "np_dtype", None)
             block = np.asarray([e[key] for e in examples], dtype=dtype)
@@ -340,8 +516,11 @@ def read_arrays(
     without a version the newest prepared one is read. Round trip with :func:`write_arrays` is
     exact. Raises :class:`DatasetNotPreparedError` (a filesystem check) if it is not prepared.
     """
-    sources, features = _open(name, _resolve(data_dir), version)
-    return {split: _read_source(src, features) for split, src in sources.items()}
+    sources, features, vdir = _open(name, _resolve(data_dir), version)
+    return {
+        split: _read_source(src, features, where=f"{vdir} (split {split!r})")
+        for split, src in sources.items()
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -410,12 +589,16 @@ def load(
     ``"standardize"``: zero mean, unit variance per channel on the train split).
 
     The result is cached on all arguments (with ``data_dir`` resolved, and local files by
-    path, size and modification time): the same call returns the same object;
-    ``load.cache_clear()`` empties the caches of :func:`load` and :func:`load_text`.
+    path and content): the same call returns the same object; ``load.cache_clear()`` empties
+    the caches of :func:`load` and :func:`load_text`.
 
     Raises:
       DatasetNotPreparedError: at once, if the dataset is not prepared in ``data_dir``.
       FileNotFoundError, tasks.idx.IdxFormatError: for missing or malformed IDX files.
+      tasks.errors.LabelRangeError: labels below 0, or not below the number of classes the
+        dataset's ``ClassLabel`` declares.
+      tasks.errors.CorruptDatasetError: an unreadable ``dataset_info.json``, a missing
+        (``DatasetFileMissingError``) or damaged shard.
     """
     for what, fraction in (("valid_fraction", valid_fraction), ("test_fraction", test_fraction)):
         if not 0.0 < fraction < 1.0:
@@ -428,9 +611,11 @@ def load(
     if classes is not None:
         classes = tuple(int(c) for c in classes)
     data_dir = _resolve(data_dir)
+    source, content = _image_source(name, data_dir)
     base = _load(
         name,
-        _image_source(name, data_dir),
+        source,
+        content,
         data_dir,
         float(valid_fraction),
         int(seed),
@@ -441,15 +626,45 @@ def load(
     return _preprocessed(base, size, channels, scale, classes)
 
 
-def _image_source(name: str, data_dir: str) -> str:
-    """The on-disk dataset behind ``name``, prepared first if it is ours (digits, IDX files).
+def require(name: str, data_dir: str | None = None) -> None:
+    """Fail fast, from the filesystem alone (no file is parsed, tfds is not imported), if the
+    dataset ``name`` cannot be had: task families call this before anything else.
 
-    Local files are looked at on every call (a directory listing and a few ``stat``s), so a
-    changed file maps to a new dataset name and so past the in-memory cache.
+    Raises:
+      DatasetNotPreparedError: a catalogue dataset is not prepared in ``data_dir``; the first
+        line gives the ``scripts/prepare_data.py`` command for a paper dataset.
+      FileNotFoundError: an ``idx:`` directory without IDX files, a missing ``text:`` file.
+      tasks.errors.DatasetFileMissingError: a version directory with shards but no
+        ``dataset_info.json``.
+    """
+    data_dir = _resolve(data_dir)
+    if name in ("digits", GENERATED_TEXT):
+        return
+    if name.startswith(IDX_PREFIX):
+        idx_lib.find_idx_splits(os.path.abspath(os.path.expanduser(name[len(IDX_PREFIX) :])))
+    elif name.startswith(TEXT_PREFIX):
+        path = os.path.abspath(os.path.expanduser(name[len(TEXT_PREFIX) :]))
+        if os.path.isdir(path):
+            raise IsADirectoryError(
+                f"text file {path} is a directory; give the path of one text file"
+            )
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"text file {path} does not exist")
+    else:
+        _version_dir(name, data_dir)
+
+
+def _image_source(name: str, data_dir: str) -> tuple[str, str | None]:
+    """(the on-disk dataset behind ``name``, a token of its source files' content or None),
+    prepared first if it is ours (digits, IDX files).
+
+    Local files are looked at on every call (a directory listing and a few ``stat``s; their
+    sha256 only when a size or time changed), and the content token is part of the in-memory
+    cache key, so a changed file is never served from the cache either.
     """
     if name == "digits":
         _prepare_digits(data_dir)
-        return DIGITS_DATASET
+        return DIGITS_DATASET, None
     if name.startswith(IDX_PREFIX):
         return _local_idx(name[len(IDX_PREFIX) :], data_dir)
     if name.startswith(TEXT_PREFIX) or name == GENERATED_TEXT:
@@ -457,18 +672,30 @@ def _image_source(name: str, data_dir: str) -> str:
             f"dataset {name!r} is a text corpus (see tasks.data.load_text); image tasks need an "
             "image dataset: 'digits', 'idx:DIR' or a catalogue name such as 'mnist'"
         )
-    return name
+    return name, None
 
 
 @functools.lru_cache(maxsize=None)
 def _load(
-    name: str, source: str, data_dir: str, valid_fraction: float, seed: int, test_fraction: float
+    name: str,
+    source: str,
+    content: str | None,  # only a cache key: the token of local source files' content
+    data_dir: str,
+    valid_fraction: float,
+    seed: int,
+    test_fraction: float,
 ) -> Dataset:
-    sources, features = _open(source, data_dir)
+    sources, features, vdir = _open(source, data_dir)
     missing = {"image", "label"} - set(features.keys())
     if missing:
         raise ValueError(f"dataset {name!r} has no {sorted(missing)} feature(s): {features}")
-    raw = {split: _read_source(src, features, ("image", "label")) for split, src in sources.items()}
+    raw = {
+        split: _read_source(src, features, ("image", "label"), f"{vdir} (split {split!r})")
+        for split, src in sources.items()
+    }
+    declared = getattr(features["label"], "num_classes", None)
+    for split, arrays in raw.items():
+        check_labels(arrays["label"], declared, f"{vdir} (split {split!r})")
 
     if "train" not in raw and len(raw) == 1:
         (only,) = raw.values()
@@ -485,10 +712,7 @@ def _load(
     else:
         splits["train"], splits["valid"] = _hold_out(raw["train"], valid_fraction, seed, name)
 
-    labels = features["label"]
-    num_classes = getattr(labels, "num_classes", None) or 1 + max(
-        int(s["label"].max()) for s in splits.values()
-    )
+    num_classes = declared or 1 + max(int(s["label"].max()) for s in splits.values())
     return Dataset(
         name=name,
         num_classes=int(num_classes),
@@ -538,6 +762,29 @@ def class_index(dataset: Dataset) -> dict[str, dict[str, jax.Array]]:
         with jax.ensure_compile_time_eval():
             out[split] = {k: jax.device_put(v) for k, v in index.items()}
     return out
+
+
+def check_labels(labels: np.ndarray, num_classes: int | None, where: str) -> None:
+    """Raise unless ``labels`` are integers in ``[0, num_classes)`` (``[0, inf)`` if None).
+
+    ``where`` names the file or dataset directory the labels came from; it starts the message.
+    """
+    labels = np.asarray(labels)
+    if labels.dtype.kind not in "iu":
+        raise DataFileError(f"{where}: labels of type {labels.dtype}; class labels are integers")
+    if not labels.size:
+        return
+    bad = labels < 0
+    if num_classes is not None:
+        bad |= labels >= num_classes
+    if bad.any():
+        first = int(np.argmax(bad))
+        allowed = f"0..{num_classes - 1}" if num_classes is not None else "0, 1, 2, ..."
+        declared = f" ({num_classes} classes declared)" if num_classes is not None else ""
+        raise LabelRangeError(
+            f"{where}: label {int(labels[first])} at index {first} is out of range{declared}; "
+            f"{int(bad.sum())} of {labels.size} labels lie outside {allowed}"
+        )
 
 
 def _hold_out(arrays: dict, fraction: float, seed: int, name: str) -> tuple[dict, dict]:
@@ -598,46 +845,162 @@ def _prepare_digits(data_dir: str) -> None:
 # Local files (IDX images, text corpora), converted once into array_record.
 
 
-def _local_name(kind: str, path: str, files: list[str]) -> str:
-    """A dataset name for local ``files``: changes when any file's path, size or mtime does."""
-    stats = []
-    for f in sorted(files):
-        st = os.stat(f)
-        stats.append((os.path.abspath(f), st.st_size, st.st_mtime_ns))
-    digest = hashlib.sha1(json.dumps(stats).encode()).hexdigest()[:12]
+SOURCE_RECORD = "lopt_source.json"  # in a converted dataset's version dir: its source files
+_LOCAL_VERSION = "1.0.0"
+# (data_dir, name) -> content token of the sources this process last checked it against.
+_checked: dict[tuple[str, str], str] = {}
+
+
+def _local_name(kind: str, path: str) -> str:
+    """The dataset name of local files at ``path``: a slug of its name and a hash of its
+    absolute path (their content is checked against the converted copy's record)."""
+    path = os.path.abspath(path)
+    digest = hashlib.sha1(path.encode()).hexdigest()[:12]
     base = os.path.basename(os.path.normpath(path)).lower()
     slug = re.sub(r"[^a-z0-9]+", "_", base).strip("_")[:32]
     return f"{kind}_{slug}_{digest}" if slug else f"{kind}_{digest}"
 
 
-def _prepared(name: str, data_dir: str, version: str = "1.0.0") -> bool:
+def _prepared(name: str, data_dir: str, version: str = _LOCAL_VERSION) -> bool:
     return os.path.isfile(os.path.join(data_dir, name, version, "dataset_info.json"))
 
 
-def _local_idx(path: str, data_dir: str) -> str:
-    """Convert the IDX files in directory ``path`` into array_record once; their dataset name."""
+@functools.lru_cache(maxsize=1024)
+def _sha256(path: str, size: int, mtime_ns: int, ctime_ns: int, inode: int) -> str:
+    """sha256 of ``path``; cached on its size, times and inode, so a file is hashed again only
+    when one of them changed (ctime changes on every write, even when mtime is put back)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def source_fingerprint(files: Sequence[str]) -> list[dict]:
+    """``[{"path", "size", "mtime_ns", "sha256"}]`` of ``files`` (sorted by absolute path)."""
+    out = []
+    for path in sorted(os.path.abspath(f) for f in files):
+        st = os.stat(path)
+        sha = _sha256(path, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+        out.append({"path": path, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha})
+    return out
+
+
+def write_source_record(version_dir: str, fingerprint: list[dict]) -> None:
+    """Record which files (:func:`source_fingerprint`) a dataset was converted from."""
+    path = os.path.join(version_dir, SOURCE_RECORD)
+    with open(path + ".tmp", "w") as f:
+        json.dump({"files": fingerprint}, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def _stale_reason(version_dir: str, fingerprint: list[dict]) -> str | None:
+    """Why the copy in ``version_dir`` does not hold the files ``fingerprint`` describes, or
+    None if it does (same paths, same sha256; a new mtime alone is not a change)."""
+    try:
+        with open(os.path.join(version_dir, SOURCE_RECORD)) as f:
+            recorded = {e["path"]: e for e in json.load(f)["files"]}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return (
+            f"{version_dir} has no readable record ({SOURCE_RECORD}) of the files it was "
+            f"converted from ({_one_line(e)})"
+        )
+    now = {e["path"]: e for e in fingerprint}
+    if set(recorded) != set(now):
+        added, removed = sorted(set(now) - set(recorded)), sorted(set(recorded) - set(now))
+        return (
+            f"the source files of {version_dir} changed since it was converted (new: "
+            f"{added or 'none'}; gone: {removed or 'none'})"
+        )
+    for path, entry in now.items():
+        old = recorded[path]
+        if old.get("sha256") != entry["sha256"]:
+            return (
+                f"{path} changed since it was converted into {version_dir} (sha256 "
+                f"{str(old.get('sha256'))[:12]}... -> {entry['sha256'][:12]}..., size "
+                f"{old.get('size')} -> {entry['size']} bytes, mtime_ns {old.get('mtime_ns')} -> "
+                f"{entry['mtime_ns']})"
+            )
+    return None
+
+
+def _convert_local(
+    kind: str, path: str, files: list[str], convert, data_dir: str
+) -> tuple[str, str]:
+    """Convert local ``files`` once into the dataset ``_local_name(kind, path)``; its name and
+    a token of the files' content.
+
+    ``convert()`` parses the files into ``(splits, num_classes, description)`` for
+    :func:`write_arrays`. Each conversion records the files' fingerprints in the copy; a later
+    call whose files differ from the record (by sha256, or in which files there are) warns
+    with :class:`StaleDataWarning` and converts again, so stale data is never served. If the
+    stale copy cannot be removed, :class:`StaleDataError`.
+    """
+    name = _local_name(kind, path)
+    fingerprint = source_fingerprint(files)
+    token = hashlib.sha1(
+        json.dumps([(e["path"], e["sha256"]) for e in fingerprint]).encode()
+    ).hexdigest()
+    key = (data_dir, name)
+    if _checked.get(key) == token and _prepared(name, data_dir):
+        return name, token
+    vdir = os.path.join(data_dir, name, _LOCAL_VERSION)
+    if _prepared(name, data_dir) and _stale_reason(vdir, fingerprint) is None:
+        _checked[key] = token
+        return name, token
+    # Parse (and so check) every file before anything is written or removed.
+    splits, num_classes, description = convert()
+    os.makedirs(data_dir, exist_ok=True)
+    # Not write_arrays' lock file: flock does not nest on two descriptors of one file.
+    with open(os.path.join(data_dir, f".{name}.source.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if _prepared(name, data_dir):  # stale, unless another process just rebuilt it
+            reason = _stale_reason(vdir, fingerprint)
+            if reason is not None:
+                warnings.warn(f"{reason}; reconverting it", StaleDataWarning, stacklevel=5)
+                try:
+                    shutil.rmtree(vdir)
+                except OSError as e:
+                    raise StaleDataError(
+                        f"{reason}, and the stale copy cannot be removed to convert it again "
+                        f"({_one_line(e)}); delete {vdir} or use a writable data_dir"
+                    ) from None
+        if not _prepared(name, data_dir):
+            write_arrays(
+                name, splits, data_dir, description=description, num_classes=num_classes
+            )
+            write_source_record(vdir, fingerprint)
+    _checked[key] = token
+    return name, token
+
+
+def read_idx_dir(directory: str) -> tuple[dict[str, dict[str, np.ndarray]], int]:
+    """``({split: {"image", "label"}}, num_classes)`` from the IDX files in ``directory``."""
+    files = idx_lib.find_idx_splits(directory)
+    splits = {split: idx_lib.read_idx_split(*pair) for split, pair in files.items()}
+    shapes = {s: (a["image"].shape[1:], a["image"].dtype.name) for s, a in splits.items()}
+    if len(set(shapes.values())) > 1:
+        raise idx_lib.IdxFormatError(
+            f"{directory}: the IDX files hold images of different sizes or types: {shapes}"
+        )
+    return splits, 1 + max(int(a["label"].max()) for a in splits.values())
+
+
+def _local_idx(path: str, data_dir: str) -> tuple[str, str]:
+    """Convert the IDX files in directory ``path`` into array_record once; (name, token)."""
     directory = os.path.abspath(os.path.expanduser(path))
     files = idx_lib.find_idx_splits(directory)
-    name = _local_name("idx", directory, [f for pair in files.values() for f in pair])
-    if not _prepared(name, data_dir):
-        splits = {split: idx_lib.read_idx_split(*pair) for split, pair in files.items()}
-        shapes = {s: (a["image"].shape[1:], a["image"].dtype.name) for s, a in splits.items()}
-        if len(set(shapes.values())) > 1:
-            raise idx_lib.IdxFormatError(
-                f"the IDX files in {directory} hold images of different sizes or types: {shapes}"
-            )
-        num_classes = 1 + max(int(a["label"].max()) for a in splits.values())
-        write_arrays(
-            name,
-            splits,
-            data_dir,
-            description=f"MNIST-format IDX files from {directory}",
-            num_classes=num_classes,
-        )
-    return name
+
+    def convert():
+        splits, num_classes = read_idx_dir(directory)
+        return splits, num_classes, f"MNIST-format IDX files from {directory}"
+
+    all_files = [f for pair in files.values() for f in pair]
+    return _convert_local("idx", directory, all_files, convert, data_dir)
 
 
-def _read_text_file(path: str) -> bytes:
+def read_text_file(path: str) -> bytes:
+    """The bytes of a text file, gunzipped if it is gzip (by its content); errors name it."""
     if os.path.isdir(path):
         raise IsADirectoryError(f"text file {path} is a directory; give the path of one text file")
     if not os.path.isfile(path):
@@ -648,35 +1011,36 @@ def _read_text_file(path: str) -> bytes:
         try:
             raw = gzip.decompress(raw)
         except (EOFError, OSError, zlib.error) as e:
-            raise ValueError(f"{path}: truncated or corrupt gzip data ({e})") from None
+            raise TextFormatError(f"{path}: truncated or corrupt gzip data ({e})") from None
     if not raw:
-        raise ValueError(f"text file {path} is empty")
+        raise TextFormatError(f"text file {path} is empty")
     return raw
 
 
-def _write_text(name: str, raw: bytes, data_dir: str, description: str) -> None:
-    """A corpus as one ``train`` split of fixed-size byte chunks (+ their lengths)."""
+def text_chunks(raw: bytes) -> dict[str, dict[str, np.ndarray]]:
+    """A corpus as one ``train`` split of fixed-size byte chunks (+ their lengths): the form
+    :func:`load_text` reads back."""
     n = len(raw)
     num_chunks = -(-n // _TEXT_CHUNK)
     buf = np.zeros(num_chunks * _TEXT_CHUNK, np.uint8)
     buf[:n] = np.frombuffer(raw, np.uint8)
     lengths = np.full(num_chunks, _TEXT_CHUNK, np.int32)
     lengths[-1] = n - (num_chunks - 1) * _TEXT_CHUNK
-    chunks = {"bytes": buf.reshape(num_chunks, _TEXT_CHUNK), "length": lengths}
-    write_arrays(name, {"train": chunks}, data_dir, description=description)
+    return {"train": {"bytes": buf.reshape(num_chunks, _TEXT_CHUNK), "length": lengths}}
 
 
-def _local_text(path: str, data_dir: str) -> str:
-    """Convert the text file ``path`` (plain or gzipped) into array_record once; its name."""
+def _local_text(path: str, data_dir: str) -> tuple[str, str]:
+    """Convert the text file ``path`` (plain or gzipped) into array_record once; (name, token)."""
     path = os.path.abspath(os.path.expanduser(path))
     if os.path.isdir(path):
         raise IsADirectoryError(f"text file {path} is a directory; give the path of one text file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"text file {path} does not exist")
-    name = _local_name("text", path, [path])
-    if not _prepared(name, data_dir):
-        _write_text(name, _read_text_file(path), data_dir, f"text file {path}")
-    return name
+
+    def convert():
+        return text_chunks(read_text_file(path)), None, f"text file {path}"
+
+    return _convert_local("text", path, [path], convert, data_dir)
 
 
 def generated_corpus(num_sentences: int = 3000, seed: int = 0) -> str:
@@ -705,11 +1069,11 @@ def generated_corpus(num_sentences: int = 3000, seed: int = 0) -> str:
 
 def _prepare_generated_text(data_dir: str) -> None:
     if not _prepared(GENERATED_TEXT_DATASET, data_dir):
-        _write_text(
+        write_arrays(
             GENERATED_TEXT_DATASET,
-            generated_corpus().encode("utf-8"),
+            text_chunks(generated_corpus().encode("utf-8")),
             data_dir,
-            "tasks.data.generated_corpus(): sentences from a fixed grammar, seed 0",
+            description="tasks.data.generated_corpus(): sentences from a fixed grammar, seed 0",
         )
 
 
@@ -782,16 +1146,16 @@ def load_text(
     if valid_fraction + test_fraction >= 1.0:
         raise ValueError("valid_fraction + test_fraction must be below 1")
     data_dir = _resolve(data_dir)
-    source = _text_source(name, data_dir)
+    source, content = _text_source(name, data_dir)
     fractions = float(valid_fraction), float(test_fraction)
-    return _load_text(name, source, data_dir, tokenizer, *fractions)
+    return _load_text(name, source, content, data_dir, tokenizer, *fractions)
 
 
-def _text_source(name: str, data_dir: str) -> str:
-    """The on-disk dataset behind ``name`` (see :func:`_image_source`)."""
+def _text_source(name: str, data_dir: str) -> tuple[str, str | None]:
+    """(the on-disk dataset behind ``name``, its content token) (see :func:`_image_source`)."""
     if name == GENERATED_TEXT:
         _prepare_generated_text(data_dir)
-        return GENERATED_TEXT_DATASET
+        return GENERATED_TEXT_DATASET, None
     if name.startswith(TEXT_PREFIX):
         return _local_text(name[len(TEXT_PREFIX) :], data_dir)
     if name == "digits" or name.startswith(IDX_PREFIX):
@@ -799,20 +1163,24 @@ def _text_source(name: str, data_dir: str) -> str:
             f"dataset {name!r} is an image dataset; text tasks need a corpus: 'generated', "
             "'text:FILE' or a catalogue name such as 'tiny_shakespeare'"
         )
-    return name
+    return name, None
 
 
 @functools.lru_cache(maxsize=None)
 def _load_text(
     name: str,
     source: str,
+    content: str | None,  # only a cache key: the token of a local file's content
     data_dir: str,
     tokenizer: str,
     valid_fraction: float,
     test_fraction: float,
 ) -> TextDataset:
-    sources, features = _open(source, data_dir)
-    raw = {split: _split_text(src, features, name) for split, src in sources.items()}
+    sources, features, vdir = _open(source, data_dir)
+    raw = {
+        split: _split_text(src, features, name, f"{vdir} (split {split!r})")
+        for split, src in sources.items()
+    }
 
     if tokenizer == "byte":
         ids = {s: np.frombuffer(b, np.uint8).astype(np.int32) for s, b in raw.items()}
@@ -861,11 +1229,16 @@ def _load_text(
     )
 
 
-def _split_text(source, features, name: str) -> bytes:
+def _split_text(source, features, name: str, where: str) -> bytes:
     """All of one split's text as UTF-8 bytes."""
     keys = list(features.keys())
-    if {"bytes", "length"} <= set(keys):  # our chunked corpus format (_write_text)
-        a = _read_source(source, features, ("bytes", "length"))
+    if {"bytes", "length"} <= set(keys):  # our chunked corpus format (text_chunks)
+        a = _read_source(source, features, ("bytes", "length"), where)
+        if (a["length"] < 0).any() or (a["length"] > a["bytes"].shape[1]).any():
+            raise CorruptDatasetError(
+                f"{where}: chunk lengths outside 0..{a['bytes'].shape[1]}; not a text corpus "
+                "written by tasks.data.text_chunks"
+            )
         return b"".join(row[:n].tobytes() for row, n in zip(a["bytes"], a["length"]))
     text_keys = ["text"] if "text" in keys else [
         k for k in keys if type(features[k]).__name__ == "Text"
@@ -874,7 +1247,7 @@ def _split_text(source, features, name: str) -> bytes:
         raise ValueError(
             f"dataset {name!r} has no (single) text feature to read: features {keys}"
         )
-    texts = _read_source(source, features, text_keys)[text_keys[0]]
+    texts = _read_source(source, features, text_keys, where)[text_keys[0]]
     return b"\n".join(t if isinstance(t, bytes) else str(t).encode("utf-8") for t in texts)
 
 
@@ -882,7 +1255,7 @@ def _code_points(raw: bytes, name: str, split: str) -> np.ndarray:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(
+        raise TextFormatError(
             f"dataset {name!r} (split {split!r}) is not valid UTF-8 text: byte {e.start} "
             f"({e.reason}); use tokenizer='byte' to read it as raw bytes"
         ) from None

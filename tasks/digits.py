@@ -15,8 +15,10 @@ import jax.numpy as jnp
 import optax
 
 import tasks
+from tasks import catalogue
 from tasks import data as data_lib
 from tasks.base import check_split
+from tasks.errors import DatasetNotPreparedError
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": jax.nn.relu,
@@ -70,6 +72,10 @@ class DigitsMLP:
             )
         if self.batch_size < 1 or any(h < 1 for h in self.hidden_sizes):
             raise ValueError("digits_mlp: batch_size and hidden_sizes must be positive")
+        try:  # fail when built, not when first sampled
+            data_lib.require(self.dataset, self.data_dir)
+        except DatasetNotPreparedError as e:
+            raise data_lib.with_smoke_hint(e, self.name, catalogue.SMOKE_IMAGE) from None
 
     @property
     def data(self) -> data_lib.Dataset:

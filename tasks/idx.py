@@ -7,9 +7,11 @@ be gzip-compressed (``*.gz``, as distributed); compression is detected from the 
 
 :func:`read_idx` reads one file; :func:`find_idx_splits` pairs the image and label files of a
 directory into splits (``train-*`` -> ``train``, ``t10k-*``/``test-*`` -> ``test``). Every
-malformed input raises an error that names the file: :class:`FileNotFoundError` for missing
-files, :class:`IdxFormatError` (a ``ValueError``) for a wrong magic number, a truncated header,
-data or gzip stream, trailing bytes, or image and label files that disagree.
+malformed input raises an error whose first line names the file and the fault:
+:class:`FileNotFoundError` for missing files; :class:`IdxFormatError` (a
+``tasks.errors.DataFileError``, so a ``ValueError``) for a wrong magic number, a truncated
+header, data or gzip stream, trailing bytes, image or label files of the wrong type, or image
+and label files that disagree; ``tasks.errors.LabelRangeError`` for negative labels.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import re
 import zlib
 
 import numpy as np
+
+from tasks.errors import DataFileError, LabelRangeError
 
 # IDX type codes -> big-endian numpy dtypes.
 _DTYPES = {
@@ -38,7 +42,7 @@ _SPLIT_NAMES = {"train": "train", "t10k": "test", "test": "test"}
 EXPECTED = "PREFIX-images-idx3-ubyte[.gz] and PREFIX-labels-idx1-ubyte[.gz]"
 
 
-class IdxFormatError(ValueError):
+class IdxFormatError(DataFileError):
     """A file is not a well-formed IDX file (the message names the file)."""
 
 
@@ -153,14 +157,35 @@ def find_idx_splits(directory: str) -> dict[str, tuple[str, str]]:
 
 
 def read_idx_split(images_path: str, labels_path: str) -> dict[str, np.ndarray]:
-    """``{"image": [n, rows, cols], "label": int64 [n]}`` from a pair of IDX files."""
+    """``{"image": [n, rows, cols], "label": int64 [n]}`` from a pair of IDX files.
+
+    Images must be uint8 (``0x08``, as in MNIST) or float (``0x0d``, ``0x0e``): the data layer
+    scales integer images by their type's maximum, which is wrong for signed types. Labels must
+    be non-negative integers, as many as there are images.
+    """
     images = read_idx(images_path, expected_ndim=3)
     labels = read_idx(labels_path, expected_ndim=1)
+    if images.dtype.kind not in "uf":  # IDX's only unsigned type is uint8
+        code = next(c for c, d in _DTYPES.items() if d.newbyteorder("=") == images.dtype)
+        raise IdxFormatError(
+            f"{images_path}: images of type {images.dtype.name} (IDX type 0x{code:02x}); image "
+            "files hold uint8 (0x08, as MNIST does) or float (0x0d, 0x0e) pixels"
+        )
+    if labels.dtype.kind not in "iu":
+        raise IdxFormatError(
+            f"{labels_path}: labels of type {labels.dtype.name}; label files hold integers "
+            "(IDX type 0x08, 0x09, 0x0b or 0x0c)"
+        )
     if len(images) != len(labels):
         raise IdxFormatError(
             f"{images_path} holds {len(images)} images but {labels_path} holds {len(labels)} "
             "labels; they must match one to one"
         )
-    if labels.dtype.kind not in "iu" or (len(labels) and labels.min() < 0):
-        raise IdxFormatError(f"{labels_path}: labels must be non-negative integers")
+    if len(labels) and labels.min() < 0:
+        first = int(np.argmax(labels < 0))
+        raise LabelRangeError(
+            f"{labels_path}: negative label {int(labels[first])} at index {first} "
+            f"({int((labels < 0).sum())} of {len(labels)} labels are negative); class labels "
+            "are 0, 1, 2, ..."
+        )
     return {"image": images, "label": labels.astype(np.int64)}

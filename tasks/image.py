@@ -1,22 +1,29 @@
-"""Image-classification task families of the seed papers.
+"""Image-classification task families of the seed papers, each on its paper's dataset by default.
 
-Chen et al. 2020 ("Training Stronger Baselines for Learning to Optimize"), after Andrychowicz
-et al. 2016: ``mlp_orig`` (one hidden layer of 20 sigmoid units, MNIST, batch 128),
-``mlp_relu``, ``mlp_deeper`` (two hidden layers of 20), ``conv_mnist`` (conv 16 3x3 stride 1,
-max-pool 2x2, conv 32 5x5 stride 1, max-pool 2x2, linear) and ``conv_cifar`` (the same with
-stride-2 convolutions, CIFAR-10). Metz et al. 2019 ("Understanding and correcting pathologies in
-the training of learned optimizers"): ``metz_conv`` (three 3x3 convs of 32 channels, strides
-2, 2, 1, ReLU, Glorot init, global average pool, linear) on 10-class subsets of a dataset's
-classes, and ``conv6_mnist`` (six 3x3 convs of 32, strides 2, 1, 2, 1, 1, 1). The ELO tasks:
-``mlp_d3_w128`` (three hidden layers of 128 on 32x32x3) and ``resnet18`` (CIFAR-style).
+Chen et al. 2020 ("Training Stronger Baselines for Learning to Optimize"), Sec. 5 "Optimizee
+Settings", after Andrychowicz et al. 2016: ``mlp_orig`` (one hidden layer of 20 sigmoid units,
+batch 128), ``mlp_relu``, ``mlp_deeper`` (two hidden layers of 20) and ``conv_mnist`` (conv 16
+3x3 stride 1, max-pool 2x2, conv 32 5x5 stride 1, max-pool 2x2, linear), all on MNIST
+(default ``dataset="mnist"``), and ``conv_cifar`` (the same with stride-2 convolutions) on
+CIFAR-10 (``"cifar10"``). Metz et al. 2019 ("Understanding and correcting pathologies in the
+training of learned optimizers"): ``metz_conv`` (three 3x3 convs of 32 channels, strides 2, 2,
+1, ReLU, Glorot init, global average pool, linear; Sec. 4.2 and App. D.2) on 10-class subsets
+of 32x32 ImageNet (``"imagenet_resized/32x32"``), and ``conv6_mnist`` (six 3x3 convs of 32,
+strides 2, 1, 2, 1, 1, 1; App. F, Fig. 14) on 28x28 MNIST (``"mnist"``). The ELO tasks
+(Table 1: ImageNet-1K 32x32): ``mlp_d3_w128`` (three hidden layers of 128 on 32x32x3) and
+``resnet18`` (CIFAR-style), both on ``"imagenet_resized/32x32"``.
 
-All run on any image dataset ``tasks.data.load`` serves (``dataset="digits"``, the embedded
-default; ``"mnist"`` or another prepared catalogue dataset; ``"idx:DIR"`` for local IDX files),
-with ``resize``/``channels``/``scale``/``classes`` preprocessing. An image size a model cannot
-take is rejected when the family is built, with the ``resize`` that fixes it. Instances differ
-by their initialisation seed and, with ``permute_classes``, a relabelling of the classes
-(``metz_conv``: by their class subset). Batches are drawn inside jit from device-resident
-arrays that a compiled loop passes in as arguments (``tasks.base.bind_data``).
+The paper datasets are prepared once from raw files with ``python scripts/prepare_data.py``
+(``tasks.catalogue``); building a family whose dataset is not prepared fails at once, before
+any model is built, with the command that prepares it. ``dataset="digits"`` (scikit-learn's
+8x8 digits, embedded) runs any family on a CPU in seconds, for smoke tests. Every family runs
+on any image dataset ``tasks.data.load`` serves (a prepared catalogue dataset; ``"idx:DIR"``
+for local IDX files), with ``resize``/``channels``/``scale``/``classes`` preprocessing. An
+image size a model cannot take is rejected when the family is built, with the ``resize`` that
+fixes it. Instances differ by their initialisation seed and, with ``permute_classes``, a
+relabelling of the classes (``metz_conv``: by their class subset). Batches are drawn inside
+jit from device-resident arrays that a compiled loop passes in as arguments
+(``tasks.base.bind_data``).
 """
 
 from __future__ import annotations
@@ -33,9 +40,10 @@ import numpy as np
 import optax
 
 import tasks
+from tasks import catalogue, models, preprocess
 from tasks import data as data_lib
-from tasks import models, preprocess
 from tasks.base import check_split
+from tasks.errors import DatasetNotPreparedError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +54,7 @@ class ImageClassification:
     """
 
     batch_size: int = 128
-    dataset: str = "digits"
+    dataset: str = catalogue.SMOKE_IMAGE  # each registered family names its paper's dataset
     data_dir: str | None = None
     resize: int | tuple[int, int] | None = None
     channels: int | None = None
@@ -83,8 +91,16 @@ class ImageClassification:
             raise ValueError(
                 f"{self.name}: scale must be one of {preprocess.SCALES}, got {self.scale!r}"
             )
+        self._require_data()  # before anything reads data or builds a model
         self._check_options()
         self._check_image_size()
+
+    def _require_data(self) -> None:
+        """Fail fast, from the filesystem alone, if ``dataset`` is not there to load."""
+        try:
+            data_lib.require(self.dataset, self.data_dir)
+        except DatasetNotPreparedError as e:
+            raise data_lib.with_smoke_hint(e, self.name, catalogue.SMOKE_IMAGE) from None
 
     # --- model: overridden by subclasses ------------------------------------------------------
 
@@ -253,17 +269,19 @@ CHEN_INIT_STD = 0.01
 
 @dataclasses.dataclass(frozen=True)
 class MLPOrig(MLPClassification):
-    """One hidden layer of 20 sigmoid units, batch 128, N(0, 0.01^2) init (Andrychowicz et al.
-    2016's MNIST MLP as Chen et al. 2020, Sec. 5, train it)."""
+    """One hidden layer of 20 sigmoid units, batch 128, N(0, 0.01^2) init, on MNIST
+    (Andrychowicz et al. 2016's MNIST MLP; Chen et al. 2020 Sec. 5, "MLP-orig")."""
 
+    dataset: str = "mnist"
     init_std: float | None = CHEN_INIT_STD
     name: ClassVar[str] = "mlp_orig"
 
 
 @dataclasses.dataclass(frozen=True)
 class MLPRelu(MLPClassification):
-    """``mlp_orig`` with ReLU units (Chen et al. 2020)."""
+    """``mlp_orig`` with ReLU units, on MNIST (Chen et al. 2020 Sec. 5, "MLP-ReLU")."""
 
+    dataset: str = "mnist"
     activation: str = "relu"
     init_std: float | None = CHEN_INIT_STD
     name: ClassVar[str] = "mlp_relu"
@@ -271,8 +289,10 @@ class MLPRelu(MLPClassification):
 
 @dataclasses.dataclass(frozen=True)
 class MLPDeeper(MLPClassification):
-    """Two hidden layers of 20 sigmoid units (Chen et al. 2020)."""
+    """Two hidden layers of 20 sigmoid units, on MNIST (Chen et al. 2020 Sec. 5,
+    "MLP-deeper")."""
 
+    dataset: str = "mnist"
     hidden_sizes: tuple[int, ...] = (20, 20)
     init_std: float | None = CHEN_INIT_STD
     name: ClassVar[str] = "mlp_deeper"
@@ -280,8 +300,10 @@ class MLPDeeper(MLPClassification):
 
 @dataclasses.dataclass(frozen=True)
 class MLPD3W128(MLPClassification):
-    """Three hidden layers of 128 ReLU units on 32x32x3 images (ELO)."""
+    """Three hidden layers of 128 ReLU units on 32x32x3 images, on ImageNet-1K 32x32 (ELO
+    Table 1, "MLP")."""
 
+    dataset: str = "imagenet_resized/32x32"
     hidden_sizes: tuple[int, ...] = (128, 128, 128)
     activation: str = "relu"
     resize: int | tuple[int, int] | None = 32
@@ -323,16 +345,20 @@ class ConvPoolClassification(ImageClassification):
 
 @dataclasses.dataclass(frozen=True)
 class ConvMNIST(ConvPoolClassification):
-    """conv 16 3x3 s1, pool, conv 32 5x5 s1, pool, linear (MNIST in Chen et al. 2020)."""
+    """conv 16 3x3 s1, pool, conv 32 5x5 s1, pool, linear, on MNIST (Chen et al. 2020 Sec. 5,
+    "Conv-MNIST")."""
 
+    dataset: str = "mnist"
     init_std: float | None = CHEN_INIT_STD
     name: ClassVar[str] = "conv_mnist"
 
 
 @dataclasses.dataclass(frozen=True)
 class ConvCIFAR(ConvPoolClassification):
-    """``conv_mnist`` with stride-2 convolutions, on 32x32x3 images (CIFAR-10 in Chen et al.)."""
+    """``conv_mnist`` with stride-2 convolutions, on 32x32x3 CIFAR-10 (Chen et al. 2020 Sec. 5,
+    "Conv-CIFAR")."""
 
+    dataset: str = "cifar10"
     resize: int | tuple[int, int] | None = 32
     channels: int | None = 3
     init_std: float | None = CHEN_INIT_STD
@@ -370,8 +396,10 @@ class ConvGAPClassification(ImageClassification):
 
 @dataclasses.dataclass(frozen=True)
 class Conv6MNIST(ConvGAPClassification):
-    """Six 3x3 convs of 32 channels, strides 2, 1, 2, 1, 1, 1 (Metz et al. 2019)."""
+    """Six 3x3 convs of 32 channels, strides 2, 1, 2, 1, 1, 1, on 28x28 MNIST (Metz et al.
+    2019 App. F, Fig. 14: an out-of-domain test problem)."""
 
+    dataset: str = "mnist"
     features: tuple[int, ...] = (32,) * 6
     name: ClassVar[str] = "conv6_mnist"
     strides: ClassVar[tuple[int, ...]] = (2, 1, 2, 1, 1, 1)
@@ -381,13 +409,16 @@ class Conv6MNIST(ConvGAPClassification):
 class MetzConv(ConvGAPClassification):
     """Three 3x3 convs of 32 (strides 2, 2, 1) on a random ``classes_per_task``-class subset.
 
-    Metz et al. 2019 train on 10-class subsets of ImageNet 32x32 (``dataset=
-    "imagenet_resized/32x32"``). Spec: ``{"seed", "classes": int32 [classes_per_task]}``; the
-    task's label of an example of class ``classes[i]`` is ``i``. Batches are class-balanced.
+    Metz et al. 2019 (Sec. 4.2, App. D.2) train on 10-class subsets of 32x32 ImageNet, the
+    default ``dataset="imagenet_resized/32x32"`` (they split its 1000 classes into 700 training
+    and 300 test classes: ``heldout_classes``). Spec: ``{"seed", "classes": int32
+    [classes_per_task]}``; the task's label of an example of class ``classes[i]`` is ``i``.
+    Batches are class-balanced.
     ``heldout_classes`` are never sampled for training tasks; ``heldout=True`` samples only
     from them, giving held-out tasks.
     """
 
+    dataset: str = "imagenet_resized/32x32"
     classes_per_task: int = 10
     heldout_classes: tuple[int, ...] = ()
     heldout: bool = False
@@ -471,7 +502,8 @@ class MetzConv(ConvGAPClassification):
 
 @dataclasses.dataclass(frozen=True)
 class ResNet18Classification(ImageClassification):
-    """CIFAR-style ResNet-18 on 32x32x3 inputs (``tasks.models.ResNet18``).
+    """CIFAR-style ResNet-18 on 32x32x3 inputs (``tasks.models.ResNet18``), on ImageNet-1K 32x32
+    (ELO Table 1, "ResNet18").
 
     ``width_multiplier`` scales all widths (1/16 gives 4..32 channels for small runs). ``norm``:
     ``"batch"`` (batch statistics, stateless), ``"layer"`` or ``"none"``. The network halves the
@@ -479,6 +511,7 @@ class ResNet18Classification(ImageClassification):
     least 16x16.
     """
 
+    dataset: str = "imagenet_resized/32x32"
     width_multiplier: float = 1.0
     norm: str = "batch"
     resize: int | tuple[int, int] | None = 32

@@ -1,5 +1,6 @@
 """Tests for tasks/data.py: array_record datasets through tensorflow-datasets, no TensorFlow."""
 
+import json
 import os
 import sys
 import threading
@@ -34,10 +35,23 @@ def _assert_same(got, want):
 
 
 def test_default_data_dir(monkeypatch, tmp_path):
-    monkeypatch.setenv("LOPT_DATA_DIR", str(tmp_path))
-    assert data.default_data_dir() == str(tmp_path)
+    """LOPT_DATA_DIR wins over tfds' TFDS_DATA_DIR, which wins over ~/.cache/lopt/..."""
+    monkeypatch.setenv("LOPT_DATA_DIR", str(tmp_path / "lopt"))
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
+    assert data.default_data_dir() == str(tmp_path / "lopt")
     monkeypatch.delenv("LOPT_DATA_DIR")
+    assert data.default_data_dir() == str(tmp_path / "tfds")
+    monkeypatch.setenv("LOPT_DATA_DIR", "")  # empty counts as unset
+    assert data.default_data_dir() == str(tmp_path / "tfds")
+    monkeypatch.delenv("TFDS_DATA_DIR")
     assert data.default_data_dir() == os.path.expanduser("~/.cache/lopt/tensorflow_datasets")
+
+
+def test_tfds_data_dir_is_read(monkeypatch, tmp_path):
+    data.write_arrays("in_tfds_dir", {"train": {"x": np.arange(3)}}, str(tmp_path))
+    monkeypatch.delenv("LOPT_DATA_DIR")
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
+    np.testing.assert_array_equal(data.read_arrays("in_tfds_dir")["train"]["x"], np.arange(3))
 
 
 def test_write_read_round_trip_is_exact(tmp_path):
@@ -94,11 +108,26 @@ def test_class_label_and_versions(tmp_path):
     np.testing.assert_array_equal(pinned, labels)
 
 
+def test_builder_config_layout(tmp_path):
+    """``NAME/CONFIG`` is written where tfds keeps configs, and loads under that name."""
+    images = np.arange(6 * 2 * 2 * 3, dtype=np.uint8).reshape(6, 2, 2, 3)
+    splits = {
+        "train": {"image": images[:4], "label": np.array([0, 1, 2, 0])},
+        "validation": {"image": images[4:], "label": np.array([1, 2])},
+    }
+    path = data.write_arrays("resized_like/2x2", splits, str(tmp_path), num_classes=3)
+    assert path == os.path.join(str(tmp_path), "resized_like", "2x2", "1.0.0")
+    _assert_same(data.read_arrays("resized_like/2x2", str(tmp_path)), splits)
+    ds = data.load("resized_like/2x2", str(tmp_path), valid_fraction=0.25)
+    assert ds.num_classes == 3 and ds.image_shape == (2, 2, 3) and ds.size("test") == 2
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
         (dict(name="Bad-Name", splits={"train": {"x": np.zeros(3)}}), "dataset name"),
-        (dict(name="mnist/config", splits={"train": {"x": np.zeros(3)}}), "dataset name"),
+        (dict(name="mnist/Bad Config", splits={"train": {"x": np.zeros(3)}}), "dataset name"),
+        (dict(name="a/b/c", splits={"train": {"x": np.zeros(3)}}), "dataset name"),
         (dict(name="ok", splits={}), "non-empty"),
         (dict(name="ok", splits={"train": {}}), "non-empty"),
         (dict(name="ok", splits={"train": {"x": np.zeros(3), "y": np.zeros(4)}}), "unequal"),
@@ -194,6 +223,14 @@ def test_unprepared_catalogue_dataset_fails_fast(tmp_path):
     message = str(info.value)
     assert "mnist" in message and str(tmp_path) in message and "tfds build" in message
     assert isinstance(info.value, FileNotFoundError)
+    first = message.splitlines()[0]  # stands alone: what, where, and the command that fixes it
+    assert first.startswith(f"dataset 'mnist' is not prepared in data dir {tmp_path}")
+    assert (
+        "python scripts/prepare_data.py --dataset=mnist --source=PATH/TO/mnist "
+        f"--data_dir={tmp_path}" in first
+    )
+    assert info.value.command in first and info.value.dataset == "mnist"
+    assert "cvdf-datasets/mnist" in message  # where the raw files come from
     with pytest.raises(data.DatasetNotPreparedError, match="imagenet_resized/32x32"):
         data.read_arrays("imagenet_resized/32x32", str(tmp_path))
     assert list(tmp_path.iterdir()) == []  # nothing written, nothing downloaded
@@ -293,3 +330,121 @@ def test_real_catalogue_layout_with_encoded_images(tmp_path):
     pixel = np.round(np.asarray(ds.splits["train"]["image"][:, 0, 0, 0]) * 255).astype(int)
     np.testing.assert_array_equal(np.asarray(ds.splits["train"]["label"]), (pixel // 8) % 10)
     assert "tensorflow" not in sys.modules
+
+
+# ----------------------------------------------------------------------------------------------
+# Damaged prepared directories: each fails with a one-line error naming the file.
+
+
+def _prepared_copy(tmp_path, name="damaged", num_classes=5):
+    labels = np.array([0, 1, 2, 3, 4, 0])
+    splits = {
+        "train": {"image": np.zeros((6, 2, 2), np.uint8), "label": labels},
+        "test": {"image": np.ones((2, 2, 2), np.uint8), "label": labels[:2]},
+    }
+    return data.write_arrays(name, splits, str(tmp_path), num_classes=num_classes)
+
+
+def _first_line(error) -> str:
+    lines = str(error).splitlines()
+    assert lines and len(lines[0]) > 40, lines
+    return lines[0]
+
+
+def test_missing_shard(tmp_path):
+    vdir = _prepared_copy(tmp_path)
+    shard = os.path.join(vdir, "damaged-test.array_record-00000-of-00001")
+    os.remove(shard)
+    with pytest.raises(data.DatasetFileMissingError) as info:
+        data.load("damaged", str(tmp_path))
+    assert isinstance(info.value, FileNotFoundError) and isinstance(info.value, ValueError)
+    first = _first_line(info.value)
+    assert first.startswith(f"{shard}: missing shard 1 of 1 of split 'test'")
+    assert "dataset_info.json" in first and "prepare it again" in first
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        (b"{ not json", "unreadable dataset_info.json .JSONDecodeError"),
+        (b"\xff\xfe\x00", "unreadable dataset_info.json .UnicodeDecodeError"),
+        (b"[]", "not a tfds dataset info"),
+        (b'{"name": "damaged"}', "not a tfds dataset info"),
+    ],
+)
+def test_unreadable_dataset_info(tmp_path, content, match):
+    vdir = _prepared_copy(tmp_path)
+    info_path = os.path.join(vdir, "dataset_info.json")
+    with open(info_path, "wb") as f:
+        f.write(content)
+    with pytest.raises(data.CorruptDatasetError, match=match) as info:
+        data.load("damaged", str(tmp_path))
+    assert _first_line(info.value).startswith(f"{info_path}: ")
+
+
+def test_dataset_info_json_missing_beside_shards(tmp_path):
+    vdir = _prepared_copy(tmp_path)
+    os.remove(os.path.join(vdir, "dataset_info.json"))
+    start = time.monotonic()
+    with pytest.raises(data.DatasetFileMissingError) as info:
+        data.load("damaged", str(tmp_path))
+    assert time.monotonic() - start < 1.0
+    first = _first_line(info.value)
+    assert first.startswith(f"{os.path.join(vdir, 'dataset_info.json')}: missing")
+
+
+def test_damaged_features_json(tmp_path):
+    vdir = _prepared_copy(tmp_path)
+    with open(os.path.join(vdir, "features.json"), "w") as f:
+        f.write('{"featuresDict": 3}')
+    with pytest.raises(data.CorruptDatasetError) as info:
+        data.load("damaged", str(tmp_path))
+    assert _first_line(info.value).startswith(f"{vdir}: tfds cannot read the dataset's metadata")
+
+
+def test_truncated_shard(tmp_path):
+    vdir = _prepared_copy(tmp_path)
+    shard = os.path.join(vdir, "damaged-train.array_record-00000-of-00001")
+    with open(shard, "rb") as f:
+        raw = f.read()
+    with open(shard, "wb") as f:
+        f.write(raw[: len(raw) // 2])
+    with pytest.raises(data.CorruptDatasetError) as info:
+        data.load("damaged", str(tmp_path))
+    first = _first_line(info.value)
+    assert first.startswith(f"{shard}: ") and "shard 1 of 1 of split 'train'" in first
+
+
+def test_shard_count_disagrees_with_dataset_info(tmp_path):
+    vdir = _prepared_copy(tmp_path)
+    info_path = os.path.join(vdir, "dataset_info.json")
+    with open(info_path) as f:
+        info = json.load(f)
+    info["splits"][0]["shardLengths"] = ["9"]  # the train shard holds 6
+    with open(info_path, "w") as f:
+        json.dump(info, f)
+    with pytest.raises(data.CorruptDatasetError, match="holds 6 examples but .* records 9"):
+        data.load("damaged", str(tmp_path))
+
+
+def test_labels_beyond_the_declared_classes(tmp_path):
+    vdir = _prepared_copy(tmp_path)
+    features_path = os.path.join(vdir, "features.json")
+    with open(features_path) as f:
+        features = json.load(f)
+    features["featuresDict"]["features"]["label"]["classLabel"]["numClasses"] = "3"
+    with open(features_path, "w") as f:
+        json.dump(features, f)
+    with pytest.raises(data.LabelRangeError) as info:
+        data.load("damaged", str(tmp_path))
+    first = _first_line(info.value)
+    assert first.startswith(f"{vdir} (split 'train'): label 3 at index 3 is out of range")
+    assert "(3 classes declared)" in first and "2 of 6 labels lie outside 0..2" in first
+
+
+def test_negative_labels_in_a_prepared_dataset(tmp_path):
+    splits = {"train": {"image": np.zeros((4, 2, 2), np.uint8), "label": np.array([0, 1, -1, 1])}}
+    vdir = data.write_arrays("negative", splits, str(tmp_path))
+    with pytest.raises(data.LabelRangeError, match="label -1 at index 2 is out of range") as info:
+        data.load("negative", str(tmp_path))
+    assert str(info.value).startswith(f"{vdir} (split 'train')")

@@ -3,7 +3,9 @@ dataset passed into the compiled function as an argument; size and option errors
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import time
 
 import jax
 import jax.numpy as jnp
@@ -14,18 +16,36 @@ import pytest
 import tasks
 from tasks.base import TaskFamily, bind_data, data_arrays
 
-# Small widths and resolutions on the embedded data (digits; generated text): (options, Adam lr).
+# Small widths and resolutions on the embedded data, named explicitly (the families default to
+# their papers' datasets): digits for images, generated text for gpt2_mini. (options, Adam lr).
+DIGITS, GENERATED = dict(dataset="digits"), dict(dataset="generated")
 SMALL = {
-    "mlp_orig": (dict(batch_size=32), 3e-2),
-    "mlp_relu": (dict(batch_size=32), 1e-2),
-    "mlp_deeper": (dict(batch_size=32), 3e-2),
-    "mlp_d3_w128": (dict(hidden_sizes=(32, 32, 32), resize=16, batch_size=32), 3e-3),
-    "conv_mnist": (dict(features=(8, 16), batch_size=32), 1e-2),
-    "conv_cifar": (dict(features=(8, 16), resize=16, batch_size=32), 1e-2),
-    "metz_conv": (dict(features=(16, 16, 16), classes_per_task=5, batch_size=32), 1e-2),
-    "conv6_mnist": (dict(features=(8,) * 6, batch_size=32), 1e-2),
-    "resnet18": (dict(width_multiplier=1 / 16, resize=16, batch_size=16), 3e-3),
-    "gpt2_mini": (dict(num_layers=1, width=32, num_heads=2, context=16, batch_size=16), 1e-2),
+    "mlp_orig": (dict(**DIGITS, batch_size=32), 3e-2),
+    "mlp_relu": (dict(**DIGITS, batch_size=32), 1e-2),
+    "mlp_deeper": (dict(**DIGITS, batch_size=32), 3e-2),
+    "mlp_d3_w128": (dict(**DIGITS, hidden_sizes=(32, 32, 32), resize=16, batch_size=32), 3e-3),
+    "conv_mnist": (dict(**DIGITS, features=(8, 16), batch_size=32), 1e-2),
+    "conv_cifar": (dict(**DIGITS, features=(8, 16), resize=16, batch_size=32), 1e-2),
+    "metz_conv": (dict(**DIGITS, features=(16, 16, 16), classes_per_task=5, batch_size=32), 1e-2),
+    "conv6_mnist": (dict(**DIGITS, features=(8,) * 6, batch_size=32), 1e-2),
+    "resnet18": (dict(**DIGITS, width_multiplier=1 / 16, resize=16, batch_size=16), 3e-3),
+    "gpt2_mini": (
+        dict(**GENERATED, num_layers=1, width=32, num_heads=2, context=16, batch_size=16), 1e-2
+    ),
+}
+# The dataset each paper used (Chen et al. 2020 Sec. 5; Metz et al. 2019 Sec. 4.2, App. D.2 and
+# App. F; ELO Table 1, with Tiny Shakespeare standing in for its FineWeb-10B).
+PAPER_DATA = {
+    "mlp_orig": "mnist",
+    "mlp_relu": "mnist",
+    "mlp_deeper": "mnist",
+    "conv_mnist": "mnist",
+    "conv_cifar": "cifar10",
+    "metz_conv": "imagenet_resized/32x32",
+    "conv6_mnist": "mnist",
+    "mlp_d3_w128": "imagenet_resized/32x32",
+    "resnet18": "imagenet_resized/32x32",
+    "gpt2_mini": "tiny_shakespeare",
 }
 PAPER_TASKS = list(SMALL)
 STEPS = 200
@@ -136,29 +156,76 @@ def _param_count(tree) -> int:
 
 
 def test_paper_sizes_parameter_counts():
-    mlp = tasks.get("mlp_orig")
+    mlp = tasks.get("mlp_orig", dataset="digits")
     assert mlp.param_count((28, 28, 1), 10) == 784 * 20 + 20 + 20 * 10 + 10
-    assert tasks.get("mlp_deeper").param_count((28, 28, 1), 10) == 784 * 20 + 20 + 420 + 210
+    deeper = tasks.get("mlp_deeper", dataset="digits")
+    assert deeper.param_count((28, 28, 1), 10) == 784 * 20 + 20 + 420 + 210
     # conv_mnist on MNIST: 28 -> 28 -> 14 -> 14 -> 7, so 7 * 7 * 32 features.
     conv = 3 * 3 * 16 + 16 + 5 * 5 * 16 * 32 + 32 + 7 * 7 * 32 * 10 + 10
-    assert tasks.get("conv_mnist").param_count((28, 28, 1), 10) == conv
+    assert tasks.get("conv_mnist", dataset="digits").param_count((28, 28, 1), 10) == conv
     # conv_cifar on 32x32x3: 32 -> 16 -> 8 -> 4 -> 2.
     conv = 3 * 3 * 3 * 16 + 16 + 5 * 5 * 16 * 32 + 32 + 2 * 2 * 32 * 10 + 10
-    assert tasks.get("conv_cifar").param_count((32, 32, 3), 10) == conv
+    assert tasks.get("conv_cifar", dataset="digits").param_count((32, 32, 3), 10) == conv
     metz = (27 * 32 + 32) + 2 * (9 * 32 * 32 + 32) + 32 * 10 + 10
-    assert tasks.get("metz_conv").param_count((32, 32, 3), 10) == metz
-    assert tasks.get("mlp_d3_w128").param_count((32, 32, 3), 10) == (
+    assert tasks.get("metz_conv", dataset="digits").param_count((32, 32, 3), 10) == metz
+    assert tasks.get("mlp_d3_w128", dataset="digits").param_count((32, 32, 3), 10) == (
         3072 * 128 + 128 + 2 * (128 * 128 + 128) + 128 * 10 + 10
     )
-    assert tasks.get("resnet18").param_count((32, 32, 3), 10) == 11_173_962  # torchvision-CIFAR
+    resnet = tasks.get("resnet18", dataset="digits")
+    assert resnet.param_count((32, 32, 3), 10) == 11_173_962  # torchvision-CIFAR
 
 
-def test_defaults_use_the_papers_input_shapes():
+def test_digits_take_the_papers_input_shapes():
     for name in ("mlp_d3_w128", "conv_cifar", "resnet18"):
-        assert tasks.get(name).image_shape == (32, 32, 3), name
+        assert tasks.get(name, dataset="digits").image_shape == (32, 32, 3), name
     for name in ("mlp_orig", "conv_mnist", "metz_conv", "conv6_mnist"):
-        assert tasks.get(name).image_shape == (8, 8, 1), name  # digits as they are
-    assert tasks.get("mlp_orig").batch_size == 128
+        assert tasks.get(name, dataset="digits").image_shape == (8, 8, 1), name  # as they are
+    assert tasks.get("mlp_orig", dataset="digits").batch_size == 128
+
+
+def _default_dataset(name: str) -> str:
+    fields = {f.name: f.default for f in dataclasses.fields(tasks.REGISTRY.factory(name))}
+    return fields["dataset"]
+
+
+def test_paper_tasks_default_to_their_papers_datasets():
+    assert {name: _default_dataset(name) for name in PAPER_TASKS} == PAPER_DATA
+    assert _default_dataset("digits_mlp") == "digits"  # the embedded defaults stay
+    assert tasks.get("quadratic").name == "quadratic"
+
+
+@pytest.mark.parametrize("name", PAPER_TASKS)
+def test_unprepared_paper_dataset_fails_fast(name, tmp_path, monkeypatch):
+    """No prepared data: the family fails at once, before any model is built, and says how
+    to prepare the data and how to run without it."""
+    empty = tmp_path / "empty"
+    monkeypatch.setenv("LOPT_DATA_DIR", str(empty))
+    monkeypatch.delenv("TFDS_DATA_DIR", raising=False)
+    import flax.linen as nn
+
+    monkeypatch.setattr(nn.Module, "init", lambda *a, **k: pytest.fail("built a model"))
+    start = time.monotonic()
+    with pytest.raises(tasks.data.DatasetNotPreparedError) as info:
+        tasks.get(name)
+    assert time.monotonic() - start < 1.0
+    dataset = PAPER_DATA[name]
+    smoke = "generated" if name == "gpt2_mini" else "digits"
+    first = str(info.value).splitlines()[0]
+    assert first.startswith(f"{name}: dataset {dataset!r} is not prepared in data dir {empty}")
+    assert f"python scripts/prepare_data.py --dataset={dataset} --source=" in first
+    assert f"--data_dir={empty}" in first
+    assert first.endswith(f'; or pass dataset="{smoke}" for a CPU smoke run')
+    assert not empty.exists()  # nothing written
+
+
+def test_conv_cifar_without_cifar10(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOPT_DATA_DIR", str(tmp_path))
+    start = time.monotonic()
+    with pytest.raises(FileNotFoundError) as info:
+        tasks.get("conv_cifar")
+    assert time.monotonic() - start < 1.0
+    message = str(info.value)
+    assert "cifar10" in message.splitlines()[0] and "scripts/prepare_data.py" in message
 
 
 @pytest.mark.parametrize(
@@ -171,12 +238,12 @@ def test_defaults_use_the_papers_input_shapes():
 )
 def test_image_size_the_model_cannot_take(name, options, need):
     with pytest.raises(ValueError) as info:
-        tasks.get(name, **options)
+        tasks.get(name, dataset="digits", **options)
     message = str(info.value)
     assert message.startswith(f"{name}: images of 8x8 (dataset 'digits'")
     assert f"needs at least {need}x{need} inputs" in message
     assert "Set resize=32" in message
-    tasks.get(name, resize=need)
+    tasks.get(name, dataset="digits", resize=need)
 
 
 @pytest.mark.parametrize(
@@ -205,24 +272,26 @@ def test_image_size_the_model_cannot_take(name, options, need):
     ],
 )
 def test_bad_options(name, options, match):
+    smoke = GENERATED if name == "gpt2_mini" else DIGITS
     with pytest.raises(ValueError, match=match):
-        tasks.get(name, **options)
+        tasks.get(name, **{**smoke, **options})
 
 
 def test_resize_and_channels_options_reach_the_data():
-    family = tasks.get("mlp_orig", resize=(14, 12), channels=3, scale="centered")
+    family = tasks.get("mlp_orig", dataset="digits", resize=(14, 12), channels=3, scale="centered")
     assert family.image_shape == (14, 12, 3)
     image = family.arrays["train"]["image"]
     assert float(image.min()) >= -1.0 and float(image.max()) <= 1.0 and float(image.min()) < -0.5
-    assert family.resize == (14, 12) and tasks.get("mlp_orig", resize=[16, 16]).resize == 16
-    subset = tasks.get("mlp_orig", classes=(3, 5, 7))
+    assert family.resize == (14, 12)
+    assert tasks.get("mlp_orig", dataset="digits", resize=[16, 16]).resize == 16
+    subset = tasks.get("mlp_orig", dataset="digits", classes=(3, 5, 7))
     assert subset.num_classes == 3
     assert set(np.unique(np.asarray(subset.arrays["test"]["label"]))) == {0, 1, 2}
     assert subset.param_count() == 64 * 20 + 20 + 20 * 3 + 3
 
 
 def test_permute_classes_relabels_per_instance():
-    family = tasks.get("conv_mnist", permute_classes=True, features=(4, 4))
+    family = tasks.get("conv_mnist", dataset="digits", permute_classes=True, features=(4, 4))
     a, b = (family.sample(jax.random.PRNGKey(i)) for i in range(2))
     assert sorted(np.asarray(a["perm"]).tolist()) == list(range(10))
     assert not np.array_equal(a["perm"], b["perm"])
@@ -230,10 +299,9 @@ def test_permute_classes_relabels_per_instance():
 
 def test_metz_conv_class_subsets_and_heldout_tasks():
     held = (0, 4, 7)
-    train_family = tasks.get("metz_conv", classes_per_task=4, heldout_classes=held, features=(4, 4, 4))
-    test_family = tasks.get(
-        "metz_conv", classes_per_task=3, heldout_classes=held, heldout=True, features=(4, 4, 4)
-    )
+    small = dict(dataset="digits", heldout_classes=held, features=(4, 4, 4))
+    train_family = tasks.get("metz_conv", classes_per_task=4, **small)
+    test_family = tasks.get("metz_conv", classes_per_task=3, heldout=True, **small)
     assert train_family != test_family
     for i in range(20):
         classes = np.asarray(train_family.sample(jax.random.PRNGKey(i))["classes"])
@@ -242,7 +310,7 @@ def test_metz_conv_class_subsets_and_heldout_tasks():
     assert sorted(classes) == list(held)
     # Batches hold only the task's classes, roughly balanced.
     spec = train_family.sample(jax.random.PRNGKey(3))
-    big = tasks.get("metz_conv", classes_per_task=4, heldout_classes=held, features=(4, 4, 4), batch_size=400)
+    big = tasks.get("metz_conv", classes_per_task=4, batch_size=400, **small)
     batch = jax.jit(big.batch, static_argnums=2)(spec, jax.random.PRNGKey(0), "train")
     labels = np.asarray(batch["label"])
     assert set(labels) <= set(np.asarray(spec["classes"]).tolist())
@@ -262,7 +330,10 @@ def test_metz_conv_class_subsets_and_heldout_tasks():
 
 
 def test_gpt2_mini_is_causal_and_windows_are_contiguous():
-    family = tasks.get("gpt2_mini", num_layers=1, width=16, num_heads=2, context=8, batch_size=4)
+    family = tasks.get(
+        "gpt2_mini", dataset="generated", num_layers=1, width=16, num_heads=2, context=8,
+        batch_size=4,
+    )  # fmt: skip
     spec = family.sample(jax.random.PRNGKey(0))
     params = jax.jit(family.init)(spec, jax.random.PRNGKey(1))
     batch = jax.jit(family.batch, static_argnums=2)(spec, jax.random.PRNGKey(2), "train")
@@ -286,7 +357,7 @@ def test_gpt2_mini_is_causal_and_windows_are_contiguous():
 
 
 def test_bind_reads_the_given_arrays():
-    family = tasks.get("mlp_orig", batch_size=8)
+    family = tasks.get("mlp_orig", dataset="digits", batch_size=8)
     fake = jax.tree.map(jnp.zeros_like, family.arrays)
     bound = bind_data(family, fake)
     assert bound == family and hash(bound) == hash(family)

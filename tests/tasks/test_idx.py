@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import gzip
 import os
+import shutil
+import warnings
 
 import jax
 import numpy as np
 import pytest
 
 import tasks
-from tasks import data, idx
+from tasks import data, errors, idx
 
 _CODES = {"uint8": 0x08, "int8": 0x09, "int16": 0x0B, "int32": 0x0C, "float32": 0x0D, "float64": 0x0E}
 
@@ -208,3 +210,115 @@ def test_task_on_local_idx_files(tmp_path):
     batch = family.batch(spec, jax.random.PRNGKey(1), "test")
     assert batch["image"].shape == (5, 10, 10, 1)
     assert family.param_count((28, 28, 1), 10) == 160 + 12832 + 15690
+
+
+def test_negative_labels(tmp_path):
+    images = write(tmp_path / "train-images-idx3-ubyte", idx_bytes(_IMAGES))
+    labels = write(tmp_path / "train-labels-idx1-ubyte", idx_bytes(np.array([1, -2, 0], np.int8)))
+    with pytest.raises(errors.LabelRangeError) as info:
+        data.load(f"idx:{tmp_path}", str(tmp_path / "tfds"))
+    first = str(info.value).splitlines()[0]
+    assert first.startswith(f"{labels}: negative label -2 at index 1 (1 of 3 labels")
+    assert isinstance(info.value, ValueError)
+    assert not (tmp_path / "tfds").exists()  # nothing converted
+    del images
+
+
+_LABELS = np.zeros(3, np.uint8)
+
+
+@pytest.mark.parametrize(
+    "images, labels, bad, match",
+    [
+        (_IMAGES.astype(np.int32), _LABELS, "images", r"images of type int32 \(IDX type 0x0c\)"),
+        (_IMAGES.astype(np.int8), _LABELS, "images", r"images of type int8 \(IDX type 0x09\)"),
+        (_IMAGES, np.zeros(3, np.float32), "labels", "labels of type float32; label files hold"),
+    ],
+)
+def test_wrong_data_types(tmp_path, images, labels, bad, match):
+    paths = {
+        "images": write(tmp_path / "t10k-images-idx3-ubyte", idx_bytes(images)),
+        "labels": write(tmp_path / "t10k-labels-idx1-ubyte", idx_bytes(labels)),
+    }
+    with pytest.raises(idx.IdxFormatError, match=match) as info:
+        data.load(f"idx:{tmp_path}", str(tmp_path / "tfds"))
+    assert str(info.value).startswith(f"{paths[bad]}: ")
+
+
+def test_float_images_are_accepted(tmp_path):
+    images = np.linspace(0, 1, 20 * 16, dtype=np.float32).reshape(20, 4, 4)
+    write(tmp_path / "t10k-images-idx3-ubyte", idx_bytes(images))
+    write(tmp_path / "t10k-labels-idx1-ubyte", idx_bytes((np.arange(20) % 2).astype(np.uint8)))
+    ds = data.load(f"idx:{tmp_path}", str(tmp_path / "tfds"))
+    got = np.concatenate([np.asarray(ds.splits[s]["image"]).ravel() for s in ds.splits])
+    np.testing.assert_allclose(np.sort(got), np.sort(images.ravel()))
+
+
+def _same_size_same_mtime_rewrite(path, new_bytes: bytes) -> None:
+    """Replace a file's content keeping its size and mtime (as `cp -p` or a restore can)."""
+    st = os.stat(path)
+    assert len(new_bytes) == st.st_size
+    with open(path, "wb") as f:
+        f.write(new_bytes)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_changed_file_is_reconverted_not_served_stale(tmp_path):
+    """The converted copy records each file's sha256: a file changed after conversion, even
+    with the same size and mtime, is noticed, said, and converted again."""
+    write_mnist_like(tmp_path, "t10k", 30, gz=False)
+    name, data_dir = f"idx:{tmp_path}", str(tmp_path / "tfds")
+    before = data.load(name, data_dir)
+    labels_path = tmp_path / "t10k-labels-idx1-ubyte"
+    new_labels = (9 - np.arange(30) % 10).astype(np.uint8)
+    _same_size_same_mtime_rewrite(labels_path, idx_bytes(new_labels))
+    with pytest.warns(errors.StaleDataWarning) as record:
+        after = data.load(name, data_dir)
+    message = str(record[0].message)
+    assert message.startswith(f"{labels_path} changed since it was converted into {data_dir}")
+    assert "sha256" in message and message.endswith("; reconverting it")
+    assert after is not before
+    labels = np.concatenate([np.asarray(after.splits[s]["label"]) for s in after.splits])
+    old = np.concatenate([np.asarray(before.splits[s]["label"]) for s in before.splits])
+    np.testing.assert_array_equal(labels, 9 - old)
+    # One converted copy (rebuilt in place), and a later load is quiet and serves the new data.
+    assert len([d for d in os.listdir(data_dir) if not d.startswith(".")]) == 1
+    data.load.cache_clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = data.load(name, data_dir)
+    np.testing.assert_array_equal(
+        np.asarray(again.splits["test"]["label"]), np.asarray(after.splits["test"]["label"])
+    )
+
+
+def test_touched_file_is_not_reconverted(tmp_path, monkeypatch):
+    write_mnist_like(tmp_path, "t10k", 20, gz=True)
+    name, data_dir = f"idx:{tmp_path}", str(tmp_path / "tfds")
+    data.load(name, data_dir)
+    os.utime(tmp_path / "t10k-images-idx3-ubyte.gz", ns=(1, 10**18))  # new mtime, same bytes
+    data.load.cache_clear()
+    monkeypatch.setattr(idx, "read_idx", lambda *a, **k: pytest.fail("parsed IDX again"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert data.load(name, data_dir).size("test") == 4
+
+
+def test_stale_copy_that_cannot_be_rebuilt(tmp_path, monkeypatch):
+    write_mnist_like(tmp_path, "t10k", 20, gz=False)
+    name, data_dir = f"idx:{tmp_path}", str(tmp_path / "tfds")
+    data.load(name, data_dir)
+    images_path = tmp_path / "t10k-images-idx3-ubyte"
+    raw = bytearray(images_path.read_bytes())
+    raw[-1] ^= 0xFF
+    _same_size_same_mtime_rewrite(images_path, bytes(raw))
+
+    def refuse(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(shutil, "rmtree", refuse)
+    with pytest.warns(errors.StaleDataWarning), pytest.raises(errors.StaleDataError) as info:
+        data.load(name, data_dir)
+    first = str(info.value).splitlines()[0]
+    assert first.startswith(f"{images_path} changed since it was converted")
+    assert "cannot be removed" in first and "PermissionError" in first

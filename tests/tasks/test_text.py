@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import tasks
-from tasks import data
+from tasks import data, errors
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak. Ünïcödé ✓\n" * 40
 
@@ -63,13 +63,27 @@ def test_local_text_is_converted_once(tmp_path, monkeypatch):
     path.write_text(TEXT)
     first = data.load_text(f"text:{path}", str(tmp_path))
     data.load.cache_clear()  # empties every dataset cache
-    monkeypatch.setattr(data, "_read_text_file", lambda p: pytest.fail("read the file again"))
+    monkeypatch.setattr(data, "read_text_file", lambda p: pytest.fail("read the file again"))
     again = data.load_text(f"text:{path}", str(tmp_path))
     assert again is not first and _joined(again) == TEXT
-    # A changed file is a new dataset.
+    # A changed file is converted again, and says so.
     monkeypatch.undo()
     path.write_text(TEXT + "more\n")
-    assert _joined(data.load_text(f"text:{path}", str(tmp_path))) == TEXT + "more\n"
+    with pytest.warns(errors.StaleDataWarning, match=f"{path} changed since it was converted"):
+        assert _joined(data.load_text(f"text:{path}", str(tmp_path))) == TEXT + "more\n"
+
+
+def test_text_changed_in_place_is_not_served_from_the_cache(tmp_path):
+    """Same size, same mtime, same process: the in-memory cache is keyed on content too."""
+    path = tmp_path / "same_size.txt"
+    path.write_text("abcd" * 100)
+    first = data.load_text(f"text:{path}", str(tmp_path / "tfds"))
+    st = os.stat(path)
+    path.write_text("dcba" * 100)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.warns(errors.StaleDataWarning):
+        second = data.load_text(f"text:{path}", str(tmp_path / "tfds"))
+    assert _joined(first).startswith("abcd") and _joined(second).startswith("dcba")
 
 
 def test_bad_text_inputs(tmp_path):
@@ -81,16 +95,18 @@ def test_bad_text_inputs(tmp_path):
         data.load_text(f"text:{tmp_path}", d)
     empty = tmp_path / "empty.txt"
     empty.write_bytes(b"")
-    with pytest.raises(ValueError, match=f"text file {empty} is empty"):
+    with pytest.raises(errors.TextFormatError, match=f"text file {empty} is empty"):
         data.load_text(f"text:{empty}", d)
     cut = tmp_path / "cut.txt.gz"
     compressed = gzip.compress(TEXT.encode())
     cut.write_bytes(compressed[: len(compressed) // 2])
-    with pytest.raises(ValueError, match=f"{cut}: truncated or corrupt gzip"):
+    with pytest.raises(errors.TextFormatError, match=f"^{cut}: truncated or corrupt gzip"):
         data.load_text(f"text:{cut}", d)
     latin = tmp_path / "latin1.txt"
     latin.write_bytes("caf\xe9 au lait\n".encode("latin-1") * 20)
-    with pytest.raises(ValueError, match=r"not valid UTF-8 text: byte 3 .*tokenizer='byte'") as info:
+    with pytest.raises(
+        errors.TextFormatError, match=r"not valid UTF-8 text: byte 3 .*tokenizer='byte'"
+    ) as info:
         data.load_text(f"text:{latin}", d)
     assert str(latin) in str(info.value)
     assert data.load_text(f"text:{latin}", d, tokenizer="byte").vocab_size == 256
