@@ -28,7 +28,7 @@ install-test: $(VENV)/.installed-test
 
 quickstart: $(VENV)/.installed
 	$(BIN)/python scripts/meta_train.py --config=configs/quickstart.py --workdir=$(WORKDIR)
-	$(BIN)/python scripts/evaluate.py --export=$(WORKDIR)/export/optimizer.lopt --task=digits_mlp --task_kwargs='{"permute_classes": true}' --out=$(WORKDIR)/eval
+	$(BIN)/python scripts/evaluate.py --export=$(WORKDIR)/export/optimizer.safetensors --task=digits_mlp --task_kwargs='{"permute_classes": true}' --out=$(WORKDIR)/eval
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q -m "not slow" -p no:cacheprovider

@@ -3,7 +3,7 @@
     python scripts/ablate_estimators.py --config=configs/ablate_estimators.py \
         --workdir=runs/ablate_estimators
 
-``get_config()`` is an ordinary experiment config (``lopt.outer.train`` accepts it as is): the
+``get_config()`` is an ordinary experiment config (``lopt.training.train`` accepts it as is): the
 Metz et al. 2019 MLP optimizer meta-trained on small digits MLPs with relabelled classes. The
 ablation script copies it once per estimator, replaces ``config.estimator`` with that
 estimator's section from ``get_ablation()`` and sets ``num_outer_steps`` so that every

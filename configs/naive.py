@@ -1,12 +1,13 @@
-"""The naive learned-optimizer baseline: ``configs/elo.py`` without its training techniques.
+"""The naive learned-optimizer baseline, ELO's "LO (naive)": ``configs/elo.py`` without its
+training techniques.
 
     python scripts/meta_train.py --config=configs/naive.py --workdir=runs/naive
 
 Same task family (digits MLPs), learned optimizer (Metz et al. 2019 MLP), estimator (PES),
-particles, truncations, horizon and meta-optimizer as the ELO config, but every trajectory
-starts fresh at a reset (no replay buffer), the learned optimizer alone drives the inner
-trajectory from the first outer step (no behaviour cloning), no curriculum and no imitation:
-the "LO naive" row of the ablation.
+particles, segment length N and meta-optimizer as the ELO config, but every segment is a fresh
+trajectory of exactly N steps (``horizon`` = ``trunc_length``, no replay buffer) and the learned
+optimizer alone drives it from the first outer step (no behaviour cloning): the meta-training
+horizon is H = N, as in ELO's Table 1.
 """
 
 import importlib.util
@@ -16,8 +17,9 @@ from ml_collections import ConfigDict
 
 
 def get_config() -> ConfigDict:
-    """``configs/elo.py`` with the replay buffer and behaviour cloning switched off, so the two
-    runs can never drift apart in anything but the techniques being ablated."""
+    """``configs/elo.py`` with the replay buffer and behaviour cloning switched off and the
+    horizon set to the segment length, so the two runs can never drift apart in anything but
+    the techniques being ablated."""
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "elo.py")
     spec = importlib.util.spec_from_file_location("configs_elo", path)
     elo = importlib.util.module_from_spec(spec)
@@ -25,4 +27,5 @@ def get_config() -> ConfigDict:
     c = elo.get_config()
     c.unroll.replay.enabled = False
     c.unroll.behaviour_cloning.enabled = False
+    c.unroll.horizon.length = c.unroll.trunc_length
     return c

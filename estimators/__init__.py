@@ -1,4 +1,13 @@
-"""The inner unroll engine and the meta-gradient estimators (DESIGN.md, "estimators/")."""
+"""The inner unroll engine, reset policies and the meta-gradient estimators (DESIGN.md,
+"estimators/").
+
+Modules, bottom up (each imports only those above it in this list, plus ``lopt``'s optimizer
+library and ``tasks``): ``keys`` (random keys and salts), ``schedules`` (length schedules),
+``resets`` (fresh resets, ELO's replay buffer), ``unroll`` (the Unroller and the meta-loss),
+``base`` (the estimator contract, ES helpers), the estimators ``tbptt``, ``es``, ``pes``,
+``merged``, ``full_es``, and ``imitation`` (Chen et al. 2020's imitation episodes, a wrapper of
+any of them).
+"""
 
 from estimators.base import Estimator
 from estimators.unroll import MetaLoss, Unroller
@@ -23,10 +32,5 @@ from estimators import pes as _pes  # noqa: E402,F401
 from estimators import es as _es  # noqa: E402,F401
 from estimators import merged as _merged  # noqa: E402,F401
 from estimators import full_es as _full_es  # noqa: E402,F401
-from estimators import replay  # noqa: E402,F401  (ELO replay buffer, an Unroller option)
-from estimators import imitation  # noqa: E402,F401  (imitation, self-improving, behaviour cloning)
 
-__all__ = [
-    "Estimator", "MetaLoss", "Unroller", "get", "imitation", "names", "register", "replay",
-    "schedules",
-]
+__all__ = ["Estimator", "MetaLoss", "Unroller", "get", "names", "register", "schedules"]

@@ -8,22 +8,47 @@ from typing import Any, Protocol
 import jax
 import jax.numpy as jnp
 
-from estimators.unroll import Unroller
+from estimators import keys as keys_lib
+from estimators.unroll import UnrollOutput, Unroller, UnrollState
 from lopt.base import MetaParams
 
 EstimatorState = Any
 
 
 class Estimator(Protocol):
-    """Static, hashable; knows only its own hyperparameters (DESIGN.md, "estimators/")."""
+    """Static, hashable; knows only its own hyperparameters (DESIGN.md, "estimators/").
+
+    ``grad`` receives ``outer_step``, the run's one clock (``MetaTrainState.outer_step``), and
+    passes it down to the unroll (schedules, alpha ramps and the reset policy's gates read it).
+    ``partition`` says which state leaves have a leading per-particle (or per-pair) axis and
+    are sharded over devices (True) and which are replicated (False).
+    """
 
     def init(self, unroller: Unroller, key: jax.Array, meta_params: MetaParams) -> EstimatorState:
         """Particles' states and whatever the estimator carries between truncations."""
 
     def grad(
-        self, unroller: Unroller, meta_params: MetaParams, state: EstimatorState, key: jax.Array
+        self, unroller: Unroller, meta_params: MetaParams, state: EstimatorState, key: jax.Array,
+        outer_step: jax.Array,
     ) -> tuple[MetaParams, EstimatorState, dict]:
         """Meta-gradient estimate, new state, and scalar metrics."""
+
+    def partition(self, state: EstimatorState) -> Any:
+        """A tree of bools like ``state``: True for per-particle (sharded) leaves."""
+
+
+def unroll_partition(state: UnrollState) -> UnrollState:
+    """Particles are per-particle; the reset policy's state (ELO's buffer) is replicated."""
+    return UnrollState(
+        jax.tree.map(lambda _: True, state.particles), jax.tree.map(lambda _: False, state.reset_state)
+    )
+
+
+def at_stage(estimator: Any, state: EstimatorState, stage: int) -> EstimatorState:
+    """The estimator state for curriculum stage ``stage`` (host side): the estimator's own
+    ``at_stage`` if it has one (imitation's per-stage r), else ``state`` unchanged."""
+    fn = getattr(estimator, "at_stage", None)
+    return state if fn is None else fn(state, stage)
 
 
 def num_pairs(unroller: Unroller, estimator_name: str) -> int:
@@ -32,38 +57,18 @@ def num_pairs(unroller: Unroller, estimator_name: str) -> int:
     Particles are interleaved: particle 2i is pair i's positive member, 2i + 1 its negative, so
     a contiguous block of particles (one device's shard) always holds whole pairs."""
     if unroller.num_particles % 2:
-        where = "per device" if unroller.shard_axis else "in total"
+        if unroller.shard_axis:
+            raise ValueError(
+                f"estimator '{estimator_name}' uses antithetic pairs and each device must hold "
+                f"whole pairs: {unroller.num_particles * unroller.num_shards} particles on "
+                f"{unroller.num_shards} devices is {unroller.num_particles} per device; use a "
+                f"multiple of {2 * unroller.num_shards}"
+            )
         raise ValueError(
-            f"estimator '{estimator_name}' uses antithetic pairs, so num_particles must be even "
-            f"{where}; got {unroller.num_particles} (set num_particles={unroller.num_particles + 1})"
+            f"estimator '{estimator_name}' uses antithetic pairs, so num_particles must be even; "
+            f"got {unroller.num_particles} (set num_particles={unroller.num_particles + 1})"
         )
     return unroller.num_particles // 2
-
-
-def global_indices(unroller: Unroller, n_local: int) -> jax.Array:
-    """Global indices of this shard's ``n_local`` particles (or pairs).
-
-    Randomness is keyed by global index, never by position in a shard, so a run gives the same
-    particles on 1 or 8 devices (DESIGN.md principle 6)."""
-    offset = 0
-    if unroller.shard_axis is not None:
-        offset = jax.lax.axis_index(unroller.shard_axis) * n_local
-    return jnp.arange(n_local) + offset
-
-
-def index_keys(key: jax.Array, indices: jax.Array) -> jax.Array:
-    return jax.vmap(lambda i: jax.random.fold_in(key, i))(indices)
-
-
-def particle_keys(unroller: Unroller, key: jax.Array) -> jax.Array:
-    """[P, 2] independent keys, one per (global) particle."""
-    return index_keys(key, global_indices(unroller, unroller.num_particles))
-
-
-def pair_keys(unroller: Unroller, key: jax.Array) -> jax.Array:
-    """[2N, 2] keys; both members of a pair share theirs (same task, batches and resets)."""
-    n = unroller.num_particles // 2
-    return jnp.repeat(index_keys(key, global_indices(unroller, n)), 2, axis=0)
 
 
 def sample_perturbation(
@@ -76,7 +81,7 @@ def sample_perturbation(
         ks = jax.random.split(k, len(leaves))
         return [std * jax.random.normal(kk, jnp.shape(x), jnp.float32) for kk, x in zip(ks, leaves)]
 
-    keys = index_keys(key, global_indices(unroller, unroller.num_particles // 2))
+    keys = keys_lib.index_keys(key, keys_lib.global_indices(unroller.num_particles // 2, unroller.shard_axis))
     return jax.tree.unflatten(treedef, jax.vmap(one)(keys))
 
 
@@ -88,18 +93,17 @@ def antithetic_params(meta_params: MetaParams, eps: MetaParams) -> MetaParams:
 
 
 def antithetic_unroll(
-    unroller: Unroller, meta_params: MetaParams, unroll_state: Any, key: jax.Array, std: float
-) -> tuple[MetaParams, Any, Any]:
+    unroller: Unroller, meta_params: MetaParams, unroll_state: UnrollState, key: jax.Array,
+    std: float, outer_step: jax.Array,
+) -> tuple[MetaParams, UnrollState, UnrollOutput]:
     """One truncation of the antithetic particles (truncated ES / PES, Vicol et al. 2021):
     draws eps_i per pair, unrolls theta + eps_i and theta - eps_i with shared task keys, and
     returns ``(eps, new unroll state, UnrollOutput)``."""
     k_eps, k_unroll = jax.random.split(key)
     eps = sample_perturbation(unroller, k_eps, meta_params, std)
     unroll, out = unroller.unroll(
-        antithetic_params(meta_params, eps),
-        unroll_state,
-        pair_keys(unroller, k_unroll),
-        per_particle_meta_params=True,
+        antithetic_params(meta_params, eps), unroll_state, k_unroll, outer_step,
+        pairs=True, per_particle_meta_params=True,
     )
     return eps, unroll, out
 
@@ -110,8 +114,15 @@ def split_signs(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def weighted_sum(coef: jax.Array, tree: MetaParams) -> MetaParams:
-    """sum_i coef_i * tree_i over the leading axis."""
-    return jax.tree.map(lambda x: jnp.tensordot(coef, x, axes=1), tree)
+    """sum_i coef_i * tree_i over the leading axis.
+
+    Written as a multiply and a sum, not a ``tensordot``: XLA:CPU in jaxlib 0.10.2 miscompiles
+    a reduction feeding a dot whose other operand is a broadcast scalar (PES's all-zero initial
+    perturbation sums), returning garbage (pyproject.toml excludes that version; this keeps the
+    pattern out of our programs on any version)."""
+    return jax.tree.map(
+        lambda x: jnp.sum(coef.reshape(coef.shape + (1,) * (x.ndim - 1)) * x, axis=0), tree
+    )
 
 
 def to_pairs(tree: Any) -> Any:
@@ -127,14 +138,6 @@ def from_pairs(tree: Any) -> Any:
 def keep_positive(tree: Any) -> Any:
     """Both members of every pair continue from the positive trajectory's state."""
     return jax.tree.map(lambda x: jnp.repeat(x[0::2], 2, axis=0), tree)
-
-
-def keep_positive_unroll(unroll: Any) -> Any:
-    """:func:`keep_positive` for an ``UnrollState``: the particles and, with the replay
-    buffer, the buffers (so partners restore the same entry)."""
-    return unroll._replace(
-        particles=keep_positive(unroll.particles), replay=keep_positive(unroll.replay)
-    )
 
 
 def per_device(unroller: Unroller, tree: Any) -> Any:

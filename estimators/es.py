@@ -23,10 +23,10 @@ import estimators
 from estimators.base import (
     ESOptions,
     antithetic_unroll,
-    keep_positive_unroll,
+    keep_positive,
     num_pairs,
-    pair_keys,
     split_signs,
+    unroll_partition,
     weighted_sum,
 )
 from estimators.unroll import Unroller, UnrollState, unroll_metrics
@@ -44,19 +44,20 @@ class TruncatedES(ESOptions):
 
     def init(self, unroller: Unroller, key: jax.Array, meta_params: MetaParams) -> ESState:
         num_pairs(unroller, "es")
-        return ESState(unroller.init(meta_params, pair_keys(unroller, key)))
+        return ESState(unroller.init(meta_params, key, pairs=True))
+
+    def partition(self, state: ESState) -> ESState:
+        return ESState(unroll_partition(state.unroll))
 
     def grad(
-        self, unroller: Unroller, meta_params: MetaParams, state: ESState, key: jax.Array
+        self, unroller: Unroller, meta_params: MetaParams, state: ESState, key: jax.Array,
+        outer_step: jax.Array,
     ) -> tuple[MetaParams, ESState, dict]:
         num_pairs(unroller, "es")
-        eps, unroll, out = antithetic_unroll(unroller, meta_params, state.unroll, key, self.std)
+        eps, unroll, out = antithetic_unroll(unroller, meta_params, state.unroll, key, self.std, outer_step)
         loss = out.step_mean()
         pos, neg = split_signs(loss)
         grad = weighted_sum(self.es_coefficients(pos - neg), eps)
-        unroll = keep_positive_unroll(unroll)
-        metrics = {
-            "meta_loss": loss.mean(),
-            **unroll_metrics(unroller, out, unroll.particles, pairs=True),
-        }
+        unroll = unroll._replace(particles=keep_positive(unroll.particles))
+        metrics = {"meta_loss": loss.mean(), **unroll_metrics(unroller, out, pairs=True)}
         return grad, ESState(unroll), metrics

@@ -3,7 +3,8 @@
 Every outer step starts N fresh task pairs, draws one trajectory length L from the horizon
 schedule, and trains each task for all L steps with theta + eps_i and theta - eps_i. The
 gradient is the antithetic ES estimate of the smoothed full-horizon objective, unbiased by
-construction (no truncation), at the price of L inner steps per particle per outer step.
+construction (no truncation; the "full-unroll ES" baseline of Vicol et al. 2021), at the price
+of L inner steps per particle per outer step.
 
 Meta-loss (``loss_type``):
   * ``"avg"``: the mean per-step meta-loss term over the trajectory (the Unroller's);
@@ -24,15 +25,16 @@ import jax
 import jax.numpy as jnp
 
 import estimators
+from estimators import keys as keys_lib
 from estimators.base import (
     ESOptions,
     antithetic_params,
     num_pairs,
-    pair_keys,
     sample_perturbation,
     split_signs,
     weighted_sum,
 )
+from estimators.resets import FreshReset
 from estimators.schedules import power_of_two_buckets
 from estimators.unroll import Unroller, unroll_metrics
 from lopt.base import MetaParams
@@ -41,7 +43,7 @@ LOSS_TYPES = ("avg", "last", "last_recomputed")
 
 
 class FullESState(NamedTuple):
-    outer_step: jax.Array  # int32, drives the horizon schedule
+    """Nothing persists between outer steps (every trajectory is fresh and complete)."""
 
 
 @estimators.register("full_es")
@@ -59,10 +61,14 @@ class FullES(ESOptions):
     def init(self, unroller: Unroller, key: jax.Array, meta_params: MetaParams) -> FullESState:
         del key, meta_params
         num_pairs(unroller, "full_es")
-        if unroller.replay is not None:
-            raise ValueError("full_es runs complete fresh trajectories and cannot use the replay "
-                             "buffer; remove unroll.replay or pick tbptt, es, pes or merged")
-        return FullESState(jnp.zeros([], jnp.int32))
+        if not isinstance(unroller.reset, FreshReset):
+            raise ValueError("full_es runs complete fresh trajectories and cannot use a reset "
+                             "policy such as the replay buffer; remove unroll.replay or pick "
+                             "tbptt, es, pes or merged")
+        return FullESState()
+
+    def partition(self, state: FullESState) -> FullESState:
+        return state
 
     def _particle_losses(self, unroller, final, out, keys):
         if self.loss_type == "avg":
@@ -82,38 +88,33 @@ class FullES(ESOptions):
         return jax.vmap(recomputed)(final, jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys))
 
     def grad(
-        self, unroller: Unroller, meta_params: MetaParams, state: FullESState, key: jax.Array
+        self, unroller: Unroller, meta_params: MetaParams, state: FullESState, key: jax.Array,
+        outer_step: jax.Array,
     ) -> tuple[MetaParams, FullESState, dict]:
         n = num_pairs(unroller, "full_es")
         k_eps, k_len, k_unroll = jax.random.split(key, 3)
         max_length = unroller.horizon.max_length
-        length = jnp.clip(unroller.horizon(k_len, state.outer_step), 1, max_length)
+        length = jnp.clip(unroller.horizon(k_len, outer_step), 1, max_length)
         eps = sample_perturbation(unroller, k_eps, meta_params, self.std)
         thetas = antithetic_params(meta_params, eps)
-        keys = pair_keys(unroller, k_unroll)
+        keys = keys_lib.pair_keys(k_unroll, unroller.num_particles, unroller.shard_axis)
         buckets = power_of_two_buckets(max_length, min(self.min_bucket, max_length))
 
         def run(bucket):
             def go(thetas, keys):
                 final, out = unroller.trajectory(
-                    thetas, keys, length, bucket, outer_step=state.outer_step,
+                    thetas, keys, length, bucket, outer_step=outer_step,
                     per_particle_meta_params=True,
                 )
-                common = unroll_metrics(unroller, out, final, pairs=True)
-                return (self._particle_losses(unroller, final, out, keys), common["inner_loss"],
-                        common["unnormalized_share"])
+                return self._particle_losses(unroller, final, out, keys), unroll_metrics(
+                    unroller, out, pairs=True
+                )
 
             return go
 
         index = jnp.searchsorted(jnp.asarray(buckets), length)
-        losses, inner, unnormalized = jax.lax.switch(index, [run(b) for b in buckets], thetas, keys)
+        losses, common = jax.lax.switch(index, [run(b) for b in buckets], thetas, keys)
         pos, neg = split_signs(losses)
         grad = weighted_sum(self.es_coefficients(pos - neg), eps)
-        metrics = {
-            "meta_loss": losses.mean(),
-            "inner_loss": inner,
-            "unnormalized_share": unnormalized,
-            "inner_steps": length * 2 * n,
-            "trajectory_length": length,
-        }
-        return grad, FullESState(state.outer_step + 1), metrics
+        metrics = {"meta_loss": losses.mean(), **common, "trajectory_length": length}
+        return grad, state, metrics

@@ -2,21 +2,29 @@
 
 Metz et al. 2019, "Understanding and correcting pathologies in the training of learned
 optimizers", Sec. 3 and App. C. The meta-objective is smoothed with Gaussian noise on the
-meta-params, E_eps[L(theta + eps)], whose gradient has two unbiased estimators. For each
+meta-params, E_eps[L(theta + eps)], whose gradient has two unbiased estimators; App. C, per
 antithetic pair i (theta +- eps_i):
 
-    g_rp,i = d/dtheta (L(theta + eps_i) + L(theta - eps_i)) / 2          (reparameterization)
-    g_es,i = (L(theta + eps_i) - L(theta - eps_i)) / 2 * eps_i / s^2      (evolution strategies)
+    "Compute a single sample of g_rp = grad_theta 1/2 (L+ + L-)"                (reparameterization)
+    "Compute a single sample of g_es = 1/2 (L+ - L-) grad_theta log N(e; theta, sigma^2 I)"
+        = (L(theta + eps_i) - L(theta - eps_i)) / 2 * eps_i / sigma^2             (ES)
 
-Per element of the meta-params, with empirical means m_rp, m_es and variances v_rp, v_es over
-the N pairs, the merged estimate is the minimum-variance combination (eq. 1)
+and "compute empirical variance and empirical mean of each weight for each estimator. Use
+equation 1 to compute the combined gradient estimate": per element, with empirical means m_rp,
+m_es and variances v_rp, v_es over the pairs (eq. 1, inverse-variance weighting)
 
-    g = (m_rp * v_es + m_es * v_rp) / (v_rp + v_es) .
+    g = (m_rp / v_rp + m_es / v_es) / (1 / v_rp + 1 / v_es) = (m_rp v_es + m_es v_rp) / (v_rp + v_es).
 
-When unrolls are long or chaotic the reparameterization gradient explodes and its variance
-hands the weight to ES; on smooth short unrolls in many dimensions ES is the noisy one. The
-metric ``es_share`` is the mean over elements of v_rp / (v_rp + v_es). As in ``es``, both
-members of a pair continue from the positive trajectory's state.
+"In practice we found good performance using the same samples for both" (the means and the
+variances). When unrolls are long or chaotic the reparameterization gradient explodes and its
+variance hands the weight to ES; on smooth short unrolls in many dimensions ES is the noisy
+one. The metric ``es_share`` is the mean over elements of v_rp / (v_rp + v_es). As in ``es``
+(App. C: "Assign the current inner-parameter w from one of the two sequences"), both members of
+a pair continue from the positive trajectory's state.
+
+A non-finite reparameterization sample gives its element an ES weight of 1: counted, per outer
+step, as ``rp_nonfinite_share`` (the share of elements where it happened), so a run that falls
+back to pure ES says so.
 """
 
 from __future__ import annotations
@@ -30,16 +38,17 @@ import jax.numpy as jnp
 import estimators
 from estimators.base import (
     ESOptions,
+    antithetic_params,
     from_pairs,
     keep_positive,
     num_pairs,
-    pair_keys,
     pair_mean,
     per_device,
     sample_perturbation,
     to_pairs,
+    unroll_partition,
 )
-from estimators.unroll import Unroller, UnrollState, unroll_metrics
+from estimators.unroll import Truncation, Unroller, UnrollOutput, UnrollState, unroll_metrics
 from lopt.base import MetaParams
 
 
@@ -49,12 +58,12 @@ class MergedState(NamedTuple):
 
 def inverse_variance_merge(
     unroller: Unroller, g_rp: jax.Array, g_es: jax.Array
-) -> tuple[jax.Array, jax.Array]:
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Metz et al. 2019 eq. 1 per element over the leading (pair) axis, across all shards.
 
-    Returns (merged mean, ES weight w_es = v_rp / (v_rp + v_es)). A non-finite
-    reparameterization sample or variance (an exploding unroll) gives that element w_es = 1;
-    two zero variances split the weight evenly."""
+    Returns (merged mean, ES weight w_es = v_rp / (v_rp + v_es), rp non-finite flag). A
+    non-finite reparameterization sample or variance (an exploding unroll) gives that element
+    w_es = 1; two zero variances split the weight evenly."""
     n_total = g_rp.shape[0] * unroller.num_shards
     rp_ok = pair_mean(unroller, jnp.isfinite(g_rp).astype(jnp.float32)) == 1.0
     g_rp = jnp.where(rp_ok, g_rp, 0.0)
@@ -64,8 +73,9 @@ def inverse_variance_merge(
     v_es = pair_mean(unroller, (g_es - m_es) ** 2) * bessel
     ratio = v_es / jnp.where(v_rp > 0, v_rp, 1.0)  # v_es / v_rp; inf v_rp gives 0
     w_es = jnp.where(v_rp > 0, 1.0 / (1.0 + ratio), jnp.where(v_es > 0, 0.0, 0.5))
-    w_es = jnp.where(rp_ok & jnp.isfinite(v_rp), w_es, 1.0)
-    return (1.0 - w_es) * m_rp + w_es * m_es, w_es
+    bad = ~(rp_ok & jnp.isfinite(v_rp))
+    w_es = jnp.where(bad, 1.0, w_es)
+    return (1.0 - w_es) * m_rp + w_es * m_es, w_es, bad
 
 
 @estimators.register("merged")
@@ -82,46 +92,54 @@ class Merged(ESOptions):
         if n * unroller.num_shards < 2:
             raise ValueError("merged needs at least 2 antithetic pairs (num_particles >= 4) "
                              "to estimate variances")
-        return MergedState(unroller.init(meta_params, pair_keys(unroller, key)))
+        return MergedState(unroller.init(meta_params, key, pairs=True))
+
+    def partition(self, state: MergedState) -> MergedState:
+        return MergedState(unroll_partition(state.unroll))
 
     def grad(
-        self, unroller: Unroller, meta_params: MetaParams, state: MergedState, key: jax.Array
+        self, unroller: Unroller, meta_params: MetaParams, state: MergedState, key: jax.Array,
+        outer_step: jax.Array,
     ) -> tuple[MetaParams, MergedState, dict]:
         n = num_pairs(unroller, "merged")
         k_eps, k_unroll = jax.random.split(key)
         eps = sample_perturbation(unroller, k_eps, meta_params, self.std)
-        pairs = to_pairs((state.unroll.particles, state.unroll.replay))  # [N, 2, ...]
-        keys = pair_keys(unroller, k_unroll)[0::2]
-        outer_step = state.unroll.outer_step
+        trunc = unroller.begin(state.unroll, k_unroll, outer_step, pairs=True)
+        pairs = to_pairs((state.unroll.particles, trunc.start))  # [N, 2, ...]
 
-        def pair_loss(theta, e, pair, k):
+        def pair_loss(theta, e, pair):
+            particles, start = pair
             thetas = jax.tree.map(lambda t, x: jnp.stack([t + x, t - x]), theta, e)
-            new, out = unroller.unroll(
-                thetas,
-                UnrollState(pair[0], outer_step, pair[1]),
-                jnp.stack([k, k]),
-                per_particle_meta_params=True,
-                checkpoint=self.checkpoint,
+            end, offered, ys, info, extras = unroller.run(
+                thetas, particles, Truncation(trunc.n_steps, start), outer_step,
+                per_particle_meta_params=True, checkpoint=self.checkpoint,
                 stop_inner_grad=self.first_order,
             )
+            out = UnrollOutput(*ys, info=info, position=end.step, extras=extras)
             loss = out.step_mean()  # [2]: L+, L-
-            return loss.mean(), ((new.particles, new.replay), loss, out)
+            return loss.mean(), (end, offered, loss, out)
 
-        grad_fn = jax.vmap(jax.grad(pair_loss, has_aux=True), in_axes=(None, 0, 0, 0))
-        g_rp, (particles, losses, out) = grad_fn(per_device(unroller, meta_params), eps, pairs, keys)
+        grad_fn = jax.vmap(jax.grad(pair_loss, has_aux=True), in_axes=(None, 0, 0))
+        g_rp, (end, offered, losses, out) = grad_fn(per_device(unroller, meta_params), eps, pairs)
         coef = self.shape_diff(losses[:, 0] - losses[:, 1]) / (2.0 * self.std**2)
         g_es = jax.tree.map(lambda e: coef.reshape((n,) + (1,) * (e.ndim - 1)) * e, eps)
 
         merged = jax.tree.map(lambda a, b: inverse_variance_merge(unroller, a, b), g_rp, g_es)
-        grad = jax.tree.map(lambda m: m[0], merged, is_leaf=lambda x: isinstance(x, tuple))
-        w_es = [m[1] for m in jax.tree.leaves(merged, is_leaf=lambda x: isinstance(x, tuple))]
-        es_share = jnp.concatenate([w.ravel() for w in w_es]).mean()
+        is_triple = lambda x: isinstance(x, tuple)  # noqa: E731
+        grad = jax.tree.map(lambda m: m[0], merged, is_leaf=is_triple)
+        parts = jax.tree.leaves(merged, is_leaf=is_triple)
+        es_share = jnp.concatenate([m[1].ravel() for m in parts]).mean()
+        rp_bad = jnp.concatenate([m[2].ravel().astype(jnp.float32) for m in parts]).mean()
 
-        particles, replay = keep_positive(from_pairs(particles))
-        unroll = UnrollState(particles, outer_step + 1, replay)
+        extras = {k: v.mean() for k, v in out.extras.items()}  # per pair -> over all
+        end, offered, out = from_pairs((end, offered, out._replace(extras={})))
+        out = out._replace(extras=extras)
+        unroll = unroller.finish(state.unroll, end, offered, pairs=True)
+        unroll = unroll._replace(particles=keep_positive(unroll.particles))
         metrics = {
             "meta_loss": losses.mean(),
-            **unroll_metrics(unroller, from_pairs(out), particles, pairs=True),
+            **unroll_metrics(unroller, out, pairs=True),
             "es_share": es_share,
+            "rp_nonfinite_share": rp_bad,
         }
         return grad, MergedState(unroll), metrics

@@ -4,7 +4,7 @@ The gradient of the truncation's mean meta-loss with respect to the meta-params,
 mode through the ``lax.scan`` of inner steps (with chunked ``jax.checkpoint``, so memory
 grows as O(sqrt(T)) carries). The particle state carried into the next truncation has its
 gradient stopped, which is what makes TBPTT biased towards short-horizon behaviour (Metz et al.
-2019 Sec. 3; Wu et al. 2018) and what PES corrects.
+2019 Sec. 2.4; Wu et al. 2018) and what PES corrects.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import NamedTuple
 import jax
 
 import estimators
-from estimators.base import particle_keys, per_device
+from estimators.base import per_device, unroll_partition
 from estimators.unroll import Unroller, UnrollState, unroll_metrics
 from lopt.base import MetaParams
 
@@ -28,23 +28,26 @@ class TBPTTState(NamedTuple):
 @dataclasses.dataclass(frozen=True)
 class TBPTT:
     """TBPTT; ``first_order`` stops gradients through the optimizee's gradients (the cheap
-    approximation of Andrychowicz et al. 2016 used by many L2O papers), otherwise the exact
+    approximation of Andrychowicz et al. 2016, Sec. 2.1, used by L2O-DM), otherwise the exact
     second-order meta-gradient; ``checkpoint`` trades compute for O(sqrt(T)) memory."""
 
     first_order: bool = False
     checkpoint: bool = True
 
     def init(self, unroller: Unroller, key: jax.Array, meta_params: MetaParams) -> TBPTTState:
-        return TBPTTState(unroller.init(meta_params, particle_keys(unroller, key)))
+        return TBPTTState(unroller.init(meta_params, key))
+
+    def partition(self, state: TBPTTState) -> TBPTTState:
+        return TBPTTState(unroll_partition(state.unroll))
 
     def grad(
-        self, unroller: Unroller, meta_params: MetaParams, state: TBPTTState, key: jax.Array
+        self, unroller: Unroller, meta_params: MetaParams, state: TBPTTState, key: jax.Array,
+        outer_step: jax.Array,
     ) -> tuple[MetaParams, TBPTTState, dict]:
-        keys = particle_keys(unroller, key)
-
         def meta_loss(theta):
             unroll, out = unroller.unroll(
-                theta, state.unroll, keys, checkpoint=self.checkpoint, stop_inner_grad=self.first_order
+                theta, state.unroll, key, outer_step,
+                checkpoint=self.checkpoint, stop_inner_grad=self.first_order,
             )
             return out.step_mean().mean(), (unroll, out)
 
@@ -52,5 +55,5 @@ class TBPTT:
             per_device(unroller, meta_params)
         )
         unroll = jax.lax.stop_gradient(unroll)
-        metrics = {"meta_loss": loss, **unroll_metrics(unroller, out, unroll.particles)}
+        metrics = {"meta_loss": loss, **unroll_metrics(unroller, out)}
         return grad, TBPTTState(unroll), metrics

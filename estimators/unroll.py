@@ -1,32 +1,39 @@
 """The inner-unroll engine shared by every gradient estimator (DESIGN.md, "estimators/").
 
-An :class:`Unroller` advances a batch of *particles* (one task instance, one inner trajectory
-each) by ``trunc_length`` inner steps with ``lax.scan`` under ``vmap``. A particle whose
-trajectory reaches its length is reset inside the scan: a fresh task sample, fresh params and
-optimizer state, and a new length from the horizon schedule. It returns the per-step meta-loss
-terms and a done-mask, so each estimator can attribute every step's loss to the trajectory it
-belongs to.
+An :class:`Unroller` advances a batch of *particles* (one task instance and one inner trajectory
+each) by one truncation of ``trunc_length`` inner steps with ``lax.scan`` under ``vmap``. It is
+built from the task family, ONE inner-update factory ``learned_opt`` (``meta_params ->
+optax.GradientTransformationExtraArgs``: a learned optimizer, or a wrapper of one from
+``lopt.wrappers`` such as ELO behaviour cloning), ONE reset policy (``estimators.resets``), the
+unroll settings (particles, truncation length, horizon schedule) and the meta-loss.
+
+Per particle it keeps a :class:`ParticleState`: task spec, params, optimizer state, position in
+its trajectory (``step``: inner steps taken) and trajectory length. A truncation:
+
+1. ``begin``: this outer step's truncation length, the particles' keys, and the reset policy's
+   draw (which particles start from a stored state, and where each offers its state back);
+2. ``run``: per particle, the starting state (the reset policy's at the one point where it is
+   asked: the truncation's first step; a particle whose trajectory ended starts a fresh one),
+   then the inner steps; a trajectory that reaches its length mid-truncation continues with a
+   fresh one (prepared once per truncation, not per step);
+3. ``finish``: the reset policy observes the offered states.
+
+It returns per-step meta-loss terms, masks and a typed :class:`ResetInfo`, so each estimator
+attributes every step's loss to the trajectory it belongs to. It never counts outer steps: the
+run's one clock, ``MetaTrainState.outer_step``, is passed in (schedules, alpha ramps, the reset
+policy's t > 0 gate read it).
 
 Meta-loss (one definition for every estimator, :class:`MetaLoss`): per inner step, the loss of
-the parameters AFTER that step's update, on a fresh batch of the ``split`` ("train" or
-"valid") drawn independently of the batch the update's gradient used. A truncation of T
-steps from position K therefore scores the T updates it made, f(theta_{K+1}) ... f(theta_{K+T}):
-Metz et al. 2019, Figure 1, L_train(theta) = E_{x ~ D_train}[1/T sum_{t=1..T} l(x; w(t))] and
-L_valid likewise with D_valid. Two options, both off by default (the papers' objective is the
-plain mean): ``normalize="initial"`` divides each term by the loss of the trajectory's initial
+the parameters AFTER that step's update, on a fresh batch of the ``split`` ("train" or "valid")
+drawn independently of the batch the update's gradient used. A truncation of T steps from
+position K therefore scores the T updates it made, f(theta_{K+1}) ... f(theta_{K+T}): Metz et
+al. 2019, Figure 1, L_train(theta) = E_{x ~ D_train}[1/T sum_{t=1..T} l(x; w(t))], and L_valid
+likewise with D_valid. Two options, both off by default (the papers' objective is the plain
+mean): ``normalize="initial"`` divides each term by the loss of the trajectory's initial
 parameters (on a batch of the same split, under ``stop_gradient``: it does not depend on the
 meta-params), so task instances of different loss scales weigh alike; ``clip`` bounds each term
-(and turns a non-finite one into ``clip``) so a diverging inner run cannot dominate.
-
-Optional components, each off unless given (see their modules):
-  * ``replay`` (:class:`estimators.replay.ReplayBuffer`): the ELO replay buffer; a reset may
-    restore a stored optimizee state instead of starting fresh, and each truncation enqueues
-    one state. The buffer rides in ``UnrollState.replay`` (one ring buffer per particle).
-  * ``behaviour_cloning`` (:class:`estimators.imitation.BehaviourCloning`): the ELO fused
-    Adam/LO trajectory and fused meta-loss term.
-  * ``self_improving`` (:class:`estimators.imitation.SelfImproving`): each inner step takes the
-    update of an optimizer drawn from {learned, teachers}.
-The teachers' optimizer states of the last two ride in ``ParticleState.aux``.
+(and turns a non-finite one into ``clip``) so a diverging inner run cannot dominate. A wrapper
+with a ``meta_term`` (behaviour cloning) fuses its own term in (``lopt.wrappers.meta_term``).
 """
 
 from __future__ import annotations
@@ -39,9 +46,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from estimators.replay import PUSH_SALT, RESTORE_SALT
+from estimators import keys as keys_lib
+from estimators.resets import FreshReset
 from estimators.schedules import Schedule, power_of_two_buckets
-from lopt.base import LearnedOptimizer, MetaParams
+from lopt.base import MetaParams
+from lopt.wrappers import meta_term
 from tasks.base import TaskFamily
 
 
@@ -51,27 +60,34 @@ class ParticleState(NamedTuple):
     spec: Any
     params: Any
     opt_state: Any
-    step: jax.Array  # int32: inner steps taken in this trajectory
+    step: jax.Array  # int32: the position, inner steps taken in this trajectory
     length: jax.Array  # int32: this trajectory's horizon
     init_loss: jax.Array  # float32: loss of the initial params on the meta-loss split (normaliser)
-    aux: Any = None  # teacher optimizer state(s): behaviour cloning / self-improving mixing
 
 
 class UnrollState(NamedTuple):
-    particles: ParticleState
-    outer_step: jax.Array  # int32: truncations unrolled so far (drives the horizon schedule)
-    replay: Any = None  # ReplayState batched over particles (leading axis P), or None
+    particles: ParticleState  # per particle (sharded over devices)
+    reset_state: Any = None  # the reset policy's state (replicated on every device)
+
+
+class ResetInfo(NamedTuple):
+    """What each particle started the truncation from (leading axis P)."""
+
+    carried: jax.Array  # bool: continued its own trajectory from the previous truncation
+    restored: jax.Array  # bool: started from a state the reset policy stored (ELO's buffer)
+    start_position: jax.Array  # int32: position K at the truncation's first step
 
 
 class UnrollOutput(NamedTuple):
-    losses: jax.Array  # [P, T] normalised, clipped meta-loss terms
-    raw_losses: jax.Array  # [P, T] training-batch losses before normalisation
-    done: jax.Array  # [P, T] bool: the trajectory ended at this step (state after it is fresh)
-    mask: jax.Array  # [P, T] bool: the step ran (False only past a scheduled truncation length)
-    # With a replay buffer (else None):
-    restored: jax.Array | None = None  # [P, T] int32: slot restored by this step's reset, or -1
-    push_index: jax.Array | None = None  # [P] int32: the state after this step was enqueued
-    push_slot: jax.Array | None = None  # [P] int32: the buffer slot that push wrote
+    losses: jax.Array  # [P, T] meta-loss terms (normalised/clipped as MetaLoss says)
+    raw_losses: jax.Array  # [P, T] training-batch losses (before each update)
+    done: jax.Array  # [P, T] bool: the trajectory reached its length at this step
+    reset: jax.Array  # [P, T] bool: the particle started a new trajectory at this step
+    mask: jax.Array  # [P, T] bool: the step ran (False past a scheduled truncation length)
+    unnormalized: jax.Array  # [P, T] bool: normalize="initial" but the initial loss was ~0
+    info: ResetInfo  # [P] how the truncation started
+    position: jax.Array  # [P] int32: position at the end of the truncation
+    extras: dict = {}  # the inner-update wrapper's own metrics (e.g. behaviour cloning's a_t)
 
     def step_mean(self, x: jax.Array | None = None) -> jax.Array:
         """Mean of ``x`` (default: the meta-loss terms) over the steps that ran, per particle."""
@@ -83,6 +99,20 @@ class UnrollOutput(NamedTuple):
         """[P, T] weights w_t with sum_t w_t x_t = step_mean(x): 1/T_run on steps that ran."""
         m = self.mask.astype(jnp.float32)
         return m / jnp.maximum(m.sum(-1, keepdims=True), 1.0)
+
+
+class SegmentStart(NamedTuple):
+    """Per particle (leading axis P), what ``begin`` drew for a truncation."""
+
+    keys: jax.Array  # [P, 2]
+    restore: jax.Array  # [P] bool
+    restored: Any  # [P, ...] ParticleState (None for a policy that never restores)
+    push_at: jax.Array | None  # [P] int32, or None
+
+
+class Truncation(NamedTuple):
+    n_steps: jax.Array  # int32: this truncation's length (shared by all particles)
+    start: SegmentStart
 
 
 #: An initial loss at or below this is "zero": normalising by it would blow every term up to
@@ -137,11 +167,14 @@ class MetaLoss:
             return x
         return jnp.where(jnp.isfinite(x), jnp.minimum(x, self.clip), self.clip)
 
+    def at_bound(self, x: jax.Array) -> jax.Array:
+        """bool: the term sits at the clip (or is non-finite): it carries no gradient."""
+        if self.clip is None:
+            return ~jnp.isfinite(x)
+        return ~jnp.isfinite(x) | (x >= self.clip)
 
-_MIX_SALT = 0x313C  # self-improving draws (estimators.imitation.MIX_SALT)
 
-
-def _tree_where(cond: jax.Array, a: Any, b: Any) -> Any:
+def tree_where(cond: jax.Array, a: Any, b: Any) -> Any:
     return jax.tree.map(lambda x, y: jnp.where(cond, x, y), a, b)
 
 
@@ -165,40 +198,48 @@ def checkpointed_scan(body: Callable, carry: Any, xs: Any, length: int) -> tuple
     return carry, ys
 
 
+def _plain_scan(body, carry, xs, length):
+    del length
+    return jax.lax.scan(body, carry, xs)
+
+
 @dataclasses.dataclass(frozen=True)
 class Unroller:
-    """Runs truncations of inner training for a batch of particles (see module docstring)."""
+    """Runs truncations of inner training for a batch of particles (see module docstring).
+
+    stagger: the first trajectories get lengths uniform in [1, L], so resets are spread out.
+    trunc_schedule: optional truncation-length schedule. The truncation length is a shape, so
+      drawn lengths are rounded up to power-of-two buckets (up to ``trunc_length``, the
+      maximum) and the steps past the drawn length are masked: one compiled program holds every
+      bucket (``lax.switch``).
+    shard_axis, num_shards: set by the trainer (:meth:`sharded`) when particles are sharded
+      over a mesh axis: ``num_particles`` is then the per-device count.
+    """
 
     task_family: TaskFamily
-    learned_opt: LearnedOptimizer
+    learned_opt: Any  # the inner-update factory: .init(key), .optimizer(meta_params)
     num_particles: int
     trunc_length: int
     horizon: Schedule
     meta_loss: MetaLoss = MetaLoss()
-    stagger: bool = True  # first trajectories get lengths uniform in [1, L] to desynchronise resets
-    # Optional truncation-length schedule. Truncation length is a shape, so lengths are rounded
-    # up to power-of-two buckets (<= trunc_length, the maximum) and the steps past the drawn
-    # length are masked: one compiled program holds every bucket (`lax.switch`).
+    reset: Any = FreshReset()  # estimators.resets policy
     trunc_schedule: Schedule | None = None
-    trunc_seed: int = 0
-    # Set by MetaTrainer when the particles are sharded over a mesh axis (inside shard_map):
-    # num_particles is then the per-device count and estimators key randomness by global index.
+    stagger: bool = True
     shard_axis: str | None = None
     num_shards: int = 1
-    # Training techniques (module docstring); None switches each off.
-    replay: Any = None  # estimators.replay.ReplayBuffer
-    behaviour_cloning: Any = None  # estimators.imitation.BehaviourCloning
-    self_improving: Any = None  # estimators.imitation.SelfImproving
 
     def __post_init__(self):
-        if self.num_particles < 1:
+        if isinstance(self.num_particles, bool) or int(self.num_particles) < 1:
             raise ValueError(f"num_particles must be >= 1, got {self.num_particles}")
-        if self.trunc_length < 1:
+        if isinstance(self.trunc_length, bool) or int(self.trunc_length) < 1:
             raise ValueError(f"trunc_length must be >= 1, got {self.trunc_length}")
-        if self.behaviour_cloning is not None and self.self_improving is not None:
-            raise ValueError(
-                "behaviour_cloning and self_improving both choose the inner update; enable one"
-            )
+
+    def sharded(self, axis: str, num_shards: int) -> "Unroller":
+        """This unroller as one device's shard: ``num_particles / num_shards`` particles inside
+        ``shard_map`` over ``axis`` (randomness stays keyed by global particle index)."""
+        return dataclasses.replace(
+            self, num_particles=self.num_particles // num_shards, shard_axis=axis, num_shards=num_shards
+        )
 
     def vary(self, tree: Any) -> Any:
         """Mark values created inside ``shard_map`` (zeros, constants) as varying over the
@@ -216,6 +257,8 @@ class Unroller:
 
         return jax.tree.map(one, tree)
 
+    # -- lengths --------------------------------------------------------------------------------
+
     @property
     def buckets(self) -> tuple[int, ...]:
         """Compiled truncation lengths: powers of two from the largest one at or below the
@@ -225,40 +268,40 @@ class Unroller:
         shortest = min(self.trunc_schedule.min_length, self.trunc_length)
         return power_of_two_buckets(self.trunc_length, 1 << (shortest.bit_length() - 1))
 
-    def truncation_length(self, outer_step: jax.Array) -> jax.Array:
-        """This outer step's truncation length (shared by all particles)."""
+    def truncation_length(self, key: jax.Array, outer_step: jax.Array) -> jax.Array:
+        """This outer step's truncation length (shared by all particles), drawn from the run's
+        key: another ``config.seed`` draws other lengths."""
         if self.trunc_schedule is None:
             return jnp.asarray(self.trunc_length, jnp.int32)
-        key = jax.random.fold_in(jax.random.PRNGKey(self.trunc_seed), outer_step)
-        return jnp.clip(self.trunc_schedule(key, outer_step), 1, self.trunc_length)
+        k = keys_lib.salted(key, keys_lib.TRUNCATION_LENGTH)
+        return jnp.clip(self.trunc_schedule(k, outer_step), 1, self.trunc_length).astype(jnp.int32)
 
-    # -- one particle -------------------------------------------------------------------------
+    def fresh_per_truncation(self, bucket: int) -> int:
+        """Fresh trajectories prepared per particle for a truncation of ``bucket`` steps: enough
+        for every reset it can hold (a start plus one per ``horizon.min_length`` steps)."""
+        return 1 + (bucket - 1) // max(1, int(self.horizon.min_length))
 
-    def fresh_particle(
-        self, meta_params: MetaParams, key: jax.Array, outer_step: jax.Array
-    ) -> ParticleState:
-        """A new trajectory: sample a task instance, initialise it, draw its length."""
+    # -- one particle ---------------------------------------------------------------------------
+
+    def fresh_particle(self, meta_params: MetaParams, key: jax.Array, outer_step: jax.Array) -> ParticleState:
+        """A new trajectory: sample a task instance, initialise it, draw its length from the
+        horizon schedule at ``outer_step``, and (with ``normalize="initial"``) measure its
+        initial loss."""
         k_spec, k_init, k_len, k_norm = jax.random.split(key, 4)
-        spec = self.task_family.sample(k_spec)
-        params = self.task_family.init(spec, k_init)
-        opt_state = self.learned_opt.optimizer(meta_params).init(params)
-        aux = None
-        if self.behaviour_cloning is not None:
-            aux = self.behaviour_cloning.init(params)
-        elif self.self_improving is not None:
-            aux = self.self_improving.init(params)
+        task = self.task_family
+        spec = task.sample(k_spec)
+        params = task.init(spec, k_init)
         init_loss = jnp.ones([], jnp.float32)
         if self.meta_loss.normalize == "initial":  # the normaliser: theta-independent by design
-            batch = self.task_family.batch(spec, k_norm, self.meta_loss.split)
-            init_loss = jax.lax.stop_gradient(self.task_family.loss(spec, params, batch)[0])
+            batch = task.batch(spec, k_norm, self.meta_loss.split)
+            init_loss = jax.lax.stop_gradient(task.loss(spec, params, batch)[0])
         return ParticleState(
             spec=spec,
             params=params,
-            opt_state=opt_state,
+            opt_state=self.learned_opt.optimizer(meta_params).init(params),
             step=jnp.zeros([], jnp.int32),
-            length=jnp.maximum(self.horizon(k_len, outer_step), 1),
+            length=jnp.maximum(self.horizon(k_len, outer_step).astype(jnp.int32), 1),
             init_loss=jnp.asarray(init_loss, jnp.float32),
-            aux=aux,
         )
 
     def inner_step(
@@ -269,20 +312,14 @@ class Unroller:
         outer_step: jax.Array,
         *,
         stop_inner_grad: bool = False,
-        reset: bool = True,
-        replay_state: Any = None,
-    ) -> tuple[ParticleState, tuple[jax.Array, jax.Array, jax.Array, jax.Array]]:
-        """One inner training step of one particle, resetting it if its trajectory ends.
-
-        Returns the new state and (meta-loss term, training loss, done, restored slot or -1):
-        the term is the meta-loss of the params after this step's update, the training loss the
-        one of the batch the update's gradient came from (before the update).
+    ) -> tuple[ParticleState, tuple[jax.Array, jax.Array, jax.Array]]:
+        """One inner training step of one particle: (new state, (meta-loss term, training
+        loss, done)). The term is the meta-loss of the params after this step's update; the
+        training loss the one of the batch the update's gradient came from (before the update).
         ``stop_inner_grad`` cuts the meta-gradient path through the optimizee's gradient (the
-        first-order approximation of Andrychowicz et al. 2016, Sec. 2.1). With the replay
-        buffer's ``replay_state`` (this particle's, read-only), a reset restores a stored entry
-        when the buffer's draw says so (``ReplayBuffer.draw``)."""
+        first-order approximation of Andrychowicz et al. 2016, Sec. 2.1)."""
         task = self.task_family
-        k_batch, k_meta, k_reset = jax.random.split(key, 3)
+        k_batch, k_meta, k_update = jax.random.split(key, 3)
         batch = task.batch(ps.spec, k_batch, "train")
         (loss, _), grads = jax.value_and_grad(task.loss, argnums=1, has_aux=True)(
             ps.spec, ps.params, batch
@@ -290,48 +327,30 @@ class Unroller:
         if stop_inner_grad:
             grads = jax.lax.stop_gradient(grads)
         opt = self.learned_opt.optimizer(meta_params)
-        updates, opt_state = opt.update(grads, ps.opt_state, ps.params, loss=loss)
-        aux, bc = ps.aux, self.behaviour_cloning
-        if bc is not None:  # ELO: theta_n + (1 - a) u_teacher + a u_LO, both from theta_n
-            alpha = bc.alpha(outer_step)
-            updates, aux, bc_dist = bc.fuse(grads, ps.params, loss, updates, aux, alpha)
-        elif self.self_improving is not None:
-            mix_key = jax.random.fold_in(key, _MIX_SALT)
-            updates, aux = self.self_improving.mix(
-                grads, ps.params, loss, updates, aux, outer_step, mix_key
-            )
+        updates, opt_state = opt.update(
+            grads, ps.opt_state, ps.params, loss=loss, outer_step=outer_step,
+            key=keys_lib.salted(k_update, keys_lib.INNER_UPDATE),
+        )
         params = optax.apply_updates(ps.params, updates)
-        # The meta-loss term scores this update: the loss of the NEW params on a fresh batch of
-        # the meta-loss split (Metz et al. 2019: l(x; w(t)) for t = 1..T).
+        # Metz et al. 2019: l(x; w(t)) for t = 1..T, a fresh batch of the meta-loss split.
         meta_batch = task.batch(ps.spec, k_meta, self.meta_loss.split)
         term = self.meta_loss.term(task.loss(ps.spec, params, meta_batch)[0], ps.init_loss)
-        if bc is not None:
-            term = bc.fused_term(self.meta_loss.bound(bc_dist), term, alpha)
+        term = meta_term(self.learned_opt, opt_state, term)
         step = ps.step + 1
-        done = step >= ps.length
-        advanced = ParticleState(ps.spec, params, opt_state, step, ps.length, ps.init_loss, aux)
-        restored = jnp.asarray(-1, jnp.int32)
-        if not reset:
-            return advanced, (term, loss, done, restored)
-        fresh = self.fresh_particle(meta_params, k_reset, outer_step)
-        if replay_state is not None:
-            restore, slot = self.replay.draw(
-                replay_state, jax.random.fold_in(key, RESTORE_SALT), outer_step
-            )
-            fresh = _tree_where(restore, self.replay.lookup(replay_state, slot), fresh)
-            restored = jnp.where(done & restore, slot, -1).astype(jnp.int32)
-        return _tree_where(done, fresh, advanced), (term, loss, done, restored)
+        new = ParticleState(ps.spec, params, opt_state, step, ps.length, ps.init_loss)
+        return new, (term, loss, step >= ps.length)
 
-    # -- batches of particles -----------------------------------------------------------------
+    # -- batches of particles -------------------------------------------------------------------
 
-    def init(self, meta_params: MetaParams, keys: jax.Array) -> UnrollState:
-        """Fresh particles, one per key (``keys``: [P, 2]); pass equal keys for antithetic pairs.
-        With a replay buffer, each particle also gets an empty buffer."""
-        outer_step = jnp.zeros([], jnp.int32)
+    def init(self, meta_params: MetaParams, key: jax.Array, *, pairs: bool = False) -> UnrollState:
+        """Fresh particles (antithetic partners share their task when ``pairs``) and the reset
+        policy's initial state."""
+        keys = self.particle_keys(key, pairs)
+        zero = jnp.zeros([], jnp.int32)
 
-        def one(key):
-            k_fresh, k_stagger = jax.random.split(key)
-            ps = self.fresh_particle(meta_params, k_fresh, outer_step)
+        def one(k):
+            k_fresh, k_stagger = jax.random.split(k)
+            ps = self.fresh_particle(meta_params, k_fresh, zero)
             if self.stagger:
                 u = jax.random.uniform(k_stagger)
                 length = jnp.ceil(u * ps.length).astype(jnp.int32)
@@ -339,97 +358,157 @@ class Unroller:
             return ps
 
         particles = jax.vmap(one)(keys)
-        replay = None
-        if self.replay is not None:
-            replay = jax.vmap(self.replay.init)(particles)
-        return UnrollState(particles, outer_step, replay)
+        example = jax.tree.map(lambda x: x[0], particles)
+        return UnrollState(particles, self.reset.init(example))
+
+    def particle_keys(self, key: jax.Array, pairs: bool) -> jax.Array:
+        fn = keys_lib.pair_keys if pairs else keys_lib.particle_keys
+        return fn(keys_lib.salted(key, keys_lib.PARTICLES), self.num_particles, self.shard_axis)
+
+    def begin(self, state: UnrollState, key: jax.Array, outer_step: jax.Array, *,
+              pairs: bool = False) -> Truncation:
+        """This truncation's length, the particles' keys and the reset policy's draws."""
+        n_steps = self.truncation_length(key, outer_step)
+        keys = self.particle_keys(key, pairs)
+        restore, restored = self.reset.draw(state.reset_state, keys, outer_step)
+        push_at = self.reset.push_index(keys, n_steps)
+        return Truncation(n_steps, SegmentStart(keys, restore, restored, push_at))
+
+    def run(
+        self,
+        meta_params: MetaParams,
+        particles: ParticleState,
+        trunc: Truncation,
+        outer_step: jax.Array,
+        *,
+        per_particle_meta_params: bool = False,
+        checkpoint: bool = False,
+        stop_inner_grad: bool = False,
+    ) -> tuple[ParticleState, Any, tuple, ResetInfo, dict]:
+        """The inner steps of one truncation for the particles of ``trunc`` (differentiable in
+        ``meta_params``). Returns (final states, offered states or None, per-step outputs
+        (terms, losses, done, reset, mask, unnormalized) padded to ``trunc_length``, reset
+        info, the inner-update wrapper's metrics of the final states)."""
+        policy = self.reset
+        offer = trunc.start.push_at is not None
+        n_steps = trunc.n_steps
+
+        def go(bucket: int):
+            fresh_count = self.fresh_per_truncation(bucket)
+
+            def one(theta, ps, start, restored):
+                k_fresh, k_steps = jax.random.split(start.keys)
+                fresh = jax.vmap(lambda k: self.fresh_particle(theta, k, outer_step))(
+                    jax.random.split(keys_lib.salted(k_fresh, keys_lib.FRESH), fresh_count)
+                )
+                fresh = self.vary(fresh)
+                ended = ps.step >= ps.length
+                new_start = ended | policy.segment_reset  # start a fresh trajectory
+                first = jax.tree.map(lambda x: x[0], fresh)
+                begin = ps
+                if restored is not None:
+                    begin = tree_where(start.restore, restored, tree_where(new_start, first, ps))
+                else:
+                    begin = tree_where(new_start, first, ps)
+                carried = ~start.restore & ~new_start
+                used = jnp.where(~start.restore & new_start, 1, 0).astype(jnp.int32)
+                info = ResetInfo(carried, start.restore, begin.step)
+
+                def body(carry, xs):
+                    cur, used, offered = carry
+                    k, t = xs
+                    ran = t < n_steps
+                    need = (cur.step >= cur.length) & ran  # mid-truncation end: continue fresh
+                    nxt = jax.tree.map(lambda x: x[jnp.minimum(used, fresh_count - 1)], fresh)
+                    cur = tree_where(need, nxt, cur)
+                    used = used + need.astype(jnp.int32)
+                    new, (term, loss, done) = self.inner_step(
+                        theta, cur, k, outer_step, stop_inner_grad=stop_inner_grad
+                    )
+                    new = tree_where(ran, new, cur)
+                    if offer:
+                        offered = tree_where(t == start.push_at, new, offered)
+                    reset = need | ((t == 0) & ~carried)
+                    raw = self.meta_loss.normalize == "initial"
+                    unnormalized = (cur.init_loss <= NORMALIZER_FLOOR) & ran & raw
+                    return (new, used, offered), (term, loss, done & ran, reset & ran, ran, unnormalized)
+
+                scan = checkpointed_scan if checkpoint else _plain_scan
+                carry = self.vary((begin, used, begin if offer else None))
+                xs = (jax.random.split(k_steps, bucket), jnp.arange(bucket))
+                (end, _, offered), ys = scan(body, carry, xs, bucket)
+                return end, offered, ys, info
+
+            def run_bucket(theta, particles, start, restored):
+                in_axes = (0 if per_particle_meta_params else None, 0, 0, 0)
+                end, offered, ys, info = jax.vmap(one, in_axes=in_axes)(theta, particles, start, restored)
+                pad = self.trunc_length - bucket
+                ys = tuple(jnp.pad(y, ((0, 0), (0, pad))) for y in ys)
+                return end, offered, ys, info, self.update_metrics(end)
+
+            return run_bucket
+
+        start = trunc.start._replace(restored=None)
+        args = (meta_params, particles, start, trunc.start.restored)
+        buckets = self.buckets
+        if len(buckets) == 1:
+            return go(buckets[0])(*args)
+        index = jnp.searchsorted(jnp.asarray(buckets), n_steps)
+        return jax.lax.switch(index, [go(b) for b in buckets], *args)
+
+    def update_metrics(self, particles: ParticleState) -> dict[str, jax.Array]:
+        """The inner-update wrapper's metrics (its ``metrics(opt_state)``), averaged over the
+        particles; {} for a plain learned optimizer."""
+        fn = getattr(self.learned_opt, "metrics", None)
+        if fn is None:
+            return {}
+        return {k: jnp.mean(v) for k, v in jax.vmap(fn)(particles.opt_state).items()}
+
+    def finish(self, state: UnrollState, particles: ParticleState, offered: Any, *,
+               pairs: bool = False) -> UnrollState:
+        """The new unroll state: the final particles, and the reset policy's state after it
+        observed the offered states (a state at its trajectory's end is not offered; antithetic
+        partners offer once, the positive member)."""
+        reset_state = state.reset_state
+        if offered is not None:
+            valid = offered.step < offered.length
+            if pairs:
+                valid = valid & (jnp.arange(valid.shape[0]) % 2 == 0)
+            reset_state = self.reset.observe(reset_state, offered, valid, self.shard_axis, self.num_shards)
+        return UnrollState(particles, reset_state)
 
     def unroll(
         self,
         meta_params: MetaParams,
         state: UnrollState,
-        keys: jax.Array,
+        key: jax.Array,
+        outer_step: jax.Array,
         *,
+        pairs: bool = False,
         per_particle_meta_params: bool = False,
         checkpoint: bool = False,
         stop_inner_grad: bool = False,
     ) -> tuple[UnrollState, UnrollOutput]:
-        """Advance every particle by one truncation.
+        """Advance every particle by one truncation (``begin``, ``run``, ``finish``).
 
         Args:
           meta_params: shared meta-params, or with a leading particle axis when
             ``per_particle_meta_params`` (ES-type estimators' perturbed copies).
-          state: the particles, leading axis P.
-          keys: [P, 2] one key per particle; particles with equal keys see the same batches,
-            resets and new tasks (antithetic pairs).
-          checkpoint: recompute inner steps in the backward pass (``checkpointed_scan``) for
-            gradient-based estimators.
+          state: the particles (leading axis P) and the reset policy's state.
+          key: this outer step's key; particles' keys derive from it by global index.
+          outer_step: the run's clock.
+          pairs: antithetic partners 2i, 2i + 1 share keys (task, batches, resets, draws).
+          checkpoint: recompute inner steps in the backward pass (``checkpointed_scan``).
           stop_inner_grad: first-order meta-gradients (see ``inner_step``).
         """
-        outer_step = state.outer_step
-        n_steps = self.truncation_length(outer_step)
-        use_replay = self.replay is not None
-        if use_replay and state.replay is None:
-            raise ValueError("the Unroller has a replay buffer but the UnrollState has none; "
-                             "build the state with this Unroller's init")
-        # Replay: each particle enqueues the state after step push_index (partners: same key).
-        push_index = jax.vmap(
-            lambda k: self.replay.push_index(jax.random.fold_in(k, PUSH_SALT), n_steps)
-        )(keys) if use_replay else None
-
-        def run(bucket: int):
-            def go(theta, particles, keys, replay):
-                step_keys = jax.vmap(lambda k: jax.random.split(k, bucket))(keys)  # [P,B,2]
-
-                def one_particle(th, ps, ks, rb, push_at):
-                    def body(carry, xs):
-                        cur, pushed = carry
-                        k, t = xs
-                        new, (term, loss, done, restored) = self.inner_step(
-                            th, cur, k, outer_step, stop_inner_grad=stop_inner_grad,
-                            replay_state=rb,
-                        )
-                        ran = t < n_steps
-                        new = _tree_where(ran, new, cur)
-                        if use_replay:
-                            pushed = _tree_where(t == push_at, new, pushed)
-                        restored = jnp.where(done & ran, restored, -1)
-                        return (new, pushed), (term, loss, done & ran, ran, restored)
-
-                    scan = checkpointed_scan if checkpoint else _plain_scan
-                    carry = (ps, ps if use_replay else None)
-                    return scan(body, carry, (ks, jnp.arange(bucket)), bucket)
-
-                in_axes = (0 if per_particle_meta_params else None, 0, 0, 0, 0)
-                (out_particles, pushed), ys = jax.vmap(one_particle, in_axes=in_axes)(
-                    theta, particles, step_keys, replay, push_index
-                )
-                pad = self.trunc_length - bucket
-                ys = tuple(
-                    jnp.pad(y, ((0, 0), (0, pad)), constant_values=-1 if i == 4 else 0)
-                    for i, y in enumerate(ys)
-                )
-                return out_particles, pushed, ys
-
-            return go
-
-        buckets = self.buckets
-        args = (meta_params, state.particles, keys, state.replay)
-        if len(buckets) == 1:
-            particles, pushed, ys = run(buckets[0])(*args)
-        else:
-            index = jnp.searchsorted(jnp.asarray(buckets), n_steps)
-            branches = [run(b) for b in buckets]
-            particles, pushed, ys = jax.lax.switch(index, branches, *args)
-        terms, losses, done, mask, restored = ys
-        replay, extra = state.replay, {}
-        if use_replay:
-            extra = dict(restored=restored, push_index=push_index, push_slot=state.replay.head)
-            replay = jax.vmap(self.replay.push)(state.replay, pushed)
-        return (
-            UnrollState(particles, outer_step + 1, replay),
-            UnrollOutput(terms, losses, done, mask, **extra),
+        trunc = self.begin(state, key, outer_step, pairs=pairs)
+        end, offered, ys, info, extras = self.run(
+            meta_params, state.particles, trunc, outer_step,
+            per_particle_meta_params=per_particle_meta_params,
+            checkpoint=checkpoint, stop_inner_grad=stop_inner_grad,
         )
+        new = self.finish(state, end, offered, pairs=pairs)
+        return new, UnrollOutput(*ys, info=info, position=end.step, extras=extras)
 
     def trajectory(
         self,
@@ -441,50 +520,56 @@ class Unroller:
         outer_step: jax.Array,
         per_particle_meta_params: bool = False,
     ) -> tuple[ParticleState, UnrollOutput]:
-        """Run fresh trajectories of ``length`` steps (<= ``max_length``, a shape) without resets.
-
-        Used by full-trajectory estimators; returns the final particle states (before any
-        reset) and the per-step outputs, masked past ``length``."""
-
+        """Run fresh trajectories of ``length`` steps (<= ``max_length``, a shape) without resets
+        (full-trajectory estimators); returns the final states and per-step outputs, masked
+        past ``length``."""
         def one_particle(theta, key):
             k_init, k_steps = jax.random.split(key)
             ps = self.vary(self.fresh_particle(theta, k_init, outer_step)._replace(length=length))
 
             def body(carry, xs):
                 k, t = xs
-                new, (term, loss, done, _) = self.inner_step(theta, carry, k, outer_step, reset=False)
+                new, (term, loss, done) = self.inner_step(theta, carry, k, outer_step)
                 ran = t < length
-                return _tree_where(ran, new, carry), (term, loss, done & ran, ran)
+                raw = self.meta_loss.normalize == "initial"
+                unnormalized = (carry.init_loss <= NORMALIZER_FLOOR) & ran & raw
+                return tree_where(ran, new, carry), (term, loss, done & ran, jnp.zeros_like(ran), ran, unnormalized)
 
             xs = (jax.random.split(k_steps, max_length), jnp.arange(max_length))
             return jax.lax.scan(body, ps, xs)
 
         in_axes = (0 if per_particle_meta_params else None, 0)
-        final, (terms, losses, done, mask) = jax.vmap(one_particle, in_axes=in_axes)(meta_params, keys)
-        return final, UnrollOutput(terms, losses, done, mask)
+        final, ys = jax.vmap(one_particle, in_axes=in_axes)(meta_params, keys)
+        n = keys.shape[0]
+        info = ResetInfo(jnp.zeros(n, bool), jnp.zeros(n, bool), jnp.zeros(n, jnp.int32))
+        return final, UnrollOutput(*ys, info=info, position=final.step, extras=self.update_metrics(final))
 
 
-def unroll_metrics(unroller: Unroller, out: UnrollOutput, particles: ParticleState,
-                   *, pairs: bool = False) -> dict[str, jax.Array]:
-    """Metrics every estimator reports about its unroll.
+def unroll_metrics(unroller: Unroller, out: UnrollOutput, *, pairs: bool = False) -> dict[str, jax.Array]:
+    """Metrics every estimator reports about its unroll (means over this device's particles;
+    the trainer combines devices: counts summed, ``position_max`` maxed, the rest averaged).
 
     ``inner_loss``: mean training-batch loss over the steps that ran; ``inner_steps``: steps
-    run (all particles); ``trajectories_done``: trajectories that ended (per pair when ``pairs``:
-    antithetic partners share theirs); ``unnormalized_share``: with ``normalize="initial"``,
-    the share of particles whose initial loss was ~0 and whose terms are therefore left
-    unnormalised (0 otherwise)."""
+    run (all particles); ``trajectories_done``: trajectories that ended (per pair when ``pairs``);
+    ``position_mean``/``position_max``: the inner step the particles reached at the end of the
+    truncation (the effective unroll length); ``restored_share``: particles that started from a
+    stored state; ``clipped_share``: meta-loss terms at the clip or non-finite (no gradient);
+    ``nonfinite_share``: training losses that are NaN/inf (a diverged inner run);
+    ``unnormalized_share``: with ``normalize="initial"``, terms left unnormalised because the
+    trajectory's initial loss was ~0."""
     done = out.done[0::2] if pairs else out.done
-    unnormalized = jnp.zeros([], jnp.float32)
-    if unroller.meta_loss.normalize == "initial":
-        unnormalized = jnp.mean((particles.init_loss <= NORMALIZER_FLOOR).astype(jnp.float32))
+    ran = out.mask.astype(jnp.float32)
+    n_ran = jnp.maximum(ran.sum(), 1.0)
+    share = lambda flags: (flags.astype(jnp.float32) * ran).sum() / n_ran  # noqa: E731
     return {
         "inner_loss": out.step_mean(out.raw_losses).mean(),
         "inner_steps": out.mask.sum(),
         "trajectories_done": done.sum(),
-        "unnormalized_share": unnormalized,
+        "position_mean": out.position.astype(jnp.float32).mean(),
+        "position_max": out.position.max().astype(jnp.float32),
+        "restored_share": out.info.restored.astype(jnp.float32).mean(),
+        "clipped_share": share(unroller.meta_loss.at_bound(out.losses)),
+        "nonfinite_share": share(~jnp.isfinite(out.raw_losses)),
+        "unnormalized_share": share(out.unnormalized),
+        **out.extras,
     }
-
-
-def _plain_scan(body, carry, xs, length):
-    del length
-    return jax.lax.scan(body, carry, xs)

@@ -80,14 +80,14 @@ def finished_export(run_dir: str, num_outer_steps: int, *, stops_early: bool = F
 
     Finished means its latest checkpoint is at ``num_outer_steps`` (or, with ``stops_early``,
     the run ended before that: a curriculum that stopped writes its export and a final
-    checkpoint). ``lopt.outer.train`` resumes an unfinished run by itself, but on a finished
+    checkpoint). ``lopt.training.train`` resumes an unfinished run by itself, but on a finished
     one it saves the final checkpoint again, which orbax refuses (StepAlreadyExistsError); a
     finished run is therefore not passed to it again."""
     from absl import logging
 
-    from lopt import checkpoint as ckpt_lib
+    from lopt.training import checkpoint as ckpt_lib
 
-    export_path = os.path.join(run_dir, "export", "optimizer.lopt")
+    export_path = os.path.join(run_dir, "export", "optimizer.safetensors")
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     if not (os.path.isfile(export_path) and os.path.isdir(ckpt_dir)):
         return None

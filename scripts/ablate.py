@@ -8,21 +8,23 @@ Methods (``--methods``, default all four; the table keeps this order):
 
 * ``adamw``: AdamW (decoupled weight decay ``--weight_decay``) with its learning rate tuned over
   ``--lrs`` on the held-out instances, separately at each evaluation length (the best rate by
-  mean final training loss, ``lopt.evaluation.tune_adam``).
+  mean final training loss, ``lopt.training.evaluation.tune_adam``).
 * ``naive``: ``configs/naive.py``, the Metz et al. 2019 MLP optimizer meta-trained with PES
-  (Vicol et al. 2021) on trajectories of H steps, every trajectory starting fresh.
+  (Vicol et al. 2021) on segments of N = ``trunc_length`` steps, every one a fresh trajectory
+  (horizon H = N, no buffer, no behaviour cloning).
 * ``curriculum``: the naive run with Chen et al. 2020's unroll-length curriculum (Algorithm 1,
-  ``lopt.curriculum``): stages ``--cl_stages`` (default H/4, H/2, H), validated every
-  ``--cl_period`` outer steps at the next stage's length; training stops when a stage brings no
-  improvement and the best validated meta-params are exported.
-* ``elo``: ``configs/elo.py``, the same run with the ELO replay buffer of optimizee states and
-  online behaviour cloning of Adam (``estimators/replay.py``, ``estimators/imitation.py``).
+  ``lopt.training.curriculum``) over the trajectory length: stages ``--cl_stages`` (default
+  H/4, H/2, H), validated every ``--cl_period`` epochs at the next stage's length; training
+  stops when a stage brings no improvement and the best validated meta-params are exported.
+* ``elo``: ``configs/elo.py``, the same N-step segments started from ELO's replay buffer of
+  optimizee states (chains through the buffer reach far past N) with online behaviour cloning
+  of Adam (``estimators/resets.py``, ``lopt/wrappers.py``).
 
 All three learned optimizers share the task family, learned optimizer, estimator, particles,
-truncation length, meta-optimizer and outer-step budget (``configs/naive.py`` is derived from
+segment length N, meta-optimizer and outer-step budget (``configs/naive.py`` is derived from
 ``configs/elo.py``); ``--set key=value`` changes all three alike (e.g. ``--set
 unroll.num_particles=4``), ``--outer_steps`` their budget. Every meta-training run is
-``lopt.outer.train`` in ``OUT/<method>/seed<k>`` (``--meta_seeds`` runs, config seeds 0, 1,
+``lopt.training.train`` in ``OUT/<method>/seed<k>`` (``--meta_seeds`` runs, config seeds 0, 1,
 ...), so rerunning resumes unfinished runs and reuses finished ones.
 
 The evaluation trains instances ``PRNGKey(--seed_offset + i)``, i < ``--seeds`` (never seen in
@@ -91,11 +93,13 @@ _LRS = flags.DEFINE_string("lrs", DEFAULT_LRS, "AdamW learning rates to tune ove
 _WEIGHT_DECAY = flags.DEFINE_float("weight_decay", 1e-4, "AdamW's decoupled weight decay.")
 _CL_STAGES = flags.DEFINE_string("cl_stages", None, "Curriculum stages N_train, comma-separated "
                                  "(default: H/4, H/2, H).")
-_CL_PERIOD = flags.DEFINE_integer("cl_period", None, "Curriculum T_period in outer steps "
-                                  "(default: an eighth of the outer-step budget).")
+_CL_PERIOD = flags.DEFINE_integer("cl_period", None, "Curriculum T_period in epochs (one "
+                                  "N_train-step trajectory per particle; with N_train <= N one "
+                                  "outer step; default: an eighth of the outer-step budget).")
 _CL_MIN_PERIODS = flags.DEFINE_integer("cl_min_periods", 2, "Curriculum N_period.")
-_CL_MAX_PERIODS = flags.DEFINE_integer("cl_max_periods", 3, "Periods a stage gets to beat its "
-                                       "baseline before training stops.")
+_CL_MAX_PERIODS = flags.DEFINE_integer("cl_max_periods", 3, "Our cap on a stage's periods (not "
+                                       "in Chen et al.'s Algorithm 1), so the three stages fit "
+                                       "the budget.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar per meta-training run.")
 
 
@@ -179,12 +183,17 @@ def settings() -> dict:
 
     elo = apply_overrides(load_module(_ELO_CONFIG.value, "_ablate_elo").get_config(), _SET.value)
     naive = apply_overrides(load_module(_NAIVE_CONFIG.value, "_ablate_naive").get_config(), _SET.value)
+    if not any(a.split("=")[0].strip() == "unroll.horizon.length" for a in _SET.value):
+        naive.unroll.horizon.length = naive.unroll.trunc_length  # naive: H = N, whatever N is
     if _OUTER_STEPS.value is not None:
         elo.num_outer_steps = naive.num_outer_steps = _OUTER_STEPS.value
-    horizon = horizon_of(elo)
-    if horizon_of(naive) != horizon or elo.task.to_dict() != naive.task.to_dict():
+    horizon = horizon_of(naive)
+    n = int(naive.unroll.trunc_length)
+    if horizon != n or int(elo.unroll.trunc_length) != n or elo.task.to_dict() != naive.task.to_dict():
         raise UsageError(f"{_NAIVE_CONFIG.value} and {_ELO_CONFIG.value} must share the task and "
-                         "the horizon, or the ablation compares different problems")
+                         f"the segment length N (trunc_length), and the naive horizon must be N "
+                         f"(got horizon {horizon}, N {n} and {elo.unroll.trunc_length}), or the "
+                         "ablation compares different problems")
 
     cl = copy.deepcopy(naive)
     period = _CL_PERIOD.value if _CL_PERIOD.value is not None else max(1, int(cl.num_outer_steps) // 8)
@@ -226,7 +235,7 @@ def _eval_summary(curves: dict) -> dict:
 
 def meta_train(method: str, config: ConfigDict, meta_seed: int, out: str) -> dict:
     """One meta-training run (resumed or reused if its workdir has one); returns its record."""
-    from lopt import outer
+    from lopt.training import loop
 
     config = copy.deepcopy(config)
     config.seed = meta_seed
@@ -236,7 +245,7 @@ def meta_train(method: str, config: ConfigDict, meta_seed: int, out: str) -> dic
     export_path = finished_export(run_dir, budget, stops_early="curriculum" in config)
     reused = export_path is not None
     if not reused:
-        export_path = outer.train(config, run_dir, progress=_PROGRESS.value)["export"]
+        export_path = loop.train(config, run_dir, progress=_PROGRESS.value)["export"]
     rows = read_rows(os.path.join(run_dir, "metrics.jsonl"))
     steps = [r for r in rows if "meta_loss" in r]
     last = steps[-1] if steps else {}
@@ -264,7 +273,8 @@ def meta_train(method: str, config: ConfigDict, meta_seed: int, out: str) -> dic
 
 
 def evaluate_export(export_path: str, task: Any, keys: Any, lengths: tuple[int, int]) -> dict:
-    from lopt import evaluation, export
+    from lopt import export
+    from lopt.training import evaluation
 
     learned_opt, meta_params = export.load(export_path)
     opt = learned_opt.optimizer(meta_params)
@@ -272,7 +282,7 @@ def evaluate_export(export_path: str, task: Any, keys: Any, lengths: tuple[int, 
 
 
 def evaluate_adamw(task: Any, keys: Any, lengths: tuple[int, int], lrs: list[float]) -> dict:
-    from lopt import evaluation
+    from lopt.training import evaluation
 
     out = {}
     for n in lengths:
@@ -352,8 +362,8 @@ def format_table(results: dict[str, dict], horizon: int, long: int) -> str:
 
 def plot(results: dict[str, dict], long: int, horizon: int, path: str, title: str) -> str:
     """Training loss over the long evaluation, mean ± std over instances x meta-seeds (each
-    curve averaged over its last 10% of steps, see ``lopt.evaluation.plot_curves``)."""
-    from lopt import evaluation
+    curve averaged over its last 10% of steps, see ``lopt.training.evaluation.plot_curves``)."""
+    from lopt.training import evaluation
 
     curves = {LABELS.get(m, m): r["eval"][str(long)]["_curves"] for m, r in results.items() if "eval" in r}
     return evaluation.plot_curves(curves, path, title, vlines={f"H={horizon}": horizon}, log_x=True,

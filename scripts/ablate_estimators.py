@@ -10,7 +10,7 @@ takes ``--inner_steps`` inner steps (summed over particles). The cost of an oute
 computed from the config: ``num_particles * trajectory length`` for ``full_es`` (the expected
 length under the horizon schedule), ``num_particles * truncation length`` for the truncated
 estimators (the exact per-step lengths when there is a truncation schedule). Each run is
-``lopt.outer.train`` in ``WORKDIR/<estimator>``, so rerunning resumes it from its checkpoint.
+``lopt.training.train`` in ``WORKDIR/<estimator>``, so rerunning resumes it from its checkpoint.
 
 The exported optimizer is then evaluated on held-out task instances (keys
 ``PRNGKey(eval_seed_offset + i)``, i < --eval_seeds, the same for every estimator) for
@@ -98,10 +98,10 @@ def outer_steps_for_budget(config: ConfigDict, inner_steps: int) -> tuple[int, f
     ``full_es`` runs every particle through one whole trajectory per outer step; the other
     estimators run every particle through one truncation. The number of outer steps is the one
     whose total is nearest the budget (at least 1)."""
-    from lopt import config as config_lib
+    from lopt.training import config as config_lib
 
     trainer = config_lib.build(config)
-    particles = trainer.num_particles
+    particles = trainer.unroller.num_particles
     if config.estimator.name == "full_es":
         n = max(1, round(inner_steps / (particles * trainer.horizon.max_length)))
         for _ in range(5):  # the mean of a growing schedule depends on the run's length
@@ -116,9 +116,13 @@ def outer_steps_for_budget(config: ConfigDict, inner_steps: int) -> tuple[int, f
     import jax.numpy as jnp
     import numpy as np
 
-    # Truncation lengths are a deterministic function of the outer step: count them exactly.
+    # Truncation lengths are drawn from the run's key stream: budget with their expectation
+    # (the mean of 64 draws per outer step).
     most = inner_steps // particles + 1
-    lengths = np.asarray(jax.vmap(unroller.truncation_length)(jnp.arange(most, dtype=jnp.int32)))
+    steps = jnp.arange(most, dtype=jnp.int32)
+    keys = jax.random.split(jax.random.PRNGKey(12345), 64)
+    draws = jax.vmap(lambda k: jax.vmap(unroller.truncation_length, in_axes=(None, 0))(k, steps))(keys)
+    lengths = np.asarray(draws, np.float64).mean(0)
     totals = particles * np.cumsum(lengths)
     n = int(np.argmin(np.abs(totals - inner_steps))) + 1
     return n, float(totals[n - 1] / n)
@@ -231,7 +235,8 @@ def run_estimator(base: ConfigDict, section: ConfigDict, name: str, s: dict, eva
     import numpy as np
 
     import tasks
-    from lopt import evaluation, export, outer
+    from lopt import export
+    from lopt.training import evaluation, loop
 
     config = copy.deepcopy(base)
     config.estimator = copy.deepcopy(section)
@@ -243,7 +248,7 @@ def run_estimator(base: ConfigDict, section: ConfigDict, name: str, s: dict, eva
     t0 = time.perf_counter()
     export_path = finished_export(run_dir, num_outer)
     if export_path is None:
-        export_path = outer.train(config, run_dir, progress=_PROGRESS.value)["export"]
+        export_path = loop.train(config, run_dir, progress=_PROGRESS.value)["export"]
     else:
         print(f"    already trained: reusing {export_path}", flush=True)
     train_wall = time.perf_counter() - t0
@@ -302,7 +307,7 @@ def main(argv) -> int:
     import jax
     import jax.numpy as jnp
 
-    from lopt import evaluation
+    from lopt.training import evaluation
     from tasks.registry import ConfigError
 
     base = _CONFIG.value

@@ -42,7 +42,7 @@ import estimators  # noqa: E402
 import lopt  # noqa: E402
 import tasks  # noqa: E402
 from estimators import schedules  # noqa: E402
-from lopt.outer import MetaTrainer  # noqa: E402
+from lopt.training import MetaTrainer  # noqa: E402
 
 flags.DEFINE_bool("scaling", True, "Run the device-scaling benchmark.")
 flags.DEFINE_integer("host_devices", 8, "Forced XLA host devices on CPU (read before JAX starts).")
@@ -59,7 +59,7 @@ FLAGS = flags.FLAGS
 def measure(num_devices: int, num_particles: int) -> tuple[float, float]:
     """(outer steps/s, inner steps/s) with the particles sharded over ``num_devices``."""
     mesh = Mesh(np.asarray(jax.devices()[:num_devices]), ("particles",))
-    trainer = MetaTrainer(
+    trainer = MetaTrainer.create(
         task_family=tasks.get(FLAGS.task),
         learned_opt=lopt.get("mlp"),
         estimator=estimators.get(FLAGS.estimator),

@@ -1,6 +1,6 @@
 """Evaluate an exported learned optimizer against learning-rate-tuned Adam.
 
-    python scripts/evaluate.py --export=runs/quickstart/export/optimizer.lopt \
+    python scripts/evaluate.py --export=runs/quickstart/export/optimizer.safetensors \
         --task=digits_mlp --task_kwargs='{"permute_classes": true}' --steps=200 --seeds=5 \
         --out=runs/quickstart/eval
 
@@ -89,7 +89,8 @@ def _setup():
     import jax
 
     import tasks
-    from lopt import evaluation, export
+    from lopt import export
+    from lopt.training import evaluation
     from tasks.base import data_arrays
 
     if lrs is None:
@@ -123,7 +124,7 @@ def main(argv) -> int:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
 
-    from lopt import evaluation
+    from lopt.training import evaluation
 
     steps = _STEPS.value
     lopt_name = f"learned ({learned_opt.name})"

@@ -50,8 +50,8 @@ def export_checkpoint(workdir: str, out: str | None = None, step: int | None = N
     import jax
     from ml_collections import ConfigDict
 
-    from lopt import checkpoint as ckpt_lib
-    from lopt import config as config_lib
+    from lopt.training import checkpoint as ckpt_lib
+    from lopt.training import config as config_lib
     from lopt import export as export_lib
     with open(config_path) as f:
         config = ConfigDict(json.load(f))
@@ -75,7 +75,10 @@ def export_checkpoint(workdir: str, out: str | None = None, step: int | None = N
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
             jax.eval_shape(trainer.init, jax.random.PRNGKey(int(config.seed))),
         )
-        state, _ = checkpointer.restore(step, template)
+        like = {"state": template}
+        if config_lib.curriculum(config) is not None:  # the curriculum keeps its best beside
+            like["best_meta_params"] = template.meta_params
+        state = checkpointer.restore(step, like)[0]["state"]
     finally:
         checkpointer.close()
 

@@ -6,7 +6,7 @@
 Rerunning with the same workdir resumes from the latest checkpoint. Particles are sharded over
 every visible device (``--config.num_devices`` to limit); ``--multihost`` joins a multi-process
 run first (see README, "Several GPUs and hosts"). Outputs: config.json,
-metrics.jsonl, checkpoints/, export/optimizer.lopt and plots/meta_loss.png in the workdir.
+metrics.jsonl, checkpoints/, export/optimizer.safetensors and plots/meta_loss.png in the workdir.
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from lopt import distributed, outer  # noqa: E402
+from lopt.training import distributed, loop  # noqa: E402
+from lopt.training.checkpoint import CheckpointError  # noqa: E402
+from lopt.training.workdir import WorkdirInUseError  # noqa: E402
 from tasks.registry import ConfigError  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/quickstart.py", "Experiment config file.")
@@ -42,16 +44,25 @@ def main(argv):
         distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     config = _CONFIG.value
     try:
-        summary = outer.train(config, _WORKDIR.value, progress=_PROGRESS.value)
+        summary = loop.train(config, _WORKDIR.value, progress=_PROGRESS.value)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    except (WorkdirInUseError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except loop.TrainingStopped as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     if not distributed.is_primary():
         return 0
     m = summary["last_metrics"]
     rate = summary["inner_steps_per_sec"]
     print(f"done: outer step {m.get('step')}, meta-loss {m.get('meta_loss', float('nan')):.4f}, "
           f"{rate:,.0f} inner steps/s" if rate else "done")
+    print(f"  health:     {int(m.get('num_skipped', 0))} outer steps skipped (non-finite "
+          f"meta-gradient); last log: {100 * m.get('clipped_share', 0.0):.0f}% of meta-loss terms "
+          f"at the clip, {100 * m.get('nonfinite_share', 0.0):.0f}% of inner losses non-finite")
     print(f"  workdir:    {summary['workdir']}")
     print(f"  metrics:    {summary['metrics']}")
     print(f"  checkpoint: {summary['checkpoints']}")

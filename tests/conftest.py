@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import os
 
-import pytest
+# Almost every test is compilation: XLA's backend optimisation passes take longer than the
+# tiny programs run. Compile without them (a debug option of XLA; identical arithmetic, slower
+# code), appended to any XLA_FLAGS of the caller. Subprocess tests pass it on.
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + FAST_COMPILE).strip()
+
+import pytest  # noqa: E402
 
 
 

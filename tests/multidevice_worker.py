@@ -18,13 +18,17 @@ import estimators
 import lopt
 import tasks
 from estimators import schedules
-from lopt.checkpoint import Checkpointer
-from lopt.outer import MetaTrainer
+from estimators.resets import ELOReplay
+from lopt.training.checkpoint import Checkpointer
+from lopt.training import MetaTrainer
 
 
 def trainer(ndev: int | None, estimator: str = "pes") -> MetaTrainer:
     mesh = None if ndev is None else Mesh(np.asarray(jax.devices()[:ndev]), ("particles",))
-    return MetaTrainer(
+    extra = {}
+    if estimator == "pes_replay":  # ELO's one buffer for the run, replicated on every device
+        estimator, extra = "pes", dict(reset=ELOReplay(capacity=12, p_threshold=0.3))
+    return MetaTrainer.create(
         task_family=tasks.get("digits_mlp", hidden_sizes=(8,), batch_size=16, permute_classes=True),
         learned_opt=lopt.get("mlp", hidden_size=8, hidden_layers=1),
         estimator=estimators.get(estimator, **({} if estimator == "tbptt" else {"std": 0.01})),
@@ -33,6 +37,7 @@ def trainer(ndev: int | None, estimator: str = "pes") -> MetaTrainer:
         trunc_length=4,
         horizon=schedules.constant(10),
         mesh=mesh,
+        **extra,
     )
 
 
@@ -55,7 +60,8 @@ def determinism(estimator: str, counts: str) -> dict:
             "meta_params": flat(state.meta_params),
             "meta_loss": float(metrics["meta_loss"]),
             "inner_steps": int(metrics["inner_steps"]),
-            "shards": len(jax.tree.leaves(state.estimator_state)[0].sharding.device_set),
+            "shards": len(jax.tree.leaves(state.estimator_state.unroll.particles)[0].sharding.device_set),
+            "position_max": float(metrics["position_max"]),
         }
     return out
 
@@ -65,10 +71,10 @@ def checkpoint_8_to_4(workdir: str) -> dict:
     reference, _ = run(t8, 4)
     state8, _ = run(t8, 2)
     ckpt = Checkpointer(workdir)
-    ckpt.save(2, state8)
+    ckpt.save(2, {"state": state8})
     ckpt.wait()
-    restored, _ = ckpt.restore(2, t4.init(jax.random.PRNGKey(1)))
-    devices = len(jax.tree.leaves(restored.estimator_state)[0].sharding.device_set)
+    restored = ckpt.restore(2, {"state": t4.init(jax.random.PRNGKey(1))})[0]["state"]
+    devices = len(jax.tree.leaves(restored.estimator_state.unroll.particles)[0].sharding.device_set)
     continued, _ = run(t4, 2, restored)
     return {
         "reference": flat(reference.meta_params),

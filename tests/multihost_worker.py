@@ -9,14 +9,14 @@ import sys
 import jax
 import numpy as np
 
-from lopt import distributed, outer
+from lopt.training import distributed, loop
 from tests.test_outer import tiny_config
 
 if __name__ == "__main__":
     port, pid, workdir = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     distributed.initialize(f"127.0.0.1:{port}", 2, pid)
     config = tiny_config(num_outer_steps=3, checkpoint_every=2)
-    summary = outer.train(config, workdir, progress=False)
+    summary = loop.train(config, workdir, progress=False)
     params = distributed.to_host(summary["state"].meta_params)
     flat = np.concatenate([np.asarray(x).ravel() for x in jax.tree.leaves(params)])
     print("RESULT " + json.dumps({

@@ -17,9 +17,9 @@ import estimators
 import lopt
 import tasks
 from estimators import schedules
-from lopt import config as config_lib
+from lopt.training import config as config_lib
 from lopt import export
-from lopt.outer import MetaTrainer, train
+from lopt.training import MetaTrainer, train
 from tasks.registry import ConfigError
 
 
@@ -62,7 +62,7 @@ def test_resume_equals_uninterrupted(tmp_path):
     for a, b in zip(jax.tree.leaves(full["state"].meta_params), jax.tree.leaves(resumed["state"].meta_params)):
         np.testing.assert_array_equal(a, b)
     # The workdir holds what DESIGN.md promises, and the export is the final meta-params.
-    for name in ("config.json", "metrics.jsonl", "checkpoints", "export/optimizer.lopt", "plots/meta_loss.png"):
+    for name in ("config.json", "metrics.jsonl", "checkpoints", "export/optimizer.safetensors", "plots/meta_loss.png"):
         assert os.path.exists(os.path.join(part_dir, name)), name
     _, exported = export.load(resumed["export"])
     for a, b in zip(jax.tree.leaves(exported), jax.tree.leaves(resumed["state"].meta_params)):
@@ -81,11 +81,11 @@ def test_non_finite_meta_gradient_is_skipped_and_counted():
     """An estimator returning NaN leaves meta-params and the meta-optimizer state untouched."""
 
     class NaNEstimator(estimators.pes.PES):
-        def grad(self, unroller, meta_params, state, key):
-            g, s, m = super().grad(unroller, meta_params, state, key)
+        def grad(self, unroller, meta_params, state, key, outer_step):
+            g, s, m = super().grad(unroller, meta_params, state, key, outer_step)
             return jax.tree.map(lambda x: x * jnp.nan, g), s, m
 
-    trainer = MetaTrainer(
+    trainer = MetaTrainer.create(
         task_family=tasks.get("quadratic", dim=3),
         learned_opt=lopt.get("mlp", hidden_size=4, hidden_layers=1),
         estimator=NaNEstimator(std=0.01),
@@ -95,11 +95,12 @@ def test_non_finite_meta_gradient_is_skipped_and_counted():
         horizon=schedules.constant(5),
     )
     state = trainer.init(jax.random.PRNGKey(0))
-    before = jax.tree.map(np.asarray, (state.meta_params, state.meta_opt_state))
+    before = jax.tree.map(np.asarray, (state.meta_params, state.meta_opt_state.inner_state))
     state, metrics = trainer.step(state)
     state, metrics = trainer.step(state)
     assert int(state.num_skipped) == 2 and not bool(metrics["grad_finite"])
-    after = (state.meta_params, state.meta_opt_state)
+    assert int(state.consecutive_skipped) == 2 == int(metrics["consecutive_skipped"])
+    after = (state.meta_params, state.meta_opt_state.inner_state)
     for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
         np.testing.assert_array_equal(a, b)
     assert int(state.outer_step) == 2

@@ -20,7 +20,7 @@ ATOL = 1e-6
 
 
 def _worker(*args: str, tmp_path) -> dict:
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0", JAX_PLATFORMS="cpu",
                PYTHONPATH=ROOT, LOPT_DATA_DIR=str(tmp_path / "data"))
     proc = subprocess.run(
         [sys.executable, "-m", "tests.multidevice_worker", *args],
@@ -36,7 +36,8 @@ def _worker(*args: str, tmp_path) -> dict:
     # merged pools per-pair statistics across devices (psum), so it is checked on 8 devices,
     # where every device holds a single pair.
     # tbptt differentiates inside shard_map (a replicated input's gradient would be summed).
-    [("pes", "1,2,4,8"), ("merged", "8"), ("tbptt", "4")],
+    # pes_replay: ELO's buffer is one for the run, gathered from every device's particles.
+    [("pes", "1,2,4,8"), ("merged", "8"), ("tbptt", "4"), ("pes_replay", "2,4")],
 )
 def test_same_meta_params_on_1_2_4_8_devices(estimator, counts, tmp_path):
     out = _worker("determinism", estimator, counts, tmp_path=tmp_path)
@@ -46,6 +47,7 @@ def test_same_meta_params_on_1_2_4_8_devices(estimator, counts, tmp_path):
         assert out[ndev]["inner_steps"] == out["None"]["inner_steps"] == 16 * 4
         assert out[ndev]["shards"] == int(ndev)
         assert abs(out[ndev]["meta_loss"] - out["None"]["meta_loss"]) < 1e-5
+        assert out[ndev]["position_max"] == out["None"]["position_max"]
     # The run really moved: three Adam steps of 1e-3 are far above the tolerance.
     assert np.abs(base - np.asarray(_initial_params())).max() > 100 * ATOL
 
@@ -75,12 +77,12 @@ def test_num_particles_must_divide_by_devices():
     import lopt
     import tasks
     from estimators import schedules
-    from lopt.outer import MetaTrainer
+    from lopt.training import MetaTrainer
 
     mesh = Mesh(np.asarray(jax.devices()[:1] * 1), ("particles",))
-    MetaTrainer(tasks.get("quadratic"), lopt.get("mlp"), estimators.get("pes"), optax.adam(1e-3),
-                num_particles=6, horizon=schedules.constant(5), mesh=mesh)
+    kwargs = dict(task_family=tasks.get("quadratic"), learned_opt=lopt.get("mlp"),
+                  estimator=estimators.get("pes"), meta_optimizer=optax.adam(1e-3),
+                  num_particles=6, horizon=schedules.constant(5))
+    MetaTrainer.create(**kwargs, mesh=mesh)
     with pytest.raises(ValueError, match="axes"):
-        MetaTrainer(tasks.get("quadratic"), lopt.get("mlp"), estimators.get("pes"), optax.adam(1e-3),
-                    num_particles=6, horizon=schedules.constant(5),
-                    mesh=Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1), ("a", "b")))
+        MetaTrainer.create(**kwargs, mesh=Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1), ("a", "b")))

@@ -12,12 +12,12 @@ import estimators
 import lopt
 import tasks
 from estimators import schedules
-from lopt.outer import MetaTrainer
+from lopt.training import MetaTrainer
 
 
 @pytest.mark.parametrize("name", ["tbptt", "es", "pes", "merged", "full_es"])
 def test_no_recompilation_across_outer_steps_with_varying_lengths(name):
-    trainer = MetaTrainer(
+    trainer = MetaTrainer.create(
         task_family=tasks.get("quadratic", dim=3),
         learned_opt=lopt.get("mlp", hidden_size=4, hidden_layers=1),
         estimator=estimators.get(name),

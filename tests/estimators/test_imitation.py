@@ -4,27 +4,22 @@ composed with tbptt, pes and merged inside one compiled outer step."""
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import PartitionSpec as P
 
 import estimators
 import lopt
 import tasks
 from estimators import schedules
-from estimators.imitation import (
-    BehaviourCloning,
-    Imitation,
-    Ramp,
-    SelfImproving,
-    set_imitation_prob,
-    teacher_spec,
-)
-from estimators.replay import ReplayBuffer
+from estimators.imitation import Imitation
+from estimators.resets import ELOReplay
 from estimators.unroll import Unroller
+from lopt import teachers
 from lopt.hyper import HyperAdam
-from lopt.outer import MetaTrainer
+from lopt.training import MetaTrainer
+from lopt.wrappers import BehaviourCloning, Ramp, SelfImproving
 from tests.estimators import test_behaviour_cloning as bc_tests
 
 TASK = tasks.get("quadratic", dim=4, noise_std=0.1, condition_number=10.0)
@@ -65,15 +60,24 @@ def test_imitation_loss_and_its_autodiff_gradient_otherwise():
 
 
 def test_teacher_specs_are_checked():
-    assert teacher_spec("sgd") == ("sgd", (("learning_rate", 0.1),))
-    assert teacher_spec({"name": "adam", "learning_rate": 3e-4, "b1": 0.8})[1] == (
+    assert teachers.spec("sgd") == ("sgd", (("learning_rate", 0.1),))
+    assert teachers.spec({"name": "adam", "learning_rate": 3e-4, "b1": 0.8})[1] == (
         ("b1", 0.8), ("learning_rate", 3e-4))
     with pytest.raises(ValueError, match="unknown teacher"):
-        teacher_spec("adamax")
+        teachers.spec("adamax")
     with pytest.raises(ValueError):
-        teacher_spec({"name": "adam", "learning_rat": 1e-3})
+        teachers.spec({"name": "adam", "learning_rat": 1e-3})
     with pytest.raises(ValueError, match="prob"):
         Imitation(estimators.get("pes"), prob=1.5)
+
+
+def test_chen_defaults_and_episode_length():
+    """Chen et al. 2020: teachers Adam, SGD and Adagrad (Sec. 5.3); an episode as long as a
+    trajectory, N_train (Alg. 2), so under the curriculum it follows the stage's length."""
+    il = Imitation(estimators.get("tbptt"))
+    assert [t[0] for t in il.teachers] == ["adam", "sgd", "adagrad"]
+    assert il.episode_length(Unroller(TASK, LOPT, 2, 20, schedules.constant(160))) == 160
+    assert Imitation(estimators.get("tbptt"), length=8).episode_length(IL_UNROLLER) == 8
 
 
 # --- self-improving mixing -----------------------------------------------------------------------
@@ -86,7 +90,7 @@ def test_self_improving_probabilities_anneal_to_the_learned_optimizer():
     np.testing.assert_allclose(SI.probs(1), [0.625, 0.125, 0.125, 0.125])
     np.testing.assert_allclose(SI.probs(2), [1.0, 0.0, 0.0, 0.0])
     np.testing.assert_allclose(SI.probs(10**6), [1.0, 0.0, 0.0, 0.0])
-    assert float(SelfImproving(teachers=("adam",)).learned_prob(0)) == pytest.approx(0.5)  # uniform
+    assert float(SelfImproving(LOPT, teachers=("adam",)).learned_prob(0)) == pytest.approx(0.5)  # uniform
     keys = jax.random.split(jax.random.PRNGKey(0), 4000)
     choose = jax.jit(jax.vmap(SI.choose, in_axes=(0, None)))
     for step in (0, 1):
@@ -105,8 +109,9 @@ def test_self_improving_at_probability_one_is_the_learned_optimizers_trajectory(
         for step in (0, 2):
             out[name, step] = jax.device_get(bc_tests._truncation(name, step))[1:]
     si, lo = out["si", 2][0].particles, out["lo", 2][0].particles
-    for a, b in zip(jax.tree.leaves((si.params, si.opt_state)), jax.tree.leaves((lo.params, lo.opt_state))):
+    for a, b in zip(jax.tree.leaves((si.params, si.opt_state.inner)), jax.tree.leaves((lo.params, lo.opt_state))):
         np.testing.assert_array_equal(a, b)
+    assert float(out["si", 2][1].extras["learned_share"]) == 1.0
     np.testing.assert_array_equal(out["si", 2][1].losses, out["lo", 2][1].losses)
     # While mixing, the teachers' steps (lr 1e-3 .. 0.1) change the trajectory.
     assert not np.allclose(out["si", 0][0].particles.params["x"], out["lo", 0][0].particles.params["x"])
@@ -120,24 +125,22 @@ def _trainer(name: str, mixing: str) -> MetaTrainer:
     estimator = estimators.get(name)
     if mixing == "bc":  # imitation episodes are tested with each estimator once, here
         estimator = Imitation(estimator, prob=0.0, teachers=(teacher,), length=3)
-    trainer = MetaTrainer(
+        inner = BehaviourCloning(LOPT, teacher, Ramp("linear", steps=3))
+    else:
+        inner = SelfImproving(LOPT, (teacher, "sgd"), Ramp("linear", steps=3), initial_prob=0.5)
+    trainer = MetaTrainer.create(
         task_family=tasks.get("quadratic", dim=3),
-        learned_opt=LOPT,
+        learned_opt=inner,
         estimator=estimator,
         meta_optimizer=optax.adam(1e-3),
         num_particles=4,
         trunc_length=3,
         horizon=schedules.constant(4),
-        replay=ReplayBuffer(capacity=2, p_threshold=0.3),
-        behaviour_cloning=BehaviourCloning(teacher, Ramp("linear", steps=3)) if mixing == "bc" else None,
-        self_improving=(
-            SelfImproving((teacher, "sgd"), Ramp("linear", steps=3), initial_prob=0.5)
-            if mixing == "si" else None
-        ),
+        reset=ELOReplay(capacity=2, p_threshold=0.3),
     )
     # The trainer's own compiled outer step, compiled without backend optimisation (the test
     # is about composition and recompilation, and this halves the compile time on CPU).
-    specs = (trainer.state_specs, P())
+    specs = (trainer.state_specs, jax.sharding.PartitionSpec())
     trainer.__dict__["_step_fn"] = jax.jit(
         trainer._shard(trainer._step, specs, specs), donate_argnums=0, compiler_options=EXACT
     )
@@ -157,7 +160,8 @@ def test_techniques_compose_with_every_estimator_in_one_compiled_step(name, mixi
     rows = []
     for prob in (1.0, 0.0, 0.0, 0.0):  # one imitation episode, then meta-loss steps
         if imitation:
-            state = state._replace(estimator_state=set_imitation_prob(state.estimator_state, prob))
+            est = state.estimator_state
+            state = state._replace(estimator_state=est._replace(prob=jnp.asarray(prob, jnp.float32)))
         state, metrics = trainer.step(state)
         rows.append(jax.device_get(metrics))
     for m in rows:
@@ -166,10 +170,13 @@ def test_techniques_compose_with_every_estimator_in_one_compiled_step(name, mixi
     assert max(float(m["grad_norm"]) for m in rows[1:]) > 0
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.meta_params))
     est_state = state.estimator_state.base if imitation else state.estimator_state
-    rb = est_state.unroll.replay
-    pushes = 3 if imitation else 4  # an imitation step leaves the particles (and buffer) alone
-    assert int(rb.size.min()) == 2 and int(rb.pushes.min()) == pushes
+    rb = est_state.unroll.reset_state
+    steps = 3 if imitation else 4  # an imitation step leaves the particles (and buffer) alone
+    offers = 4 if name == "tbptt" else 2  # one per particle, or per antithetic pair
+    # (a state at its trajectory's end, horizon 4, is not pushed)
+    assert int(rb.size) == 2 and offers <= int(rb.pushes) <= offers * steps
     if imitation:
         assert [float(m["imitation"]) for m in rows] == [1.0, 0.0, 0.0, 0.0]
         assert float(rows[0]["imitation_loss"]) > 0 and float(rows[0]["grad_norm"]) > 0
+        assert [round(float(m["bc_alpha"]), 3) for m in rows[1:]] == [0.333, 0.667, 1.0]
     assert trainer._step_fn._cache_size() == 1

@@ -27,7 +27,7 @@ def _tbptt(meta_loss: MetaLoss, trunc: int, task=TASK, horizon: int = 100):
     """(meta-gradient, metrics) of one TBPTT truncation of 2 identical fresh particles."""
     unroller = Unroller(task, LO, 2, trunc, schedules.constant(horizon), meta_loss, stagger=False)
     state = TBPTT.init(unroller, jax.random.PRNGKey(0), THETA)
-    grad, _, metrics = jax.jit(lambda t, k: TBPTT.grad(unroller, t, state, k))(THETA, jax.random.PRNGKey(1))
+    grad, _, metrics = jax.jit(lambda t, k: TBPTT.grad(unroller, t, state, k, 0))(THETA, jax.random.PRNGKey(1))
     return np.asarray(grad["step"], np.float64), jax.device_get(metrics)
 
 

@@ -37,7 +37,7 @@ def test_pes_matches_tbptt_on_first_truncation():
     pes = estimators.get("pes", std=1e-3)
     state = pes.init(unroller, jax.random.PRNGKey(1), theta)
 
-    grads = jax.jit(jax.vmap(lambda key: pes.grad(unroller, theta, state, key)[0]))(
+    grads = jax.jit(jax.vmap(lambda key: pes.grad(unroller, theta, state, key, 0)[0]))(
         jax.random.split(jax.random.PRNGKey(2), k)
     )
     # TBPTT over the positive members of the pairs (the tasks each pair shares).
@@ -45,7 +45,7 @@ def test_pes_matches_tbptt_on_first_truncation():
     tb_state = estimators.tbptt.TBPTTState(
         jax.tree.map(lambda x: x[0::2] if x.ndim else x, state.unroll)
     )
-    tb_grad = jax.jit(lambda key: estimators.get("tbptt").grad(tb_unroller, theta, tb_state, key)[0])(
+    tb_grad = jax.jit(lambda key: estimators.get("tbptt").grad(tb_unroller, theta, tb_state, key, 0)[0])(
         jax.random.PRNGKey(3)
     )
     g = np.concatenate([np.asarray(x).reshape(k, -1) for x in jax.tree.leaves(grads)], axis=1)
@@ -59,28 +59,34 @@ def test_pes_matches_tbptt_on_first_truncation():
     assert cos > 0.9, cos
 
 
-@pytest.mark.parametrize("horizon,expect", [(7, "eps"), (10, "zero"), (100, "sum")])
-def test_pes_perturbation_sum_resets_with_trajectory(horizon, expect):
+@pytest.mark.parametrize("horizon,expect", [(7, "eps"), (10, "sum"), (100, "sum")])
+def test_pes_perturbation_sum_follows_the_trajectory(horizon, expect):
     """After two truncations of 5 steps: no reset keeps eps1 + eps2; a reset at step 7 (inside
-    the second truncation) keeps only eps2; a reset at step 10 (its last step) keeps nothing."""
+    the second truncation) keeps only eps2, the sum of the new trajectory; a trajectory that
+    ends at step 10 still holds eps1 + eps2 (it restarts at the next truncation's first step,
+    where PES credits its sum with nothing)."""
     unroller = _unroller(4, trunc=5, horizon=horizon)
     pes = estimators.get("pes", std=0.1)
     theta = LOPT.init(jax.random.PRNGKey(0))
     state = pes.init(unroller, jax.random.PRNGKey(1), theta)
-    keys = jax.random.split(jax.random.PRNGKey(2), 2)
-    grad_fn = jax.jit(lambda s, k: pes.grad(unroller, theta, s, k))
-    state1 = grad_fn(state, keys[0])[1]
-    state2 = grad_fn(state1, keys[1])[1]
+    keys = jax.random.split(jax.random.PRNGKey(2), 3)
+    grad_fn = jax.jit(lambda s, k, t: pes.grad(unroller, theta, s, k, t))
+    state1 = grad_fn(state, keys[0], 0)[1]
+    state2 = grad_fn(state1, keys[1], 1)[1]
     eps = [sample_perturbation(unroller, jax.random.split(k)[0], theta, 0.1) for k in keys]
-    want = {
-        "sum": jax.tree.map(lambda a, b: a + b, eps[0], eps[1]),
-        "eps": eps[1],
-        "zero": jax.tree.map(jnp.zeros_like, eps[1]),
-    }[expect]
+    want = {"sum": jax.tree.map(lambda a, b: a + b, eps[0], eps[1]), "eps": eps[1]}[expect]
     for got, w in zip(jax.tree.leaves(state2.accum), jax.tree.leaves(want)):
         np.testing.assert_allclose(got, w, rtol=1e-6, atol=1e-7)
     steps = np.asarray(state2.unroll.particles.step)
-    assert (steps == {7: 3, 10: 0, 100: 10}[horizon]).all()
+    assert (steps == {7: 3, 10: 10, 100: 10}[horizon]).all()
+    if horizon == 10:  # the third truncation restarts: the old sum takes no part in its gradient
+        scrambled = state2._replace(accum=jax.tree.map(lambda x: x + 123.0, state2.accum))
+        g, new, _ = grad_fn(state2, keys[2], 2)
+        g2, _, _ = grad_fn(scrambled, keys[2], 2)
+        for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g2)):
+            np.testing.assert_array_equal(a, b)
+        for got, w in zip(jax.tree.leaves(new.accum), jax.tree.leaves(eps[2])):
+            np.testing.assert_allclose(got, w, rtol=1e-6, atol=1e-7)
 
 
 def test_pes_odd_particles_error_names_fix():
@@ -92,11 +98,11 @@ def test_pes_odd_particles_error_names_fix():
 def test_unroller_resets_finished_trajectory_with_fresh_task():
     unroller = _unroller(3, trunc=4, horizon=3)
     theta = LOPT.init(jax.random.PRNGKey(0))
-    state = unroller.init(theta, jax.random.split(jax.random.PRNGKey(0), 3))
-    new, out = jax.jit(lambda s, k: unroller.unroll(theta, s, k))(
-        state, jax.random.split(jax.random.PRNGKey(1), 3)
-    )
+    state = unroller.init(theta, jax.random.PRNGKey(0))
+    new, out = jax.jit(lambda s, k: unroller.unroll(theta, s, k, 0))(state, jax.random.PRNGKey(1))
     np.testing.assert_array_equal(np.asarray(out.done), np.tile([False, False, True, False], (3, 1)))
+    # The ended trajectory restarts at the top of the next step with a fresh task instance.
+    np.testing.assert_array_equal(np.asarray(out.reset), np.tile([False, False, False, True], (3, 1)))
     np.testing.assert_array_equal(np.asarray(new.particles.step), [1, 1, 1])
     assert not np.allclose(new.particles.spec["target"], state.particles.spec["target"])
     assert out.losses.shape == (3, 4) and np.isfinite(np.asarray(out.losses)).all()
@@ -115,8 +121,8 @@ def _check_tbptt_against_finite_differences():
     tb = estimators.get("tbptt")
     state = tb.init(unroller, jax.random.PRNGKey(1), theta)
     key = jax.random.PRNGKey(2)
-    grad = jax.jit(lambda t: tb.grad(unroller, t, state, key)[0])(theta)
-    loss = jax.jit(lambda t: tb.grad(unroller, t, state, key)[2]["meta_loss"])
+    grad = jax.jit(lambda t: tb.grad(unroller, t, state, key, 0)[0])(theta)
+    loss = jax.jit(lambda t: tb.grad(unroller, t, state, key, 0)[2]["meta_loss"])
     direction = jax.tree.map(lambda x: jax.random.normal(jax.random.PRNGKey(4), x.shape), theta)
     h = 1e-4
     shift = lambda s: jax.tree.map(lambda t, d: t + s * h * d, theta, direction)

@@ -1,9 +1,10 @@
-"""The ELO replay buffer: FIFO ring buffer, capacity, restore frequency against P_th, exact
-restores, antithetic partners, and PES's perturbation sums for restored states."""
+"""ELO's replay buffer (ELO Algorithm 1; estimators/resets.py): one FIFO buffer of M states,
+the P_th and t > 0 gates, segments that continue a stored state from its own position (so
+positions grow over outer steps), one push per segment after 1..N-1 of its updates, the
+horizon cap, and PES starting every segment's perturbation sum at zero."""
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -15,144 +16,151 @@ import estimators
 import lopt
 import tasks
 from estimators import schedules
-from estimators.base import pair_keys
-from estimators.replay import ReplayBuffer
+from estimators.resets import ELOReplay
 from estimators.unroll import Unroller
 
 TASK = tasks.get("quadratic", dim=3, noise_std=0.1)
 LOPT = lopt.get("mlp", hidden_size=4, hidden_layers=1)
 THETA = LOPT.init(jax.random.PRNGKey(0))
-EXACT = {"xla_backend_optimization_level": 0}  # see test_behaviour_cloning.py
+EXACT = {"xla_backend_optimization_level": 0}  # bit-exact comparisons of two programs
 
 
 def _entry(i: int):
     return {"a": jnp.full((2,), float(i)), "k": jnp.asarray(i, jnp.int32)}
 
 
-def _leaves_equal(a, b) -> bool:
-    return all(np.array_equal(np.asarray(x), np.asarray(y))
-               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+def _batch(values, valid):
+    return {"a": jnp.asarray([[float(v)] * 2 for v in values]),
+            "k": jnp.asarray(values, jnp.int32)}, jnp.asarray(valid)
 
 
-def test_ring_buffer_is_fifo_with_capacity():
-    buf = ReplayBuffer(capacity=3, p_threshold=0.5)
+def test_one_fifo_buffer_of_capacity_m():
+    """Every particle's valid offer is enqueued in particle order; when full the oldest are
+    dequeued; of more than M offers at once the last M survive."""
+    buf = ELOReplay(capacity=3, p_threshold=0.5)
     state = buf.init(_entry(0))
     assert int(state.size) == 0
-    for i in range(1, 8):
-        state = buf.push(state, _entry(i))
-        slots = np.asarray(buf.fifo_slots(state))[: int(state.size)]
-        stored = [int(buf.lookup(state, s)["k"]) for s in slots]
-        assert stored == list(range(max(1, i - 2), i + 1))  # oldest first; the oldest dequeued
-        assert int(state.size) == min(i, 3)
-    assert int(state.pushes) == 7
-    assert _leaves_equal(buf.lookup(state, (int(state.head) - 1) % 3), _entry(7))
-    # No restore before the first outer step or from an empty buffer, whatever u is.
-    never = ReplayBuffer(capacity=3, p_threshold=0.0)
-    assert not bool(never.draw(state, jax.random.PRNGKey(0), jnp.asarray(0))[0])
-    assert not bool(never.draw(never.init(_entry(0)), jax.random.PRNGKey(0), jnp.asarray(5))[0])
+
+    def stored(s):
+        slots = np.asarray(buf.fifo_slots(s))[: int(s.size)]
+        return [int(s.entries["k"][i]) for i in slots]
+
+    state = buf.observe(state, *_batch([1, 2], [True, False]), None)
+    assert stored(state) == [1] and int(state.pushes) == 1
+    state = buf.observe(state, *_batch([3, 4], [True, True]), None)
+    assert stored(state) == [1, 3, 4]
+    state = buf.observe(state, *_batch([5, 6], [True, True]), None)
+    assert stored(state) == [4, 5, 6] and int(state.size) == 3
+    state = buf.observe(state, *_batch([7, 8, 9, 10, 11], [True, True, False, True, True]), None)
+    assert stored(state) == [8, 10, 11] and int(state.pushes) == 9
     with pytest.raises(ValueError, match="capacity"):
-        ReplayBuffer(capacity=0)
+        ELOReplay(capacity=0)
+    with pytest.raises(ValueError, match="p_threshold"):
+        ELOReplay(p_threshold=1.5)
 
 
-# One compiled unroll for the statistics and exactness tests: N_PAIRS antithetic-style pairs
-# (partners share keys), one-step truncations, trajectories of 2 steps: a particle resets every
-# other truncation, and with one-step truncations the pushed state is the truncation's final
-# state, so every push and every restore can be checked bit for bit.
-N_PAIRS, CAPACITY, P_TH = 64, 3, 0.3
-UNROLLER = Unroller(TASK, LOPT, 2 * N_PAIRS, 1, schedules.constant(2), stagger=False,
-                    replay=ReplayBuffer(CAPACITY, P_TH))
+def test_draws_respect_p_threshold_and_the_first_outer_step():
+    """Restore iff u > P_th, t > 0 and B is not empty; the slot is uniform over the m stored."""
+    buf = ELOReplay(capacity=4, p_threshold=0.3)
+    full = buf.observe(buf.init(_entry(0)), *_batch([1, 2, 3], [True] * 3), None)
+    keys = jax.random.split(jax.random.PRNGKey(0), 4000)
+    draw = jax.jit(buf.draw)
+    assert not np.asarray(draw(full, keys, 0)[0]).any()  # t = 0: never
+    assert not np.asarray(draw(buf.init(_entry(0)), keys, 5)[0]).any()  # empty B: never
+    restore, entries = draw(full, keys, 5)
+    n, k, p = len(keys), int(np.sum(restore)), 1 - 0.3
+    assert abs(k - n * p) < 4.0 * np.sqrt(n * p * (1 - p)), (k, n * p)  # binomial, 4 sigma
+    counts = np.bincount(np.asarray(entries["k"])[np.asarray(restore)], minlength=4)[1:]
+    assert counts.min() > 0.8 * counts.mean()  # uniform over the 3 stored entries
+
+
+# One compiled unroll: 8 particles, segments of N = 2 steps, P_th = 0 (every particle restores
+# from t = 1 on), a buffer of 6 states.
+N = 2
+UNROLLER = Unroller(TASK, LOPT, 8, N, schedules.constant(50), stagger=False,
+                    reset=ELOReplay(capacity=6, p_threshold=0.0))
 
 
 @functools.lru_cache(maxsize=None)
-def _unroll_run(num_truncations: int = 8):
-    """[(state before, state after, output)] of consecutive truncations, as numpy."""
-    init = jax.jit(UNROLLER.init, compiler_options=EXACT)
-    unroll = jax.jit(UNROLLER.unroll, compiler_options=EXACT)
-    state = init(THETA, pair_keys(UNROLLER, jax.random.PRNGKey(1)))
-    history = []
-    for i in range(num_truncations):
-        new, out = unroll(THETA, state, pair_keys(UNROLLER, jax.random.PRNGKey(100 + i)))
-        history.append(jax.device_get((state, new, out)))
+def _history(unroller: Unroller = UNROLLER, steps: int = 12):
+    """[(state before, state after, output)] of consecutive outer steps, as numpy."""
+    unroll = jax.jit(unroller.unroll, compiler_options=EXACT)
+    state = jax.jit(unroller.init, compiler_options=EXACT)(THETA, jax.random.PRNGKey(1))
+    out = []
+    for t in range(steps):
+        new, o = unroll(THETA, state, jax.random.PRNGKey(100 + t), t)
+        out.append(jax.device_get((state, new, o)))
         state = new
-    return history
+    return out
 
 
-def _at(tree, *index):
-    return jax.tree.map(lambda x: x[index], tree)
+def test_restored_segments_continue_from_their_position_and_positions_grow():
+    history = _history()
+    first = history[0][2]
+    assert not first.info.restored.any() and (first.info.start_position == 0).all()
+    assert first.reset[:, 0].all()  # every segment starts afresh (restored or fresh): no carry
+    for t, (old, new, out) in enumerate(history[1:], start=1):
+        assert out.info.restored.all()  # P_th = 0 and B not empty
+        stored = set(np.asarray(old.reset_state.entries.step)[: int(old.reset_state.size)].tolist())
+        assert set(out.info.start_position.tolist()) <= stored
+        # Each particle ran N steps from ITS position K, not from 0.
+        np.testing.assert_array_equal(out.position, out.info.start_position + N)
+    positions = [out.position.max() for _, _, out in history]
+    assert positions[-1] > 4 * N and positions[-1] > positions[1], positions
 
 
-def test_pushes_are_fifo_and_restores_equal_the_stored_states_exactly():
-    for outer, (old, new, out) in enumerate(_unroll_run()):
-        rb_old, rb_new = old.replay, new.replay
-        np.testing.assert_array_equal(rb_new.size, np.minimum(outer + 1, CAPACITY))
-        np.testing.assert_array_equal(out.push_slot, outer % CAPACITY)
-        head = outer % CAPACITY
-        # The truncation's (final) state was enqueued at the head, over the oldest entry.
-        assert _leaves_equal(_at(rb_new.entries, slice(None), head), new.particles)
-        # Older entries are untouched.
-        keep = [s for s in range(CAPACITY) if s != head]
-        assert _leaves_equal(_at(rb_old.entries, slice(None), keep), _at(rb_new.entries, slice(None), keep))
-        restored = out.restored[:, 0]
-        for i in np.flatnonzero(restored >= 0):  # equal to the entry stored before the truncation
-            assert _leaves_equal(_at(new.particles, i), _at(rb_old.entries, i, restored[i]))
-        fresh = out.done[:, 0] & (restored < 0)
-        assert (new.particles.step[fresh] == 0).all()
-    # Restored states carry their inner step K > 0 (pushed mid-trajectory), not a fresh 0.
-    steps = [new.particles.step[i] for _, new, out in _unroll_run()
-             for i in np.flatnonzero(out.restored[:, 0] >= 0)]
-    assert steps and max(steps) == 1
+def test_each_segment_pushes_the_state_after_one_to_n_minus_one_updates():
+    for old, new, out in _history():
+        n_new = int(new.reset_state.pushes - old.reset_state.pushes)
+        assert n_new == 8  # every particle offered one valid state
+        slots = (int(old.reset_state.head) + np.arange(n_new)) % 6
+        pushed = np.asarray(new.reset_state.entries.step)[slots]
+        # N = 2: the pushed state had t = 1 update of its segment (t in 1..N-1).
+        np.testing.assert_array_equal(pushed, out.info.start_position + 1)
 
 
-def test_restore_frequency_matches_p_threshold_and_partners_agree():
-    history = _unroll_run()
-    assert (history[0][2].restored == -1).all()  # outer step 0 never restores
-    done = np.concatenate([out.done[0::2] for _, _, out in history[1:]])
-    restored = np.concatenate([out.restored[0::2] for _, _, out in history[1:]])
-    n, k = int(done.sum()), int((restored >= 0).sum())
-    p = 1.0 - P_TH
-    assert n > 200
-    assert abs(k - n * p) < 4.0 * np.sqrt(n * p * (1 - p)), (k, n)  # binomial, 4 sigma
-    assert (restored[~done] == -1).all()
-    for _, _, out in history:  # antithetic partners restore the same slot
-        np.testing.assert_array_equal(out.restored[0::2], out.restored[1::2])
-    # Slots are drawn uniformly over the stored entries.
-    counts = np.bincount(restored[restored >= 0], minlength=CAPACITY)
-    assert counts.min() > 0.2 * counts.sum() / CAPACITY
+def test_restored_state_equals_the_stored_one_bit_for_bit():
+    """A segment that restores a state continues exactly that state: its first step from the
+    stored params equals a step from the stored params taken directly."""
+    old, new, out = _history()[3]
+    entries = old.reset_state.entries
+    trunc = jax.jit(UNROLLER.begin)(jax.device_put(old), jax.random.PRNGKey(103), 3)
+    restored = jax.device_get(trunc.start.restored)
+    for i in range(8):
+        match = [s for s in range(int(old.reset_state.size))
+                 if all(np.array_equal(np.asarray(a)[s], np.asarray(b)[i])
+                        for a, b in zip(jax.tree.leaves(entries), jax.tree.leaves(restored)))]
+        assert match, i
+    assert out.info.restored.all()
 
 
-def test_pes_keeps_perturbation_sums_with_the_buffer():
-    """PES with the buffer: the pushed entry's sum is the pushed state's sum, and a pair that
-    restores an entry at the end of a truncation takes that entry's sum (one-step truncations:
-    the pushed state is the final one, and a reset is always the truncation's last step)."""
-    unroller = Unroller(TASK, LOPT, 4, 1, schedules.constant(2), stagger=False,
-                        replay=ReplayBuffer(capacity=2, p_threshold=0.0))
+def test_the_horizon_caps_a_chain():
+    """Chains end at the trajectory length (here 5): positions never exceed it and a state at
+    its length is never stored."""
+    capped = Unroller(TASK, LOPT, 8, N, schedules.constant(5), stagger=False,
+                      reset=ELOReplay(capacity=6, p_threshold=0.0))
+    history = _history(capped, 12)
+    for _, new, out in history:
+        assert out.position.max() <= 5
+        size = int(new.reset_state.size)
+        steps = np.asarray(new.reset_state.entries.step)[:size]
+        assert (steps < 5).all()
+    assert max(out.position.max() for *_, out in history) == 5
+
+
+def test_pes_starts_every_segment_sum_at_zero():
+    """With the buffer every segment starts restored or fresh: PES credits it with its own
+    eps only, whatever the pair's previous sum was."""
+    unroller = Unroller(TASK, LOPT, 4, N, schedules.constant(50), stagger=False,
+                        reset=ELOReplay(capacity=4, p_threshold=0.0))
     pes = estimators.get("pes", std=0.1)
     state = pes.init(unroller, jax.random.PRNGKey(1), THETA)
-    step = jax.jit(lambda s, k: pes.grad(unroller, THETA, s, k), compiler_options=EXACT)
-    # Before anything is restored, the buffer's bookkeeping reproduces plain PES exactly.
-    plain = dataclasses.replace(unroller, replay=None)
-    plain_state = pes.init(plain, jax.random.PRNGKey(1), THETA)
-    plain_grad, plain_new, _ = jax.jit(lambda s, k: pes.grad(plain, THETA, s, k), compiler_options=EXACT)(
-        plain_state, jax.random.PRNGKey(10))
-    restores = 0
-    for i in range(6):
-        grad, new_dev, _ = step(state, jax.random.PRNGKey(10 + i))
-        if i == 0:
-            assert _leaves_equal(grad, plain_grad) and _leaves_equal(new_dev.accum, plain_new.accum)
-        old, new = jax.device_get((state, new_dev))
-        assert all(np.isfinite(g).all() for g in jax.tree.leaves(jax.device_get(grad)))
-        np.testing.assert_array_equal(new.unroll.replay.head[0::2], new.unroll.replay.head[1::2])
-        for pair in range(2):
-            head = (new.unroll.replay.head[2 * pair] - 1) % 2
-            assert _leaves_equal(_at(new.replay_sums, pair, head), _at(new.accum, pair))
-            if i == 0 or old.unroll.particles.step[2 * pair] != 1:
-                continue  # no reset in this truncation (P_th = 0: every later reset restores)
-            for sign in (0, 1):  # each partner restored its own copy of the same slot
-                final = _at(new.unroll.particles, 2 * pair + sign)
-                slots = [s for s in range(int(old.unroll.replay.size[2 * pair]))
-                         if _leaves_equal(final, _at(old.unroll.replay.entries, 2 * pair + sign, s))]
-                assert slots
-            assert any(_leaves_equal(_at(new.accum, pair), _at(old.replay_sums, pair, s)) for s in slots)
-            restores += 1
-        state = new_dev
-    assert restores > 0
+    step = jax.jit(lambda s, k, t: pes.grad(unroller, THETA, s, k, t))
+    for t in range(3):
+        grad, new, metrics = step(state, jax.random.PRNGKey(10 + t), t)
+        scrambled = state._replace(accum=jax.tree.map(lambda x: x + 5.0, state.accum))
+        grad2, new2, _ = step(scrambled, jax.random.PRNGKey(10 + t), t)
+        for a, b in zip(jax.tree.leaves((grad, new.accum)), jax.tree.leaves((grad2, new2.accum))):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        assert float(metrics["restored_share"]) == (0.0 if t == 0 else 1.0)
+        state = new

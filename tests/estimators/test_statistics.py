@@ -35,8 +35,8 @@ def _replicas(estimator, unroller, theta, replicas, truncations=1, seed=0):
         k_init, k_run = jax.random.split(key)
         state = estimator.init(unroller, k_init, theta)
         total = jax.tree.map(jnp.zeros_like, theta)
-        for k in jax.random.split(k_run, truncations):
-            g, state, metrics = estimator.grad(unroller, theta, state, k)
+        for t, k in enumerate(jax.random.split(k_run, truncations)):
+            g, state, metrics = estimator.grad(unroller, theta, state, k, t)
             total = jax.tree.map(lambda a, b: a + b / truncations, total, g)
         return jnp.concatenate([x.ravel() for x in jax.tree.leaves(total)]), metrics
 

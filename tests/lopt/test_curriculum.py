@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
-from lopt import config as config_lib
-from lopt import curriculum as curriculum_lib
-from lopt import export, outer
-from lopt.curriculum import Curriculum, CurriculumState
-from lopt.outer import train
+from lopt.training import config as config_lib
+from lopt.training import curriculum as curriculum_lib
+from lopt import export
+from lopt.training import loop
+from lopt.training.curriculum import Curriculum, CurriculumState
+from lopt.training import train
 from tasks.registry import ConfigError
 
 
@@ -295,37 +296,59 @@ def test_scripted_validations_export_the_best_not_the_last(tmp_path, monkeypatch
     assert not np.array_equal(exported["log_lr"], params[5]["log_lr"])  # not the last ones
 
 
-def test_new_stage_restarts_from_the_best_with_fresh_particles():
-    trainer = config_lib.build(cl_config())
-    run = outer._CurriculumRun(config_lib.curriculum(cl_config()), trainer, seed=0)
-    state = run.trainer.init(jax.random.PRNGKey(0))
-    run.best = jax.tree.map(lambda x: np.asarray(x) + 1.0, jax.device_get(state.meta_params))
-    run.state = CurriculumState(stage=1, period=-1, best_step=2, best_stage=0)
-    new = run._start_stage(state)
-    assert run.trainer.horizon.length == 8 and run.trainer is not trainer
-    _assert_trees_equal(new.meta_params, run.best)
-    _assert_trees_equal(new.meta_opt_state, state.meta_opt_state)  # the meta-optimizer is kept
-    # Fresh particles drawn for the new horizon (deterministically: a resumed run gets the same).
-    fresh = run.trainer.init(jax.random.fold_in(jax.random.PRNGKey(0), 1))
-    _assert_trees_equal(new.estimator_state, fresh.estimator_state)
+def _hook_and_run(config, tmp_path):
+    trainer = config_lib.build(config)
+    hook = loop.CurriculumHook(config_lib.curriculum(config), trainer)
+    run = loop.Run(config, str(tmp_path), hook.trainer(0), primary=True, total=20)
+    run.state = run.trainer.init(jax.random.PRNGKey(0))
+    return hook, run
 
 
-def test_imitation_probability_follows_the_curriculum_stage():
+def test_new_stage_restarts_from_the_best_with_fresh_particles(tmp_path):
+    hook, run = _hook_and_run(cl_config(), tmp_path)
+    before = jax.device_get(run.state)
+    hook.best = jax.tree.map(lambda x: np.asarray(x) + 1.0, before.meta_params)
+    hook.state = CurriculumState(stage=1, period=-1, best_step=2, best_stage=0)
+    hook._start_stage(run)
+    assert run.trainer.horizon.length == 8 and run.recompiling
+    _assert_trees_equal(run.state.meta_params, hook.best)
+    _assert_trees_equal(run.state.meta_opt_state, before.meta_opt_state)  # the meta-optimizer is kept
+    assert int(run.state.outer_step) == int(before.outer_step)  # and the run's clock
+    # Fresh particles drawn for the new horizon from the run's own key (a resumed run gets the same).
+    fresh = run.trainer.init(jax.random.fold_in(jax.device_put(before.key), 1))
+    _assert_trees_equal(run.state.estimator_state, fresh.estimator_state)
+    assert (np.asarray(run.state.estimator_state.unroll.particles.length) <= 8).all()
+
+
+def test_imitation_probability_follows_the_curriculum_stage(tmp_path):
     """Chen et al. 2020: r may change per stage; ``imitation.prob=(r0, r1)`` gives stage 0's
     particles r0 and a new stage r1 (the last value repeating), and a per-stage r without a
     curriculum is a config error."""
     imitation = ConfigDict(dict(prob=(1.0, 0.25), teachers=("adam", "sgd")))
     config = cl_config(imitation=imitation)
-    trainer = config_lib.build(config)
-    assert [trainer.estimator.prob_at(s) for s in (0, 1, 5)] == [1.0, 0.25, 0.25]
-    run = outer._CurriculumRun(config_lib.curriculum(config), trainer, seed=0)
-    state = run.trainer.init(jax.random.PRNGKey(0))
-    assert float(state.estimator_state.prob) == 1.0
-    run.best = jax.device_get(state.meta_params)
-    run.state = CurriculumState(stage=1, period=-1, best_step=2, best_stage=0)
-    new = run._start_stage(state)
-    assert float(new.estimator_state.prob) == 0.25
+    hook, run = _hook_and_run(config, tmp_path)
+    assert [hook.base.estimator.prob_at(s) for s in (0, 1, 5)] == [1.0, 0.25, 0.25]
+    assert float(run.state.estimator_state.prob) == 1.0
+    hook.best = jax.device_get(run.state.meta_params)
+    hook.state = CurriculumState(stage=1, period=-1, best_step=2, best_stage=0)
+    hook._start_stage(run)
+    assert float(run.state.estimator_state.prob) == 0.25
     with pytest.raises(ConfigError, match="one value per curriculum stage"):
         config_lib.build(cl_config(imitation=imitation, curriculum=ConfigDict(dict(enabled=False))))
     with pytest.raises(ConfigError, match=r"imitation.prob must lie in \[0, 1\]"):
         config_lib.build(cl_config(imitation=ConfigDict(dict(prob=(0.5, 1.5)))))
+
+
+def test_behaviour_cloning_alpha_follows_the_runs_clock_across_stages(tmp_path):
+    """One clock: a_t of behaviour cloning rises with the run's outer step, and a curriculum
+    stage switch neither restarts it nor the step count."""
+    bc = ConfigDict(dict(teacher="adam", schedule=ConfigDict(dict(kind="linear", steps=20))))
+    config = cl_config()
+    config.unroll.behaviour_cloning = bc
+    train(config, str(tmp_path), progress=False)
+    rows = _rows(str(tmp_path))
+    advance = next(r["step"] for r in rows if r.get("decision") == "advance")
+    logged = [r for r in rows if "bc_alpha" in r]
+    assert any(r["step"] > advance + 1 for r in logged)
+    for r in logged:  # a row at step s reports outer step s - 1
+        assert r["bc_alpha"] == pytest.approx((r["step"] - 1) / 20, abs=1e-6), r

@@ -16,7 +16,8 @@ import pytest
 
 import lopt
 import tasks
-from lopt import evaluation, export
+from lopt import export
+from lopt.training import evaluation
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(REPO, "scripts", "evaluate.py")
@@ -153,7 +154,7 @@ def test_format_table_and_plot(tmp_path, sgd_quadratic):
 def export_path(tmp_path_factory):
     learned_opt = lopt.get("mlp", hidden_size=4, hidden_layers=1)
     meta_params = learned_opt.init(jax.random.PRNGKey(0))
-    path = tmp_path_factory.mktemp("export") / "optimizer.lopt"
+    path = tmp_path_factory.mktemp("export") / "optimizer.safetensors"
     export.save(path, learned_opt, meta_params)
     return str(path)
 
@@ -219,7 +220,7 @@ def test_script_end_to_end(script_run):
 @pytest.mark.parametrize(
     "args, needle",
     [
-        (["--export=/nonexistent/optimizer.lopt"], "not found"),
+        (["--export=/nonexistent/optimizer.safetensors"], "not found"),
         (["--task_kwargs={bad json"], "JSON"),
         (["--task=no_such_task"], "no_such_task"),
     ],

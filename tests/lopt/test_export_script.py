@@ -13,7 +13,7 @@ import pytest
 from ml_collections import ConfigDict
 
 from lopt import export
-from lopt.outer import train
+from lopt.training import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(REPO, "scripts", "export.py")

@@ -21,9 +21,18 @@ import estimators
 import lopt
 import tasks
 from estimators import schedules
-from lopt.outer import MetaTrainer
+from lopt.training import MetaTrainer
 
 TASK = tasks.get("digits_mlp", hidden_sizes=(4,), batch_size=8)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fast_compiles():
+    """The 15 cells are all compilation (3 outer steps each): skip XLA's optimisation passes."""
+    old = jax.config.jax_optimization_level
+    jax.config.update("jax_optimization_level", "O0")
+    yield
+    jax.config.update("jax_optimization_level", old)
 ZOO = {
     "mlp": dict(hidden_size=4),
     "adafac_mlp": dict(hidden_size=4, hidden_layers=1),
@@ -37,7 +46,7 @@ ESTIMATORS = {"tbptt": {}, "pes": dict(std=0.01), "merged": dict(std=0.01)}
 @pytest.mark.parametrize("estimator", list(ESTIMATORS))
 @pytest.mark.parametrize("name", list(ZOO))
 def test_meta_training_never_skips_a_step(name, estimator):
-    trainer = MetaTrainer(
+    trainer = MetaTrainer.create(
         task_family=TASK,
         learned_opt=lopt.get(name, **ZOO[name]),
         estimator=estimators.get(estimator, **ESTIMATORS[estimator]),

@@ -24,9 +24,9 @@ from estimators import schedules
 from estimators.unroll import MetaLoss
 from lopt import export
 from lopt.base import config_of
-from lopt.checkpoint import Checkpointer
+from lopt.training.checkpoint import Checkpointer
 from lopt.hyper import HyperAdam
-from lopt.outer import MetaTrainer
+from lopt.training import MetaTrainer
 
 ZOO = ("adafac_mlp", "lstm_dm", "rnnprop", "hyper_adam")
 # Optimizers whose first update does not depend on the gradient's scale.
@@ -327,7 +327,7 @@ def test_hyper_adam_rejects_bad_hyperparameters():
 @pytest.mark.parametrize("name", ZOO)
 def test_export_round_trip(tmp_path, name):
     learned_opt, meta_params = _zoo(name)
-    path = export.save(tmp_path / f"{name}.lopt", learned_opt, meta_params, metadata={"n": name})
+    path = export.save(tmp_path / f"{name}.safetensors", learned_opt, meta_params, metadata={"n": name})
     loaded_opt, loaded = export.load(path)
     assert loaded_opt == learned_opt
     _assert_trees_close(loaded, meta_params, rtol=0, atol=0)
@@ -347,16 +347,16 @@ def test_export_round_trip(tmp_path, name):
 
 def test_export_loaded_as_another_architecture_fails(tmp_path):
     learned_opt, meta_params = _zoo("lstm_dm")
-    path = export.save(tmp_path / "lstm.lopt", learned_opt, meta_params)
+    path = export.save(tmp_path / "lstm.safetensors", learned_opt, meta_params)
     with pytest.raises(export.ArchitectureMismatchError, match="'lstm_dm'.*but 'rnnprop'"):
         export.load(path, learned_opt=lopt.get("rnnprop"))
     with pytest.raises(export.ArchitectureMismatchError, match="hidden_size"):
         export.load(path, learned_opt=lopt.get("lstm_dm", hidden_size=8))
     # Meta-params of one architecture cannot be saved as another.
     with pytest.raises(export.ArchitectureMismatchError):
-        export.save(tmp_path / "x.lopt", lopt.get("rnnprop"), meta_params)
+        export.save(tmp_path / "x.safetensors", lopt.get("rnnprop"), meta_params)
     learnable = lopt.get("adafac_mlp", learnable_decays=True)
-    path = export.save(tmp_path / "ada.lopt", learnable, learnable.init(jax.random.PRNGKey(1)))
+    path = export.save(tmp_path / "ada.safetensors", learnable, learnable.init(jax.random.PRNGKey(1)))
     with pytest.raises(export.ArchitectureMismatchError, match="learnable_decays"):
         export.load(path, learned_opt=lopt.get("adafac_mlp"))
 
@@ -400,7 +400,7 @@ META_TRAIN = {
 def test_short_meta_training_lowers_meta_loss(name):
     """30 PES outer steps on noiseless 4-d quadratics (fresh 10-step trajectories per outer step,
     16 antithetic pairs): the mean meta-loss of the last 5 steps is clearly below the first 5."""
-    trainer = MetaTrainer(
+    trainer = MetaTrainer.create(
         task_family=tasks.get("quadratic", dim=4, noise_std=0.0),
         learned_opt=lopt.get(name, **META_TRAIN[name]),
         estimator=estimators.get("pes", std=0.01),

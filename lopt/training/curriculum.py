@@ -41,8 +41,8 @@ Two pieces, both host-side and deterministic:
 
 * :class:`Curriculum` (static options) with the pure transition
   ``Curriculum.update(state, valid_loss, outer_step) -> (state, Decision)`` over Python floats and
-  a JSON-able :class:`CurriculumState`; the training loop saves the state in each checkpoint's
-  ``host`` dict, so a resumed run makes the same decisions.
+  a JSON-able :class:`CurriculumState`; the training loop (``lopt.training.loop.CurriculumHook``)
+  saves the state in each checkpoint's ``host`` dict, so a resumed run makes the same decisions.
 * :class:`Validator`: the validation loss of meta-params at a length, on held-out task instances,
   one compiled program per length (the lengths are few).
 
@@ -70,8 +70,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lopt import evaluation
+from estimators import schedules
 from lopt.base import LearnedOptimizer, MetaParams
+from lopt.training import evaluation
 from tasks.base import TaskFamily, bind_data, data_arrays
 
 __all__ = [
@@ -83,7 +84,13 @@ __all__ = [
     "CurriculumState",
     "Decision",
     "Validator",
+    "constant_horizon",
 ]
+
+
+def constant_horizon(length: int) -> schedules.Schedule:
+    """The horizon of a stage: every trajectory N_train steps long."""
+    return schedules.constant(int(length))
 
 #: Chen et al. 2020's training unroll lengths N_train.
 DEFAULT_STAGES: tuple[int, ...] = (100, 200, 500, 1000)

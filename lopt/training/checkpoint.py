@@ -1,0 +1,189 @@
+"""Orbax checkpoints of the whole meta-training state, with integrity checks.
+
+A checkpoint (``checkpoints/<step>/``) holds the device items (``state``: the
+``MetaTrainState`` with every particle's inner state; plus what hooks add, e.g. the curriculum's
+best meta-params) written with ``StandardSave``, and a JSON ``host`` item: hooks' host state, the
+items' structure (path, shape, dtype of every leaf) and a SHA-256 of their bytes. Items are
+restored into the structure of a freshly initialised state, so a resumed run continues
+bit-for-bit.
+
+:meth:`Checkpointer.restore_latest` tries the newest checkpoint first and checks it: a
+checkpoint whose files are missing, truncated or overwritten (orbax fails, or the restored bytes
+do not match the recorded SHA-256) is *corrupt*: it is named in a warning, kept (renamed to
+``<step>.corrupt``, never deleted) and the next newest is tried. A checkpoint whose structure
+differs from this config's (another task or optimizer size) is not corrupt but foreign: that is
+an error naming the first differing leaf. When no intact checkpoint remains,
+:class:`CheckpointError` says so in one line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import warnings
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from tasks.registry import ConfigError
+
+
+class CheckpointError(RuntimeError):
+    """No intact checkpoint to resume from (the message is one line)."""
+
+
+class CheckpointMismatchError(ConfigError):
+    """The workdir's checkpoint was written by a config with other shapes."""
+
+
+class CorruptCheckpointWarning(UserWarning):
+    """A checkpoint was unreadable and skipped (kept under a new name)."""
+
+
+def _leaves(tree: Any) -> list[tuple[str, Any]]:
+    return [(jax.tree_util.keystr(path), leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)]
+
+
+def structure(tree: Any) -> list[list]:
+    """[path, shape, dtype] of every leaf (JSON-able)."""
+    def dtype(x):
+        return np.dtype(x.dtype) if hasattr(x, "dtype") else np.asarray(x).dtype
+
+    return [[p, list(np.shape(x)), str(dtype(x))] for p, x in _leaves(tree)]
+
+
+def checksum(tree: Any) -> str | None:
+    """SHA-256 over every leaf's path, shape, dtype and bytes; None when some array is not
+    fully addressable from this process (multi-host: each host holds only its shards)."""
+    h = hashlib.sha256()
+    for path, x in _leaves(tree):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return None
+        a = np.ascontiguousarray(np.asarray(jax.device_get(x)))
+        h.update(f"{path}|{a.shape}|{a.dtype}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Orbax reports a failed read with tracebacks on its loggers; the caller reports it once."""
+    names = ("absl", "orbax", "asyncio", "jax")
+    saved = [(n, logging.getLogger(n).level) for n in names]
+    for n, _ in saved:
+        logging.getLogger(n).setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for n, level in saved:
+            logging.getLogger(n).setLevel(level)
+
+
+def _first_line(e: BaseException) -> str:
+    text = f"{type(e).__name__}: {e}".strip()
+    return text.splitlines()[0][:300]
+
+
+class Checkpointer:
+    """Keeps the newest ``max_to_keep`` checkpoints in ``directory``."""
+
+    def __init__(self, directory: str, max_to_keep: int = 2):
+        self.directory = os.path.abspath(directory)
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+        )
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def save(self, step: int, items: dict, host: dict | None = None) -> None:
+        host = dict(host or {})
+        host["_structure"] = structure(items)
+        host["_sha256"] = checksum(items)
+        args = ocp.args.Composite(
+            arrays=ocp.args.StandardSave(items), host=ocp.args.JsonSave(host)
+        )
+        self._manager.save(step, args=args, force=True)
+
+    def restore(self, step: int, like: dict) -> tuple[dict, dict]:
+        """Restore ``step`` into the structure, shapes and dtypes of ``like``, checked (see
+        the module docstring): raises CheckpointMismatchError, or another exception for a
+        corrupt checkpoint."""
+        with _quiet():
+            host = self._manager.restore(step, args=ocp.args.Composite(host=ocp.args.JsonRestore()))["host"]
+        host = dict(host or {})
+        want = structure(like)
+        have = host.get("_structure")
+        if have is not None and have != want:
+            for a, b in zip(have, want):
+                if a != b:
+                    raise CheckpointMismatchError(
+                        f"checkpoint {step} in {self.directory} was written by another config: "
+                        f"{a[0]} is {tuple(a[1])} {a[2]} there, {tuple(b[1])} {b[2]} here; use a "
+                        "new workdir (or the config that wrote it)"
+                    )
+            raise CheckpointMismatchError(
+                f"checkpoint {step} in {self.directory} was written by another config "
+                f"({len(have)} arrays there, {len(want)} here); use a new workdir"
+            )
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+        args = ocp.args.Composite(arrays=ocp.args.StandardRestore(abstract))
+        with _quiet():
+            items = self._manager.restore(step, args=args)["arrays"]
+        expected = host.get("_sha256")
+        if expected is not None:
+            got = checksum(items)
+            if got is not None and got != expected:
+                raise ValueError("its arrays do not match the SHA-256 recorded when it was written")
+        return items, {k: v for k, v in host.items() if not k.startswith("_")}
+
+    def restore_latest(self, like: tuple[dict, dict]) -> tuple[int, dict, dict] | None:
+        """(step, items, host) of the newest intact checkpoint, or None if there is none at all;
+        corrupt ones are renamed ``<step>.corrupt`` with a warning (module docstring)."""
+        items_like, _ = like
+        corrupt = []
+        for step in reversed(self.all_steps()):
+            try:
+                items, host = self.restore(step, items_like)
+            except CheckpointMismatchError:
+                raise
+            except Exception as e:  # noqa: BLE001  (any failure to read is corruption)
+                kept = self._set_aside(step)
+                why = _first_line(e)
+                corrupt.append(f"{step} ({why}; kept as {os.path.basename(kept)})")
+                warnings.warn(
+                    f"checkpoint {step} in {self.directory} is corrupt ({why}); kept as {kept}; "
+                    "falling back to the next newest", CorruptCheckpointWarning, stacklevel=2,
+                )
+                continue
+            return step, items, host
+        if corrupt:
+            raise CheckpointError(
+                f"no intact checkpoint in {self.directory}: {'; '.join(corrupt)}; move the "
+                "workdir away to start afresh"
+            )
+        return None
+
+    def _set_aside(self, step: int) -> str:
+        src = os.path.join(self.directory, str(step))
+        dst, n = f"{src}.corrupt", 1
+        while os.path.exists(dst):
+            n += 1
+            dst = f"{src}.corrupt{n}"
+        os.replace(src, dst)
+        self._manager.reload()
+        return dst
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.close()

@@ -1,0 +1,255 @@
+"""From an experiment config (an ``ml_collections.ConfigDict``) to a ``MetaTrainer``.
+
+A config has these sections; every component section names a registry entry and passes the
+rest of its keys as that component's options:
+
+    seed: int                   num_outer_steps: int
+    log_every: int              checkpoint_every: int
+    num_devices: int (optional; 0 = shard particles over every visible device)
+    task:           {name: "digits_mlp", hidden_sizes: (32,), ...}      -> tasks.get
+    lopt:           {name: "mlp", hidden_size: 32, ...}                 -> lopt.get
+    estimator:      {name: "pes", std: 0.01, ...}                       -> estimators.get
+    meta_optimizer: {name: "adam", learning_rate: 1e-3, clip_grad_norm: None}  -> optax.<name>
+    unroll:         {num_particles, trunc_length,
+                     horizon: {name: "constant", length: 200},          -> estimators.schedules
+                     meta_loss: {split, normalize, clip},
+                     trunc_schedule: None or {name: "log_uniform", low: 5, high: 50},
+                     replay: optional {capacity, p_threshold}           -> estimators.resets.ELOReplay
+                     behaviour_cloning: optional {teacher, schedule}     -> lopt.wrappers.BehaviourCloning
+                     self_improving: optional {teachers, schedule, initial_prob}
+                                                                        -> lopt.wrappers.SelfImproving}
+    curriculum:     optional {stages, period, min_periods, max_periods, valid_seeds, ...}
+                     -> lopt.training.curriculum.Curriculum (Chen et al. 2020, Algorithm 1)
+    imitation:      optional {prob, teachers, length, ...} -> estimators.imitation.Imitation
+    health:         optional {max_skipped, max_clipped_logs}  (lopt.training.loop)
+
+An optional section is off when absent, None, empty or ``enabled: False``. ``build`` checks
+every key and value before constructing anything, so a mistake fails at once with a message
+naming the key, long before the first compile.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+import optax
+
+import estimators
+import lopt
+import tasks
+from estimators import schedules
+from estimators.imitation import Imitation
+from estimators.resets import ELOReplay, FreshReset
+from estimators.unroll import MetaLoss
+from lopt.wrappers import BehaviourCloning, SelfImproving
+from tasks.registry import ConfigError, check_kwargs
+
+TOP_LEVEL = {
+    "seed": int,
+    "num_outer_steps": int,
+    "log_every": int,
+    "checkpoint_every": int,
+    "task": dict,
+    "lopt": dict,
+    "estimator": dict,
+    "meta_optimizer": dict,
+    "unroll": dict,
+}
+# Optional top-level keys and their defaults.
+OPTIONAL = {
+    "num_devices": 0,  # devices to shard particles over (0: all visible, all hosts)
+    "curriculum": None,  # Curriculum options plus `enabled` (see curriculum())
+    "imitation": None,  # estimators.imitation.Imitation options plus `enabled` (Chen et al. 2020)
+    "health": None,  # lopt.training.loop.Health options
+}
+UNROLL_KEYS = {
+    "num_particles", "trunc_length", "horizon", "meta_loss", "stagger", "trunc_schedule",
+    "replay", "behaviour_cloning", "self_improving",
+}
+
+
+def as_dict(section: Any, where: str) -> dict:
+    if isinstance(section, ml_collections.ConfigDict):
+        return section.to_dict()
+    if isinstance(section, dict):
+        return dict(section)
+    raise ConfigError(f"config.{where} must be a section (ConfigDict), got {type(section).__name__}")
+
+
+def _named(section: Any, where: str) -> tuple[str, dict]:
+    d = as_dict(section, where)
+    if "name" not in d:
+        raise ConfigError(f"config.{where} needs a 'name'")
+    name = d.pop("name")
+    return name, d
+
+
+def _component(registry_get, section, where: str):
+    name, options = _named(section, where)
+    try:
+        return registry_get(name, **options)
+    except ConfigError as e:
+        raise ConfigError(f"config.{where}: {e}") from None
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config.{where}: {e}") from None
+
+
+def section_options(section: Any, where: str, factory: Any) -> dict | None:
+    """Options of an optional config section for ``factory``: None when the section is None,
+    empty, or has ``enabled: False``; unknown keys raise ``ConfigError`` naming ``config.<where>``."""
+    if section is None:
+        return None
+    options = as_dict(section, where)
+    enabled = options.pop("enabled", True)
+    if not isinstance(enabled, bool):
+        raise ConfigError(f"config.{where}.enabled must be True or False, got {enabled!r}")
+    if not options or not enabled:
+        return None
+    try:
+        check_kwargs(f"config.{where}", factory, options)
+    except ConfigError as e:
+        raise ConfigError(str(e)) from None
+    return options
+
+
+def _build(factory: Any, options: dict | None, where: str, *args) -> Any:
+    if options is None:
+        return None
+    try:
+        return factory(*args, **options)
+    except ConfigError as e:
+        raise ConfigError(f"config.{where}: {e}") from None
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config.{where}: {e}") from None
+
+
+def meta_optimizer(section: Any) -> optax.GradientTransformation:
+    """``optax.<name>(**options)``, optionally preceded by global-norm clipping."""
+    name, options = _named(section, "meta_optimizer")
+    clip = options.pop("clip_grad_norm", None)
+    factory = getattr(optax, name, None)
+    if factory is None or not callable(factory):
+        raise ConfigError(f"config.meta_optimizer: optax has no optimizer '{name}'")
+    try:
+        check_kwargs(f"optax.{name}", factory, options)
+    except ConfigError as e:
+        raise ConfigError(f"config.meta_optimizer: {e}") from None
+    opt = factory(**options)
+    return optax.chain(optax.clip_by_global_norm(clip), opt) if clip else opt
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Raise ConfigError for unknown or missing top-level keys and unknown unroll options."""
+    for key in config.keys():
+        if key not in TOP_LEVEL and key not in OPTIONAL:
+            valid = ", ".join(sorted([*TOP_LEVEL, *OPTIONAL]))
+            raise ConfigError(f"unknown config key 'config.{key}'. Valid keys: {valid}.")
+    missing = [k for k in TOP_LEVEL if k not in config]
+    if missing:
+        raise ConfigError(f"config is missing {', '.join('config.' + k for k in missing)}")
+    for key in as_dict(config.unroll, "unroll"):
+        if key not in UNROLL_KEYS:
+            raise ConfigError(
+                f"unknown config key 'config.unroll.{key}'. Valid keys: {', '.join(sorted(UNROLL_KEYS))}."
+            )
+    for key in ("num_outer_steps", "log_every", "checkpoint_every"):
+        if int(config[key]) < 1:
+            raise ConfigError(f"config.{key} must be >= 1, got {config[key]}")
+    curriculum(config)
+
+
+def curriculum(config: ml_collections.ConfigDict):
+    """The ``Curriculum`` of ``config.curriculum``, or None when the section is absent, None,
+    or has ``enabled=False``."""
+    from lopt.training.curriculum import Curriculum
+
+    options = section_options(config.get("curriculum"), "curriculum", Curriculum)
+    if options is None:
+        return None
+    try:
+        return Curriculum(**options)
+    except (TypeError, ValueError) as e:
+        message = str(e) if str(e).startswith("curriculum:") else f"curriculum: {e}"
+        raise ConfigError(f"config.{message}") from None
+
+
+def inner_update(config: ml_collections.ConfigDict, learned_opt: Any) -> Any:
+    """The inner-update factory: the learned optimizer, or it wrapped in behaviour cloning or
+    self-improving mixing (one at most: both choose the inner update)."""
+    unroll = as_dict(config.unroll, "unroll")
+    bc = section_options(unroll.get("behaviour_cloning"), "unroll.behaviour_cloning", BehaviourCloning)
+    si = section_options(unroll.get("self_improving"), "unroll.self_improving", SelfImproving)
+    if bc is not None and si is not None:
+        raise ConfigError(
+            "config.unroll: behaviour_cloning and self_improving both choose the inner update; "
+            "enable one"
+        )
+    for options in (bc, si):
+        if options is not None and "learned_opt" in options:
+            raise ConfigError("config.unroll: the learned optimizer is config.lopt; remove learned_opt")
+    if bc is not None:
+        return _build(BehaviourCloning, bc, "unroll.behaviour_cloning", learned_opt)
+    if si is not None:
+        return _build(SelfImproving, si, "unroll.self_improving", learned_opt)
+    return learned_opt
+
+
+def reset_policy(config: ml_collections.ConfigDict) -> Any:
+    """``unroll.replay`` -> ELO's replay buffer, else fresh resets."""
+    unroll = as_dict(config.unroll, "unroll")
+    options = section_options(unroll.get("replay"), "unroll.replay", ELOReplay)
+    return FreshReset() if options is None else _build(ELOReplay, options, "unroll.replay")
+
+
+def estimator(config: ml_collections.ConfigDict) -> Any:
+    """``config.estimator``, wrapped in imitation episodes when ``config.imitation`` is on."""
+    base = _component(estimators.get, config.estimator, "estimator")
+    options = section_options(config.get("imitation"), "imitation", Imitation)
+    if options is None:
+        return base
+    if "base" in options:
+        raise ConfigError("config.imitation: 'base' is the configured estimator; remove it")
+    built = _build(Imitation, options, "imitation", base)
+    if built.per_stage and curriculum(config) is None:
+        raise ConfigError(
+            "config.imitation.prob has one value per curriculum stage but config.curriculum is "
+            "off; give one float or enable the curriculum"
+        )
+    return built
+
+
+def build(config: ml_collections.ConfigDict, mesh=None):
+    """Validate ``config`` and construct the ``MetaTrainer`` it describes (nothing compiles);
+    ``mesh`` shards the particles (see ``lopt.training.distributed.particle_mesh``)."""
+    from estimators.unroll import Unroller
+    from lopt.training.trainer import MetaTrainer
+
+    validate(config)
+    unroll = as_dict(config.unroll, "unroll")
+    if "num_particles" not in unroll or "trunc_length" not in unroll or "horizon" not in unroll:
+        raise ConfigError("config.unroll needs num_particles, trunc_length and horizon")
+    meta_loss_opts = as_dict(unroll.get("meta_loss", {}), "unroll.meta_loss")
+    check_kwargs("config.unroll.meta_loss", MetaLoss, meta_loss_opts)
+    meta_loss = _build(MetaLoss, meta_loss_opts, "unroll.meta_loss")
+    learned_opt = _component(lopt.get, config.lopt, "lopt")
+    trunc_schedule = None
+    if unroll.get("trunc_schedule"):
+        trunc_schedule = _component(schedules.get, unroll["trunc_schedule"], "unroll.trunc_schedule")
+    try:
+        unroller = Unroller(
+            task_family=_component(tasks.get, config.task, "task"),
+            learned_opt=inner_update(config, learned_opt),
+            num_particles=int(unroll["num_particles"]),
+            trunc_length=int(unroll["trunc_length"]),
+            horizon=_component(schedules.get, unroll["horizon"], "unroll.horizon"),
+            meta_loss=meta_loss,
+            reset=reset_policy(config),
+            trunc_schedule=trunc_schedule,
+            stagger=bool(unroll.get("stagger", True)),
+        )
+    except (TypeError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"config.unroll: {e}") from None
+    return MetaTrainer(unroller, estimator(config), meta_optimizer(config.meta_optimizer), mesh)
