@@ -16,7 +16,9 @@ ELO: Efficient Long-horizon Learning of learned optimizers, Algorithm 1, with th
   a_t u_LO, and the meta-loss (1 - a_t) L_bc + a_t L_task, a_t rising linearly from 0 to 1 over
   the first half of meta-training (on the run's clock).
 
-What ELO does not specify and we chose: M = 64, P_th = 0.5, Adam's learning rate 1e-2 (tuned
+What ELO does not specify and we chose: M = 64, P_th = 0.2 (a segment restores with
+probability 0.8, so a chain runs 1 / P_th = 5 segments on average, each adding about N / 2
+positions, and the longest chains reach the cap 10 N), Adam's learning rate 1e-2 (tuned
 for these tasks), the ramp's length, and the task-term normalisation (each term divided by the
 trajectory's initial loss, clipped at 2, so task instances weigh alike). CPU scale: one-hidden-
 layer MLPs on 8x8 digits with relabelled classes, 8 particles (4 antithetic pairs), N = 20;
@@ -49,7 +51,7 @@ def get_config() -> ConfigDict:
             trunc_length=20,  # N, the segment length
             horizon=ConfigDict(dict(name="constant", length=200)),  # caps a chain's position: 10 N
             meta_loss=ConfigDict(dict(split="train", normalize="initial", clip=2.0)),
-            replay=ConfigDict(dict(enabled=True, capacity=64, p_threshold=0.5)),
+            replay=ConfigDict(dict(enabled=True, capacity=64, p_threshold=0.2)),
             behaviour_cloning=ConfigDict(
                 dict(
                     enabled=True,

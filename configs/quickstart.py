@@ -12,6 +12,7 @@ from ml_collections import ConfigDict
 def get_config() -> ConfigDict:
     c = ConfigDict()
     c.seed = 0
+    c.num_devices = 0  # shard the particles over every visible device
     c.num_outer_steps = 600
     c.log_every = 10
     c.checkpoint_every = 100

@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import ConfigDict, config_flags  # noqa: E402
 
-from scripts._shared import (  # noqa: E402
+from lopt.cli.common import (  # noqa: E402
     FINAL_FRACTION,
     UsageError,
     final_mean,

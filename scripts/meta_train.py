@@ -1,75 +1,12 @@
-"""Meta-train a learned optimizer from a config file.
-
-    python scripts/meta_train.py --config=configs/quickstart.py --workdir=runs/quickstart \
-        --config.estimator.std=0.01
-
-Rerunning with the same workdir resumes from the latest checkpoint. Particles are sharded over
-every visible device (``--config.num_devices`` to limit); ``--multihost`` joins a multi-process
-run first (see README, "Several GPUs and hosts"). Outputs: config.json,
-metrics.jsonl, checkpoints/, export/optimizer.safetensors and plots/meta_loss.png in the workdir.
-"""
-
-from __future__ import annotations
+"""``python scripts/meta_train.py``: the ``lopt-train`` command (``lopt/cli/train.py``), runnable from a checkout
+without installing its entry points."""
 
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from lopt.training import distributed, loop  # noqa: E402
-from lopt.training.checkpoint import CheckpointError  # noqa: E402
-from lopt.training.workdir import WorkdirInUseError  # noqa: E402
-from tasks.registry import ConfigError  # noqa: E402
-
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/quickstart.py", "Experiment config file.")
-_WORKDIR = flags.DEFINE_string("workdir", "runs/quickstart", "Directory for outputs and checkpoints.")
-_PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
-_MULTIHOST = flags.DEFINE_bool(
-    "multihost", False, "Join a multi-process run (jax.distributed.initialize) before anything else."
-)
-_COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, "host:port of process 0 (else $LOPT_COORDINATOR_ADDRESS or the scheduler's)."
-)
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (else from env).")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (else from env).")
-
-
-def main(argv):
-    del argv
-    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-    if _MULTIHOST.value:
-        distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    config = _CONFIG.value
-    try:
-        summary = loop.train(config, _WORKDIR.value, progress=_PROGRESS.value)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    except (WorkdirInUseError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except loop.TrainingStopped as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    if not distributed.is_primary():
-        return 0
-    m = summary["last_metrics"]
-    rate = summary["inner_steps_per_sec"]
-    print(f"done: outer step {m.get('step')}, meta-loss {m.get('meta_loss', float('nan')):.4f}, "
-          f"{rate:,.0f} inner steps/s" if rate else "done")
-    print(f"  health:     {int(m.get('num_skipped', 0))} outer steps skipped (non-finite "
-          f"meta-gradient); last log: {100 * m.get('clipped_share', 0.0):.0f}% of meta-loss terms "
-          f"at the clip, {100 * m.get('nonfinite_share', 0.0):.0f}% of inner losses non-finite")
-    print(f"  workdir:    {summary['workdir']}")
-    print(f"  metrics:    {summary['metrics']}")
-    print(f"  checkpoint: {summary['checkpoints']}")
-    print(f"  export:     {summary['export']}")
-    print(f"  plot:       {summary['plot']}")
-    return 0
-
+from lopt.cli.train import run  # noqa: E402
 
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)))
+    run()

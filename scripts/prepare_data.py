@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
-from scripts._shared import parse_flags  # noqa: E402
+from lopt.cli.common import parse_flags  # noqa: E402
 from tasks import catalogue  # noqa: E402  (imports nothing heavy)
 
 _DATASET = flags.DEFINE_enum(

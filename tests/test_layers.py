@@ -12,6 +12,8 @@ PACKAGES = ("tasks", "lopt", "estimators")
 
 
 def _layer(module: str) -> int:
+    if module.startswith("lopt.cli"):  # the command-line programs sit on top
+        return 4
     if module.startswith("lopt.training"):
         return 3
     return {"tasks": 0, "lopt": 1, "estimators": 2}[module.split(".")[0]]

@@ -1,6 +1,7 @@
 """Orbax checkpoints of the whole meta-training state, with integrity checks.
 
-A checkpoint (``checkpoints/<step>/``) holds the device items (``state``: the
+A checkpoint (``checkpoints/<step>/``, with ``<step>.files.json`` recording the size and
+SHA-256 of each of its files) holds the device items (``state``: the
 ``MetaTrainState`` with every particle's inner state; plus what hooks add, e.g. the curriculum's
 best meta-params) written with ``StandardSave``, and a JSON ``host`` item: hooks' host state, the
 items' structure (path, shape, dtype of every leaf) and a SHA-256 of their bytes. Items are
@@ -8,8 +9,9 @@ restored into the structure of a freshly initialised state, so a resumed run con
 bit-for-bit.
 
 :meth:`Checkpointer.restore_latest` tries the newest checkpoint first and checks it: a
-checkpoint whose files are missing, truncated or overwritten (orbax fails, or the restored bytes
-do not match the recorded SHA-256) is *corrupt*: it is named in a warning, kept (renamed to
+checkpoint whose files are missing, truncated or changed (found from the file record before
+orbax reads anything; or orbax fails; or the restored arrays do not match their SHA-256) is
+*corrupt*: it is named in a warning, kept (renamed to
 ``<step>.corrupt``, never deleted) and the next newest is tried. A checkpoint whose structure
 differs from this config's (another task or optimizer size) is not corrupt but foreign: that is
 an error naming the first differing leaf. When no intact checkpoint remains,
@@ -19,7 +21,9 @@ an error naming the first differing leaf. When no intact checkpoint remains,
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
+import json
 import logging
 import os
 import warnings
@@ -79,6 +83,7 @@ def _quiet():
     try:
         yield
     finally:
+        gc.collect()  # orbax's failed read tasks report "never retrieved" when collected: now
         for n, level in saved:
             logging.getLogger(n).setLevel(level)
 
@@ -105,6 +110,9 @@ class Checkpointer:
         return sorted(self._manager.all_steps())
 
     def save(self, step: int, items: dict, host: dict | None = None) -> None:
+        """Write checkpoint ``step`` and wait for it, then record the size and SHA-256 of each
+        of its files (``<step>.files.json`` beside it), so a damaged file is found before orbax
+        reads it. (Waiting makes saves synchronous; a meta-training state is small.)"""
         host = dict(host or {})
         host["_structure"] = structure(items)
         host["_sha256"] = checksum(items)
@@ -112,6 +120,52 @@ class Checkpointer:
             arrays=ocp.args.StandardSave(items), host=ocp.args.JsonSave(host)
         )
         self._manager.save(step, args=args, force=True)
+        self._manager.wait_until_finished()
+        if jax.process_index() == 0:
+            self._write_manifest(step)
+
+    def _manifest_path(self, step: int) -> str:
+        return os.path.join(self.directory, f"{step}.files.json")
+
+    def _files(self, step: int) -> dict[str, list]:
+        base = os.path.join(self.directory, str(step))
+        out = {}
+        for root, _, files in os.walk(base):
+            for name in files:
+                path = os.path.join(root, name)
+                with open(path, "rb") as f:
+                    digest = hashlib.sha256(f.read()).hexdigest()
+                out[os.path.relpath(path, base)] = [os.path.getsize(path), digest]
+        return out
+
+    def _write_manifest(self, step: int) -> None:
+        with open(self._manifest_path(step), "w") as f:
+            json.dump(self._files(step), f)
+        keep = {f"{s}.files.json" for s in self._manager.all_steps()}
+        for name in os.listdir(self.directory):
+            if name.endswith(".files.json") and name not in keep:
+                os.remove(os.path.join(self.directory, name))
+
+    def verify(self, step: int) -> str | None:
+        """What is wrong with checkpoint ``step``'s files (missing, truncated, changed since
+        they were written), or None when they are as written (or no record exists)."""
+        path = self._manifest_path(step)
+        if not os.path.exists(path):
+            return None
+        with open(path) as f:
+            want = json.load(f)
+        base = os.path.join(self.directory, str(step))
+        for rel, (size, digest) in sorted(want.items()):
+            full = os.path.join(base, rel)
+            if not os.path.exists(full):
+                return f"file {rel} is missing"
+            have = os.path.getsize(full)
+            if have != size:
+                return f"file {rel} is {have} bytes, {size} when written (truncated or replaced)"
+            with open(full, "rb") as f:
+                if hashlib.sha256(f.read()).hexdigest() != digest:
+                    return f"file {rel} changed after it was written"
+        return None
 
     def restore(self, step: int, like: dict) -> tuple[dict, dict]:
         """Restore ``step`` into the structure, shapes and dtypes of ``like``, checked (see
@@ -152,6 +206,9 @@ class Checkpointer:
         corrupt = []
         for step in reversed(self.all_steps()):
             try:
+                damage = self.verify(step)
+                if damage is not None:
+                    raise ValueError(damage)
                 items, host = self.restore(step, items_like)
             except CheckpointMismatchError:
                 raise
@@ -179,6 +236,8 @@ class Checkpointer:
             n += 1
             dst = f"{src}.corrupt{n}"
         os.replace(src, dst)
+        if os.path.exists(self._manifest_path(step)):
+            os.replace(self._manifest_path(step), os.path.join(dst, "lopt.files.json"))
         self._manager.reload()
         return dst
 

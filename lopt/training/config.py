@@ -30,6 +30,7 @@ naming the key, long before the first compile.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import ml_collections
@@ -85,14 +86,17 @@ def _named(section: Any, where: str) -> tuple[str, dict]:
     return name, d
 
 
+def _line(e: BaseException) -> str:
+    """An exception's message as one line."""
+    return " ".join(str(e).split()) or type(e).__name__
+
+
 def _component(registry_get, section, where: str):
     name, options = _named(section, where)
     try:
         return registry_get(name, **options)
-    except ConfigError as e:
-        raise ConfigError(f"config.{where}: {e}") from None
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"config.{where}: {e}") from None
+    except (ConfigError, TypeError, ValueError, OSError) as e:  # OSError: a dataset not prepared
+        raise ConfigError(f"config.{where}: {_line(e)}") from None
 
 
 def section_options(section: Any, where: str, factory: Any) -> dict | None:
@@ -118,10 +122,14 @@ def _build(factory: Any, options: dict | None, where: str, *args) -> Any:
         return None
     try:
         return factory(*args, **options)
-    except ConfigError as e:
-        raise ConfigError(f"config.{where}: {e}") from None
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"config.{where}: {e}") from None
+    except (ConfigError, TypeError, ValueError) as e:
+        raise ConfigError(f"config.{where}: {_line(e)}") from None
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
 
 
 def meta_optimizer(section: Any) -> optax.GradientTransformation:
@@ -130,12 +138,29 @@ def meta_optimizer(section: Any) -> optax.GradientTransformation:
     clip = options.pop("clip_grad_norm", None)
     factory = getattr(optax, name, None)
     if factory is None or not callable(factory):
-        raise ConfigError(f"config.meta_optimizer: optax has no optimizer '{name}'")
+        raise ConfigError(f"config.meta_optimizer.name: optax has no optimizer '{name}'; use e.g. adam")
     try:
         check_kwargs(f"optax.{name}", factory, options)
     except ConfigError as e:
         raise ConfigError(f"config.meta_optimizer: {e}") from None
-    opt = factory(**options)
+    lr = options.get("learning_rate")
+    if lr is not None and not callable(lr):
+        x = _number(lr)
+        if x is None or not (math.isfinite(x) and x > 0):
+            raise ConfigError(
+                f"config.meta_optimizer.learning_rate: must be a positive number, got {lr!r} "
+                "(a negative rate would ascend the meta-loss); use e.g. 1e-3"
+            )
+    if clip is not None:
+        x = _number(clip)
+        if x is None or not (math.isfinite(x) and x > 0):
+            raise ConfigError(
+                f"config.meta_optimizer.clip_grad_norm: must be None or a positive number, got {clip!r}"
+            )
+    try:
+        opt = factory(**options)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config.meta_optimizer: {_line(e)}") from None
     return optax.chain(optax.clip_by_global_norm(clip), opt) if clip else opt
 
 
@@ -154,9 +179,56 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 f"unknown config key 'config.unroll.{key}'. Valid keys: {', '.join(sorted(UNROLL_KEYS))}."
             )
     for key in ("num_outer_steps", "log_every", "checkpoint_every"):
-        if int(config[key]) < 1:
-            raise ConfigError(f"config.{key} must be >= 1, got {config[key]}")
+        _integer(config[key], key, 1)
+    _integer(config.seed, "seed", 0)
+    _integer(config.get("num_devices", 0), "num_devices", 0)
+    unroll = as_dict(config.unroll, "unroll")
+    for key in ("num_particles", "trunc_length"):
+        if key not in unroll:
+            raise ConfigError(f"config.unroll.{key}: missing; set it (e.g. num_particles=8, trunc_length=20)")
+        _integer(unroll[key], f"unroll.{key}", 1)
+    if not isinstance(unroll.get("stagger", True), bool):
+        raise ConfigError(f"config.unroll.stagger: must be True or False, got {unroll['stagger']!r}")
     curriculum(config)
+
+
+def _integer(value: Any, where: str, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"config.{where}: must be an integer >= {low}, got {value!r}")
+    return value
+
+
+def check_particles(trainer: Any, num_devices: int) -> None:
+    """What the estimator needs of the particle count, checked before anything is traced:
+    antithetic estimators hold whole (+eps, -eps) pairs on every device; ``merged`` needs two
+    pairs to estimate variances; ``full_es`` runs complete fresh trajectories."""
+    from estimators.base import ESOptions
+    from estimators.full_es import FullES
+    from estimators.merged import Merged
+
+    est = getattr(trainer.estimator, "base", trainer.estimator)  # inside imitation episodes
+    name = type(est).__name__
+    p = trainer.unroller.num_particles
+    if p % num_devices:
+        raise ConfigError(
+            f"config.unroll.num_particles: {p} particles do not split over {num_devices} devices; "
+            f"use a multiple of {num_devices}, e.g. {num_devices * max(1, -(-p // num_devices))}"
+        )
+    if isinstance(est, ESOptions):
+        unit = 2 * num_devices
+        if p % unit:
+            where = (f"each of the {num_devices} devices must hold whole pairs ({p} particles is "
+                     f"{p / num_devices:g} per device)" if num_devices > 1 else f"{p} is odd")
+            raise ConfigError(
+                f"config.unroll.num_particles: {name} runs antithetic (+eps, -eps) pairs and "
+                f"{where}; use a multiple of {unit}, e.g. {unit * max(1, -(-p // unit))}"
+            )
+    if isinstance(est, Merged) and p < 4:
+        raise ConfigError("config.unroll.num_particles: merged estimates per-element variances "
+                          "from at least 2 antithetic pairs; use num_particles >= 4")
+    if isinstance(est, FullES) and not isinstance(trainer.unroller.reset, FreshReset):
+        raise ConfigError("config.unroll.replay: full_es runs complete fresh trajectories and "
+                          "cannot restore from the buffer; disable replay or pick tbptt, es, pes, merged")
 
 
 def curriculum(config: ml_collections.ConfigDict):
@@ -252,4 +324,6 @@ def build(config: ml_collections.ConfigDict, mesh=None):
         if isinstance(e, ConfigError):
             raise
         raise ConfigError(f"config.unroll: {e}") from None
-    return MetaTrainer(unroller, estimator(config), meta_optimizer(config.meta_optimizer), mesh)
+    trainer = MetaTrainer(unroller, estimator(config), meta_optimizer(config.meta_optimizer), mesh)
+    check_particles(trainer, 1 if mesh is None else mesh.size)
+    return trainer

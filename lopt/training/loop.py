@@ -523,7 +523,11 @@ def train(
     curriculum ``curriculum`` and ``best_meta_params``. Raises :class:`TrainingStopped` when a
     health check stopped the run (its final checkpoint is still written).
     """
-    mesh = distributed.particle_mesh(config.get("num_devices", 0))
+    config_lib.validate(config)
+    try:
+        mesh = distributed.particle_mesh(config.get("num_devices", 0))
+    except ValueError as e:
+        raise ConfigError(f"config.num_devices: {e}") from None
     trainer = config_lib.build(config, mesh=mesh)  # fails on bad keys/values before anything else
     curriculum = config_lib.curriculum(config)
     health = health_options(config)

@@ -20,9 +20,8 @@ SCRIPT = os.path.join(REPO, "scripts", "export.py")
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("lopt_export_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    from lopt.cli import export as module
+
     return module
 
 

@@ -1,7 +1,8 @@
-"""Helpers shared by the ablation scripts (``ablate_estimators.py``, ``ablate.py``): reading a
-run's ``metrics.jsonl``, reusing a finished run, per-seed statistics, JSON-safe results and
-markdown tables. Imports nothing heavy at module level, so the scripts can check their flags
-before JAX starts.
+"""What the command-line programs share: running an absl program with one-line errors and a
+``--help`` that succeeds (:func:`run_app`), and, for the ablations, reading a run's
+``metrics.jsonl``, reusing a finished run, per-seed statistics, JSON-safe results and markdown
+tables. Imports nothing heavy at module level, so the programs check their flags before JAX
+starts.
 """
 
 from __future__ import annotations
@@ -21,15 +22,72 @@ class UsageError(Exception):
     """A bad command-line input: reported in one line, exit code 2."""
 
 
+def _one_line(text: str) -> str:
+    """An exception's message as one line (ml_collections quotes and splits its own)."""
+    text = text.strip().strip("'\"").replace("\\'", "'").replace("\\n", "\n")
+    return "; ".join(part.strip().strip("'\"") for part in text.splitlines() if part.strip())
+
+
+def _override_error(argv: list[str], e: BaseException) -> str:
+    """``config.<path>: <what>; <fix>`` for an exception raised while applying a
+    ``--config.<path>=...`` override (ml_collections raises KeyError/AttributeError for a key
+    the config file does not have, ValueError/TypeError for a value of the wrong type)."""
+    message = _one_line(str(e))
+    missing = message.split(";")[0].strip("'\" ")
+    for arg in argv[1:]:
+        if arg.startswith("--config.") and "=" in arg:
+            path = arg[2:].split("=", 1)[0]
+            if missing in path.split("."):
+                hint = message.split(";", 1)[1].strip() + "; " if ";" in message else ""
+                section = path.rsplit(".", 1)[0]
+                return (f"{path}: the config file has no such key to override; {hint}an override "
+                        f"can only change a key the file sets (add it to {section} there)")
+    return message
+
+
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, but a bad or missing flag is a one-line error with exit code 2."""
+    """absl's flag parsing, but a bad or missing flag, or a bad ``--config.<key>=`` override, is
+    a one-line error with exit code 2 (a config override's begins with ``config error:``)."""
     from absl import flags
 
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
-        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        line = " ".join(str(e).split())
+        if line.startswith("flag --config.") and ": " in line:
+            flag, why = line[len("flag --"):].split(": ", 1)
+            path, _, value = flag.partition("=")
+            print(f"config error: {path}: cannot read {value!r} as this key's type ({why}); give "
+                  "a value of the type the config file sets", file=sys.stderr)
+        else:
+            print(f"error: {line}", file=sys.stderr)
         sys.exit(2)
+    except (KeyError, AttributeError, ValueError, TypeError) as e:
+        print(f"config error: {_override_error(argv, e)}", file=sys.stderr)
+        sys.exit(2)
+
+
+HELP_FLAGS = ("--help", "-h", "--helpshort", "--helpfull", "-help")
+
+
+def run_app(main: Any, doc: str, module: str, argv: list[str] | None = None) -> None:
+    """Run ``main(argv) -> exit code`` as an absl program whose flags live in ``module``:
+    ``--help`` prints ``doc`` and those flags and exits 0 (absl's exits 1); bad flags are one
+    line with exit code 2 (:func:`parse_flags`)."""
+    from absl import app, flags
+
+    import warnings
+
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
+    argv = list(sys.argv if argv is None else argv)
+    if any(a in HELP_FLAGS for a in argv[1:]):
+        paragraphs = [p for p in doc.strip().split("\n\n") if p.strip()]
+        print("\n\n".join(paragraphs[:2]))  # what it does, and the example command
+        print("\nflags:")
+        for flag in sorted(flags.FLAGS.get_key_flags_for_module(module), key=lambda f: f.name):
+            print(f"  --{flag.name}: {flag.help} (default: {flag.default_as_str or 'none'})")
+        sys.exit(0)
+    app.run(lambda a: sys.exit(main(a)), argv=argv, flags_parser=parse_flags)
 
 
 def parse_lrs(text: str | None) -> list[float] | None:

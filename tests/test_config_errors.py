@@ -1,0 +1,79 @@
+"""Every bad config key or value fails before anything compiles or is written: one line
+``config error: config.<path>: <what is wrong>; ...``, exit code 2, within 3 s, and no workdir.
+
+Each case runs ``scripts/meta_train.py --config=configs/quickstart.py`` with one bad override,
+as a user would."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "scripts", "meta_train.py")
+
+CASES = [
+    ("unroll.trunc_length=0", "config.unroll.trunc_length: must be an integer >= 1"),
+    ("unroll.trunc_length=abc", "config.unroll.trunc_length: cannot read 'abc'"),
+    ("unroll.num_particles=0", "config.unroll.num_particles: must be an integer >= 1"),
+    ("unroll.num_particles=7", "config.unroll.num_particles: PES runs antithetic"),
+    ("estimator.std=-1", "config.estimator: PES: std must be positive"),
+    ("estimator.name=pess", "config.estimator: unknown estimator 'pess'. Did you mean 'pes'"),
+    ("task.batch_size=0", "config.task: digits_mlp: batch_size"),
+    ("task.activation=swish", "config.task: digits_mlp: unknown activation 'swish'"),
+    ("task.name=digit_mlp", "config.task: unknown task family 'digit_mlp'. Did you mean 'digits_mlp'"),
+    ("task.permute_classes=maybe", "config.task.permute_classes: cannot read 'maybe'"),
+    ("task.dataset=idx:/x", "config.task.dataset: the config file has no such key"),
+    ("task.hidden_sizez=3", "config.task.hidden_sizez: the config file has no such key"),
+    ("lopt.hidden_size=0", "config.lopt: mlp: hidden_size must be >= 1"),
+    ("lopt.name=mlpp", "config.lopt: unknown learned optimizer 'mlpp'"),
+    ("meta_optimizer.learning_rate=-1", "config.meta_optimizer.learning_rate: must be a positive"),
+    ("meta_optimizer.clip_grad_norm=-3.0", "config.meta_optimizer.clip_grad_norm: must be None"),
+    ("meta_optimizer.name=adamm", "config.meta_optimizer.name: optax has no optimizer 'adamm'"),
+    ("unroll.meta_loss.split=test", "config.unroll.meta_loss: meta_loss.split must be"),
+    ("unroll.meta_loss.clip=-1.0", "config.unroll.meta_loss: meta_loss.clip must be None or positive"),
+    ("unroll.horizon.length=0", "config.unroll.horizon: constant schedule: length must be >= 1"),
+    ("num_outer_steps=0", "config.num_outer_steps: must be an integer >= 1"),
+    ("log_every=0", "config.log_every: must be an integer >= 1"),
+    ("checkpoint_every=-5", "config.checkpoint_every: must be an integer >= 1"),
+    ("seed=-1", "config.seed: must be an integer >= 0"),
+    ("num_devices=5", "config.num_devices: num_devices=5 but only 1 devices are visible"),
+]
+
+
+def _run(override: str, tmp_path, env=None):
+    workdir = tmp_path / "run"
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, SCRIPT, "--config=configs/quickstart.py", f"--workdir={workdir}",
+         f"--config.{override}", "--noprogress"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env=dict(os.environ, **(env or {})),
+    )
+    return proc, time.perf_counter() - t0, workdir
+
+
+@pytest.mark.parametrize("override,message", CASES, ids=[c[0] for c in CASES])
+def test_bad_value_is_one_line_before_anything_runs(override, message, tmp_path):
+    proc, seconds, workdir = _run(override, tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("config error: "), proc.stderr[-2000:]
+    assert message in lines[0], lines[0]
+    assert seconds < 3.0, seconds
+    assert not workdir.exists() and os.listdir(tmp_path) == []
+
+
+def test_particles_split_into_whole_pairs_per_device(tmp_path):
+    """8 particles on 8 devices is one per device: a pair cannot be split (the message says
+    the rule and the count, not 'got 1 in total')."""
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    proc, _, workdir = _run("unroll.num_particles=8", tmp_path, env)
+    assert proc.returncode == 2
+    line = proc.stderr.strip()
+    assert "each of the 8 devices must hold whole pairs (8 particles is 1 per device)" in line, line
+    assert "use a multiple of 16" in line and not workdir.exists()
