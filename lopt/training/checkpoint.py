@@ -139,21 +139,24 @@ class Checkpointer:
         return out
 
     def _write_manifest(self, step: int) -> None:
-        with open(self._manifest_path(step), "w") as f:
+        path = self._manifest_path(step)
+        with open(path + ".tmp", "w") as f:  # atomic: a killed run leaves no half record
             json.dump(self._files(step), f)
+        os.replace(path + ".tmp", path)
         keep = {f"{s}.files.json" for s in self._manager.all_steps()}
         for name in os.listdir(self.directory):
-            if name.endswith(".files.json") and name not in keep:
+            if name.endswith((".files.json", ".files.json.tmp")) and name not in keep:
                 os.remove(os.path.join(self.directory, name))
 
     def verify(self, step: int) -> str | None:
         """What is wrong with checkpoint ``step``'s files (missing, truncated, changed since
         they were written), or None when they are as written (or no record exists)."""
         path = self._manifest_path(step)
-        if not os.path.exists(path):
+        try:
+            with open(path) as f:
+                want = json.load(f)
+        except (OSError, ValueError):  # no record (an older run, or killed before writing it)
             return None
-        with open(path) as f:
-            want = json.load(f)
         base = os.path.join(self.directory, str(step))
         for rel, (size, digest) in sorted(want.items()):
             full = os.path.join(base, rel)
