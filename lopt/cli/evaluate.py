@@ -35,7 +35,10 @@ _LRS = flags.DEFINE_string(
     "lrs", None, "Comma-separated Adam learning rates to tune over (default: 7 log-spaced values "
     "from 1e-4 to 1e-1)."
 )
-_OUT = flags.DEFINE_string("out", "runs/eval", "Output directory for results.json and curves.png.")
+_OUT = flags.DEFINE_string("out", "runs/eval", "Output directory for results.json, curves.png and "
+                           "tensorboard/.")
+_HORIZON = flags.DEFINE_integer("horizon", None, "Meta-training horizon to mark on the plot "
+                                "(default: the export's own, when it records one).")
 flags.mark_flag_as_required("export")
 
 
@@ -168,14 +171,43 @@ def main(argv) -> int:
     )
     with open(results_path, "w") as f:
         f.write(text + "\n")
-    plot_path = evaluation.plot_curves(
-        {name: r["train_loss"] for name, r in rows.items()},
+    plot_path = evaluation.plot_evaluation(
+        rows,
         os.path.join(out_dir, "curves.png"),
-        f"{task.name}: training loss over {_SEEDS.value} unseen instances",
+        f"{task.name}: {_SEEDS.value} unseen instances",
+        horizon=_HORIZON.value or _export_horizon(_EXPORT.value),
     )
+    _write_tensorboard(os.path.join(out_dir, "tensorboard"), rows, steps)
     print(f"  results: {results_path}")
     print(f"  plot:    {plot_path}")
+    print(f"  tensorboard: {os.path.join(out_dir, 'tensorboard')}")
     return 0
+
+
+def _export_horizon(path: str) -> int | None:
+    """The meta-training horizon an export records (constant horizons only), else None."""
+    from lopt import export
+
+    meta = export.read_metadata(path).get("metadata", {})
+    horizon = meta.get("horizon")
+    return int(horizon) if isinstance(horizon, (int, float)) else None
+
+
+def _write_tensorboard(logdir: str, rows: dict, steps: int) -> None:
+    """The evaluation curves (mean over seeds) as TensorBoard scalars, one tag per optimizer."""
+    import numpy as np
+
+    from lopt.training import evaluation, tensorboard
+
+    writer = tensorboard.Writer(logdir)
+    for name, r in rows.items():
+        tag = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")
+        with np.errstate(invalid="ignore"):
+            writer.scalars(f"eval/{tag}/train_loss", np.nanmean(np.asarray(r["train_loss"], np.float64), 0), 1)
+        for i, (step, loss) in enumerate(zip(evaluation.eval_steps(steps),
+                                             np.nanmean(np.asarray(r["test_loss_curve"], np.float64), 0))):
+            writer.scalars(f"eval/{tag}/test_loss", [loss], step)
+    writer.close()
 
 
 def run(argv: list[str] | None = None) -> None:

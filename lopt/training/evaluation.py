@@ -54,6 +54,32 @@ Results = dict[str, Any]
 # --- the compiled core -------------------------------------------------------------------------
 
 
+#: Points (besides the end) at which the test loss and accuracy are measured during training.
+NUM_EVAL_POINTS = 10
+
+
+def eval_steps(num_steps: int) -> list[int]:
+    """The training steps after which ``train_curves`` measures the test loss and accuracy:
+    ``NUM_EVAL_POINTS`` evenly spaced chunks ending at ``num_steps`` (fewer for short runs)."""
+    points = min(NUM_EVAL_POINTS, num_steps)
+    chunk = num_steps // points
+    return [chunk * (i + 1) for i in range(points - 1)] + [num_steps]
+
+
+def _test_metrics(task: Any, spec: Any, params: Any, key: jax.Array) -> tuple[jax.Array, Any]:
+    """Test loss and aux of ``params``: the full test split when the task has one, else the
+    mean over ``NUM_TEST_BATCHES`` batches."""
+    full_batch = getattr(task, "full_batch", None)
+    if full_batch is not None:
+        return task.loss(spec, params, full_batch("test"))
+
+    def test_eval(k):
+        return task.loss(spec, params, task.batch(spec, k, "test"))
+
+    test_losses, auxes = jax.vmap(test_eval)(jax.random.split(key, NUM_TEST_BATCHES))
+    return jnp.mean(test_losses), jax.tree.map(jnp.mean, auxes)
+
+
 def _run_one(
     task: Any,
     optimizer: optax.GradientTransformation,
@@ -63,7 +89,8 @@ def _run_one(
     """Train one task instance drawn from ``key``; traced inside jit/vmap.
 
     ``task`` is already bound to the dataset arrays passed into jit (``tasks.base.bind_data``),
-    so a data-backed family reads its batches, and its full test split, from jit arguments.
+    so a data-backed family reads its batches, and its full test split, from jit arguments. The
+    steps run as chunks ending at :func:`eval_steps`, with a test evaluation after each.
     """
     k_spec, k_init, k_train, k_test = jax.random.split(key, 4)
     spec = task.sample(k_spec)
@@ -83,29 +110,42 @@ def _run_one(
         params = optax.apply_updates(params, updates)
         return (params, opt_state), loss
 
-    (params, _), losses = jax.lax.scan(
-        step, (params, opt_state), jax.random.split(k_train, num_steps)
-    )
+    ends = eval_steps(num_steps)
+    step_keys = jax.random.split(k_train, num_steps)
+    test_keys = jax.random.split(k_test, len(ends))
+    has_accuracy = []  # decided while tracing: does the task's aux report an accuracy?
 
-    full_batch = getattr(task, "full_batch", None)
-    if full_batch is not None:
-        test_loss, aux = task.loss(spec, params, full_batch("test"))
-    else:
-        def test_eval(k):
-            return task.loss(spec, params, task.batch(spec, k, "test"))
+    def run_chunk(carry, keys):
+        carry, chunk_losses = jax.lax.scan(step, carry, keys[:-1])
+        loss, aux = _test_metrics(task, spec, carry[0], keys[-1])
+        has_accuracy.append(isinstance(aux, dict) and "accuracy" in aux)
+        acc = aux["accuracy"] if has_accuracy[-1] else jnp.zeros([])
+        return carry, (chunk_losses, loss, acc)
 
-        test_losses, auxes = jax.vmap(test_eval)(jax.random.split(k_test, NUM_TEST_BATCHES))
-        test_loss = jnp.mean(test_losses)
-        aux = jax.tree.map(jnp.mean, auxes)
+    # The first len(ends) - 1 chunks have equal length (one scan); the last takes the rest.
+    chunk, n_even = ends[0], len(ends) - 1
+    carry, parts, start = (params, opt_state), [], 0
+    if n_even:
+        xs = jnp.concatenate(
+            [step_keys[: n_even * chunk].reshape(n_even, chunk, -1), test_keys[:n_even, None]], axis=1
+        )
+        carry, (l, t, a) = jax.lax.scan(run_chunk, carry, xs)
+        parts.append((l.reshape(-1), t, a))
+        start = n_even * chunk
+    carry, (l, t, a) = run_chunk(carry, jnp.concatenate([step_keys[start:], test_keys[-1:]]))
+    parts.append((l, t[None], jnp.asarray(a)[None]))
+    losses, test_curve, acc_curve = (jnp.concatenate(x) for x in zip(*parts))
 
     window = min(FINAL_WINDOW, num_steps)
     out = {
         "train_loss": losses.astype(jnp.float32),
         "final_train_loss": jnp.mean(losses[num_steps - window :]).astype(jnp.float32),
-        "test_loss": jnp.asarray(test_loss, jnp.float32),
+        "test_loss": test_curve[-1].astype(jnp.float32),
+        "test_loss_curve": test_curve.astype(jnp.float32),
     }
-    if isinstance(aux, dict) and "accuracy" in aux:
-        out["test_accuracy"] = jnp.asarray(aux["accuracy"], jnp.float32)
+    if has_accuracy[-1]:
+        out["test_accuracy"] = acc_curve[-1].astype(jnp.float32)
+        out["test_accuracy_curve"] = acc_curve.astype(jnp.float32)
     return out
 
 
@@ -372,5 +412,71 @@ def plot_curves(
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _median_band(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Median and 25/75% quantiles over seeds (axis 0), NaN (diverged) values left out."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN steps of diverged runs
+        return tuple(np.nanquantile(a, q, axis=0) for q in (0.5, 0.25, 0.75))
+
+
+def plot_evaluation(
+    results: dict[str, Results],
+    path: str | os.PathLike,
+    title: str,
+    *,
+    horizon: int | None = None,
+    smooth: float = 0.05,
+) -> str:
+    """A PNG people can read of :func:`train_curves` results (label -> results): the training
+    loss, each seed's curve smoothed by a trailing mean over its last ``smooth`` fraction of
+    steps, as the median over seeds with a 25-75% quantile band (quantiles do not dip below
+    zero on a log axis the way mean - std does); the test loss (and test accuracy, when the
+    task has one) at the regular points of :func:`eval_steps`, median and band likewise; the
+    meta-training ``horizon`` marked. Returns the path written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = os.fspath(path)
+    with_acc = any(r.get("test_accuracy_curve") is not None for r in results.values())
+    fig, axes = plt.subplots(1, 3 if with_acc else 2, figsize=(15 if with_acc else 10.5, 4.2))
+    for name, r in results.items():
+        train = np.asarray(r["train_loss"], np.float64)
+        train = _trailing_mean(np.where(np.isfinite(train), train, np.nan), smooth)
+        steps = np.arange(1, train.shape[1] + 1)
+        points = np.asarray(eval_steps(train.shape[1]))
+        panels = [(axes[0], steps, train), (axes[1], points, np.asarray(r["test_loss_curve"], np.float64))]
+        if with_acc and r.get("test_accuracy_curve") is not None:
+            panels.append((axes[2], points, np.asarray(r["test_accuracy_curve"], np.float64)))
+        color = None
+        for ax, x, y in panels:
+            med, lo, hi = _median_band(np.where(np.isfinite(y), y, np.nan))
+            (line,) = ax.plot(x, med, lw=1.6, label=name, color=color, marker="o" if x is points else None,
+                              ms=3)
+            color = line.get_color()
+            ax.fill_between(x, lo, hi, color=color, alpha=0.2, lw=0)
+    labels = ["training loss (smoothed)", "test loss", "test accuracy"]
+    for ax, label in zip(axes, labels):
+        if horizon is not None:
+            ax.axvline(horizon, color="0.3", ls="--", lw=1)
+            ax.annotate("meta-training horizon", (horizon, 1.0), xycoords=("data", "axes fraction"),
+                        xytext=(3, -12), textcoords="offset points", fontsize=8, color="0.3")
+        ax.set_xlabel("step")
+        ax.set_ylabel(f"{label}\n(median, 25-75% over seeds)")
+        ax.grid(alpha=0.3)
+    for ax in axes[:2]:
+        values = np.concatenate([l.get_ydata() for l in ax.get_lines()] or [np.zeros(0)])
+        if values.size and np.nanmin(values) > 0:
+            ax.set_yscale("log")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -446,6 +446,7 @@ class Exporter(Hook):
             "task": config.task.to_dict(),
             "estimator": config.estimator.to_dict(),
             "final_meta_loss": run.summary.get("last_metrics", {}).get("meta_loss"),
+            "horizon": run.trainer.horizon.max_length,
         }
         if "curriculum" in run.summary:
             metadata["curriculum"] = run.summary["curriculum"]

@@ -215,6 +215,11 @@ def test_script_end_to_end(script_run):
     assert learned["test_accuracy"] is None
     assert (out / "curves.png").stat().st_size > 1000
     assert str(out / "results.json") in r["stdout"]
+    from lopt.training.tensorboard import read_scalars
+
+    scalars = read_scalars(str(out / "tensorboard"))  # the evaluation curves, per optimizer
+    assert len(scalars["eval/learned_mlp/train_loss"]) == 10
+    assert [s for s, _ in scalars["eval/learned_mlp/test_loss"]] == list(range(1, 11))
 
 
 @pytest.mark.parametrize(
