@@ -178,6 +178,11 @@ def tree_where(cond: jax.Array, a: Any, b: Any) -> Any:
     return jax.tree.map(lambda x, y: jnp.where(cond, x, y), a, b)
 
 
+def _where_particles(cond: jax.Array, a: Any, b: Any) -> Any:
+    """Per particle: ``a`` where ``cond`` [P] holds, else ``b`` (leaves with a leading P axis)."""
+    return jax.tree.map(lambda x, y: jnp.where(cond.reshape(cond.shape + (1,) * (x.ndim - 1)), x, y), a, b)
+
+
 def checkpointed_scan(body: Callable, carry: Any, xs: Any, length: int) -> tuple[Any, Any]:
     """``lax.scan`` whose backward pass stores O(sqrt(T)) carries instead of O(T).
 
@@ -304,6 +309,26 @@ class Unroller:
             init_loss=jnp.asarray(init_loss, jnp.float32),
         )
 
+    def meta_forward(self, ps: ParticleState, key: jax.Array) -> jax.Array:
+        """The meta-loss term of the update that produced ``ps``: the loss of its params on a
+        fresh batch of the meta-loss split, normalised/clipped as ``meta_loss`` says, fused with
+        the inner-update wrapper's own term (``ps.opt_state`` holds it after the update)."""
+        task = self.task_family
+        batch = task.batch(ps.spec, key, self.meta_loss.split)
+        return self.score(ps, task.loss(ps.spec, ps.params, batch)[0])
+
+    def score(self, ps: ParticleState, loss: jax.Array) -> jax.Array:
+        """The meta-loss term of the update that produced ``ps``, given the loss of its params."""
+        return meta_term(self.learned_opt, ps.opt_state, self.meta_loss.term(loss, ps.init_loss))
+
+    @property
+    def scores_next_batch(self) -> bool:
+        """Whether a step's training loss (measured before its update, on a fresh training
+        batch) scores the previous update: with the train split it is the same quantity as a
+        separate forward on a fresh batch, l(x; w(t)) with x independent of what produced w(t),
+        and saves that forward (see ``run``)."""
+        return self.meta_loss.split == "train"
+
     def inner_step(
         self,
         meta_params: MetaParams,
@@ -312,10 +337,12 @@ class Unroller:
         outer_step: jax.Array,
         *,
         stop_inner_grad: bool = False,
-    ) -> tuple[ParticleState, tuple[jax.Array, jax.Array, jax.Array]]:
+        score: bool = True,
+    ) -> tuple[ParticleState, tuple[jax.Array | None, jax.Array, jax.Array]]:
         """One inner training step of one particle: (new state, (meta-loss term, training
-        loss, done)). The term is the meta-loss of the params after this step's update; the
-        training loss the one of the batch the update's gradient came from (before the update).
+        loss, done)). The term is the meta-loss of the params after this step's update (None
+        when ``score`` is False: the next step's training loss scores it); the training loss
+        the one of the batch the update's gradient came from (before the update).
         ``stop_inner_grad`` cuts the meta-gradient path through the optimizee's gradient (the
         first-order approximation of Andrychowicz et al. 2016, Sec. 2.1)."""
         task = self.task_family
@@ -332,12 +359,11 @@ class Unroller:
             key=keys_lib.salted(k_update, keys_lib.INNER_UPDATE),
         )
         params = optax.apply_updates(ps.params, updates)
-        # Metz et al. 2019: l(x; w(t)) for t = 1..T, a fresh batch of the meta-loss split.
-        meta_batch = task.batch(ps.spec, k_meta, self.meta_loss.split)
-        term = self.meta_loss.term(task.loss(ps.spec, params, meta_batch)[0], ps.init_loss)
-        term = meta_term(self.learned_opt, opt_state, term)
         step = ps.step + 1
         new = ParticleState(ps.spec, params, opt_state, step, ps.length, ps.init_loss)
+        term = None
+        if score:  # Metz et al. 2019: l(x; w(t)) for t = 1..T, a fresh batch of the split
+            term = self.meta_forward(new, k_meta)
         return new, (term, loss, step >= ps.length)
 
     # -- batches of particles -------------------------------------------------------------------
@@ -392,56 +418,79 @@ class Unroller:
         policy = self.reset
         offer = trunc.start.push_at is not None
         n_steps = trunc.n_steps
+        shift = self.scores_next_batch
+        theta_axis = 0 if per_particle_meta_params else None
+        raw = self.meta_loss.normalize == "initial"
 
         def go(bucket: int):
             fresh_count = self.fresh_per_truncation(bucket)
 
-            def one(theta, ps, start, restored):
+            def prepare(theta, ps, start, restored):
+                """One particle's fresh trajectories for this truncation and its start."""
                 k_fresh, k_steps = jax.random.split(start.keys)
                 fresh = jax.vmap(lambda k: self.fresh_particle(theta, k, outer_step))(
                     jax.random.split(keys_lib.salted(k_fresh, keys_lib.FRESH), fresh_count)
                 )
-                fresh = self.vary(fresh)
                 ended = ps.step >= ps.length
                 new_start = ended | policy.segment_reset  # start a fresh trajectory
                 first = jax.tree.map(lambda x: x[0], fresh)
-                begin = ps
+                begin = tree_where(new_start, first, ps)
                 if restored is not None:
-                    begin = tree_where(start.restore, restored, tree_where(new_start, first, ps))
-                else:
-                    begin = tree_where(new_start, first, ps)
+                    begin = tree_where(start.restore, restored, begin)
                 carried = ~start.restore & ~new_start
                 used = jnp.where(~start.restore & new_start, 1, 0).astype(jnp.int32)
                 info = ResetInfo(carried, start.restore, begin.step)
+                return fresh, begin, used, info, jax.random.split(k_steps, bucket)
+
+            def run_bucket(theta, particles, start, restored):
+                fresh, begin, used, info, step_keys = jax.vmap(
+                    prepare, in_axes=(theta_axis, 0, 0, 0))(theta, particles, start, restored)
+                fresh = self.vary(fresh)
+                step = jax.vmap(
+                    lambda th, ps, k: self.inner_step(
+                        th, ps, k, outer_step, stop_inner_grad=stop_inner_grad, score=not shift),
+                    in_axes=(theta_axis, 0, 0),
+                )
+                forward = jax.vmap(self.meta_forward)
 
                 def body(carry, xs):
                     cur, used, offered = carry
-                    k, t = xs
+                    k, t = xs  # k: [P, 2]
                     ran = t < n_steps
                     need = (cur.step >= cur.length) & ran  # mid-truncation end: continue fresh
-                    nxt = jax.tree.map(lambda x: x[jnp.minimum(used, fresh_count - 1)], fresh)
-                    cur = tree_where(need, nxt, cur)
+                    ended = None
+                    if shift:  # the term of an ending trajectory's last update: only then
+                        k_end = jax.vmap(lambda kk: keys_lib.salted(kk, keys_lib.FRESH))(k)
+                        shape = jax.eval_shape(forward, cur, k_end)
+                        ended = jax.lax.cond(
+                            jnp.any(need), lambda: forward(cur, k_end),
+                            lambda: self.vary(jnp.zeros(shape.shape, shape.dtype)),
+                        )
+                    nxt = jax.vmap(lambda f, u: jax.tree.map(lambda x: x[jnp.minimum(u, fresh_count - 1)], f))(
+                        fresh, used)
+                    cur = _where_particles(need, nxt, cur)
                     used = used + need.astype(jnp.int32)
-                    new, (term, loss, done) = self.inner_step(
-                        theta, cur, k, outer_step, stop_inner_grad=stop_inner_grad
-                    )
-                    new = tree_where(ran, new, cur)
+                    new, (term, loss, done) = step(theta, cur, k)
+                    new = _where_particles(ran, new, cur)
                     if offer:
-                        offered = tree_where(t == start.push_at, new, offered)
-                    reset = need | ((t == 0) & ~carried)
-                    raw = self.meta_loss.normalize == "initial"
+                        offered = _where_particles(t == start.push_at, new, offered)
+                    reset = need | ((t == 0) & ~info.carried)
                     unnormalized = (cur.init_loss <= NORMALIZER_FLOOR) & ran & raw
-                    return (new, used, offered), (term, loss, done & ran, reset & ran, ran, unnormalized)
+                    if shift:  # this step's training loss scores the previous update
+                        term = jnp.where(need, ended, jax.vmap(self.score)(cur, loss))
+                    ys = (term, loss, done & ran, reset & ran, jnp.broadcast_to(ran, need.shape),
+                          unnormalized)
+                    return (new, used, offered), ys
 
                 scan = checkpointed_scan if checkpoint else _plain_scan
                 carry = self.vary((begin, used, begin if offer else None))
-                xs = (jax.random.split(k_steps, bucket), jnp.arange(bucket))
+                xs = (jnp.swapaxes(step_keys, 0, 1), jnp.arange(bucket))
                 (end, _, offered), ys = scan(body, carry, xs, bucket)
-                return end, offered, ys, info
-
-            def run_bucket(theta, particles, start, restored):
-                in_axes = (0 if per_particle_meta_params else None, 0, 0, 0)
-                end, offered, ys, info = jax.vmap(one, in_axes=in_axes)(theta, particles, start, restored)
+                ys = tuple(jnp.swapaxes(y, 0, 1) for y in ys)  # [B, P] -> [P, B]
+                if shift:  # terms[t] was measured at step t + 1; the last one after the scan
+                    k_last = jax.vmap(lambda kk: keys_lib.salted(kk, keys_lib.FRESH))(step_keys[:, -1])
+                    last = forward(end, k_last)
+                    ys = (jnp.concatenate([ys[0][:, 1:], last[:, None]], axis=1), *ys[1:])
                 pad = self.trunc_length - bucket
                 ys = tuple(jnp.pad(y, ((0, 0), (0, pad))) for y in ys)
                 return end, offered, ys, info, self.update_metrics(end)

@@ -37,7 +37,7 @@ import numpy as np
 import optax
 
 import lopt
-from lopt.base import dense_apply, dense_init, map_leaves, tensor_rms_normalize, time_features
+from lopt.base import dense_apply, dense_init, tensor_rms_normalize, time_features
 
 DEFAULT_DECAYS = (0.5, 0.9, 0.99, 0.999, 0.9999)
 DEFAULT_TIMESCALES = (1, 3, 10, 30, 100, 300, 1000, 3000, 10_000, 30_000, 100_000)
@@ -105,7 +105,10 @@ class MLPLOpt:
             )
             return MLPLOptState(momenta=momenta, step=jnp.zeros([], jnp.int32))
 
-        def update_leaf(g, p, m, t_feats):
+        n_in = 2 + len(self.decays)  # normalised features; the time features come after
+
+        def features(g, p, m):
+            """(new momenta, the leaf's normalised features as [size, n_in] rows)."""
             g32 = jnp.asarray(g, jnp.float32)
             p32 = jnp.asarray(p, jnp.float32)
             m = decays * m + (1.0 - decays) * g32[..., None]
@@ -115,23 +118,34 @@ class MLPLOpt:
                     tensor_rms_normalize(g32[..., None], axes),
                     tensor_rms_normalize(p32[..., None], axes),
                     tensor_rms_normalize(m, axes),
-                    jnp.broadcast_to(t_feats, g32.shape + t_feats.shape),
                 ],
                 axis=-1,
             )
-            out = dense_apply(meta_params["mlp"], feats)
-            direction, magnitude = out[..., 0], out[..., 1]
-            step = direction * jnp.exp(magnitude * self.exp_mult) * self.step_mult
-            return (-step).astype(jnp.result_type(g)), m
+            return m, feats.reshape(-1, n_in)
 
         def update_fn(updates, state, params=None, **extra_args):
             del extra_args
             if params is None:
                 raise ValueError("the mlp learned optimizer needs `params` in update()")
             t_feats = time_features(state.step, self.timescales, offset=1.0)
-            new_updates, new_momenta = map_leaves(
-                lambda g, p, m: update_leaf(g, p, m, t_feats), 2, updates, params, state.momenta
-            )
-            return new_updates, MLPLOptState(momenta=new_momenta, step=state.step + 1)
+            # The time features are the same for every coordinate, so their part of the first
+            # layer is a per-step bias: x @ W = x[:n] @ W[:n] + (t @ W[n:]), computed once.
+            first, rest = meta_params["mlp"][0], meta_params["mlp"][1:]
+            layer0 = {"w": first["w"][:n_in], "b": t_feats @ first["w"][n_in:] + first["b"]}
+            leaves, treedef = jax.tree.flatten(updates)
+            momenta, rows = zip(*(
+                features(g, p, m) for g, p, m in zip(
+                    leaves, treedef.flatten_up_to(params), treedef.flatten_up_to(state.momenta))
+            )) if leaves else ((), ())
+            # One MLP pass over every coordinate of every leaf (not one per leaf).
+            out = dense_apply([layer0, *rest], jnp.concatenate(rows)) if leaves else None
+            steps, start = [], 0
+            for g in leaves:
+                o = out[start : start + g.size]
+                start += g.size
+                step = o[:, 0] * jnp.exp(o[:, 1] * self.exp_mult) * self.step_mult
+                steps.append((-step).reshape(jnp.shape(g)).astype(jnp.result_type(g)))
+            new_state = MLPLOptState(momenta=treedef.unflatten(momenta), step=state.step + 1)
+            return treedef.unflatten(steps), new_state
 
         return optax.GradientTransformationExtraArgs(init_fn, update_fn)

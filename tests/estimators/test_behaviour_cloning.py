@@ -111,25 +111,29 @@ def test_alpha_one_is_the_learned_optimizers_trajectory_and_loss_exactly():
 
 def _reference(alpha: float):
     """A Python loop over particle 0: both updates from theta_n, the fused step, L_bc and the
-    task term (the loss after the step on a fresh batch)."""
+    task term: the training loss of the new params on the next step's (fresh) batch, or for
+    the truncation's last update on a batch of its own."""
+    from estimators import keys as keys_lib
+
     unroller, init, _ = _run("bc")
     state = init(THETA, KEY0)
     trunc = unroller.begin(state, KEY1, 0)
     ps = jax.tree.map(lambda x: x[0], state.particles)
     step_keys = jax.random.split(jax.random.split(trunc.start.keys[0])[1], T)
+    batch_keys = [jax.random.split(k, 3)[0] for k in step_keys]
+    batch_keys.append(keys_lib.salted(step_keys[-1], keys_lib.FRESH))  # the last update's
     lo, adam = LOPT.optimizer(THETA), optax.adam(ADAM_LR)
     params, lo_state, adam_state = ps.params, ps.opt_state.inner, adam.init(ps.params)
     out = []
-    for k in step_keys:
-        k_batch, k_meta, _ = jax.random.split(k, 3)
-        batch = TASK.batch(ps.spec, k_batch, "train")
+    for t in range(T):
+        batch = TASK.batch(ps.spec, batch_keys[t], "train")
         loss, g = jax.value_and_grad(lambda p: TASK.loss(ps.spec, p, batch)[0])(params)
         u_lo, lo_state = lo.update(g, lo_state, params, loss=loss)
         u_adam, adam_state = adam.update(g, adam_state, params)
         dist = sum(float(jnp.sum((a - b) ** 2)) for a, b in zip(jax.tree.leaves(u_lo), jax.tree.leaves(u_adam)))
         bc = np.log1p(dist / sum(float(jnp.sum(a**2)) for a in jax.tree.leaves(u_adam)))
         params = jax.tree.map(lambda p, a, b: p + (1 - alpha) * a + alpha * b, params, u_adam, u_lo)
-        task_term = float(TASK.loss(ps.spec, params, TASK.batch(ps.spec, k_meta, "train"))[0])
+        task_term = float(TASK.loss(ps.spec, params, TASK.batch(ps.spec, batch_keys[t + 1], "train"))[0])
         out.append((1 - alpha) * bc + alpha * task_term)
     return np.asarray(out), params
 
