@@ -178,6 +178,14 @@ def tree_where(cond: jax.Array, a: Any, b: Any) -> Any:
     return jax.tree.map(lambda x, y: jnp.where(cond, x, y), a, b)
 
 
+def step_keys(key: jax.Array) -> jax.Array:
+    """[3, 2]: an inner step's keys for its training batch, its meta-loss batch and the
+    inner-update wrapper's own draws. The unroll draws them for every step of a truncation at
+    once, outside the scan (one vectorised draw instead of a small one per step)."""
+    k_batch, k_meta, k_update = jax.random.split(key, 3)
+    return jnp.stack([k_batch, k_meta, keys_lib.salted(k_update, keys_lib.INNER_UPDATE)])
+
+
 def _where_particles(cond: jax.Array, a: Any, b: Any) -> Any:
     """Per particle: ``a`` where ``cond`` [P] holds, else ``b`` (leaves with a leading P axis)."""
     return jax.tree.map(lambda x, y: jnp.where(cond.reshape(cond.shape + (1,) * (x.ndim - 1)), x, y), a, b)
@@ -344,9 +352,10 @@ class Unroller:
         when ``score`` is False: the next step's training loss scores it); the training loss
         the one of the batch the update's gradient came from (before the update).
         ``stop_inner_grad`` cuts the meta-gradient path through the optimizee's gradient (the
-        first-order approximation of Andrychowicz et al. 2016, Sec. 2.1)."""
+        first-order approximation of Andrychowicz et al. 2016, Sec. 2.1). ``key`` is the step's
+        key, or its three keys already drawn (:func:`step_keys`)."""
         task = self.task_family
-        k_batch, k_meta, k_update = jax.random.split(key, 3)
+        k_batch, k_meta, k_update = step_keys(key) if key.ndim == 1 else key
         batch = task.batch(ps.spec, k_batch, "train")
         (loss, _), grads = jax.value_and_grad(task.loss, argnums=1, has_aux=True)(
             ps.spec, ps.params, batch
@@ -355,8 +364,7 @@ class Unroller:
             grads = jax.lax.stop_gradient(grads)
         opt = self.learned_opt.optimizer(meta_params)
         updates, opt_state = opt.update(
-            grads, ps.opt_state, ps.params, loss=loss, outer_step=outer_step,
-            key=keys_lib.salted(k_update, keys_lib.INNER_UPDATE),
+            grads, ps.opt_state, ps.params, loss=loss, outer_step=outer_step, key=k_update
         )
         params = optax.apply_updates(ps.params, updates)
         step = ps.step + 1
@@ -440,10 +448,10 @@ class Unroller:
                 carried = ~start.restore & ~new_start
                 used = jnp.where(~start.restore & new_start, 1, 0).astype(jnp.int32)
                 info = ResetInfo(carried, start.restore, begin.step)
-                return fresh, begin, used, info, jax.random.split(k_steps, bucket)
+                return fresh, begin, used, info, jax.vmap(step_keys)(jax.random.split(k_steps, bucket))
 
             def run_bucket(theta, particles, start, restored):
-                fresh, begin, used, info, step_keys = jax.vmap(
+                fresh, begin, used, info, keys = jax.vmap(
                     prepare, in_axes=(theta_axis, 0, 0, 0))(theta, particles, start, restored)
                 fresh = self.vary(fresh)
                 step = jax.vmap(
@@ -455,12 +463,12 @@ class Unroller:
 
                 def body(carry, xs):
                     cur, used, offered = carry
-                    k, t = xs  # k: [P, 2]
+                    k, t = xs  # k: [P, 3, 2]
                     ran = t < n_steps
                     need = (cur.step >= cur.length) & ran  # mid-truncation end: continue fresh
                     ended = None
                     if shift:  # the term of an ending trajectory's last update: only then
-                        k_end = jax.vmap(lambda kk: keys_lib.salted(kk, keys_lib.FRESH))(k)
+                        k_end = jax.vmap(lambda kk: keys_lib.salted(kk[0], keys_lib.FRESH))(k)
                         shape = jax.eval_shape(forward, cur, k_end)
                         ended = jax.lax.cond(
                             jnp.any(need), lambda: forward(cur, k_end),
@@ -484,11 +492,11 @@ class Unroller:
 
                 scan = checkpointed_scan if checkpoint else _plain_scan
                 carry = self.vary((begin, used, begin if offer else None))
-                xs = (jnp.swapaxes(step_keys, 0, 1), jnp.arange(bucket))
+                xs = (jnp.swapaxes(keys, 0, 1), jnp.arange(bucket))
                 (end, _, offered), ys = scan(body, carry, xs, bucket)
                 ys = tuple(jnp.swapaxes(y, 0, 1) for y in ys)  # [B, P] -> [P, B]
                 if shift:  # terms[t] was measured at step t + 1; the last one after the scan
-                    k_last = jax.vmap(lambda kk: keys_lib.salted(kk, keys_lib.FRESH))(step_keys[:, -1])
+                    k_last = jax.vmap(lambda kk: keys_lib.salted(kk[0], keys_lib.FRESH))(keys[:, -1])
                     last = forward(end, k_last)
                     ys = (jnp.concatenate([ys[0][:, 1:], last[:, None]], axis=1), *ys[1:])
                 pad = self.trunc_length - bucket

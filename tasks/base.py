@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Protocol, runtime_checkable
 
 import jax
+import jax.numpy as jnp
 
 Array = jax.Array
 Spec = Any
@@ -54,6 +55,16 @@ def data_arrays(family: TaskFamily) -> Any:
 def bind_data(family: TaskFamily, arrays: Any) -> TaskFamily:
     """``family`` reading its batches from ``arrays`` (see :func:`data_arrays`)."""
     return family if arrays is None else family.bind(arrays)
+
+
+def sample_indices(key: jax.Array, size: int, n: jax.Array | int) -> jax.Array:
+    """``size`` indices uniform in [0, n) (with replacement) for a minibatch: one 32-bit draw
+    each, reduced modulo n. ``jax.random.randint`` spends a second draw on removing the modulo
+    bias, which is at most n / 2^32 relative (2e-4 for a million examples, 3e-7 for 1,437):
+    far below minibatch noise, while the second draw costs as much as the first (measured: the
+    random-number loops were ~15% of a learned-optimizer inner step on CPU)."""
+    bits = jax.random.bits(key, (size,), jnp.uint32)
+    return (bits % jnp.asarray(n, jnp.uint32)).astype(jnp.int32)
 
 
 def check_split(split: str) -> None:

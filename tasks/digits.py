@@ -17,7 +17,7 @@ import optax
 import tasks
 from tasks import catalogue
 from tasks import data as data_lib
-from tasks.base import check_split
+from tasks.base import check_split, sample_indices
 from tasks.errors import DatasetNotPreparedError
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -118,7 +118,7 @@ class DigitsMLP:
     def batch(self, spec: dict, key: jax.Array, split: str) -> dict:
         check_split(split)
         arrays = self.arrays[split]
-        idx = jax.random.randint(key, (self.batch_size,), 0, arrays["label"].shape[0])
+        idx = sample_indices(key, self.batch_size, arrays["label"].shape[0])
         return {"image": arrays["image"][idx], "label": arrays["label"][idx]}
 
     def full_batch(self, split: str) -> dict:

@@ -121,7 +121,7 @@ def _reference(alpha: float):
     ps = jax.tree.map(lambda x: x[0], state.particles)
     step_keys = jax.random.split(jax.random.split(trunc.start.keys[0])[1], T)
     batch_keys = [jax.random.split(k, 3)[0] for k in step_keys]
-    batch_keys.append(keys_lib.salted(step_keys[-1], keys_lib.FRESH))  # the last update's
+    batch_keys.append(keys_lib.salted(batch_keys[-1], keys_lib.FRESH))  # the last update's
     lo, adam = LOPT.optimizer(THETA), optax.adam(ADAM_LR)
     params, lo_state, adam_state = ps.params, ps.opt_state.inner, adam.init(ps.params)
     out = []
