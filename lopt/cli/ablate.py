@@ -7,8 +7,10 @@ meta-training horizon H and at 10 H on held-out task instances.
 Methods (``--methods``, default all four; the table keeps this order):
 
 * ``adamw``: AdamW (decoupled weight decay ``--weight_decay``) with its learning rate tuned over
-  ``--lrs`` on the held-out instances, separately at each evaluation length (the best rate by
-  mean final training loss, ``lopt.training.evaluation.tune_adam``).
+  ``--lrs`` on separate tuning instances ``PRNGKey(--tune_seed_offset + i)``, separately at each
+  evaluation length (the best rate by mean final training loss,
+  ``lopt.training.evaluation.tune_adam``), then run at that rate on the evaluation instances:
+  nothing is tuned on the instances the table reports.
 * ``naive``: ``configs/naive.py``, the Metz et al. 2019 MLP optimizer meta-trained with PES
   (Vicol et al. 2021) on segments of N = ``trunc_length`` steps, every one a fresh trajectory
   (horizon H = N, no buffer, no behaviour cloning).
@@ -89,6 +91,9 @@ _META_SEEDS = flags.DEFINE_integer("meta_seeds", 1, "Meta-training runs per lear
                                    "(config seeds 0 .. meta_seeds - 1).")
 _SEEDS = flags.DEFINE_integer("seeds", 5, "Held-out task instances in the evaluation.")
 _SEED_OFFSET = flags.DEFINE_integer("seed_offset", 1_000_000, "Instance i is PRNGKey(seed_offset + i).")
+_TUNE_SEED_OFFSET = flags.DEFINE_integer(
+    "tune_seed_offset", 3_000_000, "AdamW is tuned on instances PRNGKey(tune_seed_offset + i), "
+    "i < --seeds, never on the evaluation instances.")
 _FACTOR = flags.DEFINE_integer("factor", 10, "The long evaluation runs factor x H steps.")
 _LRS = flags.DEFINE_string("lrs", DEFAULT_LRS, "AdamW learning rates to tune over.")
 _WEIGHT_DECAY = flags.DEFINE_float("weight_decay", 1e-4, "AdamW's decoupled weight decay.")
@@ -179,6 +184,9 @@ def settings() -> dict:
             raise UsageError(f"--{name} must be >= 1, got {v}")
     if _OUTER_STEPS.value is not None and _OUTER_STEPS.value < 1:
         raise UsageError(f"--outer_steps must be >= 1, got {_OUTER_STEPS.value}")
+    if abs(_TUNE_SEED_OFFSET.value - _SEED_OFFSET.value) < _SEEDS.value:
+        raise UsageError("--seed_offset and --tune_seed_offset give overlapping instances; AdamW "
+                         "must be tuned on instances the table does not report")
     if _WEIGHT_DECAY.value < 0:
         raise UsageError(f"--weight_decay must be >= 0, got {_WEIGHT_DECAY.value}")
 
@@ -217,6 +225,7 @@ def settings() -> dict:
         long=horizon * _FACTOR.value,
         lrs=parse_lrs(_LRS.value) or parse_lrs(DEFAULT_LRS),
         seeds=[_SEED_OFFSET.value + i for i in range(_SEEDS.value)],
+        tune_seeds=[_TUNE_SEED_OFFSET.value + i for i in range(_SEEDS.value)],
     )
 
 
@@ -282,13 +291,19 @@ def evaluate_export(export_path: str, task: Any, keys: Any, lengths: tuple[int, 
     return {n: _eval_summary(evaluation.train_curves(task, opt, keys, n)) for n in lengths}
 
 
-def evaluate_adamw(task: Any, keys: Any, lengths: tuple[int, int], lrs: list[float]) -> dict:
+def evaluate_adamw(task: Any, tune_keys: Any, keys: Any, lengths: tuple[int, int],
+                   lrs: list[float]) -> dict:
+    """AdamW tuned on ``tune_keys`` at each length, then run at its best rate on ``keys``."""
+    import optax
+
     from lopt.training import evaluation
 
     out = {}
+    wd = _WEIGHT_DECAY.value
     for n in lengths:
-        best, per_lr = evaluation.tune_adam(task, keys, n, lrs, weight_decay=_WEIGHT_DECAY.value)
-        out[n] = {**_eval_summary(per_lr[best]), "best_lr": best,
+        best, per_lr = evaluation.tune_adam(task, tune_keys, n, lrs, weight_decay=wd)
+        curves = evaluation.train_curves(task, optax.adamw(best, weight_decay=wd), keys, n)
+        out[n] = {**_eval_summary(curves), "best_lr": best,
                   "sweep": {repr(lr): float(per_lr[lr]["final_train_loss"].mean()) for lr in lrs}}
     return out
 
@@ -398,6 +413,7 @@ def main(argv) -> int:
         print(f"error: bad task {s['configs']['elo'].task.to_dict()}: {e}", file=sys.stderr)
         return 2
     keys = jnp.stack([jax.random.PRNGKey(x) for x in s["seeds"]])
+    tune_keys = jnp.stack([jax.random.PRNGKey(x) for x in s["tune_seeds"]])
     meta_seeds = list(range(_META_SEEDS.value))
     print(f"ablating {', '.join(s['methods'])} on {task.name}: meta-training horizon H={H}, "
           f"evaluation at {H} and {long} steps on {len(keys)} held-out instances, "
@@ -411,7 +427,7 @@ def main(argv) -> int:
         t0 = time.perf_counter()
         try:
             if method == "adamw":
-                results[method] = {"eval": combine([evaluate_adamw(task, keys, lengths, s["lrs"])], lengths)}
+                results[method] = {"eval": combine([evaluate_adamw(task, tune_keys, keys, lengths, s["lrs"])], lengths)}
             else:
                 config = s["configs"][method]
                 runs, evals = [], []
@@ -441,7 +457,8 @@ def main(argv) -> int:
         f"Training-technique ablation on {task.name} (ELO Table 1 shape): meta-training horizon "
         f"H={H}; held-out instances PRNGKey({s['seeds'][0]}..{s['seeds'][-1]}) x meta-seeds "
         f"{meta_seeds}, mean ± std; AdamW weight decay {_WEIGHT_DECAY.value:g}, lr tuned per "
-        f"length over {len(s['lrs'])} values. Wall time {total:.0f} s.\n"
+        f"length over {len(s['lrs'])} values on separate instances PRNGKey("
+        f"{s['tune_seeds'][0]}..{s['tune_seeds'][-1]}). Wall time {total:.0f} s.\n"
         f"Command: {' '.join(['python', 'scripts/ablate.py', *sys.argv[1:]])}"
     )
     plot_path = plot(results, long, H, os.path.join(out, "curves.png"),
@@ -455,6 +472,7 @@ def main(argv) -> int:
         "horizon": H,
         "long_horizon": long,
         "eval_seeds": s["seeds"],
+        "adamw_tune_seeds": s["tune_seeds"],
         "meta_seeds": meta_seeds,
         "adamw": {"weight_decay": _WEIGHT_DECAY.value, "lrs": s["lrs"]},
         "methods": results,

@@ -63,6 +63,14 @@ def test_table_results_and_plot(tiny):
             assert len(e["train_loss_curve_mean"]) == int(length)
     # AdamW's learning rate is tuned per evaluation length, from the grid.
     assert all(methods["adamw"]["eval"][n]["best_lr"] in LRS for n in (str(H), str(FACTOR * H)))
+    # ... on instances the table does not report: the sweep's figure at the chosen rate (tuning
+    # instances) is not the reported one (evaluation instances).
+    assert not set(results["adamw_tune_seeds"]) & set(results["eval_seeds"])
+    for n in (str(H), str(FACTOR * H)):
+        e = methods["adamw"]["eval"][n]
+        sweep = {float(k): v for k, v in e["lr_sweep"].items()}
+        assert e["best_lr"] == min(sweep, key=sweep.get)
+        assert sweep[e["best_lr"]] != pytest.approx(e["final_train_loss"]["mean"], rel=1e-6)
 
 
 def test_learned_optimizers_share_the_setup_but_the_techniques(tiny):
@@ -113,6 +121,7 @@ def test_rerun_reuses_finished_runs(tiny):
         (["--set=unroll.horizon.name=linear"], "constant meta-training horizon"),
         (["--lrs=0.1,-1"], "positive"),
         (["--seeds=0"], "--seeds must be >= 1"),
+        (["--tune_seed_offset=1000001"], "overlapping instances"),
         (["--nonsense=1"], "nonsense"),
     ],
 )
