@@ -209,6 +209,11 @@ def test_script_end_to_end(script_run):
     assert results["flags"]["task_kwargs"] == {"dim": 4}
     assert results["flags"]["lrs"] == [1e-3, 1e-2]
     assert results["seeds"] == [1_000_000, 1_000_001]
+    # Adam is tuned on other instances than it is reported on: its reported figure at the
+    # chosen rate is not the sweep's (tuning instances) figure at that rate.
+    assert results["adam_tune_seeds"] == [3_000_000, 3_000_001]
+    swept = results["adam_sweep"][repr(results["best_lr"])]["final_train_loss"]["mean"]
+    assert swept != pytest.approx(results["adam"]["final_train_loss"]["mean"], rel=1e-6)
     learned = results["learned_optimizer"]
     assert len(learned["final_train_loss"]["per_seed"]) == 2
     assert len(learned["train_loss"][0]) == 10
