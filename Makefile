@@ -31,7 +31,7 @@ quickstart: $(VENV)/.installed
 	$(BIN)/python scripts/evaluate.py --export=$(WORKDIR)/export/optimizer.safetensors --task=digits_mlp --task_kwargs='{"permute_classes": true}' --out=$(WORKDIR)/eval
 
 test: $(VENV)/.installed-test
-	$(BIN)/python -m pytest -q -m "not slow" -p no:cacheprovider
+	$(BIN)/python -m pytest -q -n 2 -m "not slow" -p no:cacheprovider --durations=15
 
 test-slow: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q -m slow -p no:cacheprovider
