@@ -41,7 +41,7 @@ from lopt.training import curriculum as curriculum_lib
 from lopt.training import distributed
 from lopt.training import tensorboard as tb_lib
 from lopt.training import workdir as workdir_lib
-from lopt.training.trainer import MetaTrainer, MetaTrainState
+from lopt.training.trainer import COUNT_METRICS, MAX_METRICS, MetaTrainer, MetaTrainState
 from tasks.registry import ConfigError, check_kwargs
 
 EXPORT_NAME = "optimizer.safetensors"
@@ -116,11 +116,45 @@ def read_metrics(path: str) -> list[dict]:
 # --- hooks ---------------------------------------------------------------------------------------
 
 
+#: Metrics a log row reports at its own step (running counts), not over its window.
+LAST_METRICS = frozenset({"num_skipped", "consecutive_skipped"})
+
+
+def window_row(window: list[dict]) -> dict:
+    """One log row from the metrics of every outer step since the previous row: counts
+    (``inner_steps``, ``trajectories_done``) summed, ``position_max`` the maximum, running counts
+    (``num_skipped``, ``consecutive_skipped``) the last step's, everything else the mean (a
+    bool such as ``grad_finite`` becomes the share of steps where it held).
+
+    A row that showed only its own step's metrics would alias: with ``log_every`` a multiple of
+    horizon / trunc_length (the quickstart: 10 and 200 / 20) every row lands at the same phase
+    of the particles' trajectories, and its meta-loss is that phase's, not the run's."""
+    import numpy as np
+
+    host = [distributed.to_host(m) for m in window]
+    row = {}
+    for k in dict.fromkeys(k for m in host for k in m):  # steps of another kind may lack some
+        vals = np.stack([np.asarray(m[k], np.float64) for m in host if k in m])
+        if k in COUNT_METRICS:
+            v = vals.sum(0)
+        elif k in MAX_METRICS:
+            v = vals.max(0)
+        elif k in LAST_METRICS:
+            v = vals[-1]
+        else:
+            v = vals.mean(0)
+        row[k] = v
+    return _to_python(row)
+
+
 class MetricsLog(Hook):
     """Every ``log_every`` outer steps (and the last, and curriculum validations) a row of the
-    step's metrics plus ``inner_steps_total``, ``wall_time`` and ``inner_steps_per_sec``
-    (compile and validation time excluded) goes to ``metrics.jsonl`` and the TensorBoard event
-    files under ``tensorboard/``; the progress bar shows the meta-loss and the health figures."""
+    metrics of the steps since the previous row (:func:`window_row`: means, sums of counts) plus
+    ``inner_steps_total``, ``wall_time`` and ``inner_steps_per_sec`` (compile and validation
+    time excluded) goes to ``metrics.jsonl`` and the TensorBoard event files under
+    ``tensorboard/``; the progress bar shows the meta-loss and the health figures. The window's
+    device arrays are fetched only when the row is written, so the steps between rows never
+    wait for the host."""
 
     def __init__(self, log_every: int, progress: bool, due_extra=None):
         self.log_every = int(log_every)
@@ -163,25 +197,26 @@ class MetricsLog(Hook):
         run.rows.clear()
 
     def after_step(self, run: Run, metrics: dict) -> None:
-        self.pending.append(metrics["inner_steps"])
+        self.pending.append(metrics)
         if self.t_first is None:  # the first step compiles: time from its end on
             jax.block_until_ready(run.state.meta_params)
             self.t_first = time.perf_counter()
-            self.first_inner = int(distributed.to_host(self.pending[0]))
+            self.first_inner = int(distributed.to_host(metrics["inner_steps"]))
         elif run.recompiling:  # the first step of a new curriculum stage compiled too
             jax.block_until_ready(run.state.meta_params)
             run.paused += time.perf_counter() - run.step_started
-            self.first_inner += int(distributed.to_host(self.pending[-1]))
+            self.first_inner += int(distributed.to_host(metrics["inner_steps"]))
         run.recompiling = False
         step = run.step
         extra = self.due_extra is not None and self.due_extra(step)
         if step % self.log_every == 0 or step == run.total or extra:
-            new_inner = int(sum(int(x) for x in distributed.to_host(self.pending)))
+            window = window_row(self.pending)
             self.pending = []
+            new_inner = int(window["inner_steps"])
             self.inner_total += new_inner
             self.inner_timed += new_inner - self.first_inner
             self.first_inner = 0
-            row = {"step": step, **_to_python(metrics), "inner_steps_total": self.inner_total}
+            row = {"step": step, **window, "inner_steps_total": self.inner_total}
             now = time.perf_counter()
             row["wall_time"] = now - self.t_first
             busy = now - self.t_first - run.paused

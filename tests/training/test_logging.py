@@ -36,3 +36,56 @@ def test_tensorboard_event_files_hold_every_logged_scalar(tmp_path):
     decisions = [(r["step"], r["valid_loss"]) for r in rows if "decision" in r]
     assert decisions and scalars["curriculum/valid_loss"] == [(s, pytest.approx(v, rel=1e-6)) for s, v in decisions]
     assert {s for s, _ in scalars["curriculum/curriculum_stage"]} <= {s for s, _ in decisions}
+
+
+class _EveryStep:
+    """A hook that keeps every outer step's metrics."""
+
+    def __init__(self):
+        self.steps = []
+
+    def start(self, run):
+        pass
+
+    def after_step(self, run, metrics):
+        import jax
+
+        self.steps.append(jax.device_get(metrics))
+
+    def end(self, run):
+        pass
+
+    def checkpoint_items(self, run):
+        return {}, {}
+
+    def restore_items(self, run, items, host):
+        pass
+
+
+def test_a_log_row_summarises_every_step_since_the_last_row(tmp_path):
+    """With log_every = horizon / trunc_length every row lands at the same phase of the
+    trajectories; the row must describe all the steps in between, not that phase alone."""
+    c = ConfigDict()
+    c.seed = 0
+    c.num_outer_steps = 6
+    c.log_every = 3
+    c.checkpoint_every = 6
+    c.task = ConfigDict(dict(name="quadratic", dim=3))
+    c.lopt = ConfigDict(dict(name="hyper_adam"))
+    c.estimator = ConfigDict(dict(name="pes", std=0.01))
+    c.meta_optimizer = ConfigDict(dict(name="adam", learning_rate=1e-2))
+    c.unroll = ConfigDict(dict(num_particles=2, trunc_length=2, stagger=False,
+                               horizon=ConfigDict(dict(name="constant", length=6))))
+    every = _EveryStep()
+    train(c, str(tmp_path), progress=False, hooks=(every,))
+    rows = [json.loads(line) for line in open(os.path.join(str(tmp_path), "metrics.jsonl"))]
+    assert [r["step"] for r in rows] == [3, 6] and len(every.steps) == 6
+    for row, window in zip(rows, (every.steps[:3], every.steps[3:])):
+        losses = [float(m["meta_loss"]) for m in window]
+        assert len(set(losses)) == 3  # the three phases differ, so a one-step row would differ
+        assert row["meta_loss"] == pytest.approx(sum(losses) / 3, rel=1e-6)
+        assert row["position_mean"] == pytest.approx(sum(float(m["position_mean"]) for m in window) / 3)
+        assert row["position_max"] == max(float(m["position_max"]) for m in window)
+        assert row["inner_steps"] == sum(int(m["inner_steps"]) for m in window)
+        assert row["num_skipped"] == int(window[-1]["num_skipped"])
+    assert rows[-1]["inner_steps_total"] == 6 * 2 * 2
