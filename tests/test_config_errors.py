@@ -64,8 +64,34 @@ def test_bad_value_is_one_line_before_anything_runs(override, message, tmp_path)
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("config error: "), proc.stderr[-2000:]
     assert message in lines[0], lines[0]
-    assert seconds < 3.0, seconds
+    # Loose bound (the suite runs on 2 busy workers): an error after compiling would take longer;
+    # the bad-input table in the issue note has the quiet-machine times (~2.5 s, mostly imports).
+    assert seconds < 10.0, seconds
     assert not workdir.exists() and os.listdir(tmp_path) == []
+
+
+BAD_FILES = [
+    (None, "no such config file"),
+    ("def get_config(:\n", "SyntaxError: invalid syntax (line 1)"),
+    ("def get_config():\n    raise ValueError('boom')\n", "get_config() raised ValueError: boom"),
+]
+
+
+@pytest.mark.parametrize("text,message", BAD_FILES, ids=["missing", "syntax", "raises"])
+def test_bad_config_file_is_one_line(text, message, tmp_path):
+    """ml_collections defers a config file's load failure to first use or wraps it in a
+    traceback; the user sees one line naming the file."""
+    path = tmp_path / "my_config.py"
+    if text is not None:
+        path.write_text(text)
+    workdir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, SCRIPT, f"--config={path}", f"--workdir={workdir}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("config error: --config"), proc.stderr[-2000:]
+    assert message in lines[0] and ("my_config.py" in lines[0]), lines[0]
+    assert not workdir.exists()
 
 
 def test_particles_split_into_whole_pairs_per_device(tmp_path):

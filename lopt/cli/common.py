@@ -52,8 +52,17 @@ def parse_flags(argv: list[str]) -> list[str]:
 
     try:
         return flags.FLAGS(argv)
+    except SyntaxError as e:  # a config file that does not parse (raised while flags parse)
+        print(f"config error: --config: cannot load {e.filename}: SyntaxError: {e.msg} (line "
+              f"{e.lineno})", file=sys.stderr)
+        sys.exit(2)
     except flags.Error as e:
         line = " ".join(str(e).split())
+        if "Error whilst parsing config file" in line:  # get_config raised: its last line
+            last = [x for x in str(e).strip().splitlines() if x.strip()][-1].strip()
+            print(f"config error: {line.split(': Error whilst', 1)[0].replace('flag ', '')}: "
+                  f"get_config() raised {last}", file=sys.stderr)
+            sys.exit(2)
         if line.startswith("flag --config.") and ": " in line:
             flag, why = line[len("flag --"):].split(": ", 1)
             path, _, value = flag.partition("=")

@@ -35,12 +35,34 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processe
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (else from env).")
 
 
+def _load_config():
+    """The --config file's config, or None after a one-line error: ml_collections defers a
+    config file's load failure (missing file, syntax error, an exception in get_config) to the
+    config's first use, where it would surface as a traceback."""
+    path = str(flags.FLAGS["config"].config_filename or "")
+    if not os.path.isfile(path.split(":", 1)[0]):
+        print(f"config error: --config: no such config file: {path}", file=sys.stderr)
+        return None
+    try:
+        config = _CONFIG.value
+        config.keys()
+    except Exception as e:  # noqa: BLE001  whatever the file raised, in one line
+        cause = e.__cause__ or e
+        why = " ".join(str(cause).split()) or type(cause).__name__
+        print(f"config error: --config: cannot load {path}: {type(cause).__name__}: {why}",
+              file=sys.stderr)
+        return None
+    return config
+
+
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     if _MULTIHOST.value:
         distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    config = _CONFIG.value
+    config = _load_config()
+    if config is None:
+        return 2
     try:
         summary = loop.train(config, _WORKDIR.value, progress=_PROGRESS.value)
     except ConfigError as e:
