@@ -33,12 +33,27 @@ class LearnedOptimizer(Protocol):
         """The inner optimizer these meta-params define."""
 
 
-def config_of(learned_opt: LearnedOptimizer) -> dict[str, Any]:
-    """The constructor options of a dataclass learned optimizer (for export metadata)."""
+#: ``dataclasses.field`` metadata of a constructor option that changes how an update is
+#: computed but not what (beyond float rounding), e.g. ``mlp``'s ``fused`` (a Pallas kernel
+#: instead of plain jnp): it is not part of the architecture. :func:`config_of` leaves it out
+#: while it has its default (so exports written without setting it are the exports written
+#: before it existed, and older readers load them), and ``architecture_only=True`` always does
+#: (what ``lopt.export`` compares when a caller passes the architecture to load into).
+EXECUTION_OPTION = {"lopt_execution_option": True}
+
+
+def config_of(learned_opt: LearnedOptimizer, *, architecture_only: bool = False) -> dict[str, Any]:
+    """The constructor options of a dataclass learned optimizer (for export metadata), without
+    the execution options (:data:`EXECUTION_OPTION`) left at their defaults, or without any with
+    ``architecture_only``."""
     out = {}
     for f in dataclasses.fields(learned_opt):
         if f.init:
             v = getattr(learned_opt, f.name)
+            if f.metadata.get("lopt_execution_option") and (
+                architecture_only or (f.default is not dataclasses.MISSING and v == f.default)
+            ):
+                continue
             out[f.name] = list(v) if isinstance(v, tuple) else v
     return out
 
@@ -46,10 +61,16 @@ def config_of(learned_opt: LearnedOptimizer) -> dict[str, Any]:
 # --- small building blocks shared by the per-parameter learned optimizers --------------------
 
 
+def tensor_rms_scale(x: jax.Array, axes: tuple[int, ...], eps: float = 1e-8) -> jax.Array:
+    """1 / sqrt(mean(x^2) + eps) over ``axes``, kept as size-1 axes: the factor of
+    :func:`tensor_rms_normalize` (the fused ``mlp`` update computes it outside its kernel)."""
+    return jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=axes, keepdims=True) + eps)
+
+
 def tensor_rms_normalize(x: jax.Array, axes: tuple[int, ...], eps: float = 1e-8) -> jax.Array:
     """x / sqrt(mean(x^2) + eps) over ``axes`` (the tensor's own axes): Metz et al. 2019, App. D.1,
     "normalized by the second moment with regard to other elements in the 'batch' dimension"."""
-    return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=axes, keepdims=True) + eps)
+    return x * tensor_rms_scale(x, axes, eps)
 
 
 def time_features(step: jax.Array, scales: tuple[float, ...], offset: float = 1.0) -> jax.Array:

@@ -39,7 +39,9 @@ key                   value
 ``format_version``    ``"2"``. Readers refuse versions newer than theirs.
 ``architecture``      the registry name, e.g. ``"mlp"``, ``"adafac_mlp"``
 ``config``            JSON object of the constructor options (:func:`lopt.base.config_of`, tuples
-                      as lists): ``lopt.get(architecture, **json.loads(config))`` rebuilds it
+                      as lists): ``lopt.get(architecture, **json.loads(config))`` rebuilds it.
+                      Execution options (``mlp``'s ``fused``) appear only when set to other
+                      than their default, and never count as an architecture difference
 ``tensors_sha256``    hex SHA-256 of the canonical tensor bytes (below)
 ``created``           UTC time of the export, ISO 8601 (``2024-05-01T12:00:00+00:00``)
 ``lopt_version``      version of the installed ``lopt`` distribution, ``""`` if unknown
@@ -226,9 +228,9 @@ def _describe(name: str, config: Any) -> str:
     return f"'{name}' {json.dumps(config, sort_keys=True)}"
 
 
-def _arch_config(learned_opt: LearnedOptimizer) -> dict[str, Any]:
+def _arch_config(learned_opt: LearnedOptimizer, architecture_only: bool = False) -> dict[str, Any]:
     try:
-        config = config_of(learned_opt)
+        config = config_of(learned_opt, architecture_only=architecture_only)
     except TypeError:
         raise ExportError(
             f"cannot export {type(learned_opt).__name__}: a learned optimizer must be a "
@@ -427,13 +429,15 @@ def _resolve_architecture(
     """The file's architecture, rebuilt; or ``learned_opt`` if it is the same one."""
     if learned_opt is None:
         return _rebuild(name, config, path)
-    req_name, req_config = learned_opt.name, _arch_config(learned_opt)
+    # Execution options (lopt.base.EXECUTION_OPTION, e.g. mlp's ``fused``) are not compared:
+    # an export loads into the same architecture run either way.
+    req_name, req_config = learned_opt.name, _arch_config(learned_opt, architecture_only=True)
     file_config = config
     if req_name == name:
         # Compare with the file's architecture as this code builds it, so options added (with
         # defaults) since the export was written do not count as a difference.
         try:
-            file_config = _arch_config(lopt.get(name, **config))
+            file_config = _arch_config(lopt.get(name, **config), architecture_only=True)
         except Exception:
             file_config = config
     if req_name != name or req_config != file_config:

@@ -24,6 +24,13 @@ Appendix D.1 ("Architecture"), which this module implements line by line:
 
   so a freshly initialised optimizer takes steps of about 1e-3 and meta-training starts from a
   stable point.
+
+``fused=True`` computes the same update with one Pallas kernel (``lopt/mlp_fused.py``): the
+momenta, features, MLP and step of a block of coordinates in registers, the hidden activations
+never written to memory. Compiled with Triton on a GPU; interpreted elsewhere (CPU), where it is
+for checking correctness only and far slower than the default. It is an execution option, not
+part of the architecture: same meta-params, same numbers up to float rounding, exports without it
+unchanged.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ import numpy as np
 import optax
 
 import lopt
-from lopt.base import dense_apply, dense_init, tensor_rms_normalize, time_features
+from lopt.base import EXECUTION_OPTION, dense_apply, dense_init, tensor_rms_normalize, time_features
 
 DEFAULT_DECAYS = (0.5, 0.9, 0.99, 0.999, 0.9999)
 DEFAULT_TIMESCALES = (1, 3, 10, 30, 100, 300, 1000, 3000, 10_000, 30_000, 100_000)
@@ -57,7 +64,9 @@ class MLPLOpt:
     """Metz et al. 2019 per-parameter MLP optimizer (see module docstring).
 
     ``timescales``: a tuple of timescales eta, or the name of a preset in ``TIMESCALE_PRESETS``
-    (``"metz2019"``: the paper's 9).
+    (``"metz2019"``: the paper's 9). ``fused``: compute ``update`` with the Pallas kernel of
+    ``lopt/mlp_fused.py`` (GPU; interpreted, slowly, on CPU); same numbers up to float rounding,
+    and gradients through it are those of the default path.
     """
 
     hidden_size: int = 32
@@ -66,6 +75,7 @@ class MLPLOpt:
     timescales: tuple[float, ...] | str = DEFAULT_TIMESCALES
     step_mult: float = 1e-3
     exp_mult: float = 1e-3
+    fused: bool = dataclasses.field(default=False, metadata=EXECUTION_OPTION)
     name: ClassVar[str] = "mlp"
 
     def __post_init__(self):
@@ -87,6 +97,9 @@ class MLPLOpt:
             )
         if not all(x > 0 for x in self.timescales):
             raise ValueError(f"mlp: timescales must be positive, got {self.timescales}")
+        if not isinstance(self.fused, (bool, np.bool_)):
+            raise ValueError(f"mlp: fused must be True or False, got {self.fused!r}")
+        object.__setattr__(self, "fused", bool(self.fused))
 
     @property
     def num_features(self) -> int:
@@ -97,15 +110,55 @@ class MLPLOpt:
         return {"mlp": dense_init(key, sizes)}
 
     def optimizer(self, meta_params: dict) -> optax.GradientTransformationExtraArgs:
-        decays = jnp.asarray(self.decays, jnp.float32)
-
         def init_fn(params):
             momenta = jax.tree.map(
                 lambda p: jnp.zeros(jnp.shape(p) + (len(self.decays),), jnp.float32), params
             )
             return MLPLOptState(momenta=momenta, step=jnp.zeros([], jnp.int32))
 
-        n_in = 2 + len(self.decays)  # normalised features; the time features come after
+        def update_fn(updates, state, params=None, **extra_args):
+            del extra_args
+            if params is None:
+                raise ValueError("the mlp learned optimizer needs `params` in update()")
+            layers = self.step_layers(meta_params, state.step)
+            leaves, treedef = jax.tree.flatten(updates)
+            param_leaves = treedef.flatten_up_to(params)
+            momenta_leaves = treedef.flatten_up_to(state.momenta)
+            if self.fused and sum(int(np.size(g)) for g in leaves) > 0:
+                from lopt import mlp_fused  # imports Pallas only when asked for
+
+                steps, momenta = mlp_fused.fused_leaf_updates(
+                    self, layers, leaves, param_leaves, momenta_leaves
+                )
+            else:
+                steps, momenta = self.leaf_updates(layers, leaves, param_leaves, momenta_leaves)
+            new_state = MLPLOptState(momenta=treedef.unflatten(momenta), step=state.step + 1)
+            return treedef.unflatten(steps), new_state
+
+        return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+    @property
+    def num_normalized_features(self) -> int:
+        """Features normalised per tensor (gradient, parameter, one momentum per decay); the
+        time features come after them in the first layer's inputs."""
+        return 2 + len(self.decays)
+
+    def step_layers(self, meta_params: dict, step: jax.Array) -> list[dict]:
+        """The MLP of this step: the time features are the same for every coordinate, so their
+        part of the first layer is a per-step bias, x @ W = x[:n] @ W[:n] + (t @ W[n:]),
+        computed once (n = :attr:`num_normalized_features`)."""
+        n_in = self.num_normalized_features
+        t_feats = time_features(step, self.timescales, offset=1.0)
+        first, rest = meta_params["mlp"][0], meta_params["mlp"][1:]
+        layer0 = {"w": first["w"][:n_in], "b": t_feats @ first["w"][n_in:] + first["b"]}
+        return [layer0, *rest]
+
+    def leaf_updates(self, layers, grads, params, momenta) -> tuple[list, list]:
+        """(updates, new momenta), one per leaf of the flat lists ``grads``, ``params`` (leaves
+        of the parameter tree) and ``momenta`` (leaf.shape + (len(decays),)), with the MLP
+        ``layers`` of :meth:`step_layers`: the unfused reference computation."""
+        decays = jnp.asarray(self.decays, jnp.float32)
+        n_in = self.num_normalized_features
 
         def features(g, p, m):
             """(new momenta, the leaf's normalised features as [size, n_in] rows)."""
@@ -123,29 +176,15 @@ class MLPLOpt:
             )
             return m, feats.reshape(-1, n_in)
 
-        def update_fn(updates, state, params=None, **extra_args):
-            del extra_args
-            if params is None:
-                raise ValueError("the mlp learned optimizer needs `params` in update()")
-            t_feats = time_features(state.step, self.timescales, offset=1.0)
-            # The time features are the same for every coordinate, so their part of the first
-            # layer is a per-step bias: x @ W = x[:n] @ W[:n] + (t @ W[n:]), computed once.
-            first, rest = meta_params["mlp"][0], meta_params["mlp"][1:]
-            layer0 = {"w": first["w"][:n_in], "b": t_feats @ first["w"][n_in:] + first["b"]}
-            leaves, treedef = jax.tree.flatten(updates)
-            momenta, rows = zip(*(
-                features(g, p, m) for g, p, m in zip(
-                    leaves, treedef.flatten_up_to(params), treedef.flatten_up_to(state.momenta))
-            )) if leaves else ((), ())
-            # One MLP pass over every coordinate of every leaf (not one per leaf).
-            out = dense_apply([layer0, *rest], jnp.concatenate(rows)) if leaves else None
-            steps, start = [], 0
-            for g in leaves:
-                o = out[start : start + g.size]
-                start += g.size
-                step = o[:, 0] * jnp.exp(o[:, 1] * self.exp_mult) * self.step_mult
-                steps.append((-step).reshape(jnp.shape(g)).astype(jnp.result_type(g)))
-            new_state = MLPLOptState(momenta=treedef.unflatten(momenta), step=state.step + 1)
-            return treedef.unflatten(steps), new_state
-
-        return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+        if not grads:
+            return [], []
+        new_momenta, rows = zip(*(features(g, p, m) for g, p, m in zip(grads, params, momenta)))
+        # One MLP pass over every coordinate of every leaf (not one per leaf).
+        out = dense_apply(layers, jnp.concatenate(rows))
+        steps, start = [], 0
+        for g in grads:
+            o = out[start : start + g.size]
+            start += g.size
+            step = o[:, 0] * jnp.exp(o[:, 1] * self.exp_mult) * self.step_mult
+            steps.append((-step).reshape(jnp.shape(g)).astype(jnp.result_type(g)))
+        return steps, list(new_momenta)

@@ -3,6 +3,12 @@
     python scripts/benchmark_optimizers.py                       # 1e4 .. 1e7 parameters
     python scripts/benchmark_optimizers.py --max_size=100000 --reps=5   # quick
     python scripts/benchmark_optimizers.py --sizes=1e6,1e8 --peak_gbs=3350   # e.g. an H100
+    python scripts/benchmark_optimizers.py --optimizers=mlp --fused --sizes=1e7,1e8   # GPU
+
+``--fused`` also times every selected optimizer that has a ``fused`` option (``mlp``: its
+Pallas kernel, lopt/mlp_fused.py) with ``fused=True``, in a row ``<name> fused`` below the
+unfused one. The kernel is compiled on a GPU only; on a CPU it is interpreted (a correctness
+check, far slower than the unfused update), so time it on a GPU.
 
 For each parameter count N the pytree mixes leaf kinds the way a small network does: a dense
 kernel (about 60% of N, 256 columns), an HWIO conv kernel (about 30%), an embedding-like
@@ -32,6 +38,10 @@ _REPS = flags.DEFINE_integer("reps", 7, "Timed runs per optimizer and size (the 
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed runs after compiling.")
 _OPTIMIZERS = flags.DEFINE_list(
     "optimizers", None, "Learned optimizers to time (registry names); default all registered."
+)
+_FUSED = flags.DEFINE_bool(
+    "fused", False,
+    "Also time optimizers with a `fused` option (mlp) with fused=True, as '<name> fused'.",
 )
 _PEAK_GBS = flags.DEFINE_float(
     "peak_gbs", None, "The device's peak memory bandwidth in GB/s, to report the fraction achieved."
@@ -90,6 +100,26 @@ def _fmt_time(t: float) -> str:
     return f"{t * 1e3:.3g} ms" if t < 1 else f"{t:.3g} s"
 
 
+def variants(names: list[str], fused: bool) -> list[tuple[str, object]]:
+    """(row label, learned optimizer) per optimizer to time: each registered default, and with
+    ``fused`` also ``fused=True`` for those that have that option."""
+    import dataclasses
+
+    import lopt
+
+    out = []
+    for name in names:
+        learned_opt = lopt.get(name)
+        out.append((name, learned_opt))
+        if fused and dataclasses.is_dataclass(learned_opt) and "fused" in {
+            f.name for f in dataclasses.fields(learned_opt)
+        }:
+            out.append((f"{name} fused", dataclasses.replace(learned_opt, fused=True)))
+    if fused and len(out) == len(names):
+        raise app.UsageError(f"--fused: none of {', '.join(names)} has a `fused` option (mlp has)")
+    return out
+
+
 def main(argv):
     del argv
     import jax
@@ -100,7 +130,7 @@ def main(argv):
     sizes = [int(float(s)) for s in _SIZES.value]
     if _MAX_SIZE.value is not None:
         sizes = [s for s in sizes if s <= _MAX_SIZE.value]
-    names = _OPTIMIZERS.value or lopt.names()
+    to_time = variants(_OPTIMIZERS.value or lopt.names(), _FUSED.value)
     adam = optax.adam(1e-3)
     rows: dict[str, dict[int, str]] = {"adam": {}}
     bandwidth: dict[str, dict[int, str]] = {"adam": {}}
@@ -115,8 +145,7 @@ def main(argv):
         rows["adam"][n] = f"1.00x ({_fmt_time(t_adam)})"
         bandwidth["adam"][n] = _fmt_bw(b_adam, t_adam)
         print(f"{counts[n]:>12,} {'adam':12s} {_fmt_time(t_adam)}", file=sys.stderr, flush=True)
-        for name in names:
-            learned_opt = lopt.get(name)
+        for name, learned_opt in to_time:
             meta_params = learned_opt.init(jax.random.PRNGKey(0))
             try:
                 t, b = time_update(
