@@ -16,7 +16,9 @@ table (about 9%, 64 columns), a bias vector (the rest) and a scalar. Every optim
 ``update`` (learned ones with their meta-params as jit arguments, freshly initialised) is
 jitted with its state donated, run ``--warmup`` times, then timed ``--reps`` times with
 ``block_until_ready``; the table shows the median time relative to ``optax.adam``'s median and
-the absolute time. ``GB/s`` is the effective bandwidth: bytes of (gradients, parameters, state
+the absolute time. For ``mlp`` and ``adafac_mlp`` a third table gives the per-coordinate
+network's arithmetic rate (GFLOP/s) beside a bare matmul chain of the same shapes on the same
+device. ``GB/s`` is the effective bandwidth: bytes of (gradients, parameters, state
 in, updates, state out) over the median time, a lower bound on the memory traffic; with
 ``--peak_gbs`` it is also shown as a fraction of the device's peak memory bandwidth.
 """
@@ -162,6 +164,21 @@ def main(argv):
             bandwidth.setdefault(name, {})[n] = _fmt_bw(b, t)
             print(f"{counts[n]:>12,} {name:12s} {rows[name][n]}", file=sys.stderr, flush=True)
 
+    flops_rows = {}
+    for name, learned_opt in to_time:
+        shapes = layer_shapes(learned_opt.init(jax.random.PRNGKey(0)))
+        if not shapes or name.split()[0] not in ("mlp", "adafac_mlp"):
+            continue
+        for n in sizes:
+            cell = rows.get(name, {}).get(n, "")
+            if "(" not in cell or "failed" in cell:
+                continue
+            t = _parse_time(cell)
+            flops = 2 * counts[n] * sum(a * b for a, b in shapes)
+            t_mm = time_matmul_chain(counts[n], shapes, _REPS.value, _WARMUP.value)
+            flops_rows.setdefault(name, {})[n] = (
+                f"{flops / t / 1e9:.3g} vs {flops / t_mm / 1e9:.3g} GFLOP/s ({t_mm / t:.0%})")
+
     device = jax.devices()[0]
     print(
         f"\nTime of one jitted update relative to optax.adam (median of {_REPS.value}, "
@@ -171,6 +188,52 @@ def main(argv):
     _table(rows, sizes, counts)
     print("\nEffective bandwidth (bytes of grads, params, state in/out and updates per second)")
     _table(bandwidth, sizes, counts)
+    if flops_rows:
+        print("\nThe per-coordinate MLP's arithmetic: 2 x N x sum(fan_in x fan_out) over its layers "
+              "(an upper bound: mlp folds its time features into a per-step bias) per update, "
+              "achieved by the whole update vs by a bare chain of matmuls of the same shapes "
+              "([N, fan_in] @ [fan_in, fan_out], relu between) on the same device; the percentage "
+              "is the update's share of the matmul chain's rate")
+        _table(flops_rows, sizes, counts)
+
+
+def layer_shapes(meta_params) -> list[tuple[int, int]]:
+    """(fan_in, fan_out) of every 2-D weight of a learned optimizer's per-coordinate network."""
+    import jax
+
+    return [tuple(int(d) for d in x.shape) for x in jax.tree.leaves(meta_params) if x.ndim == 2]
+
+
+def time_matmul_chain(n: int, shapes, reps: int, warmup: int) -> float:
+    """Median seconds of the bare matmul chain of ``shapes`` over ``n`` rows (jitted)."""
+    import jax
+    import jax.numpy as jnp
+
+    ws = [jnp.full(s, 0.01, jnp.float32) for s in shapes]
+    x = jnp.full((n, shapes[0][0]), 0.5, jnp.float32)
+
+    @jax.jit
+    def chain(x, ws):
+        for i, w in enumerate(ws):
+            x = x @ w
+            if i < len(ws) - 1:
+                x = jax.nn.relu(x)
+        return x
+
+    for _ in range(warmup + 1):
+        jax.block_until_ready(chain(x, ws))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(chain(x, ws))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _parse_time(cell: str) -> float:
+    """Seconds from a table cell such as ``3.21x (12.3 ms)``."""
+    value, unit = cell.split("(", 1)[1].rstrip(")").split()
+    return float(value) * (1e-3 if unit == "ms" else 1.0)
 
 
 def _fmt_bw(nbytes: int, t: float) -> str:
