@@ -2,8 +2,14 @@
 
     python scripts/meta_train.py --config=configs/quickstart.py --workdir=runs/quickstart
 
-Small enough for a 2-core CPU in a few minutes; every option below can be overridden on the
-command line, e.g. ``--config.estimator.std=0.003 --config.num_outer_steps=100``.
+Small enough for a 2-core CPU (about two and a half minutes of meta-training); every option
+below can be overridden on the command line, e.g. ``--config.estimator.std=0.003
+--config.num_outer_steps=100``.
+
+Budget: 5,000 outer steps (800k inner steps). Measured with ``scripts/reproduce.py
+--experiment=quickstart`` (docs/results/quickstart.md): at 600 outer steps the optimizer's mean
+normalised training loss over the 200-step horizon on held-out instances was 0.12 against tuned
+Adam's 0.077; at 3,000 it was level with Adam (0.077); at 5,000 below it.
 """
 
 from ml_collections import ConfigDict
@@ -13,9 +19,9 @@ def get_config() -> ConfigDict:
     c = ConfigDict()
     c.seed = 0
     c.num_devices = 0  # shard the particles over every visible device
-    c.num_outer_steps = 600
+    c.num_outer_steps = 5000
     c.log_every = 10
-    c.checkpoint_every = 100
+    c.checkpoint_every = 500
     # Inner problem: a one-hidden-layer MLP on sklearn's 8x8 digits; every task instance has its
     # own init seed and a random relabelling of the classes.
     c.task = ConfigDict(
