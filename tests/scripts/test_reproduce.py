@@ -65,3 +65,31 @@ def test_bad_flags_are_one_line_errors(tmp_path, args, needle):
     assert proc.returncode == 2, proc.stderr
     assert needle in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_step_scale_probe_scales_every_update():
+    """metz2019's probe meta-params (scale_steps) give the same updates times the factor: the
+    shifted bias enters the step only through exp(o_1 * exp_mult). Float32 holds the shifted
+    bias (~4.6e3 for x100) to ~2.4e-4, i.e. exp(...) to ~2.4e-7 relative, so rtol 1e-5."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import lopt
+    from lopt.cli.reproduce import scale_steps
+
+    learned_opt = lopt.get("mlp")
+    meta = jax.tree.map(lambda x: x + 0.3, learned_opt.init(jax.random.PRNGKey(0)))
+    params = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4), "b": jnp.ones((4,))}
+    grads = jax.tree.map(lambda p: jnp.cos(2.0 * p), params)
+
+    def step(m):
+        opt = learned_opt.optimizer(m)
+        return opt.update(grads, opt.init(params), params)[0]
+
+    base = step(meta)
+    for factor in (10.0, 100.0):
+        scaled = step(scale_steps(learned_opt, meta, factor))
+        for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(scaled)):
+            assert float(jnp.max(jnp.abs(a))) > 0
+            np.testing.assert_allclose(np.asarray(b), factor * np.asarray(a), rtol=1e-5)
