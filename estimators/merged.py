@@ -113,7 +113,7 @@ class Merged(ESOptions):
             end, offered, ys, info, extras = unroller.run(
                 thetas, particles, Truncation(trunc.n_steps, start), outer_step,
                 per_particle_meta_params=True, checkpoint=self.checkpoint,
-                stop_inner_grad=self.first_order,
+                stop_inner_grad=self.first_order, vmapped=True,
             )
             out = UnrollOutput(*ys, info=info, position=end.step, extras=extras)
             loss = out.step_mean()  # [2]: L+, L-

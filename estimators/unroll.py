@@ -418,11 +418,19 @@ class Unroller:
         per_particle_meta_params: bool = False,
         checkpoint: bool = False,
         stop_inner_grad: bool = False,
+        vmapped: bool = False,
     ) -> tuple[ParticleState, Any, tuple, ResetInfo, dict]:
         """The inner steps of one truncation for the particles of ``trunc`` (differentiable in
         ``meta_params``). Returns (final states, offered states or None, per-step outputs
         (terms, losses, done, reset, mask, unnormalized) padded to ``trunc_length``, reset
-        info, the inner-update wrapper's metrics of the final states)."""
+        info, the inner-update wrapper's metrics of the final states).
+
+        ``vmapped``: the caller maps this call over an axis of its own (``merged``'s antithetic
+        pairs). The extra forward that scores an ending trajectory's last update then runs at
+        every step instead of under a ``lax.cond``: mapped over that axis the cond's predicate
+        is batched, which turns the cond into a select of both branches anyway, and JAX's
+        batching of such a cond inside ``shard_map`` fails (it re-marks the already varying
+        data arrays as varying over the particle axis)."""
         policy = self.reset
         offer = trunc.start.push_at is not None
         n_steps = trunc.n_steps
@@ -469,11 +477,14 @@ class Unroller:
                     ended = None
                     if shift:  # the term of an ending trajectory's last update: only then
                         k_end = jax.vmap(lambda kk: keys_lib.salted(kk[0], keys_lib.FRESH))(k)
-                        shape = jax.eval_shape(forward, cur, k_end)
-                        ended = jax.lax.cond(
-                            jnp.any(need), lambda: forward(cur, k_end),
-                            lambda: self.vary(jnp.zeros(shape.shape, shape.dtype)),
-                        )
+                        if vmapped:
+                            ended = forward(cur, k_end)
+                        else:
+                            shape = jax.eval_shape(forward, cur, k_end)
+                            ended = jax.lax.cond(
+                                jnp.any(need), lambda: forward(cur, k_end),
+                                lambda: self.vary(jnp.zeros(shape.shape, shape.dtype)),
+                            )
                     nxt = jax.vmap(lambda f, u: jax.tree.map(lambda x: x[jnp.minimum(u, fresh_count - 1)], f))(
                         fresh, used)
                     cur = _where_particles(need, nxt, cur)
