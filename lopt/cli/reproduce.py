@@ -102,7 +102,8 @@ BUDGETS: dict[str, dict[str, dict]] = {
         "smoke": dict(meta_seeds=1, instances=2, lrs=(1e-3, 1e-2), probe_lengths=(2, 4), probe_reps=1,
                       probe_step_scales=(10,),
                       set={**_TINY_MLP, "unroll.num_particles": 4, "num_outer_steps": 2,
-                           "unroll.trunc_length": 4, "unroll.trunc_schedule.start": 2, "unroll.trunc_schedule.end": 3,
+                           # one length bucket: the smoke run is all compilation
+                           "unroll.trunc_length": 4, "unroll.trunc_schedule.start": 4, "unroll.trunc_schedule.end": 4,
                            "unroll.trunc_schedule.steps": 2, "unroll.horizon.length": 8}),
         # CPU scale: 16 particles (8 antithetic pairs), truncations growing 10 -> 40 (+-20%)
         # over 500 outer steps, 200-step trajectories (the paper: 128 workers, 50 -> 10k, 10k).

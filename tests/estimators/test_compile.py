@@ -15,7 +15,11 @@ from estimators import schedules
 from lopt.training import MetaTrainer
 
 
-@pytest.mark.parametrize("name", ["tbptt", "es", "pes", "merged", "full_es"])
+# The length buckets are the Unroller's, shared by every estimator: pes and merged (forward
+# and differentiated unrolls) run in the fast suite, the others with the slow tests.
+@pytest.mark.parametrize("name", [pytest.param("tbptt", marks=pytest.mark.slow),
+                                  pytest.param("es", marks=pytest.mark.slow), "pes", "merged",
+                                  pytest.param("full_es", marks=pytest.mark.slow)])
 def test_no_recompilation_across_outer_steps_with_varying_lengths(name):
     trainer = MetaTrainer.create(
         task_family=tasks.get("quadratic", dim=3),

@@ -43,7 +43,10 @@ ZOO = {
 ESTIMATORS = {"tbptt": {}, "pes": dict(std=0.01), "merged": dict(std=0.01)}
 
 
-@pytest.mark.parametrize("estimator", list(ESTIMATORS))
+# PES never differentiates through the unroll, so the second-order NaN this guards against
+# cannot arise there; its column (forward losses only, which the other columns run too) is slow.
+@pytest.mark.parametrize("estimator", [
+    pytest.param(e, marks=pytest.mark.slow) if e == "pes" else e for e in ESTIMATORS])
 @pytest.mark.parametrize("name", list(ZOO))
 def test_meta_training_never_skips_a_step(name, estimator):
     trainer = MetaTrainer.create(

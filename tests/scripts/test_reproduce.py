@@ -29,7 +29,10 @@ def _run(args, timeout=600):
                           text=True, timeout=timeout)
 
 
-@pytest.mark.parametrize("experiment", sorted(FIGURES))
+# elo is lopt-ablate plus this report: tests/scripts/test_ablate.py runs ablate end to end at a
+# tiny scale and the other three experiments run the report writer, so its smoke run is slow.
+@pytest.mark.parametrize("experiment", [
+    pytest.param(e, marks=pytest.mark.slow) if e == "elo" else e for e in sorted(FIGURES)])
 def test_smoke_budget_writes_the_report(tmp_path, experiment):
     out, runs = tmp_path / "out", tmp_path / "runs"
     proc = _run([f"--experiment={experiment}", "--budget=smoke", f"--out={out}", f"--runs={runs}",
