@@ -387,7 +387,8 @@ TRIED: dict[str, list[str]] = {
         "meta-params; meta-seed 0 reached stage 2 (N_train 80) in 160 outer steps.",
     ],
     "elo": [
-        "Not tried at this budget: longer meta-training than 600 outer steps, H beyond 20, "
+        "Nothing before it: this is the first cpu-budget run of the experiment. Not tried at "
+        "this budget: longer meta-training than 600 outer steps, H beyond 20, "
         "and ELO's own tasks (MLP and ResNet-18 on ImageNet 32x32, GPT-2 mini); the buffer "
         "settings (M = 64, P_th = 0.2) were not tuned.",
     ],
