@@ -489,10 +489,11 @@ def cost(records: list[dict]) -> list[str]:
 # --- experiments -------------------------------------------------------------------------------
 
 
-def run_quickstart(b: dict, runs: str, out: str) -> Report:
-    from lopt.training import evaluation
-
-    config = configured("quickstart", b["set"])
+def train_seeds(name: str, b: dict, runs: str, subdir: str):
+    """The experiment's config with the budget's overrides, meta-trained once per meta-seed
+    (``runs/subdir/seed<i>``) and each export's curves on the held-out instances at H.
+    Returns (config, task, H, instances, records, curves)."""
+    config = configured(name, b["set"])
     ensure_mnist(config)
     task = task_of(config)
     H = int(config.unroll.horizon.length)
@@ -501,9 +502,16 @@ def run_quickstart(b: dict, runs: str, out: str) -> Report:
     for seed in range(b["meta_seeds"]):
         c = copy.deepcopy(config)
         c.seed = seed
-        print(f"[quickstart] meta-training seed {seed}", flush=True)
-        records.append(meta_train(c, os.path.join(runs, "lo", f"seed{seed}")))
+        print(f"[{name}] meta-training seed {seed}", flush=True)
+        records.append(meta_train(c, os.path.join(runs, subdir, f"seed{seed}")))
         curves.append(lo_curves(records[-1]["export"], task, keys(EVAL_SEED_OFFSET, n), H))
+    return config, task, H, n, records, curves
+
+
+def run_quickstart(b: dict, runs: str, out: str) -> Report:
+    from lopt.training import evaluation
+
+    config, task, H, n, records, curves = train_seeds("quickstart", b, runs, "lo")
     print("[quickstart] tuning Adam", flush=True)
     adam = tuned_adam(task, H, b["lrs"], n, "mean_normalized_train_loss")
     label = adam_label(adam)
@@ -649,18 +657,7 @@ def run_metz2019(b: dict, runs: str, out: str) -> Report:
     from lopt import export
     from lopt.training import evaluation
 
-    config = configured("metz2019", b["set"])
-    ensure_mnist(config)
-    task = task_of(config)
-    H = int(config.unroll.horizon.length)
-    n = b["instances"]
-    records, curves = [], []
-    for seed in range(b["meta_seeds"]):
-        c = copy.deepcopy(config)
-        c.seed = seed
-        print(f"[metz2019] meta-training seed {seed}", flush=True)
-        records.append(meta_train(c, os.path.join(runs, "merged", f"seed{seed}")))
-        curves.append(lo_curves(records[-1]["export"], task, keys(EVAL_SEED_OFFSET, n), H))
+    config, task, H, n, records, curves = train_seeds("metz2019", b, runs, "merged")
     print("[metz2019] tuning Adam", flush=True)
     adam = tuned_adam(task, H, b["lrs"], n, "test_loss")
     label = adam_label(adam)
