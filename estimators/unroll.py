@@ -179,11 +179,13 @@ def tree_where(cond: jax.Array, a: Any, b: Any) -> Any:
 
 
 def step_keys(key: jax.Array) -> jax.Array:
-    """[3, 2]: an inner step's keys for its training batch, its meta-loss batch and the
-    inner-update wrapper's own draws. The unroll draws them for every step of a truncation at
-    once, outside the scan (one vectorised draw instead of a small one per step)."""
+    """[4, 2]: an inner step's keys for its training batch, its meta-loss batch, the
+    inner-update wrapper's own draws, and the batch that scores an ending trajectory's last
+    update (``run``, train split). The unroll draws them for every step of a truncation at
+    once, outside the scan (one vectorised draw instead of small ones per step)."""
     k_batch, k_meta, k_update = jax.random.split(key, 3)
-    return jnp.stack([k_batch, k_meta, keys_lib.salted(k_update, keys_lib.INNER_UPDATE)])
+    return jnp.stack([k_batch, k_meta, keys_lib.salted(k_update, keys_lib.INNER_UPDATE),
+                      keys_lib.salted(k_batch, keys_lib.FRESH)])
 
 
 def _where_particles(cond: jax.Array, a: Any, b: Any) -> Any:
@@ -353,9 +355,9 @@ class Unroller:
         the one of the batch the update's gradient came from (before the update).
         ``stop_inner_grad`` cuts the meta-gradient path through the optimizee's gradient (the
         first-order approximation of Andrychowicz et al. 2016, Sec. 2.1). ``key`` is the step's
-        key, or its three keys already drawn (:func:`step_keys`)."""
+        key, or its keys already drawn (:func:`step_keys`)."""
         task = self.task_family
-        k_batch, k_meta, k_update = step_keys(key) if key.ndim == 1 else key
+        k_batch, k_meta, k_update = (step_keys(key) if key.ndim == 1 else key)[:3]
         batch = task.batch(ps.spec, k_batch, "train")
         (loss, _), grads = jax.value_and_grad(task.loss, argnums=1, has_aux=True)(
             ps.spec, ps.params, batch
@@ -471,12 +473,12 @@ class Unroller:
 
                 def body(carry, xs):
                     cur, used, offered = carry
-                    k, t = xs  # k: [P, 3, 2]
+                    k, t = xs  # k: [P, 4, 2] (step_keys)
                     ran = t < n_steps
                     need = (cur.step >= cur.length) & ran  # mid-truncation end: continue fresh
                     ended = None
                     if shift:  # the term of an ending trajectory's last update: only then
-                        k_end = jax.vmap(lambda kk: keys_lib.salted(kk[0], keys_lib.FRESH))(k)
+                        k_end = k[:, 3]
                         if vmapped:
                             ended = forward(cur, k_end)
                         else:
@@ -507,8 +509,7 @@ class Unroller:
                 (end, _, offered), ys = scan(body, carry, xs, bucket)
                 ys = tuple(jnp.swapaxes(y, 0, 1) for y in ys)  # [B, P] -> [P, B]
                 if shift:  # terms[t] was measured at step t + 1; the last one after the scan
-                    k_last = jax.vmap(lambda kk: keys_lib.salted(kk[0], keys_lib.FRESH))(keys[:, -1])
-                    last = forward(end, k_last)
+                    last = forward(end, keys[:, -1, 3])
                     ys = (jnp.concatenate([ys[0][:, 1:], last[:, None]], axis=1), *ys[1:])
                 pad = self.trunc_length - bucket
                 ys = tuple(jnp.pad(y, ((0, 0), (0, pad))) for y in ys)
