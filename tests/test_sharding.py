@@ -37,9 +37,11 @@ def _worker(*args: str, tmp_path) -> dict:
     # where every device holds a single pair.
     # tbptt differentiates inside shard_map (a replicated input's gradient would be summed).
     # pes_replay: ELO's buffer is one for the run, gathered from every device's particles.
-    # pes on 8 (2 and 4 are pes_replay's; all of 1, 2, 4, 8 with the slow tests); tbptt's
-    # differentiation inside shard_map is also merged's reparameterization half, so it is slow.
-    [("pes", "8"), pytest.param("pes", "1,2,4,8", marks=pytest.mark.slow), ("merged", "8"),
+    # pes runs sharded in pes_replay (2, 4) and merged's ES half (8); pes itself on 8 and on all
+    # of 1, 2, 4, 8 with the slow tests. tbptt's differentiation inside shard_map is also
+    # merged's reparameterization half, so it is slow too.
+    [pytest.param("pes", "8", marks=pytest.mark.slow),
+     pytest.param("pes", "1,2,4,8", marks=pytest.mark.slow), ("merged", "8"),
      pytest.param("tbptt", "4", marks=pytest.mark.slow), ("pes_replay", "2,4")],
 )
 def test_same_meta_params_on_1_2_4_8_devices(estimator, counts, tmp_path):

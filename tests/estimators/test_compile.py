@@ -15,10 +15,11 @@ from estimators import schedules
 from lopt.training import MetaTrainer
 
 
-# The length buckets are the Unroller's, shared by every estimator: pes and merged (forward
-# and differentiated unrolls) run in the fast suite, the others with the slow tests.
+# The length buckets are the Unroller's, shared by every estimator: pes runs in the fast suite
+# (its lax.switch over buckets is the one every estimator calls), the others with the slow tests.
 @pytest.mark.parametrize("name", [pytest.param("tbptt", marks=pytest.mark.slow),
-                                  pytest.param("es", marks=pytest.mark.slow), "pes", "merged",
+                                  pytest.param("es", marks=pytest.mark.slow), "pes",
+                                  pytest.param("merged", marks=pytest.mark.slow),
                                   pytest.param("full_es", marks=pytest.mark.slow)])
 def test_no_recompilation_across_outer_steps_with_varying_lengths(name):
     trainer = MetaTrainer.create(

@@ -52,10 +52,9 @@ STEPS = 200
 # ResNet-18's 21 convolutions take XLA on CPU 10-30 s to compile per training program: its
 # numerical checks run with the slow tests; the fast suite traces it without compiling.
 SLOW = {"resnet18"}
-
-
-def _slow_if_heavy(names):
-    return [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in names]
+# Convolutional families beyond conv_mnist (the same conv layers at other sizes and depths)
+# learn-under-Adam with the slow tests too (10-16 s each; suite time, issue 16).
+SLOW_TRAINING = SLOW | {"conv_cifar", "metz_conv", "conv6_mnist"}
 
 
 def test_every_paper_task_is_registered():
@@ -107,7 +106,8 @@ def _train_fn(family: TaskFamily, lr: float, steps: int):
     return jax.jit(run)
 
 
-@pytest.mark.parametrize("name", _slow_if_heavy(PAPER_TASKS))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_TRAINING else n
+                                  for n in PAPER_TASKS])
 def test_learns_under_adam_with_vmapped_specs(name):
     options, lr = SMALL[name]
     family = tasks.get(name, **options)
