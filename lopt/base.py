@@ -63,7 +63,18 @@ def config_of(learned_opt: LearnedOptimizer, *, architecture_only: bool = False)
 
 def tensor_rms_scale(x: jax.Array, axes: tuple[int, ...], eps: float = 1e-8) -> jax.Array:
     """1 / sqrt(mean(x^2) + eps) over ``axes``, kept as size-1 axes: the factor of
-    :func:`tensor_rms_normalize` (the fused ``mlp`` update computes it outside its kernel)."""
+    :func:`tensor_rms_normalize` (the fused ``mlp`` update computes it outside its kernel).
+
+    When a kept axis of size > 1 comes after the reduced ones (the momenta's trailing decay
+    axis), the mean is taken with the kept axes moved first, so each kept entry reduces a
+    contiguous row: XLA:CPU otherwise squares the whole tensor into memory and reduces it with
+    a strided windowed pass (W1, in-process alternated blocks: median 1.04x inner steps/s)."""
+    axes = tuple(a % x.ndim for a in axes)
+    kept = [a for a in range(x.ndim) if a not in axes]
+    if kept and x.shape[kept[-1]] > 1 and kept != list(range(len(kept))):
+        xt = jnp.transpose(x, kept + list(axes))
+        ms = jnp.mean(jnp.square(xt), axis=tuple(range(len(kept), x.ndim)))
+        return jax.lax.rsqrt(jnp.expand_dims(ms, axes) + eps)
     return jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=axes, keepdims=True) + eps)
 
 
