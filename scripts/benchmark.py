@@ -6,6 +6,7 @@ time, compile excluded), printed as tables.
     python scripts/benchmark.py --workload=particles       # particles 16 -> 256 on one device
     python scripts/benchmark.py --workload=devices --host_devices=8   # 1, 2, 4, 8 devices
     python scripts/benchmark.py --workload=compile         # time to the quickstart's first step
+    python scripts/benchmark.py --workload=profile         # where W1's time goes, by category
 
 W1: PES (Vicol et al. 2021), the Metz et al. 2019 MLP optimizer with two hidden layers of 32, 5
 momenta and 11 time features, 8 antithetic pairs (16 particles), truncation 20, horizon 200, a
@@ -21,8 +22,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _force_host_devices(argv: list[str]) -> None:
-    """XLA_FLAGS must be set before JAX starts, so read the flag by hand first."""
+def _xla_flags_from_argv(argv: list[str]) -> None:
+    """XLA_FLAGS must be set before JAX starts, so read the flags that need it by hand first:
+    forced host devices, and the HLO dump that ``--workload=profile`` names kernels from."""
     for a in argv:
         if a.startswith("--host_devices="):
             n = int(a.split("=", 1)[1])
@@ -30,9 +32,16 @@ def _force_host_devices(argv: list[str]) -> None:
                 os.environ["XLA_FLAGS"] = (
                     os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}"
                 )
+        if a == "--workload=profile":
+            import tempfile
+
+            os.environ["LOPT_PROFILE_DIR"] = tempfile.mkdtemp(prefix="lopt_profile_")
+            os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + (
+                f" --xla_dump_to={os.environ['LOPT_PROFILE_DIR']}/hlo --xla_dump_hlo_as_text"
+                " --xla_dump_hlo_pass_re=^$")
 
 
-_force_host_devices(sys.argv)
+_xla_flags_from_argv(sys.argv)
 
 import statistics  # noqa: E402
 import time  # noqa: E402
@@ -49,7 +58,7 @@ import tasks  # noqa: E402
 from estimators import schedules  # noqa: E402
 from lopt.training import MetaTrainer  # noqa: E402
 
-WORKLOADS = ("w1", "estimators", "particles", "devices", "compile")
+WORKLOADS = ("w1", "estimators", "particles", "devices", "compile", "profile")
 flags.DEFINE_enum("workload", "w1", WORKLOADS, "What to measure (module docstring).")
 flags.DEFINE_integer("host_devices", 1, "Forced XLA host devices on CPU (read before JAX starts).")
 flags.DEFINE_integer("steps", 10, "Timed outer steps (after two untimed ones).")
@@ -102,6 +111,74 @@ def _fmt(rates: list[float]) -> str:
 HEAD = f"{'min':>9} {'median':>9} {'max':>9}  inner steps/s"
 
 
+def profile_w1(outer_steps: int = 10) -> None:
+    """``jax.profiler`` trace of W1's outer steps (after warm-up), its XLA:CPU kernels summed by
+    category. A kernel's category comes from its output shape and op_name in the optimised HLO:
+    random numbers (threefry, and the bodies of rolled loops: kernels run 5x per step), the
+    per-coordinate MLP (outputs over all 2,410 coordinates), momenta and second-moment features,
+    the task (batch of 128: gather, forward, backward), bookkeeping selects, the rest."""
+    import collections
+    import glob
+    import gzip
+    import json
+    import re
+
+    out = os.environ["LOPT_PROFILE_DIR"]
+    trainer = w1_trainer()
+    state = trainer.init(jax.random.PRNGKey(0))
+    for _ in range(3):
+        state, _ = trainer.step(state)
+    jax.block_until_ready(state)
+    with jax.profiler.trace(os.path.join(out, "trace"), create_perfetto_trace=True):
+        t = time.perf_counter()
+        for _ in range(outer_steps):
+            state, _ = trainer.step(state)
+        jax.block_until_ready(state)
+        wall = time.perf_counter() - t
+    trace = sorted(glob.glob(os.path.join(out, "trace", "**", "*.trace.json.gz"), recursive=True))[-1]
+    events = [e for e in json.load(gzip.open(trace))["traceEvents"] if e.get("ph") == "X"]
+    hlo = "\n".join(open(f).read() for f in glob.glob(os.path.join(out, "hlo", "*jit__step.cpu_after_optimizations.txt")))
+    kernels = {}
+    for m in re.finditer(r"^\s+(?:ROOT )?%(\S+) = (\S+) (.*)$", hlo, re.M):
+        op = re.search(r'op_name="([^"]*)"', m.group(3))
+        kernels.setdefault(m.group(1), (m.group(2), op.group(1) if op else ""))
+    total, count = collections.Counter(), collections.Counter()
+    for e in events:
+        total[e["name"]] += e["dur"]
+        count[e["name"]] += 1
+    inner = outer_steps * 20
+
+    def category(name: str) -> str:
+        shape, op = kernels.get(name, ("?", ""))
+        if count[name] >= 5 * inner or name.startswith("while") or any(
+                k in op for k in ("threefry", "_uniform", "_normal", "remainder")):
+            return "random numbers"
+        if "2410" in shape:
+            return "learned optimizer: per-coordinate MLP"
+        if re.search(r",5\]|,1\]\{", shape) or "reduce-window" in name or "square" in op or "rsqrt" in op:
+            return "learned optimizer: momenta, second-moment features"
+        if ",128" in shape or any(k in op for k in ("jvp", "scatter", "gather")):
+            return "task: batch gather, forward, backward"
+        if "select" in name or "_where" in op:
+            return "unroll bookkeeping (selects)"
+        return "other"
+
+    skip = ("$", "end:", "Thunk", "Threadpool", "Slinky", "Pjit", "Execute", "ParseArguments", "Wait ")
+    by, n_kernels = collections.Counter(), collections.Counter()
+    for name, dur in total.items():
+        if not name.startswith(skip):
+            by[category(name)] += dur
+            n_kernels[category(name)] += count[name]
+    op_time = sum(by.values())
+    print(f"W1, {outer_steps} outer steps under jax.profiler: {wall * 1e3:.0f} ms wall "
+          f"({inner * 16 / wall:,.0f} inner steps/s), {op_time / 1e3:.0f} ms of kernel time, "
+          f"{sum(n_kernels.values()) / inner:.0f} kernels per inner step")
+    print(f"| {'category':<52} | {'ms':>6} | {'share':>5} | kernels/step |")
+    for cat, dur in by.most_common():
+        print(f"| {cat:<52} | {dur / 1e3:6.0f} | {100 * dur / op_time:4.0f}% | {n_kernels[cat] / inner:12.0f} |")
+    print(f"(trace and HLO: {out})")
+
+
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
@@ -129,6 +206,8 @@ def main(argv):
             mesh = Mesh(np.asarray(jax.devices()[:n]), ("particles",))
             rates, _ = measure(lambda: w1_trainer("pes", 16 * n, mesh))
             print(f"{n:<8}{16 * n:>10} {_fmt(rates)}   (weak scaling: 16 per device)")
+    elif FLAGS.workload == "profile":
+        profile_w1()
     else:  # compile: time to the quickstart's first outer step
         import importlib.util
 
