@@ -1,5 +1,5 @@
-"""Threefry-2x32 on CPU as straight-line code instead of JAX's rolled loop: same bits, faster
-meta-training, faster compiles.
+"""Threefry-2x32 on CPU as straight-line code instead of JAX's rolled loop: same bits, fewer
+kernels per inner step, faster compiles.
 
 Every random number here (``jax.random`` with its default implementation) is a Threefry-2x32
 hash (Salmon, Moraes, Dror, Shaw, "Parallel random numbers: as easy as 1, 2, 3", SC 2011,
@@ -7,16 +7,17 @@ Sec. 4: 20 rounds of add/rotate/xor, a key injection every 4 rounds). On CPU, JA
 hash as a ``fori_loop`` over the 5 groups of 4 rounds (a smaller program). Under XLA:CPU's thunk
 runtime every iteration of that loop runs as separate small kernels plus copies of the loop
 state, and an inner step draws several times (its batch indices, its meta-loss batch, the
-end-of-trajectory key), so in W1 (``scripts/benchmark.py``) the loops were ~160 of the ~285
-kernels an inner step ran, and compiling one loop per draw doubled the compile time.
+end-of-trajectory key), so in W1 (``scripts/benchmark.py --workload=profile``) the loops were 190
+of the 410 kernels an inner step ran, and every draw's loop is compiled on its own.
 
 :func:`install` registers, for the CPU platform only, a lowering of JAX's public
 ``threefry2x32_p`` primitive as the 20 rounds written out, which XLA fuses into the draw's
 consumers. The hash is the same function, so every key, batch, perturbation and reset is
 bit-identical with or without it (tests/estimators/test_threefry.py checks the Random123
-known-answer vectors and equality with JAX's own lowering in a subprocess). Measured on W1 (2-core
-CPU, alternated): 5,202 -> 7,183 and 5,226 -> 6,434 inner steps/s, first two outer steps
-16.4 -> 8.7 s and 17.0 -> 8.8 s.
+known-answer vectors and equality with JAX's own lowering in a subprocess). Measured (2-core CPU,
+the two lowerings alternated): W1's first two outer steps 15.5 -> 10.1 s and 15.2 -> 9.4 s, the
+quickstart's first outer step 14.8 -> 9.0 s (median of 2); W1's throughput moved within this
+VM's process-to-process noise (0.9-1.15x).
 
 ``import estimators`` installs it (the package that runs inner loops); it changes how, not what,
 the process computes, for every later compile on CPU. Set ``LOPT_THREEFRY=rolled`` in the
