@@ -116,10 +116,11 @@ ELEMENTWISE_FAN_OUT = 3
 @jax.custom_vjp
 def elementwise_dense(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
     """x @ w + b over the last axis of ``x`` as one fused multiply-and-sum loop (see
-    ``ELEMENTWISE_FAN_IN``). Its gradient is written by hand: differentiated as written, the
-    weight gradient sum_n x[n, i] g[n, j] would be a broadcast product [N, fan_in, fan_out] in
-    memory reduced by a windowed pass, which was 36% of a TBPTT outer step on W1
-    (``scripts/benchmark.py --workload=estimators``); here it is one matmul over the N rows."""
+    ``ELEMENTWISE_FAN_IN`` and ``ELEMENTWISE_FAN_OUT``). Its gradient is written by hand:
+    differentiated as written, the weight gradient sum_n x[n, i] g[n, j] would be a broadcast
+    product [N, fan_in, fan_out] in memory reduced by a windowed pass, which was 36% of a TBPTT
+    outer step on W1's task (a ``jax.profiler`` trace, 770 of 2,143 ms); here it is one matmul
+    over the N rows (tbptt 1.29x, merged 1.25x inner steps/s, in-process alternated blocks)."""
     return jnp.sum(x[..., :, None] * w, axis=-2) + b
 
 
