@@ -41,10 +41,23 @@ def trainer(ndev: int | None, estimator: str = "pes") -> MetaTrainer:
     )
 
 
+#: Per (trainer, steps) run: whether init's and every step's outputs were computed when the
+#: call returned (MetaTrainer waits on several CPU devices; see ``_one_call_at_a_time``).
+SETTLED: list[bool] = []
+
+
 def run(t: MetaTrainer, steps: int, state=None):
-    state = t.init(jax.random.PRNGKey(0)) if state is None else state
+    def ready(tree) -> bool:
+        return all(x.is_ready() for x in jax.tree.leaves(tree))
+
+    settled = []
+    if state is None:
+        state = t.init(jax.random.PRNGKey(0))
+        settled.append(ready(state))
     for _ in range(steps):
         state, metrics = t.step(state)
+        settled.append(ready((state, metrics)))
+    SETTLED[:] = settled
     return state, metrics
 
 
@@ -62,6 +75,7 @@ def determinism(estimator: str, counts: str) -> dict:
             "inner_steps": int(metrics["inner_steps"]),
             "shards": len(jax.tree.leaves(state.estimator_state.unroll.particles)[0].sharding.device_set),
             "position_max": float(metrics["position_max"]),
+            "settled": list(SETTLED),
         }
     return out
 

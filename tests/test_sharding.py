@@ -53,6 +53,11 @@ def test_same_meta_params_on_1_2_4_8_devices(estimator, counts, tmp_path):
         assert out[ndev]["shards"] == int(ndev)
         assert abs(out[ndev]["meta_loss"] - out["None"]["meta_loss"]) < 1e-5
         assert out[ndev]["position_max"] == out["None"]["position_max"]
+        # On several CPU devices every call returns computed (MetaTrainer._one_call_at_a_time:
+        # XLA:CPU can otherwise reorder two steps' launches on a device and hang in the
+        # all-reduce). Without the wait, a step's outputs are still pending when it returns.
+        if ndev != "1":
+            assert out[ndev]["settled"] == [True] * 4, out[ndev]["settled"]
     # The run really moved: three Adam steps of 1e-3 are far above the tolerance.
     assert np.abs(base - np.asarray(_initial_params())).max() > 100 * ATOL
 

@@ -184,8 +184,27 @@ class MetaTrainer:
 
     # -- init and step --------------------------------------------------------------------------
 
+    @functools.cached_property
+    def _one_call_at_a_time(self) -> bool:
+        """Whether each compiled call is waited for before the next is dispatched: on CPU with
+        several devices (``--cpu_devices``, forced host devices). There, XLA:CPU (jaxlib 0.10)
+        launches the devices' parts of a call from a thread pool, and one device's part of
+        outer step k + 1 can take that device's only in-flight slot before its part of step k
+        (which k + 1 waits for): the other devices then wait in step k's meta-gradient
+        all-reduce until XLA aborts the process after 40 s. W1 on 2 and 4 CPU devices hung in 6
+        of 48 runs (20-600 outer steps each; a gdb trace of a hung process shows the two
+        launches) and in none of 18 runs with this wait. A step takes tens of milliseconds, so
+        the wait costs no measurable throughput; GPU and TPU runs keep dispatching ahead."""
+        devices = list(self._mesh.devices.flat)
+        return len(devices) > 1 and all(d.platform == "cpu" for d in devices)
+
+    def _settled(self, out: Any) -> Any:
+        if self._one_call_at_a_time:
+            jax.block_until_ready(out)
+        return out
+
     def init(self, key: jax.Array) -> MetaTrainState:
-        return self._init_fn(key, data_arrays(self.task_family))
+        return self._settled(self._init_fn(key, data_arrays(self.task_family)))
 
     @functools.cached_property
     def _init_fn(self):
@@ -211,7 +230,7 @@ class MetaTrainer:
 
     def step(self, state: MetaTrainState) -> tuple[MetaTrainState, dict]:
         """One outer step (compiled once; ``state`` is donated)."""
-        return self._step_fn(state, data_arrays(self.task_family))
+        return self._settled(self._step_fn(state, data_arrays(self.task_family)))
 
     @functools.cached_property
     def _step_fn(self):
