@@ -45,12 +45,12 @@ CASES = [
 ]
 
 
-def _run(override: str, tmp_path, env=None):
+def _run(override: str, tmp_path, env=None, args=()):
     workdir = tmp_path / "run"
     t0 = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, SCRIPT, "--config=configs/quickstart.py", f"--workdir={workdir}",
-         f"--config.{override}", "--noprogress"],
+         f"--config.{override}", "--noprogress", *args],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
         env=dict(os.environ, **(env or {})),
     )
@@ -94,12 +94,25 @@ def test_bad_config_file_is_one_line(text, message, tmp_path):
     assert not workdir.exists()
 
 
-def test_particles_split_into_whole_pairs_per_device(tmp_path):
+@pytest.mark.parametrize("how", ["xla_flags", "cpu_devices"])
+def test_particles_split_into_whole_pairs_per_device(how, tmp_path):
     """8 particles on 8 devices is one per device: a pair cannot be split (the message says
-    the rule and the count, not 'got 1 in total')."""
-    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    proc, _, workdir = _run("unroll.num_particles=8", tmp_path, env)
+    the rule and the count, not 'got 1 in total'). The 8 CPU devices come from XLA_FLAGS, or
+    from the train command's ``--cpu_devices=8``."""
+    env = {"JAX_PLATFORMS": "cpu"}
+    args = ["--cpu_devices=8"] if how == "cpu_devices" else []
+    if how == "xla_flags":
+        env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    proc, _, workdir = _run("unroll.num_particles=8", tmp_path, env, args)
     assert proc.returncode == 2
     line = proc.stderr.strip()
     assert "each of the 8 devices must hold whole pairs (8 particles is 1 per device)" in line, line
     assert "use a multiple of 16" in line and not workdir.exists()
+
+
+def test_cpu_devices_must_be_positive(tmp_path):
+    proc, _, workdir = _run("seed=0", tmp_path, args=["--cpu_devices=0"])
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cpu_devices" in lines[0], proc.stderr[-2000:]
+    assert not workdir.exists()

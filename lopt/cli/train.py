@@ -4,9 +4,10 @@
         --config.estimator.std=0.01
 
 Rerunning with the same workdir resumes from the latest checkpoint. Particles are sharded over
-every visible device (``--config.num_devices`` to limit); ``--multihost`` joins a multi-process
-run first (see README, "Several GPUs and hosts"). Outputs: config.json,
-metrics.jsonl, checkpoints/, export/optimizer.safetensors and plots/meta_loss.png in the workdir.
+every visible device (``--config.num_devices`` to limit; on a CPU, ``--cpu_devices=4`` runs the
+CPU as four devices, README "Speed on a CPU"); ``--multihost`` joins a multi-process run first
+(see README, "Several devices and hosts"). Outputs: config.json, metrics.jsonl, checkpoints/,
+export/optimizer.safetensors and plots/meta_loss.png in the workdir.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from __future__ import annotations
 import os
 import sys
 
+import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from lopt.cli.common import CPU_DEVICES_HELP, UsageError, set_cpu_devices  # noqa: E402
 from lopt.training import distributed, loop  # noqa: E402
 from lopt.training.checkpoint import CheckpointError  # noqa: E402
 from lopt.training.workdir import WorkdirInUseError  # noqa: E402
@@ -33,6 +36,7 @@ _COORDINATOR = flags.DEFINE_string(
 )
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (else from env).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (else from env).")
+_CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 1, CPU_DEVICES_HELP, lower_bound=1)
 
 
 def _load_config():
@@ -58,6 +62,11 @@ def _load_config():
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    try:
+        set_cpu_devices(_CPU_DEVICES.value)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if _MULTIHOST.value:
         distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     config = _load_config()
@@ -78,8 +87,9 @@ def main(argv):
         return 0
     m = summary["last_metrics"]
     rate = summary["inner_steps_per_sec"]
+    on = f" on {jax.device_count()} {jax.default_backend()} device(s)"
     print(f"done: outer step {m.get('step')}, meta-loss {m.get('meta_loss', float('nan')):.4f}, "
-          f"{rate:,.0f} inner steps/s" if rate else "done")
+          f"{rate:,.0f} inner steps/s{on}" if rate else "done")
     print(f"  health:     {int(m.get('num_skipped', 0))} outer steps skipped (non-finite "
           f"meta-gradient); last log: {100 * m.get('clipped_share', 0.0):.0f}% of meta-loss terms "
           f"at the clip, {100 * m.get('nonfinite_share', 0.0):.0f}% of inner losses non-finite")
