@@ -5,6 +5,7 @@ time, compile excluded), printed as tables.
     python scripts/benchmark.py --workload=estimators      # every estimator on W1's task
     python scripts/benchmark.py --workload=particles       # particles 16 -> 256 on one device
     python scripts/benchmark.py --workload=devices --host_devices=8   # 1, 2, 4, 8 devices
+    python scripts/benchmark.py --workload=w1 --host_devices=4        # W1 on the CPU as 4 devices
     python scripts/benchmark.py --workload=compile         # time to the quickstart's first step
     python scripts/benchmark.py --workload=profile         # where W1's time goes, by category
 
@@ -60,14 +61,23 @@ from lopt.training import MetaTrainer  # noqa: E402
 
 WORKLOADS = ("w1", "estimators", "particles", "devices", "compile", "profile")
 flags.DEFINE_enum("workload", "w1", WORKLOADS, "What to measure (module docstring).")
-flags.DEFINE_integer("host_devices", 1, "Forced XLA host devices on CPU (read before JAX starts).")
+flags.DEFINE_integer("host_devices", 1, "Run the CPU as this many devices (read before JAX "
+                     "starts); every workload but `devices` shards its particles over all of them.")
 flags.DEFINE_integer("steps", 10, "Timed outer steps (after two untimed ones).")
 flags.DEFINE_integer("repeats", 3, "Measurements per row (min/median/max).")
 flags.DEFINE_string("lopt", "mlp", "Learned optimizer of W1 (e.g. hyper_adam to time the rest).")
 FLAGS = flags.FLAGS
 
 
-def w1_trainer(estimator: str = "pes", num_particles: int = 16, mesh=None, **lopt_kwargs) -> MetaTrainer:
+def all_devices_mesh() -> Mesh | None:
+    """W1, the estimator and the particle tables shard their particles over every device:
+    ``--host_devices=N`` runs the CPU as N devices (``--cpu_devices`` of the train command)."""
+    n = jax.device_count()
+    return None if n == 1 else Mesh(np.asarray(jax.devices()), ("particles",))
+
+
+def w1_trainer(estimator: str = "pes", num_particles: int = 16, mesh: Mesh | str = "all",
+               **lopt_kwargs) -> MetaTrainer:
     lo = dict(hidden_size=32, hidden_layers=2) if FLAGS.lopt == "mlp" else {}
     lo.update(lopt_kwargs)
     est = {} if estimator == "tbptt" else dict(std=0.01)
@@ -79,7 +89,7 @@ def w1_trainer(estimator: str = "pes", num_particles: int = 16, mesh=None, **lop
         num_particles=num_particles,
         trunc_length=20,
         horizon=schedules.constant(200),
-        mesh=mesh,
+        mesh=all_devices_mesh() if isinstance(mesh, str) else mesh,
     )
 
 
@@ -185,6 +195,8 @@ def main(argv):
     dev = jax.devices()[0]
     print(f"backend {jax.default_backend()} ({dev.device_kind}), {jax.device_count()} devices, "
           f"jax {jax.__version__}")
+    if FLAGS.workload != "devices" and jax.device_count() > 1:
+        print(f"particles sharded over all {jax.device_count()} devices")
     if FLAGS.workload == "w1":
         rates, first = measure(w1_trainer)
         print(f"W1 ({FLAGS.lopt}): {HEAD}\n    {_fmt(rates)}   first two outer steps: {first:.1f} s")
