@@ -38,11 +38,11 @@ def initialize(
 
 def set_cpu_devices(n: int) -> None:
     """Run the CPU backend as ``n`` devices (JAX's ``jax_num_cpu_devices``), so the particles are
-    sharded over ``n`` device programs that run concurrently instead of one program whose every
-    kernel is split over the cores. On CPU that is much faster: on the 2-core machine the
-    benchmarks ran on, W1 (PES, 16 particles) trained 1.3x faster as 4 devices than as one,
-    TBPTT 1.7x and merged 1.5x (``scripts/benchmark.py --host_devices=4``, README "Speed on a
-    CPU"). Results do not depend on the device count beyond float reduction order.
+    sharded over ``n`` device programs that run side by side instead of one program whose every
+    kernel XLA:CPU splits over the cores. On a 2-core machine, W1's task (16 particles,
+    separate processes alternated): TBPTT 1.31x as 2 devices and 1.63x as 4, merged ~1.3x as
+    4, PES ~1.2x (README, "Speed on a CPU"). Results do not depend on the device count beyond
+    float reduction order.
 
     Must run before JAX starts a backend (before the first array is made); ``n = 1`` leaves
     JAX's default (one CPU device, or what ``XLA_FLAGS`` force). GPU and TPU runs are
