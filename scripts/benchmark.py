@@ -58,6 +58,7 @@ import lopt  # noqa: E402
 import tasks  # noqa: E402
 from estimators import schedules  # noqa: E402
 from lopt.training import MetaTrainer  # noqa: E402
+from lopt.training.distributed import particle_mesh  # noqa: E402
 
 WORKLOADS = ("w1", "estimators", "particles", "devices", "compile", "profile")
 flags.DEFINE_enum("workload", "w1", WORKLOADS, "What to measure (module docstring).")
@@ -69,15 +70,10 @@ flags.DEFINE_string("lopt", "mlp", "Learned optimizer of W1 (e.g. hyper_adam to 
 FLAGS = flags.FLAGS
 
 
-def all_devices_mesh() -> Mesh | None:
-    """W1, the estimator and the particle tables shard their particles over every device:
-    ``--host_devices=N`` runs the CPU as N devices (``--cpu_devices`` of the train command)."""
-    n = jax.device_count()
-    return None if n == 1 else Mesh(np.asarray(jax.devices()), ("particles",))
-
-
 def w1_trainer(estimator: str = "pes", num_particles: int = 16, mesh: Mesh | str = "all",
                **lopt_kwargs) -> MetaTrainer:
+    """W1's trainer; ``mesh="all"`` shards the particles over every device (``--host_devices=N``
+    runs the CPU as N devices, as the train command's ``--cpu_devices``)."""
     lo = dict(hidden_size=32, hidden_layers=2) if FLAGS.lopt == "mlp" else {}
     lo.update(lopt_kwargs)
     est = {} if estimator == "tbptt" else dict(std=0.01)
@@ -89,7 +85,7 @@ def w1_trainer(estimator: str = "pes", num_particles: int = 16, mesh: Mesh | str
         num_particles=num_particles,
         trunc_length=20,
         horizon=schedules.constant(200),
-        mesh=all_devices_mesh() if isinstance(mesh, str) else mesh,
+        mesh=particle_mesh() if isinstance(mesh, str) else mesh,
     )
 
 

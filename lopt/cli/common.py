@@ -17,23 +17,6 @@ from typing import Any
 #: A run's final meta-loss is the mean over this fraction of its last logged rows.
 FINAL_FRACTION = 0.1
 
-#: ``--cpu_devices`` of the meta-training commands (``distributed.set_cpu_devices``).
-CPU_DEVICES_HELP = (
-    "CPU runs: present the CPU as this many devices and shard the particles over them (on 2 "
-    "cores, 4 devices trained TBPTT 1.6x faster than 1; README, 'Speed on a CPU'); "
-    "num_particles must split over them. 1: JAX's default. No effect on GPU/TPU runs."
-)
-
-
-def set_cpu_devices(n: int) -> None:
-    """``--cpu_devices``: call first in a command's ``main``, before JAX starts a backend."""
-    from lopt.training import distributed
-
-    try:
-        distributed.set_cpu_devices(n)
-    except ValueError as e:
-        raise UsageError(f"--cpu_devices: {e}") from None
-
 
 class UsageError(Exception):
     """A bad command-line input: reported in one line, exit code 2."""

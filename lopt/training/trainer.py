@@ -193,7 +193,7 @@ class MetaTrainer:
         (which k + 1 waits for): the other devices then wait in step k's meta-gradient
         all-reduce until XLA aborts the process after 40 s. W1 on 2 and 4 CPU devices hung in 6
         of 48 runs (20-600 outer steps each; a gdb trace of a hung process shows the two
-        launches) and in none of 18 runs with this wait. A step takes tens of milliseconds, so
+        launches) and in none of 42 runs with this wait. A step takes tens of milliseconds, so
         the wait costs no measurable throughput; GPU and TPU runs keep dispatching ahead."""
         devices = list(self._mesh.devices.flat)
         return len(devices) > 1 and all(d.platform == "cpu" for d in devices)
