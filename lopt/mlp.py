@@ -25,12 +25,13 @@ Appendix D.1 ("Architecture"), which this module implements line by line:
   so a freshly initialised optimizer takes steps of about 1e-3 and meta-training starts from a
   stable point.
 
-``fused=True`` computes the same update with one Pallas kernel (``lopt/mlp_fused.py``): the
-momenta, features, MLP and step of a block of coordinates in registers, the hidden activations
-never written to memory. Compiled with Triton on a GPU; interpreted elsewhere (CPU), where it is
-for checking correctness only and far slower than the default. It is an execution option, not
-part of the architecture: same meta-params, same numbers up to float rounding, exports without it
-unchanged.
+``fused=True`` computes the same update with one fused kernel per update: the momenta,
+features and MLP of a block of coordinates in registers, the hidden activations never written to
+memory. On a GPU, a Pallas kernel compiled with Triton (``lopt/mlp_fused.py``); on a CPU, a C++
+XLA FFI kernel built on first use (``lopt/mlp_cpu.py``; W1 1.1-1.2x inner steps/s, README
+"Speed on a CPU"), falling back to the default path with a warning where it cannot be built. It
+is an execution option, not part of the architecture: same meta-params, same numbers up to float
+rounding, exports without it unchanged.
 """
 
 from __future__ import annotations
@@ -64,9 +65,9 @@ class MLPLOpt:
     """Metz et al. 2019 per-parameter MLP optimizer (see module docstring).
 
     ``timescales``: a tuple of timescales eta, or the name of a preset in ``TIMESCALE_PRESETS``
-    (``"metz2019"``: the paper's 9). ``fused``: compute ``update`` with the Pallas kernel of
-    ``lopt/mlp_fused.py`` (GPU; interpreted, slowly, on CPU); same numbers up to float rounding,
-    and gradients through it are those of the default path.
+    (``"metz2019"``: the paper's 9). ``fused``: compute ``update`` with a fused kernel (GPU:
+    Pallas, ``lopt/mlp_fused.py``; CPU: C++, ``lopt/mlp_cpu.py``); same numbers up to float
+    rounding, and gradients through it are those of the default path.
     """
 
     hidden_size: int = 32

@@ -21,8 +21,10 @@ packed feature-major, [D, coordinates], so a block reads D contiguous rows.
 
 Where it runs. On a GPU (``jax.default_backend() == "gpu"``) the kernel is compiled with
 Triton (array shapes are powers of two there: the hidden width is zero-padded to a power of two
->= 16, which changes no number). Everywhere else (the CPU) it runs with Pallas'
-``interpret=True``: correct, for tests, and far slower than the unfused path. GPU timing::
+>= 16, which changes no number). On a CPU ``fused=True`` runs the C++ kernel of
+``lopt/mlp_cpu.py`` instead (same split of the work, no packing); with ``CPU_KERNEL = "pallas"``
+this kernel runs there with Pallas' ``interpret=True``: correct, for tests, and far slower than
+the unfused path. GPU timing::
 
     python scripts/benchmark_optimizers.py --optimizers=mlp --fused --sizes=1e7,1e8
 
@@ -55,6 +57,10 @@ NUM_WARPS = 4
 NUM_STAGES = 1
 #: Hidden widths are zero-padded to a power of two at least this (Triton's dot needs >= 16).
 MIN_HIDDEN = 16
+#: The kernel ``fused=True`` runs when JAX's default backend is the CPU: "cpu", the C++ kernel
+#: of lopt/mlp_cpu.py (fast); "pallas", the kernel below interpreted (a correctness check of the
+#: GPU kernel, far slower than the unfused update; tests/lopt/test_fused.py sets it).
+CPU_KERNEL = "cpu"
 
 
 def _next_pow2(n: int) -> int:
@@ -227,16 +233,27 @@ def _forward(learned_opt, block_size, layers, grads, params, momenta):
 
 
 def fused_leaf_updates(learned_opt, layers, grads, params, momenta, block_size: int | None = None):
-    """:meth:`lopt.mlp.MLPLOpt.leaf_updates` computed by the kernel: (updates, new momenta) per
-    leaf. Differentiable (reverse mode): the backward pass is the unfused reference's VJP."""
+    """:meth:`lopt.mlp.MLPLOpt.leaf_updates` computed by a fused kernel: (updates, new momenta)
+    per leaf. On a CPU (``CPU_KERNEL == "cpu"``) the C++ kernel of ``lopt/mlp_cpu.py``, or the
+    unfused update with a warning where that kernel cannot be built or does not take this
+    architecture; elsewhere the Pallas kernel above. Differentiable (reverse mode): the backward
+    pass is the unfused reference's VJP."""
     block_size = DEFAULT_BLOCK_SIZE if block_size is None else int(block_size)
+    if jax.default_backend() == "cpu" and CPU_KERNEL == "cpu":
+        from lopt import mlp_cpu
+
+        if not mlp_cpu.usable(learned_opt):
+            return learned_opt.leaf_updates(layers, grads, params, momenta)
+        forward = functools.partial(mlp_cpu.forward, learned_opt)
+    else:
+        forward = functools.partial(_forward, learned_opt, block_size)
 
     @jax.custom_vjp
     def run(layers, grads, params, momenta):
-        return _forward(learned_opt, block_size, layers, grads, params, momenta)
+        return forward(layers, grads, params, momenta)
 
     def run_fwd(layers, grads, params, momenta):
-        out = _forward(learned_opt, block_size, layers, grads, params, momenta)
+        out = forward(layers, grads, params, momenta)
         return out, (layers, grads, params, momenta)
 
     def run_bwd(residuals, cotangents):

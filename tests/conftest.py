@@ -25,6 +25,8 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2**30))
+# The mlp's fused CPU kernel (lopt/mlp_cpu.py) is built once into the same cache directory.
+os.environ.setdefault("LOPT_CACHE_DIR", os.path.join(_ROOT, ".pytest_cache", "lopt-kernels"))
 
 import pytest  # noqa: E402
 

@@ -26,11 +26,13 @@ from lopt.training import MetaTrainer
 def trainer(ndev: int | None, estimator: str = "pes") -> MetaTrainer:
     mesh = None if ndev is None else Mesh(np.asarray(jax.devices()[:ndev]), ("particles",))
     extra = {}
+    fused = estimator.endswith("_fused")  # the mlp's fused CPU kernel (hidden width 16 for it)
+    estimator = estimator.removesuffix("_fused")
     if estimator == "pes_replay":  # ELO's one buffer for the run, replicated on every device
         estimator, extra = "pes", dict(reset=ELOReplay(capacity=12, p_threshold=0.3))
     return MetaTrainer.create(
         task_family=tasks.get("digits_mlp", hidden_sizes=(8,), batch_size=16, permute_classes=True),
-        learned_opt=lopt.get("mlp", hidden_size=8, hidden_layers=1),
+        learned_opt=lopt.get("mlp", hidden_size=16 if fused else 8, hidden_layers=1, fused=fused),
         estimator=estimators.get(estimator, **({} if estimator == "tbptt" else {"std": 0.01})),
         meta_optimizer=optax.adam(1e-3),
         num_particles=16,

@@ -42,7 +42,10 @@ def _worker(*args: str, tmp_path) -> dict:
     # merged's reparameterization half, so it is slow too.
     [pytest.param("pes", "8", marks=pytest.mark.slow),
      pytest.param("pes", "1,2,4,8", marks=pytest.mark.slow), ("merged", "8"),
-     pytest.param("tbptt", "4", marks=pytest.mark.slow), ("pes_replay", "2,4")],
+     pytest.param("tbptt", "4", marks=pytest.mark.slow), ("pes_replay", "2,4"),
+     # The mlp's fused C++ CPU kernel splits its work over XLA's thread pool, which also runs
+     # the devices' programs: a kernel that waited for its queued helpers hung here.
+     ("pes_fused", "2")],
 )
 def test_same_meta_params_on_1_2_4_8_devices(estimator, counts, tmp_path):
     out = _worker("determinism", estimator, counts, tmp_path=tmp_path)
@@ -59,16 +62,18 @@ def test_same_meta_params_on_1_2_4_8_devices(estimator, counts, tmp_path):
         if ndev != "1":
             assert out[ndev]["settled"] == [True] * 4, out[ndev]["settled"]
     # The run really moved: three Adam steps of 1e-3 are far above the tolerance.
-    assert np.abs(base - np.asarray(_initial_params())).max() > 100 * ATOL
+    hidden = 16 if estimator.endswith("_fused") else 8
+    assert np.abs(base - np.asarray(_initial_params(hidden))).max() > 100 * ATOL
 
 
-def _initial_params():
+def _initial_params(hidden_size: int):
     import jax
 
     import lopt
 
     return np.concatenate([np.asarray(x).ravel() for x in jax.tree.leaves(
-        lopt.get("mlp", hidden_size=8, hidden_layers=1).init(jax.random.split(jax.random.PRNGKey(0), 3)[0])
+        lopt.get("mlp", hidden_size=hidden_size, hidden_layers=1).init(
+            jax.random.split(jax.random.PRNGKey(0), 3)[0])
     )])
 
 

@@ -1,0 +1,179 @@
+"""The ``mlp`` learned optimizer's fused update on a CPU: a C++ XLA FFI kernel
+(``lopt/kernels/mlp_update_cpu.cc``), used by ``lopt.get("mlp", fused=True)`` when JAX runs on
+the CPU (on a GPU the same option runs the Pallas kernel of ``lopt/mlp_fused.py``).
+
+What it computes is :meth:`lopt.mlp.MLPLOpt.leaf_updates` (Metz et al. 2019, App. D.1; see
+``lopt/mlp.py``), split as the Pallas path splits it: the per-tensor second-moment scales are
+XLA reductions (one read of g, p and m per leaf), the kernel does the per-coordinate rest
+(momenta, features, every MLP layer) for 16 coordinates at a time with the hidden activations in
+registers and L1, and XLA takes the step -o_1 exp(o_2 exp_mult) step_mult from the kernel's two
+outputs. Under XLA the hidden layers are written to memory and read back, [coordinates, 32] floats
+each; W1 (scripts/benchmark.py) spends about half its time there.
+
+Building. The kernel is compiled on first use with the system C++ compiler (``$CXX``, else
+``c++``) for this machine's CPU (``-march=native``) into ``$LOPT_CACHE_DIR`` (default
+``~/.cache/lopt``), keyed by the source, the compiler command, jaxlib's version and the CPU's
+feature flags, so a home directory shared by different machines keeps one build per kind of
+machine. Where no compiler is found or the build fails, :func:`available` says why and
+``fused=True`` computes the unfused update with a warning naming the reason.
+
+Supported: float32 leaves, ``hidden_layers >= 1`` with ``hidden_size`` a multiple of 16 (up to
+256; the paper's and W1's 32), up to 62 momenta; other shapes fall back the same way.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+import numpy as np
+
+from lopt.base import tensor_rms_scale
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "mlp_update_cpu.cc")
+TARGET = "lopt_mlp_update_cpu"
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return os.uname().machine
+
+
+def _compiler() -> str | None:
+    """``$CXX`` where set (and nothing else), else the first of c++, g++, clang++ on the path."""
+    if os.environ.get("CXX"):
+        return shutil.which(os.environ["CXX"])
+    return shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+
+
+@functools.lru_cache(maxsize=None)
+def _build() -> tuple[str | None, str]:
+    """(path of the built library or None, why not)."""
+    cxx = _compiler()
+    if cxx is None:
+        return None, f"no C++ compiler ({'$CXX=' + os.environ['CXX'] + ' not found' if os.environ.get('CXX') else 'none of c++, g++, clang++ on the path'})"
+    with open(SOURCE, "rb") as f:
+        source = f.read()
+    key = hashlib.sha256(
+        b"\0".join([source, cxx.encode(), " ".join(FLAGS).encode(),
+                    jaxlib.__version__.encode(), _cpu_flags().encode()])
+    ).hexdigest()[:16]
+    cache = os.environ.get("LOPT_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "lopt")
+    path = os.path.join(cache, f"mlp_update_cpu-{key}.so")
+    if os.path.exists(path):
+        return path, ""
+    os.makedirs(cache, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+    os.close(fd)
+    cmd = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", SOURCE, "-o", tmp]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        os.unlink(tmp)
+        return None, f"compiling {SOURCE} failed: {e}"
+    if proc.returncode != 0:
+        os.unlink(tmp)
+        last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        return None, f"compiling {SOURCE} failed: {last}"
+    os.replace(tmp, path)  # atomic: concurrent processes each write their own temp file
+    return path, ""
+
+
+@functools.lru_cache(maxsize=None)
+def available() -> tuple[bool, str]:
+    """(whether the kernel is built and registered with XLA, why not)."""
+    path, why = _build()
+    if path is None:
+        return False, why
+    try:
+        lib = ctypes.cdll.LoadLibrary(path)
+        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.LoptMlpUpdate), platform="cpu")
+    except Exception as e:  # a broken cache entry, an incompatible jaxlib
+        return False, f"loading {path} failed: {e}"
+    return True, ""
+
+
+def unsupported(learned_opt) -> str:
+    """Why this architecture cannot use the kernel ('' when it can)."""
+    if learned_opt.hidden_layers < 1:
+        return "hidden_layers=0 (a linear model) is not in the kernel"
+    if learned_opt.hidden_size % 16 or learned_opt.hidden_size > 256:
+        return f"hidden_size={learned_opt.hidden_size} is not a multiple of 16 up to 256"
+    if len(learned_opt.decays) > 62:
+        return f"{len(learned_opt.decays)} momenta (the kernel takes up to 62)"
+    if learned_opt.hidden_layers > 17:
+        return f"hidden_layers={learned_opt.hidden_layers} (the kernel takes up to 17)"
+    return ""
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(reason: str) -> None:
+    warnings.warn(f"mlp fused=True: the CPU kernel is not used ({reason}); computing the unfused "
+                  f"update instead, same numbers, no speed-up", stacklevel=4)
+
+
+def usable(learned_opt) -> bool:
+    """Whether ``fused=True`` runs this kernel here; warns once per reason when it does not."""
+    reason = unsupported(learned_opt) or available()[1]
+    if reason:
+        _warn_once(reason)
+    return not reason
+
+
+def _leaf(learned_opt, layers, g, p, m):
+    """One leaf: (update, new momenta) as :meth:`MLPLOpt.leaf_updates` computes them."""
+    num_dec = len(learned_opt.decays)
+    decays = jnp.asarray(learned_opt.decays, jnp.float32)
+    n, shape = int(np.size(g)), jnp.shape(g)
+    g32 = jnp.asarray(g, jnp.float32)
+    p32 = jnp.asarray(p, jnp.float32)
+    m32 = jnp.asarray(m, jnp.float32)
+    axes = tuple(range(g32.ndim))
+    # The per-tensor reductions, as the unfused path computes them; the new momenta here only
+    # feed their reduction (the kernel recomputes and stores them).
+    m_new = decays * m32 + (1.0 - decays) * g32[..., None]
+    scales = jnp.concatenate([
+        tensor_rms_scale(g32[..., None], axes).reshape(1),
+        tensor_rms_scale(p32[..., None], axes).reshape(1),
+        tensor_rms_scale(m_new, axes).reshape(num_dec),
+    ])
+    weights = [jnp.asarray(x, jnp.float32) for layer in layers for x in (layer["w"], layer["b"])]
+    out, m_out = jax.ffi.ffi_call(
+        TARGET,
+        (jax.ShapeDtypeStruct((n, 2), jnp.float32), jax.ShapeDtypeStruct((n, num_dec), jnp.float32)),
+        vmap_method="broadcast_all",
+    )(g32.reshape(n), p32.reshape(n), m32.reshape(n, num_dec), scales, *weights,
+      decays=np.asarray(learned_opt.decays, np.float32))
+    step = out[:, 0] * jnp.exp(out[:, 1] * learned_opt.exp_mult) * learned_opt.step_mult
+    return (-step).reshape(shape).astype(jnp.result_type(g)), m_out.reshape(shape + (num_dec,))
+
+
+def forward(learned_opt, layers, grads, params, momenta) -> tuple[list, list]:
+    """(updates, new momenta) per leaf, one kernel call per non-empty leaf."""
+    steps, new_momenta = [], []
+    for g, p, m in zip(grads, params, momenta):
+        if np.size(g) == 0:
+            s, mn = learned_opt.leaf_updates(layers, [g], [p], [m])
+            steps.append(s[0])
+            new_momenta.append(mn[0])
+        else:
+            s, mn = _leaf(learned_opt, layers, g, p, m)
+            steps.append(s)
+            new_momenta.append(mn)
+    return steps, new_momenta
