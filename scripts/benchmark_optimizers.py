@@ -6,9 +6,8 @@
     python scripts/benchmark_optimizers.py --optimizers=mlp --fused --sizes=1e7,1e8   # GPU
 
 ``--fused`` also times every selected optimizer that has a ``fused`` option (``mlp``: its
-Pallas kernel, lopt/mlp_fused.py) with ``fused=True``, in a row ``<name> fused`` below the
-unfused one. The kernel is compiled on a GPU only; on a CPU it is interpreted (a correctness
-check, far slower than the unfused update), so time it on a GPU.
+Pallas kernel on a GPU, lopt/mlp_fused.py; its C++ kernel on a CPU, lopt/mlp_cpu.py) with
+``fused=True``, in a row ``<name> fused`` below the unfused one.
 
 For each parameter count N the pytree mixes leaf kinds the way a small network does: a dense
 kernel (about 60% of N, 256 columns), an HWIO conv kernel (about 30%), an embedding-like
