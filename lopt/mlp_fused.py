@@ -257,8 +257,11 @@ def fused_leaf_updates(learned_opt, layers, grads, params, momenta, block_size: 
         return out, (layers, grads, params, momenta)
 
     def run_bwd(residuals, cotangents):
-        _, vjp = jax.vjp(learned_opt.leaf_updates, *residuals)
-        return vjp(cotangents)
+        outputs, vjp = jax.vjp(learned_opt.leaf_updates, *residuals)
+        # Inside shard_map (TBPTT differentiates there) a cotangent can arrive device-invariant
+        # (e.g. a zero one) where the reference's VJP wants its output's type, varying over the
+        # particle axis: adding a zero of that type gives it.
+        return vjp(jax.tree.map(lambda c, o: c + jnp.zeros_like(o), cotangents, outputs))
 
     run.defvjp(run_fwd, run_bwd)
     return run(list(layers), list(grads), list(params), list(momenta))

@@ -313,3 +313,32 @@ def test_cpu_kernel_on_two_devices_does_not_hang(kernel, tmp_path):
     except subprocess.TimeoutExpired:
         pytest.fail("5,000 fused updates on 2 CPU devices did not finish in 180 s (a hang)")
     assert proc.returncode == 0 and "DONE" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_tbptt_through_the_fused_update_in_the_trainer(kernel):
+    """TBPTT differentiates inside the trainer's shard_map, where a cotangent of the fused
+    update can arrive device-invariant while the reference's VJP wants it varying over the
+    particle axis (it raised before the backward pass gave it that type): the meta-gradient
+    and meta-loss equal the unfused ones."""
+    if kernel != "cpu":
+        pytest.skip("the custom VJP is shared; the interpreted kernel would only be slower")
+    import optax
+
+    import estimators
+    import tasks
+    from estimators import schedules
+    from lopt.training import MetaTrainer
+
+    def first_step(fused):
+        trainer = MetaTrainer.create(
+            task_family=tasks.get("digits_mlp", hidden_sizes=(8,), batch_size=16),
+            learned_opt=lopt.get("mlp", hidden_size=16, fused=fused),
+            estimator=estimators.get("tbptt"), meta_optimizer=optax.adam(1e-3),
+            num_particles=2, trunc_length=3, horizon=schedules.constant(6))
+        _, metrics = trainer.step(trainer.init(jax.random.PRNGKey(0)))
+        return metrics
+
+    ref, fus = first_step(False), first_step(True)
+    assert float(ref["grad_norm"]) > 0
+    np.testing.assert_allclose(fus["grad_norm"], ref["grad_norm"], rtol=1e-4)
+    np.testing.assert_allclose(fus["meta_loss"], ref["meta_loss"], rtol=1e-5)
