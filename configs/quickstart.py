@@ -28,7 +28,8 @@ def get_config() -> ConfigDict:
         dict(name="digits_mlp", hidden_sizes=(32,), activation="relu", batch_size=64,
              permute_classes=True)
     )
-    c.lopt = ConfigDict(dict(name="mlp", hidden_size=32, hidden_layers=2))
+    # fused: an execution option (README, "Learned optimizers"); same numbers to float rounding.
+    c.lopt = ConfigDict(dict(name="mlp", hidden_size=32, hidden_layers=2, fused=False))
     c.estimator = ConfigDict(dict(name="pes", std=0.01))
     c.meta_optimizer = ConfigDict(dict(name="adam", learning_rate=3e-3, clip_grad_norm=3.0))
     c.unroll = ConfigDict(

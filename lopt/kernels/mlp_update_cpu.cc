@@ -1,5 +1,5 @@
-// The `mlp` learned optimizer's per-coordinate update on a CPU, as one XLA FFI call per leaf
-// (lopt/mlp_cpu.py builds and registers it; lopt/mlp_fused.py describes the computation).
+// The `mlp` learned optimizer's per-coordinate update on a CPU (Metz et al. 2019, App. D.1; see
+// lopt/mlp.py), as one XLA FFI call per leaf (lopt/mlp_cpu.py builds and registers it).
 //
 // Per coordinate, with the leaf's per-tensor scales s computed outside (they are reductions
 // over the whole leaf):
@@ -12,8 +12,8 @@
 // Layout: 16 coordinates at a time, one 16-lane vector per feature or hidden unit ("row-block
 // major"), so every layer is broadcast-weight multiply-adds on whole vectors and the hidden
 // activations stay in registers and L1; nothing but the momenta and the 2 outputs is written.
-// Leading (vmap) batch axes are flattened; each batch entry has its own weights. Work is split
-// over XLA's intra-op thread pool in contiguous ranges of (batch entry, block).
+// Leading (vmap) batch axes are flattened; each batch entry has its own weights. The (batch
+// entry, block) pairs are split into chunks over XLA's intra-op thread pool (ParallelFor).
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
@@ -22,6 +22,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -34,7 +35,6 @@ typedef float vec __attribute__((vector_size(kLanes * sizeof(float))));
 constexpr int kMaxFeatures = 64;
 constexpr int kMaxHidden = 256;
 
-inline vec splat(float x) { return x - (vec){}; }
 inline vec relu(vec x) { return x > 0 ? x : 0; }
 
 struct Weights {  // one batch entry's MLP; w are [in, out] row-major
