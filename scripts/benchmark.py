@@ -124,7 +124,8 @@ def profile_w1(outer_steps: int = 10) -> None:
     """``jax.profiler`` trace of W1's outer steps (after warm-up), its XLA:CPU kernels summed by
     category. A kernel's category comes from its output shape and op_name in the optimised HLO:
     random numbers (threefry, and the bodies of rolled loops: kernels run 5x per step), the
-    per-coordinate MLP (outputs over all 2,410 coordinates), momenta and second-moment features,
+    per-coordinate MLP (outputs over all 2,410 coordinates; with ``--fused`` the C++ kernel's
+    calls instead), momenta and second-moment features,
     the task (batch of 128: gather, forward, backward), bookkeeping selects, the rest."""
     import collections
     import glob
@@ -164,6 +165,8 @@ def profile_w1(outer_steps: int = 10) -> None:
             return "random numbers"
         if "2410" in shape:
             return "learned optimizer: per-coordinate MLP"
+        if "ffi_call" in op:  # --fused: the C++ kernel, one call per leaf
+            return "learned optimizer: fused kernel (momenta, features, MLP)"
         if re.search(r",5\]|,1\]\{", shape) or "reduce-window" in name or "square" in op or "rsqrt" in op:
             return "learned optimizer: momenta, second-moment features"
         if ",128" in shape or any(k in op for k in ("jvp", "scatter", "gather")):
