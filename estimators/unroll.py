@@ -428,8 +428,9 @@ class Unroller:
         info, the inner-update wrapper's metrics of the final states).
 
         ``vmapped``: the caller maps this call over an axis of its own (``merged``'s antithetic
-        pairs). The extra forward that scores an ending trajectory's last update then runs at
-        every step instead of under a ``lax.cond``: mapped over that axis the cond's predicate
+        pairs). The restart of ended trajectories (the select of fresh states, and the extra
+        forward that scores an ending trajectory's last update) then runs at every step instead
+        of under a ``lax.cond`` on any trajectory ending: mapped over that axis the cond's predicate
         is batched, which turns the cond into a select of both branches anyway, and JAX's
         batching of such a cond inside ``shard_map`` fails (it re-marks the already varying
         data arrays as varying over the particle axis)."""
@@ -442,6 +443,9 @@ class Unroller:
 
         def go(bucket: int):
             fresh_count = self.fresh_per_truncation(bucket)
+            # Without a truncation schedule n_steps is trunc_length, the one bucket: every step
+            # of the scan runs, and selecting the stepped state by `ran` would copy it for nothing.
+            every_step_runs = self.trunc_schedule is None and bucket == self.trunc_length
 
             def prepare(theta, ps, start, restored):
                 """One particle's fresh trajectories for this truncation and its start."""
@@ -476,23 +480,32 @@ class Unroller:
                     k, t = xs  # k: [P, 4, 2] (step_keys)
                     ran = t < n_steps
                     need = (cur.step >= cur.length) & ran  # mid-truncation end: continue fresh
-                    ended = None
-                    if shift:  # the term of an ending trajectory's last update: only then
-                        k_end = k[:, 3]
-                        if vmapped:
-                            ended = forward(cur, k_end)
-                        else:
+                    k_end = k[:, 3]
+
+                    def restart():
+                        """(the term of an ending trajectory's last update, or None without
+                        ``shift``; the particles with the ended ones replaced by fresh ones)."""
+                        nxt = jax.vmap(lambda f, u: jax.tree.map(
+                            lambda x: x[jnp.minimum(u, fresh_count - 1)], f))(fresh, used)
+                        return (forward(cur, k_end) if shift else None,
+                                _where_particles(need, nxt, cur))
+
+                    if vmapped:
+                        ended, cur = restart()
+                    else:  # most steps end no trajectory: skip the forward and the state select
+                        def keep():
+                            if not shift:
+                                return None, cur
                             shape = jax.eval_shape(forward, cur, k_end)
-                            ended = jax.lax.cond(
-                                jnp.any(need), lambda: forward(cur, k_end),
-                                lambda: self.vary(jnp.zeros(shape.shape, shape.dtype)),
-                            )
-                    nxt = jax.vmap(lambda f, u: jax.tree.map(lambda x: x[jnp.minimum(u, fresh_count - 1)], f))(
-                        fresh, used)
-                    cur = _where_particles(need, nxt, cur)
+                            return self.vary(jnp.zeros(shape.shape, shape.dtype)), cur
+
+                        ended, cur = jax.lax.cond(jnp.any(need), restart, keep)
                     used = used + need.astype(jnp.int32)
                     new, (term, loss, done) = step(theta, cur, k)
-                    new = _where_particles(ran, new, cur)
+                    if every_step_runs:  # (leaves the update left invariant, e.g. a clock's)
+                        new = self.vary(new)
+                    else:  # a shorter truncation in a longer bucket
+                        new = _where_particles(ran, new, cur)
                     if offer:
                         offered = _where_particles(t == start.push_at, new, offered)
                     reset = need | ((t == 0) & ~info.carried)
