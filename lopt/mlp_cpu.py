@@ -156,12 +156,15 @@ def _leaf(learned_opt, layers, g, p, m):
     weights = [jnp.asarray(x, jnp.float32) for layer in layers for x in (layer["w"], layer["b"])]
     out, m_out = jax.ffi.ffi_call(
         TARGET,
-        (jax.ShapeDtypeStruct((n, 2), jnp.float32), jax.ShapeDtypeStruct((n, num_dec), jnp.float32)),
+        (jax.ShapeDtypeStruct((n, 2), jnp.float32), jax.ShapeDtypeStruct(shape + (num_dec,), jnp.float32)),
         vmap_method="broadcast_all",
-    )(g32.reshape(n), p32.reshape(n), m32.reshape(n, num_dec), scales, *weights,
+        # The new momenta overwrite the old in place (a block reads its own before writing them),
+        # so the unroll's loop carry needs no copy of them.
+        input_output_aliases={2: 1},
+    )(g32.reshape(n), p32.reshape(n), m32, scales, *weights,
       decays=np.asarray(learned_opt.decays, np.float32))
     step = out[:, 0] * jnp.exp(out[:, 1] * learned_opt.exp_mult) * learned_opt.step_mult
-    return (-step).reshape(shape).astype(jnp.result_type(g)), m_out.reshape(shape + (num_dec,))
+    return (-step).reshape(shape).astype(jnp.result_type(g)), m_out
 
 
 def forward(learned_opt, layers, grads, params, momenta) -> tuple[list, list]:

@@ -162,9 +162,11 @@ int64_t Product(ffi::Span<const int64_t> dims, size_t upto) {
   return out;
 }
 
-// Operands: g [..., n], p [..., n], m [..., n, D], scales [..., 2 + D], then the layers' (w, b)
-// pairs: w0 [..., 2 + D, H], b0 [..., H], middle [..., H, H], [..., H], last [..., H, 2], [..., 2].
-// Results: out [..., n, 2], new momenta [..., n, D].
+// Operands: g [..., n], p [..., n], m [..., n, D] (any shape of that size, D last: the leaf's),
+// scales [..., 2 + D], then the layers' (w, b) pairs: w0 [..., 2 + D, H], b0 [..., H], middle
+// [..., H, H], [..., H], last [..., H, 2], [..., 2].
+// Results: out [..., n, 2], new momenta shaped as m. lopt/mlp_cpu.py aliases the new momenta to
+// m's buffer: Block reads a block's momenta before it writes them, and blocks do not overlap.
 ffi::Error Impl(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::Span<const float> decays,
                 ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> m_out) {
   const size_t num_args = args.size();
