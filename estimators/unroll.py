@@ -467,7 +467,10 @@ class Unroller:
             def run_bucket(theta, particles, start, restored):
                 fresh, begin, used, info, keys = jax.vmap(
                     prepare, in_axes=(theta_axis, 0, 0, 0))(theta, particles, start, restored)
-                fresh = self.vary(fresh)
+                # The barrier keeps fresh states XLA can fold to constants (zero momenta) as
+                # one buffer: folded, they are sunk into the loop and re-broadcast at every step
+                # as the restart cond's operand (256 particles: 4% of W1's kernel time).
+                fresh = jax.lax.optimization_barrier(self.vary(fresh))
                 step = jax.vmap(
                     lambda th, ps, k: self.inner_step(
                         th, ps, k, outer_step, stop_inner_grad=stop_inner_grad, score=not shift),
