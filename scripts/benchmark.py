@@ -70,6 +70,7 @@ flags.DEFINE_integer("repeats", 3, "Measurements per row (min/median/max).")
 flags.DEFINE_string("lopt", "mlp", "Learned optimizer of W1 (e.g. hyper_adam to time the rest).")
 flags.DEFINE_bool("fused", False, "W1's mlp with fused=True: on a CPU its C++ kernel "
                   "(lopt/mlp_cpu.py), on a GPU its Pallas kernel (lopt/mlp_fused.py).")
+flags.DEFINE_integer("particles", 16, "Particles of W1 in `w1` and `profile` (W1 itself: 16).")
 FLAGS = flags.FLAGS
 
 
@@ -134,7 +135,7 @@ def profile_w1(outer_steps: int = 10) -> None:
     import re
 
     out = os.environ["LOPT_PROFILE_DIR"]
-    trainer = w1_trainer()
+    trainer = w1_trainer(num_particles=FLAGS.particles)
     state = trainer.init(jax.random.PRNGKey(0))
     for _ in range(3):
         state, _ = trainer.step(state)
@@ -182,8 +183,8 @@ def profile_w1(outer_steps: int = 10) -> None:
             by[category(name)] += dur
             n_kernels[category(name)] += count[name]
     op_time = sum(by.values())
-    print(f"W1, {outer_steps} outer steps under jax.profiler: {wall * 1e3:.0f} ms wall "
-          f"({inner * 16 / wall:,.0f} inner steps/s), {op_time / 1e3:.0f} ms of kernel time, "
+    print(f"W1 ({FLAGS.particles} particles), {outer_steps} outer steps under jax.profiler: {wall * 1e3:.0f} ms wall "
+          f"({inner * FLAGS.particles / wall:,.0f} inner steps/s), {op_time / 1e3:.0f} ms of kernel time, "
           f"{sum(n_kernels.values()) / inner:.0f} kernels per inner step")
     print(f"| {'category':<52} | {'ms':>6} | {'share':>5} | kernels/step |")
     for cat, dur in by.most_common():
@@ -200,7 +201,7 @@ def main(argv):
     if FLAGS.workload != "devices" and jax.device_count() > 1:
         print(f"particles sharded over all {jax.device_count()} devices")
     if FLAGS.workload == "w1":
-        rates, first = measure(w1_trainer)
+        rates, first = measure(lambda: w1_trainer(num_particles=FLAGS.particles))
         print(f"W1 ({FLAGS.lopt}): {HEAD}\n    {_fmt(rates)}   first two outer steps: {first:.1f} s")
     elif FLAGS.workload == "estimators":
         print(f"{'estimator':<10} {HEAD}")
