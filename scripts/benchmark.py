@@ -183,7 +183,8 @@ def profile_w1(outer_steps: int = 10) -> None:
             by[category(name)] += dur
             n_kernels[category(name)] += count[name]
     op_time = sum(by.values())
-    print(f"W1 ({FLAGS.particles} particles), {outer_steps} outer steps under jax.profiler: {wall * 1e3:.0f} ms wall "
+    print(f"W1 ({FLAGS.particles} particles), {outer_steps} outer steps under jax.profiler: "
+          f"{wall * 1e3:.0f} ms wall "
           f"({inner * FLAGS.particles / wall:,.0f} inner steps/s), {op_time / 1e3:.0f} ms of kernel time, "
           f"{sum(n_kernels.values()) / inner:.0f} kernels per inner step")
     print(f"| {'category':<52} | {'ms':>6} | {'share':>5} | kernels/step |")

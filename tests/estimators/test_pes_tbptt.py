@@ -108,6 +108,18 @@ def test_unroller_resets_finished_trajectory_with_fresh_task():
     assert out.losses.shape == (3, 4) and np.isfinite(np.asarray(out.losses)).all()
 
 
+def test_truncation_shorter_than_its_bucket_advances_only_its_steps():
+    """A drawn truncation of 3 steps runs in the compiled bucket of 4: the padded step must
+    leave the particles as they were (the unroll skips that select only without a schedule)."""
+    unroller = _unroller(2, trunc=4, horizon=100, trunc_schedule=schedules.constant(3))
+    assert unroller.buckets[-1] == 4
+    theta = LOPT.init(jax.random.PRNGKey(0))
+    state = unroller.init(theta, jax.random.PRNGKey(0))
+    new, out = jax.jit(lambda s, k: unroller.unroll(theta, s, k, 0))(state, jax.random.PRNGKey(1))
+    np.testing.assert_array_equal(np.asarray(new.particles.step), [3, 3])
+    np.testing.assert_array_equal(np.asarray(out.mask), np.tile([True, True, True, False], (2, 1)))
+
+
 def test_tbptt_gradient_matches_finite_differences():
     """TBPTT through a checkpointed scan equals a central finite difference of the same loss
     (in float64, so the difference quotient is not swamped by float32 rounding)."""
