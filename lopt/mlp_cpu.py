@@ -3,11 +3,13 @@
 the CPU (on a GPU the same option runs the Pallas kernel of ``lopt/mlp_fused.py``).
 
 What it computes is :meth:`lopt.mlp.MLPLOpt.leaf_updates` (Metz et al. 2019, App. D.1; see
-``lopt/mlp.py``), split as the Pallas path splits it: the per-tensor second-moment scales are
-XLA reductions (one read of g, p and m per leaf), the kernel does the per-coordinate rest
-(momenta, features, every MLP layer) for 16 coordinates at a time with the hidden activations in
-registers and L1, and XLA takes the step -o_1 exp(o_2 exp_mult) step_mult from the kernel's two
-outputs. Under XLA the hidden layers are written to memory and read back, [coordinates, 32] floats
+``lopt/mlp.py``), all of it but the last elementwise step in one call per leaf: a first pass
+sums the squares behind the per-tensor second-moment scales (exactly, in double, in a fixed
+order), a second does the per-coordinate rest (momenta, features, every MLP layer) for 16
+coordinates at a time with the hidden activations in registers and L1, and XLA takes the step
+-o_1 exp(o_2 exp_mult) step_mult from the kernel's two outputs. (The Pallas path computes the
+scales as XLA reductions outside its kernel; in W1 those reductions and their glue were 8% of
+the fused update's time.) Under XLA the hidden layers are written to memory and read back, [coordinates, 32] floats
 each; W1 (scripts/benchmark.py) spends about half its time there.
 
 Building. The kernel is compiled on first use with the system C++ compiler (``$CXX``, else
@@ -37,7 +39,6 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 
-from lopt.base import tensor_rms_scale
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "mlp_update_cpu.cc")
 TARGET = "lopt_mlp_update_cpu"
@@ -144,15 +145,6 @@ def _leaf(learned_opt, layers, g, p, m):
     g32 = jnp.asarray(g, jnp.float32)
     p32 = jnp.asarray(p, jnp.float32)
     m32 = jnp.asarray(m, jnp.float32)
-    axes = tuple(range(g32.ndim))
-    # The per-tensor reductions, as the unfused path computes them; the new momenta here only
-    # feed their reduction (the kernel recomputes and stores them).
-    m_new = decays * m32 + (1.0 - decays) * g32[..., None]
-    scales = jnp.concatenate([
-        tensor_rms_scale(g32[..., None], axes).reshape(1),
-        tensor_rms_scale(p32[..., None], axes).reshape(1),
-        tensor_rms_scale(m_new, axes).reshape(num_dec),
-    ])
     weights = [jnp.asarray(x, jnp.float32) for layer in layers for x in (layer["w"], layer["b"])]
     out, m_out = jax.ffi.ffi_call(
         TARGET,
@@ -161,7 +153,7 @@ def _leaf(learned_opt, layers, g, p, m):
         # The new momenta overwrite the old in place (a block reads its own before writing them),
         # so the unroll's loop carry needs no copy of them.
         input_output_aliases={2: 1},
-    )(g32.reshape(n), p32.reshape(n), m32, scales, *weights,
+    )(g32.reshape(n), p32.reshape(n), m32, *weights,
       decays=np.asarray(learned_opt.decays, np.float32))
     step = out[:, 0] * jnp.exp(out[:, 1] * learned_opt.exp_mult) * learned_opt.step_mult
     return (-step).reshape(shape).astype(jnp.result_type(g)), m_out

@@ -1,13 +1,20 @@
 // The `mlp` learned optimizer's per-coordinate update on a CPU (Metz et al. 2019, App. D.1; see
 // lopt/mlp.py), as one XLA FFI call per leaf (lopt/mlp_cpu.py builds and registers it).
 //
-// Per coordinate, with the leaf's per-tensor scales s computed outside (they are reductions
-// over the whole leaf):
+// Per coordinate of a leaf of n coordinates:
 //   m_d <- decay_d m_d + (1 - decay_d) g                       (stored: new momenta)
+//   s_f  = 1 / sqrt(mean over the leaf of x_f^2 + 1e-8)        for x_f in g, p, m_1 .. m_D
 //   x    = [g s_0, p s_1, m_1 s_2, ..., m_D s_{D+1}]
 //   h    = relu(x W0 + b0), then relu(h W + b) for each middle layer
 //   o    = h Wl + bl                                             (stored: 2 outputs)
 // The step -o_1 exp(o_2 exp_mult) step_mult is left to XLA (one elementwise pass).
+//
+// Two passes over the leaf. The first sums the squares for the per-tensor scales s (the
+// paper's "normalized by the second moment with regard to other elements in the 'batch'
+// dimension"): each segment of kSegmentBlocks blocks sums its squares exactly in double
+// (products of floats are exact there), and the segments are added in order, so the scales do
+// not depend on how the work was split over threads; they are rounded to float once. The
+// second pass does everything else.
 //
 // Layout: 16 coordinates at a time, one 16-lane vector per feature or hidden unit ("row-block
 // major"), so every layer is broadcast-weight multiply-adds on whole vectors and the hidden
@@ -16,6 +23,7 @@
 // entry, block) pairs are split into chunks over XLA's intra-op thread pool (ParallelFor).
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
@@ -34,6 +42,9 @@ constexpr int kLanes = 16;
 typedef float vec __attribute__((vector_size(kLanes * sizeof(float))));
 constexpr int kMaxFeatures = 64;
 constexpr int kMaxHidden = 256;
+constexpr int64_t kSegmentBlocks = 16;  // the scale pass's unit of work (256 coordinates)
+typedef double dvec __attribute__((vector_size(8 * sizeof(double))));
+typedef float hvec __attribute__((vector_size(8 * sizeof(float))));
 
 inline vec relu(vec x) { return x > 0 ? x : 0; }
 
@@ -43,35 +54,97 @@ struct Weights {  // one batch entry's MLP; w are [in, out] row-major
   const float* wl; const float* bl;
 };
 
+typedef int32_t ivec __attribute__((vector_size(kLanes * sizeof(int32_t))));
+
+// The momenta are stored [coordinate, decay]: a block's 16 coordinates are D contiguous
+// vectors, lane e of vector j holding coordinate (16 j + e) / D's momentum for decay
+// (16 j + e) % D. The momentum update runs on those vectors as stored; these are its
+// per-lane decays and the lane -> coordinate map that spreads g over them.
 struct Problem {
   int64_t n, num_dec, hidden;
   const float* decays;
+  ivec coord[kMaxFeatures - 2];
+  vec decay[kMaxFeatures - 2], one_minus_decay[kMaxFeatures - 2];
+
+  Problem(int64_t n_, int64_t num_dec_, int64_t hidden_, const float* decays_)
+      : n(n_), num_dec(num_dec_), hidden(hidden_), decays(decays_) {
+    for (int64_t j = 0; j < num_dec; ++j)
+      for (int e = 0; e < kLanes; ++e) {
+        const int64_t i = kLanes * j + e;
+        coord[j][e] = static_cast<int32_t>(i / num_dec);
+        decay[j][e] = decays[i % num_dec];
+        one_minus_decay[j][e] = 1.0f - decays[i % num_dec];
+      }
+  }
 };
 
-// One block of up to 16 coordinates starting at r0 of one batch entry.
+// A block of up to 16 coordinates starting at r0 (k of them; zeros past the leaf's end): g, p
+// and the new momenta m_d <- decay_d m_d + (1 - decay_d) g, stored layout.
+struct BlockInputs {
+  int k;
+  vec g, p;
+  vec m[kMaxFeatures - 2];
+
+  BlockInputs(const Problem& pr, const float* g_, const float* p_, const float* m_, int64_t r0)
+      : k(static_cast<int>(std::min<int64_t>(kLanes, pr.n - r0))), g{}, p{} {
+    const int64_t D = pr.num_dec;
+    std::memcpy(&g, g_ + r0, sizeof(float) * k);
+    std::memcpy(&p, p_ + r0, sizeof(float) * k);
+    if (k < kLanes) std::memset(m, 0, sizeof(vec) * D);
+    std::memcpy(m, m_ + r0 * D, sizeof(float) * k * D);
+    for (int64_t j = 0; j < D; ++j)
+      m[j] = pr.decay[j] * m[j] + pr.one_minus_decay[j] * __builtin_shuffle(g, pr.coord[j]);
+  }
+
+  // Momentum d of the block's 16 coordinates as one vector.
+  vec Momentum(const Problem& pr, int64_t d) const {
+    const float* flat = reinterpret_cast<const float*>(m);
+    vec md;
+    for (int r = 0; r < kLanes; ++r) md[r] = flat[r * pr.num_dec + d];
+    return md;
+  }
+};
+
+inline void AddSquares(dvec& lo_acc, dvec& hi_acc, vec x) {
+  hvec lo, hi;
+  std::memcpy(&lo, &x, sizeof(hvec));
+  std::memcpy(&hi, reinterpret_cast<const char*>(&x) + sizeof(hvec), sizeof(hvec));
+  const dvec a = __builtin_convertvector(lo, dvec), b = __builtin_convertvector(hi, dvec);
+  lo_acc += a * a;
+  hi_acc += b * b;
+}
+
+// Scale pass, one segment: sums[f] = sum of x_f^2 over blocks [b0, b1) of one batch entry
+// (zero lanes past the leaf's end add nothing), f = g, p, m_1 .. m_D.
+void SegmentSquares(const Problem& pr, const float* g, const float* p, const float* m,
+                    int64_t b0, int64_t b1, double* sums) {
+  const int64_t D = pr.num_dec;
+  dvec acc[2 * kMaxFeatures] = {};  // lanes 0-7 and 8-15 of g, p, then the stored m vectors
+  for (int64_t b = b0; b < b1; ++b) {
+    const BlockInputs in(pr, g, p, m, b * kLanes);
+    AddSquares(acc[0], acc[1], in.g);
+    AddSquares(acc[2], acc[3], in.p);
+    for (int64_t j = 0; j < D; ++j) AddSquares(acc[4 + 2 * j], acc[5 + 2 * j], in.m[j]);
+  }
+  for (int64_t f = 0; f < 2 + D; ++f) sums[f] = 0;
+  for (int f = 0; f < 2; ++f)
+    for (int i = 0; i < 8; ++i) sums[f] += acc[2 * f][i] + acc[2 * f + 1][i];
+  for (int64_t j = 0; j < D; ++j)
+    for (int e = 0; e < kLanes; ++e)
+      sums[2 + (kLanes * j + e) % D] += acc[4 + 2 * j + e / 8][e % 8];
+}
+
+// One block of up to 16 coordinates starting at r0 of one batch entry; s: its 2 + D scales.
 void Block(const Problem& pr, const Weights& w, const float* g, const float* p, const float* m,
            const float* s, int64_t r0, float* out, float* m_out) {
   const int64_t D = pr.num_dec, H = pr.hidden, F = 2 + D;
-  const int k = static_cast<int>(std::min<int64_t>(kLanes, pr.n - r0));
-  // Gather the block: g, p and the momenta (stored [coordinate, decay]) as one vector each.
-  float mbuf[kLanes * (kMaxFeatures - 2)];
-  if (k < kLanes) std::memset(mbuf, 0, sizeof(float) * kLanes * D);
-  std::memcpy(mbuf, m + r0 * D, sizeof(float) * k * D);
-  vec gv = {}, pv = {};
-  std::memcpy(&gv, g + r0, sizeof(float) * k);
-  std::memcpy(&pv, p + r0, sizeof(float) * k);
+  const BlockInputs in(pr, g, p, m, r0);
+  const int k = in.k;
   vec x[kMaxFeatures];
-  x[0] = gv * s[0];
-  x[1] = pv * s[1];
-  for (int64_t d = 0; d < D; ++d) {
-    vec md;
-    for (int r = 0; r < kLanes; ++r) md[r] = mbuf[r * D + d];
-    const float dec = pr.decays[d];
-    md = dec * md + (1.0f - dec) * gv;
-    for (int r = 0; r < kLanes; ++r) mbuf[r * D + d] = md[r];
-    x[2 + d] = md * s[2 + d];
-  }
-  std::memcpy(m_out + r0 * D, mbuf, sizeof(float) * k * D);
+  x[0] = in.g * s[0];
+  x[1] = in.p * s[1];
+  for (int64_t d = 0; d < D; ++d) x[2 + d] = in.Momentum(pr, d) * s[2 + d];
+  std::memcpy(m_out + r0 * D, in.m, sizeof(float) * k * D);
   // Every layer 16 outputs at a time: 16 independent accumulators (a dependent chain of
   // multiply-adds would wait on each one's latency).
   vec h[kMaxHidden], h2[kMaxHidden];
@@ -163,14 +236,16 @@ int64_t Product(ffi::Span<const int64_t> dims, size_t upto) {
 }
 
 // Operands: g [..., n], p [..., n], m [..., n, D] (any shape of that size, D last: the leaf's),
-// scales [..., 2 + D], then the layers' (w, b) pairs: w0 [..., 2 + D, H], b0 [..., H], middle
-// [..., H, H], [..., H], last [..., H, 2], [..., 2].
+// then the layers' (w, b) pairs: w0 [..., 2 + D, H], b0 [..., H], middle [..., H, H], [..., H],
+// last [..., H, 2], [..., 2].
 // Results: out [..., n, 2], new momenta shaped as m. lopt/mlp_cpu.py aliases the new momenta to
-// m's buffer: Block reads a block's momenta before it writes them, and blocks do not overlap.
+// m's buffer: the scale pass only reads m and ends before the second pass starts; there Block
+// reads a block's momenta before it writes them, and blocks do not overlap.
 ffi::Error Impl(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::Span<const float> decays,
                 ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> m_out) {
   const size_t num_args = args.size();
-  if (num_args < 8 || num_args % 2) return ffi::Error::InvalidArgument("lopt mlp_update: operands");
+  if (num_args < 7 || num_args % 2 == 0)
+    return ffi::Error::InvalidArgument("lopt mlp_update: operands");
   std::vector<ffi::AnyBuffer> a;
   for (size_t i = 0; i < num_args; ++i) {
     auto b = args.get<ffi::AnyBuffer>(i);
@@ -181,34 +256,55 @@ ffi::Error Impl(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::Span<const f
   }
   auto gd = a[0].dimensions();
   const size_t batch_rank = gd.size() - 1;
-  Problem pr{gd[batch_rank], static_cast<int64_t>(decays.size()), 0, decays.begin()};
-  auto w0d = a[4].dimensions();
-  pr.hidden = w0d[w0d.size() - 1];
-  const int num_mid = static_cast<int>((num_args - 8) / 2);
+  auto w0d = a[3].dimensions();
+  if (decays.size() + 2 > kMaxFeatures)
+    return ffi::Error::InvalidArgument("lopt mlp_update: unsupported shapes");
+  const Problem pr(gd[batch_rank], static_cast<int64_t>(decays.size()), w0d[w0d.size() - 1],
+                   decays.begin());
+  const int num_mid = static_cast<int>((num_args - 7) / 2);
   if (pr.hidden % 16 || pr.hidden > kMaxHidden || 2 + pr.num_dec > kMaxFeatures ||
       w0d[w0d.size() - 2] != 2 + pr.num_dec || num_mid > 16)
     return ffi::Error::InvalidArgument("lopt mlp_update: unsupported shapes");
-  const int64_t batch = Product(gd, batch_rank), n = pr.n, D = pr.num_dec, H = pr.hidden;
+  const int64_t batch = Product(gd, batch_rank), n = pr.n, D = pr.num_dec, H = pr.hidden, F = 2 + D;
   const int64_t blocks = (n + kLanes - 1) / kLanes;
+  const int64_t segments = (blocks + kSegmentBlocks - 1) / kSegmentBlocks;
   auto f = [&](size_t i) { return static_cast<const float*>(a[i].untyped_data()); };
   float* o = static_cast<float*>(out->untyped_data());
   float* mo = static_cast<float*>(m_out->untyped_data());
-  auto work = [&](int64_t lo, int64_t hi) {
+
+  // Pass 1: per (batch entry, segment) sums of squares, then the scales in segment order.
+  std::vector<double> sums(batch * segments * F);
+  ParallelFor(pool, batch * segments, /*min_chunk=*/2, [&](int64_t lo, int64_t hi) {
+    for (int64_t t = lo; t < hi; ++t) {
+      const int64_t e = t / segments, b0 = (t % segments) * kSegmentBlocks;
+      SegmentSquares(pr, f(0) + e * n, f(1) + e * n, f(2) + e * n * D, b0,
+                     std::min(blocks, b0 + kSegmentBlocks), &sums[t * F]);
+    }
+  });
+  std::vector<float> scales(batch * F);
+  for (int64_t e = 0; e < batch; ++e)
+    for (int64_t i = 0; i < F; ++i) {
+      double t = 0;
+      for (int64_t c = 0; c < segments; ++c) t += sums[(e * segments + c) * F + i];
+      scales[e * F + i] = static_cast<float>(1.0 / std::sqrt(t / n + 1e-8));
+    }
+
+  // Pass 2: the momenta, features and MLP, block by block.
+  ParallelFor(pool, batch * blocks, /*min_chunk=*/32, [&](int64_t lo, int64_t hi) {
     const float* wm[16];
     const float* bm[16];
     for (int64_t t = lo; t < hi; ++t) {
       const int64_t e = t / blocks, r0 = (t % blocks) * kLanes;
       for (int l = 0; l < num_mid; ++l) {
-        wm[l] = f(6 + 2 * l) + e * H * H;
-        bm[l] = f(7 + 2 * l) + e * H;
+        wm[l] = f(5 + 2 * l) + e * H * H;
+        bm[l] = f(6 + 2 * l) + e * H;
       }
-      Weights w{f(4) + e * (2 + D) * H, f(5) + e * H, num_mid, wm, bm,
+      Weights w{f(3) + e * F * H, f(4) + e * H, num_mid, wm, bm,
                 f(num_args - 2) + e * H * 2, f(num_args - 1) + e * 2};
-      Block(pr, w, f(0) + e * n, f(1) + e * n, f(2) + e * n * D, f(3) + e * (2 + D), r0,
+      Block(pr, w, f(0) + e * n, f(1) + e * n, f(2) + e * n * D, &scales[e * F], r0,
             o + e * n * 2, mo + e * n * D);
     }
-  };
-  ParallelFor(pool, batch * blocks, /*min_chunk=*/32, work);
+  });
   return ffi::Error::Success();
 }
 
