@@ -67,7 +67,13 @@ class MLPLOpt:
     ``timescales``: a tuple of timescales eta, or the name of a preset in ``TIMESCALE_PRESETS``
     (``"metz2019"``: the paper's 9). ``fused``: compute ``update`` with a fused kernel (GPU:
     Pallas, ``lopt/mlp_fused.py``; CPU: C++, ``lopt/mlp_cpu.py``); same numbers up to float
-    rounding, and gradients through it are those of the default path.
+    rounding, and gradients through it are those of the default path. ``bf16_hidden`` (with
+    ``fused=True``, two or more hidden layers): the CPU kernel takes the middle hidden layers'
+    products in bfloat16 with float32 sums (AVX512-BF16; about 2x the multiply-add rate on the
+    layer that holds most of the work), so the update differs from float32 by up to a bound of
+    about 2^-8 of the layer's absolute terms, stated and tested in ``lopt/mlp_cpu.py``: an
+    approximation of the paper's float32 MLP, off by default. Where it cannot run (a CPU
+    without AVX512-BF16, a GPU) it warns once and computes float32.
     """
 
     hidden_size: int = 32
@@ -77,6 +83,7 @@ class MLPLOpt:
     step_mult: float = 1e-3
     exp_mult: float = 1e-3
     fused: bool = dataclasses.field(default=False, metadata=EXECUTION_OPTION)
+    bf16_hidden: bool = dataclasses.field(default=False, metadata=EXECUTION_OPTION)
     name: ClassVar[str] = "mlp"
 
     def __post_init__(self):
@@ -101,6 +108,15 @@ class MLPLOpt:
         if not isinstance(self.fused, (bool, np.bool_)):
             raise ValueError(f"mlp: fused must be True or False, got {self.fused!r}")
         object.__setattr__(self, "fused", bool(self.fused))
+        if not isinstance(self.bf16_hidden, (bool, np.bool_)):
+            raise ValueError(f"mlp: bf16_hidden must be True or False, got {self.bf16_hidden!r}")
+        object.__setattr__(self, "bf16_hidden", bool(self.bf16_hidden))
+        if self.bf16_hidden and not (self.fused and int(self.hidden_layers) >= 2):
+            raise ValueError(
+                "mlp: bf16_hidden=True is an option of the fused kernel's middle hidden layers: "
+                f"it needs fused=True and hidden_layers >= 2, got fused={self.fused}, "
+                f"hidden_layers={self.hidden_layers}"
+            )
 
     @property
     def num_features(self) -> int:

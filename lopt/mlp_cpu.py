@@ -4,8 +4,8 @@ the CPU (on a GPU the same option runs the Pallas kernel of ``lopt/mlp_fused.py`
 
 What it computes is :meth:`lopt.mlp.MLPLOpt.leaf_updates` (Metz et al. 2019, App. D.1; see
 ``lopt/mlp.py``), all of it but the last elementwise step in one call per leaf: a first pass
-sums the squares behind the per-tensor second-moment scales (exactly, in double, in a fixed
-order), a second does the per-coordinate rest (momenta, features, every MLP layer) for 16
+sums the squares behind the per-tensor second-moment scales (float32 partial sums of at
+most 16 terms, added in double in a fixed order), a second does the per-coordinate rest (momenta, features, every MLP layer) for 16
 coordinates at a time with the hidden activations in registers and L1, and XLA takes the step
 -o_1 exp(o_2 exp_mult) step_mult from the kernel's two outputs. (The Pallas path computes the
 scales as XLA reductions outside its kernel; in W1 those reductions and their glue were 8% of
@@ -18,6 +18,16 @@ Building. The kernel is compiled on first use with the system C++ compiler (``$C
 feature flags, so a home directory shared by different machines keeps one build per kind of
 machine. Where no compiler is found or the build fails, :func:`available` says why and
 ``fused=True`` computes the unfused update with a warning naming the reason.
+
+bfloat16 middle layers (``MLPLOpt(bf16_hidden=True)``, off by default). Each middle layer
+z_c = sum_i h_i W_ic (+ b_c, relu) takes bf16(h_i) bf16(W_ic) with both rounded to nearest
+even (unit roundoff u = 2^-9) and the exact products summed in float32 (``vdpbf16ps``). So
+|z_c - z_c(float32)| <= ((1 + u)^2 - 1 + H eps) sum_i |h_i W_ic|, about 2^-8 of the layer's
+absolute terms, not of z_c itself (terms of opposite sign cancel in z_c, not in the bound); it
+reaches the outputs through the next layers' absolute weights (relu is 1-Lipschitz).
+tests/lopt/test_fused.py computes that bound per coordinate against a float64 reference and
+checks the kernel inside it. Needs AVX512-BF16 (``avx512_bf16`` in /proc/cpuinfo); without it
+the float32 kernel runs, with a warning.
 
 Supported: float32 leaves, ``hidden_layers >= 1`` with ``hidden_size`` a multiple of 16 (up to
 256; the paper's and W1's 32), up to 62 momenta; other shapes fall back the same way.
@@ -110,6 +120,11 @@ def available() -> tuple[bool, str]:
     return True, ""
 
 
+def bf16_supported() -> bool:
+    """Whether this CPU has the bfloat16 dot products ``bf16_hidden`` runs on."""
+    return "avx512_bf16" in _cpu_flags().split()
+
+
 def unsupported(learned_opt) -> str:
     """Why this architecture cannot use the kernel ('' when it can)."""
     if learned_opt.hidden_layers < 1:
@@ -134,7 +149,15 @@ def usable(learned_opt) -> bool:
     reason = unsupported(learned_opt) or available()[1]
     if reason:
         _warn_once(reason)
+    elif learned_opt.bf16_hidden and not bf16_supported():
+        _warn_bf16_once("this CPU has no AVX512-BF16 (avx512_bf16 in /proc/cpuinfo)")
     return not reason
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_bf16_once(reason: str) -> None:
+    warnings.warn(f"mlp bf16_hidden=True: {reason}; computing the middle layers in float32",
+                  stacklevel=5)
 
 
 def _leaf(learned_opt, layers, g, p, m):
@@ -154,7 +177,8 @@ def _leaf(learned_opt, layers, g, p, m):
         # so the unroll's loop carry needs no copy of them.
         input_output_aliases={2: 1},
     )(g32.reshape(n), p32.reshape(n), m32, *weights,
-      decays=np.asarray(learned_opt.decays, np.float32))
+      decays=np.asarray(learned_opt.decays, np.float32),
+      bf16_hidden=np.int32(learned_opt.bf16_hidden and bf16_supported()))
     step = out[:, 0] * jnp.exp(out[:, 1] * learned_opt.exp_mult) * learned_opt.step_mult
     return (-step).reshape(shape).astype(jnp.result_type(g)), m_out
 

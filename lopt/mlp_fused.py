@@ -246,6 +246,11 @@ def fused_leaf_updates(learned_opt, layers, grads, params, momenta, block_size: 
             return learned_opt.leaf_updates(layers, grads, params, momenta)
         forward = functools.partial(mlp_cpu.forward, learned_opt)
     else:
+        if learned_opt.bf16_hidden:
+            from lopt import mlp_cpu
+
+            mlp_cpu._warn_bf16_once("the bfloat16 middle layers are in the CPU kernel only, "
+                                    "not in the Pallas kernel")
         forward = functools.partial(_forward, learned_opt, block_size)
 
     @jax.custom_vjp

@@ -7,6 +7,7 @@ time, compile excluded), printed as tables.
     python scripts/benchmark.py --workload=devices --host_devices=8   # 1, 2, 4, 8 devices
     python scripts/benchmark.py --workload=w1 --host_devices=4        # W1 on the CPU as 4 devices
     python scripts/benchmark.py --workload=w1 --fused      # W1 with the mlp's fused kernel
+    python scripts/benchmark.py --workload=w1 --fused --bf16_hidden   # ... its bf16 middle layer
     python scripts/benchmark.py --workload=compile         # time to the quickstart's first step
     python scripts/benchmark.py --workload=profile         # where W1's time goes, by category
 
@@ -70,6 +71,8 @@ flags.DEFINE_integer("repeats", 3, "Measurements per row (min/median/max).")
 flags.DEFINE_string("lopt", "mlp", "Learned optimizer of W1 (e.g. hyper_adam to time the rest).")
 flags.DEFINE_bool("fused", False, "W1's mlp with fused=True: on a CPU its C++ kernel "
                   "(lopt/mlp_cpu.py), on a GPU its Pallas kernel (lopt/mlp_fused.py).")
+flags.DEFINE_bool("bf16_hidden", False, "With --fused on a CPU: the mlp's middle hidden layer in "
+                  "bfloat16 products with float32 sums (an approximation; lopt/mlp_cpu.py).")
 flags.DEFINE_integer("particles", 16, "Particles of W1 in `w1` and `profile` (W1 itself: 16).")
 FLAGS = flags.FLAGS
 
@@ -78,7 +81,8 @@ def w1_trainer(estimator: str = "pes", num_particles: int = 16, mesh: Mesh | str
                **lopt_kwargs) -> MetaTrainer:
     """W1's trainer; ``mesh="all"`` shards the particles over every device (``--host_devices=N``
     runs the CPU as N devices, as the train command's ``--cpu_devices``)."""
-    lo = dict(hidden_size=32, hidden_layers=2, fused=FLAGS.fused) if FLAGS.lopt == "mlp" else {}
+    lo = (dict(hidden_size=32, hidden_layers=2, fused=FLAGS.fused, bf16_hidden=FLAGS.bf16_hidden)
+          if FLAGS.lopt == "mlp" else {})
     lo.update(lopt_kwargs)
     est = {} if estimator == "tbptt" else dict(std=0.01)
     return MetaTrainer.create(

@@ -11,10 +11,10 @@
 //
 // Two passes over the leaf. The first sums the squares for the per-tensor scales s (the
 // paper's "normalized by the second moment with regard to other elements in the 'batch'
-// dimension"): each segment of kSegmentBlocks blocks sums its squares exactly in double
-// (products of floats are exact there), and the segments are added in order, so the scales do
-// not depend on how the work was split over threads; they are rounded to float once. The
-// second pass does everything else.
+// dimension"): each segment of kSegmentBlocks blocks sums its squares per lane in float32 (at
+// most 16 terms a lane), the lanes and then the segments are added in double in a fixed order,
+// so the scales do not depend on how the work was split over threads; they are rounded to
+// float once. The second pass does everything else.
 //
 // Layout: 16 coordinates at a time, one 16-lane vector per feature or hidden unit ("row-block
 // major"), so every layer is broadcast-weight multiply-adds on whole vectors and the hidden
@@ -32,6 +32,8 @@
 #include <mutex>
 #include <vector>
 
+#include <immintrin.h>
+
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -43,8 +45,6 @@ typedef float vec __attribute__((vector_size(kLanes * sizeof(float))));
 constexpr int kMaxFeatures = 64;
 constexpr int kMaxHidden = 256;
 constexpr int64_t kSegmentBlocks = 16;  // the scale pass's unit of work (256 coordinates)
-typedef double dvec __attribute__((vector_size(8 * sizeof(double))));
-typedef float hvec __attribute__((vector_size(8 * sizeof(float))));
 
 inline vec relu(vec x) { return x > 0 ? x : 0; }
 
@@ -52,7 +52,62 @@ struct Weights {  // one batch entry's MLP; w are [in, out] row-major
   const float* w0; const float* b0;
   int num_mid; const float* const* wm; const float* const* bm;
   const float* wl; const float* bl;
+  const uint32_t* const* wm_bf16;  // the middle layers as packed bfloat16 pairs, or null
 };
+
+// bfloat16 middle layers (the option bf16_hidden; lopt/mlp_cpu.py states its tolerance). A
+// middle layer z_c = sum_i h_i W_ic becomes sum over pairs q of bf16(h_2q) bf16(W_2q,c) +
+// bf16(h_2q+1) bf16(W_2q+1,c), products exact and sums in float32 (AVX512-BF16's vdpbf16ps:
+// 32 multiply-adds per instruction against 16 for a float32 FMA); both operands rounded to
+// nearest even. Weights are packed once per call as 32-bit pairs [W_2q,c | W_2q+1,c << 16],
+// activations per block as 16-lane vectors of pairs [h_2q | h_2q+1 << 16].
+inline uint32_t Bf16Bits(float x) {  // round to nearest even (weights are finite)
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof(u));
+  return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+}
+
+void PackBf16Pairs(const float* w, int64_t H, uint32_t* out) {  // w [H, H] -> out [H / 2, H]
+  for (int64_t q = 0; q < H / 2; ++q)
+    for (int64_t c = 0; c < H; ++c)
+      out[q * H + c] = Bf16Bits(w[2 * q * H + c]) | (Bf16Bits(w[(2 * q + 1) * H + c]) << 16);
+}
+
+#ifdef __AVX512BF16__
+constexpr bool kHaveBf16 = true;
+
+// h2 = relu(h W + b) with W packed by PackBf16Pairs.
+void MiddleLayerBf16(const vec* h, const uint32_t* wp, const float* b, int64_t H, vec* h2) {
+  // Lane r of pair q: h_2q's lane r in the low half, h_2q+1's in the high half.
+  __m512i interleave;
+  for (int r = 0; r < 16; ++r) {
+    reinterpret_cast<int16_t*>(&interleave)[2 * r] = static_cast<int16_t>(r);
+    reinterpret_cast<int16_t*>(&interleave)[2 * r + 1] = static_cast<int16_t>(16 + r);
+  }
+  __m512bh hp[kMaxHidden / 2];
+  for (int64_t q = 0; q < H / 2; ++q) {
+    const __m512bh halves = _mm512_cvtne2ps_pbh((__m512)h[2 * q + 1],
+                                                (__m512)h[2 * q]);
+    hp[q] = (__m512bh)_mm512_permutexvar_epi16(interleave, (__m512i)halves);
+  }
+  for (int64_t c = 0; c < H; c += 16) {
+    __m512 acc[16];
+#pragma GCC unroll 16
+    for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
+    for (int64_t q = 0; q < H / 2; ++q) {
+      const uint32_t* row = wp + q * H + c;
+#pragma GCC unroll 16
+      for (int j = 0; j < 16; ++j)
+        acc[j] = _mm512_dpbf16_ps(acc[j], hp[q], (__m512bh)_mm512_set1_epi32(row[j]));
+    }
+#pragma GCC unroll 16
+    for (int j = 0; j < 16; ++j) h2[c + j] = relu((vec)acc[j] + b[c + j]);
+  }
+}
+#else
+constexpr bool kHaveBf16 = false;
+void MiddleLayerBf16(const vec*, const uint32_t*, const float*, int64_t, vec*) {}
+#endif
 
 typedef int32_t ivec __attribute__((vector_size(kLanes * sizeof(int32_t))));
 
@@ -65,9 +120,11 @@ struct Problem {
   const float* decays;
   ivec coord[kMaxFeatures - 2];
   vec decay[kMaxFeatures - 2], one_minus_decay[kMaxFeatures - 2];
+  ivec stride;  // lane r: r * D, the offsets of a decay's momenta within a block
 
   Problem(int64_t n_, int64_t num_dec_, int64_t hidden_, const float* decays_)
       : n(n_), num_dec(num_dec_), hidden(hidden_), decays(decays_) {
+    for (int r = 0; r < kLanes; ++r) stride[r] = static_cast<int32_t>(r * num_dec);
     for (int64_t j = 0; j < num_dec; ++j)
       for (int e = 0; e < kLanes; ++e) {
         const int64_t i = kLanes * j + e;
@@ -86,52 +143,57 @@ struct BlockInputs {
   vec m[kMaxFeatures - 2];
 
   BlockInputs(const Problem& pr, const float* g_, const float* p_, const float* m_, int64_t r0)
-      : k(static_cast<int>(std::min<int64_t>(kLanes, pr.n - r0))), g{}, p{} {
+      : k(static_cast<int>(std::min<int64_t>(kLanes, pr.n - r0))) {
     const int64_t D = pr.num_dec;
-    std::memcpy(&g, g_ + r0, sizeof(float) * k);
-    std::memcpy(&p, p_ + r0, sizeof(float) * k);
-    if (k < kLanes) std::memset(m, 0, sizeof(vec) * D);
-    std::memcpy(m, m_ + r0 * D, sizeof(float) * k * D);
+    if (k == kLanes) {  // constant sizes: vector loads, no library calls
+      std::memcpy(&g, g_ + r0, sizeof(vec));
+      std::memcpy(&p, p_ + r0, sizeof(vec));
+      for (int64_t j = 0; j < D; ++j) std::memcpy(&m[j], m_ + r0 * D + kLanes * j, sizeof(vec));
+    } else {
+      g = vec{};
+      p = vec{};
+      std::memset(m, 0, sizeof(vec) * D);
+      std::memcpy(&g, g_ + r0, sizeof(float) * k);
+      std::memcpy(&p, p_ + r0, sizeof(float) * k);
+      std::memcpy(m, m_ + r0 * D, sizeof(float) * k * D);
+    }
     for (int64_t j = 0; j < D; ++j)
       m[j] = pr.decay[j] * m[j] + pr.one_minus_decay[j] * __builtin_shuffle(g, pr.coord[j]);
   }
 
-  // Momentum d of the block's 16 coordinates as one vector.
+  // Momentum d of the block's 16 coordinates as one vector (a gather from the stored layout).
   vec Momentum(const Problem& pr, int64_t d) const {
-    const float* flat = reinterpret_cast<const float*>(m);
-    vec md;
-    for (int r = 0; r < kLanes; ++r) md[r] = flat[r * pr.num_dec + d];
-    return md;
+    return (vec)_mm512_i32gather_ps((__m512i)pr.stride, reinterpret_cast<const float*>(m) + d, 4);
+  }
+
+  // The new momenta back in the stored layout.
+  void StoreMomenta(const Problem& pr, float* m_out) const {
+    if (k == kLanes)
+      for (int64_t j = 0; j < pr.num_dec; ++j) std::memcpy(m_out + kLanes * j, &m[j], sizeof(vec));
+    else
+      std::memcpy(m_out, m, sizeof(float) * k * pr.num_dec);
   }
 };
 
-inline void AddSquares(dvec& lo_acc, dvec& hi_acc, vec x) {
-  hvec lo, hi;
-  std::memcpy(&lo, &x, sizeof(hvec));
-  std::memcpy(&hi, reinterpret_cast<const char*>(&x) + sizeof(hvec), sizeof(hvec));
-  const dvec a = __builtin_convertvector(lo, dvec), b = __builtin_convertvector(hi, dvec);
-  lo_acc += a * a;
-  hi_acc += b * b;
-}
-
 // Scale pass, one segment: sums[f] = sum of x_f^2 over blocks [b0, b1) of one batch entry
-// (zero lanes past the leaf's end add nothing), f = g, p, m_1 .. m_D.
+// (zero lanes past the leaf's end add nothing), f = g, p, m_1 .. m_D. Each lane sums its at
+// most kSegmentBlocks squares in float32 (within kSegmentBlocks eps of exact), the lanes are
+// added in double.
 void SegmentSquares(const Problem& pr, const float* g, const float* p, const float* m,
                     int64_t b0, int64_t b1, double* sums) {
   const int64_t D = pr.num_dec;
-  dvec acc[2 * kMaxFeatures] = {};  // lanes 0-7 and 8-15 of g, p, then the stored m vectors
+  vec acc[kMaxFeatures] = {};  // g, p, then the stored momenta vectors
   for (int64_t b = b0; b < b1; ++b) {
     const BlockInputs in(pr, g, p, m, b * kLanes);
-    AddSquares(acc[0], acc[1], in.g);
-    AddSquares(acc[2], acc[3], in.p);
-    for (int64_t j = 0; j < D; ++j) AddSquares(acc[4 + 2 * j], acc[5 + 2 * j], in.m[j]);
+    acc[0] += in.g * in.g;
+    acc[1] += in.p * in.p;
+    for (int64_t j = 0; j < D; ++j) acc[2 + j] += in.m[j] * in.m[j];
   }
   for (int64_t f = 0; f < 2 + D; ++f) sums[f] = 0;
   for (int f = 0; f < 2; ++f)
-    for (int i = 0; i < 8; ++i) sums[f] += acc[2 * f][i] + acc[2 * f + 1][i];
+    for (int e = 0; e < kLanes; ++e) sums[f] += acc[f][e];
   for (int64_t j = 0; j < D; ++j)
-    for (int e = 0; e < kLanes; ++e)
-      sums[2 + (kLanes * j + e) % D] += acc[4 + 2 * j + e / 8][e % 8];
+    for (int e = 0; e < kLanes; ++e) sums[2 + (kLanes * j + e) % D] += acc[2 + j][e];
 }
 
 // One block of up to 16 coordinates starting at r0 of one batch entry; s: its 2 + D scales.
@@ -144,7 +206,7 @@ void Block(const Problem& pr, const Weights& w, const float* g, const float* p, 
   x[0] = in.g * s[0];
   x[1] = in.p * s[1];
   for (int64_t d = 0; d < D; ++d) x[2 + d] = in.Momentum(pr, d) * s[2 + d];
-  std::memcpy(m_out + r0 * D, in.m, sizeof(float) * k * D);
+  in.StoreMomenta(pr, m_out + r0 * D);
   // Every layer 16 outputs at a time: 16 independent accumulators (a dependent chain of
   // multiply-adds would wait on each one's latency).
   vec h[kMaxHidden], h2[kMaxHidden];
@@ -161,6 +223,11 @@ void Block(const Problem& pr, const Weights& w, const float* g, const float* p, 
     for (int j = 0; j < 16; ++j) h[c + j] = relu(acc[j] + w.b0[c + j]);
   }
   for (int l = 0; l < w.num_mid; ++l) {
+    if (w.wm_bf16 != nullptr) {
+      MiddleLayerBf16(h, w.wm_bf16[l], w.bm[l], H, h2);
+      std::memcpy(h, h2, sizeof(vec) * H);
+      continue;
+    }
     const float* wm = w.wm[l];
     for (int64_t c = 0; c < H; c += 16) {
       vec acc[16];
@@ -242,7 +309,8 @@ int64_t Product(ffi::Span<const int64_t> dims, size_t upto) {
 // m's buffer: the scale pass only reads m and ends before the second pass starts; there Block
 // reads a block's momenta before it writes them, and blocks do not overlap.
 ffi::Error Impl(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::Span<const float> decays,
-                ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> m_out) {
+                int32_t bf16_hidden, ffi::Result<ffi::AnyBuffer> out,
+                ffi::Result<ffi::AnyBuffer> m_out) {
   const size_t num_args = args.size();
   if (num_args < 7 || num_args % 2 == 0)
     return ffi::Error::InvalidArgument("lopt mlp_update: operands");
@@ -289,18 +357,29 @@ ffi::Error Impl(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::Span<const f
       scales[e * F + i] = static_cast<float>(1.0 / std::sqrt(t / n + 1e-8));
     }
 
+  // The middle layers packed as bfloat16 pairs, once per call.
+  if (bf16_hidden && !kHaveBf16)
+    return ffi::Error::InvalidArgument("lopt mlp_update: bf16_hidden needs AVX512-BF16");
+  std::vector<uint32_t> packed(bf16_hidden ? batch * num_mid * H * H / 2 : 0);
+  for (int64_t e = 0; bf16_hidden && e < batch; ++e)
+    for (int l = 0; l < num_mid; ++l)
+      PackBf16Pairs(f(5 + 2 * l) + e * H * H, H, &packed[(e * num_mid + l) * H * H / 2]);
+
   // Pass 2: the momenta, features and MLP, block by block.
   ParallelFor(pool, batch * blocks, /*min_chunk=*/32, [&](int64_t lo, int64_t hi) {
     const float* wm[16];
     const float* bm[16];
+    const uint32_t* wp[16];
     for (int64_t t = lo; t < hi; ++t) {
       const int64_t e = t / blocks, r0 = (t % blocks) * kLanes;
       for (int l = 0; l < num_mid; ++l) {
         wm[l] = f(5 + 2 * l) + e * H * H;
         bm[l] = f(6 + 2 * l) + e * H;
+        if (bf16_hidden) wp[l] = &packed[(e * num_mid + l) * H * H / 2];
       }
       Weights w{f(3) + e * F * H, f(4) + e * H, num_mid, wm, bm,
-                f(num_args - 2) + e * H * 2, f(num_args - 1) + e * 2};
+                f(num_args - 2) + e * H * 2, f(num_args - 1) + e * 2,
+                bf16_hidden ? wp : nullptr};
       Block(pr, w, f(0) + e * n, f(1) + e * n, f(2) + e * n * D, &scales[e * F], r0,
             o + e * n * 2, mo + e * n * D);
     }
@@ -315,5 +394,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LoptMlpUpdate, Impl,
                                   .Ctx<ffi::ThreadPool>()
                                   .RemainingArgs()
                                   .Attr<ffi::Span<const float>>("decays")
+                                  .Attr<int32_t>("bf16_hidden")
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>());

@@ -17,9 +17,12 @@ Tolerances (float32, eps = 2^-23 ~ 1.19e-7):
   layer (n_in + 1 terms: features and the time bias) and the output layer (H + 1 terms), so we
   allow ``2 * (H + n_in + 2) * eps`` of the largest update magnitude (9.8e-6 for H = 32, n_in =
   7). Measured: about 3e-7 of it (a few ulps). The C++ kernel sums the squares behind the
-  per-tensor scales exactly (in double) where XLA rounds its float32 reduction; over the
-  leaves here (up to 1000 coordinates) that moved the measured worst difference by nothing
-  (2.7e-7 and 3.3e-7 of the largest update, before and after the kernel took the scales over).
+  per-tensor scales in float32 partial sums of at most 16 terms added in double, where XLA
+  rounds its own float32 reduction; over the
+  leaves here (up to 1000 coordinates) the measured worst differences went from 2.7e-7 and
+  3.3e-7 of the largest update (scales from XLA) to 3.6e-7 and 3.3e-7.
+* ``bf16_hidden`` (CPU kernel only): not float32 rounding but bfloat16 products in the middle
+  layers; its own test computes the bound of lopt/mlp_cpu.py per coordinate.
 
 Shapes are tiny and the Pallas block is 128 coordinates (interpret mode runs the grid as a
 loop): leaves of 221, 40, 1 and 128 coordinates, three of them not a multiple of the block (nor,
@@ -232,6 +235,78 @@ def test_cpu_kernel_scales_span_segments(kernel):
     ref = _run_jit(ref_lo, meta_params, params, STEPS)
     fus = _run_jit(fus_lo, meta_params, params, STEPS)
     assert _assert_close(ref_lo, ref, fus, _max_abs_grad(params, STEPS), STEPS) < 2e-6
+
+
+def test_bf16_hidden_needs_the_fused_kernel_and_a_middle_layer():
+    for kwargs in (dict(fused=False, hidden_layers=2), dict(fused=True, hidden_layers=1)):
+        with pytest.raises(ValueError, match="bf16_hidden=True is an option of the fused kernel"):
+            lopt.get("mlp", bf16_hidden=True, **kwargs)
+
+
+def _bf16_bound(learned_opt, layers, x, g_dim):
+    """float64 reference updates of rows ``x`` (normalised features) through ``layers``, and the
+    per-coordinate bound on the bf16_hidden kernel's error (lopt/mlp_cpu.py's docstring):
+    every middle layer adds ((1 + u)^2 - 1) sum_i |h_i W_ic| (bf16 products, u = 2^-9, taken
+    at the perturbed |h| + err), every layer carries the error in through |W| (relu is
+    1-Lipschitz) and adds float32 summation, (fan_in + 1) eps of its absolute terms; the step
+    -o_1 exp(o_2 exp_mult) step_mult turns output errors d_1, d_2 into
+    step_mult exp(exp_mult (o_2 + d_2)) (d_1 + (|o_1| + d_1)(exp(exp_mult d_2) - 1)), plus a few
+    float32 ulps of the update for the exponential."""
+    u = 2.0 ** -9
+    ws = [np.asarray(l["w"], np.float64) for l in layers]
+    bs = [np.asarray(l["b"], np.float64) for l in layers]
+    h, err = np.asarray(x, np.float64), np.zeros_like(np.asarray(x, np.float64))
+    for i, (w, b) in enumerate(zip(ws, bs)):
+        terms = (np.abs(h) + err) @ np.abs(w) + np.abs(b)
+        err = err @ np.abs(w) + (w.shape[0] + 1) * EPS * terms
+        if 0 < i < len(ws) - 1:  # a middle layer: bf16 products
+            err = err + ((1 + u) ** 2 - 1) * terms
+        h = h @ w + b
+        if i < len(ws) - 1:
+            h = np.maximum(h, 0.0)
+    o1, o2 = h[:, 0], h[:, 1]
+    em, sm = learned_opt.exp_mult, learned_opt.step_mult
+    update = -o1 * np.exp(o2 * em) * sm
+    bound = (sm * np.exp(em * (o2 + err[:, 1]))
+             * (err[:, 0] + (np.abs(o1) + err[:, 0]) * np.expm1(em * err[:, 1])))
+    return update.reshape(g_dim), (bound + 4 * EPS * np.abs(update)).reshape(g_dim)
+
+
+def test_cpu_kernel_bf16_hidden_within_its_bound(kernel):
+    """bf16_hidden=True: the CPU kernel's update lies within the derived bound of a float64
+    reference at every coordinate (two middle layers, 700 coordinates) and within 1% of the
+    largest update, the option really changes the numbers, and the momenta are the float32
+    kernel's exactly."""
+    if kernel != "cpu":
+        pytest.skip("a property of the CPU kernel")
+    if not mlp_cpu.bf16_supported():
+        pytest.skip("this CPU has no AVX512-BF16")
+    lo32 = lopt.get("mlp", hidden_layers=3, fused=True)
+    lo16 = dataclasses.replace(lo32, bf16_hidden=True)
+    assert mlp_cpu.usable(lo16)
+    layers = lo32.step_layers(_meta_params(lo32), jnp.asarray(7))
+    k = jax.random.split(jax.random.PRNGKey(11), 3)
+    n = 700
+    g, p = jax.random.normal(k[0], (n,)), 0.5 * jax.random.normal(k[1], (n,))
+    m = 0.3 * jax.random.normal(k[2], (n, len(lo32.decays)))
+    u16, m16 = jax.jit(lambda *a: mlp_cpu._leaf(lo16, layers, *a))(g, p, m)
+    u32, m32 = jax.jit(lambda *a: mlp_cpu._leaf(lo32, layers, *a))(g, p, m)
+    np.testing.assert_array_equal(m16, m32)
+    # The normalised features in float64, as leaf_updates defines them.
+    d = np.asarray(lo32.decays, np.float64)
+    m_new = d * np.asarray(m, np.float64) + (1 - d) * np.asarray(g, np.float64)[:, None]
+    cols = np.concatenate([np.asarray(g, np.float64)[:, None], np.asarray(p, np.float64)[:, None],
+                           m_new], axis=1)
+    x = cols / np.sqrt(np.mean(cols ** 2, axis=0) + 1e-8)
+    ref, bound = _bf16_bound(lo32, layers, x, (n,))
+    err16 = np.abs(np.asarray(u16, np.float64) - ref)
+    assert np.all(err16 <= bound), float(np.max(err16 / bound))
+    # What a user sees (measured: 0.24% median relative error, 0.37% of the largest update;
+    # the bound is worst-case, about 50x the largest error seen): within 1% of the largest update.
+    assert np.max(err16) < 1e-2 * np.max(np.abs(ref))
+    assert float(jnp.max(jnp.abs(u16 - u32))) > 0  # the option is not silently ignored
+    # float32 for comparison: its error is far inside the same bound.
+    assert np.max(np.abs(np.asarray(u32, np.float64) - ref) / bound) < 0.01
 
 
 def test_cpu_kernel_unavailable_falls_back_with_its_reason(kernel, monkeypatch, tmp_path):
