@@ -4,13 +4,14 @@ the CPU (on a GPU the same option runs the Pallas kernel of ``lopt/mlp_fused.py`
 
 What it computes is :meth:`lopt.mlp.MLPLOpt.leaf_updates` (Metz et al. 2019, App. D.1; see
 ``lopt/mlp.py``), all of it but the last elementwise step in one call per leaf: a first pass
-sums the squares behind the per-tensor second-moment scales (float32 partial sums of at
-most 16 terms, added in double in a fixed order), a second does the per-coordinate rest (momenta, features, every MLP layer) for 16
-coordinates at a time with the hidden activations in registers and L1, and XLA takes the step
--o_1 exp(o_2 exp_mult) step_mult from the kernel's two outputs. (The Pallas path computes the
-scales as XLA reductions outside its kernel; in W1 those reductions and their glue were 8% of
-the fused update's time.) Under XLA the hidden layers are written to memory and read back, [coordinates, 32] floats
-each; W1 (scripts/benchmark.py) spends about half its time there.
+sums the squares behind the per-tensor second-moment scales (float32 partial sums of at most
+16 terms, added in double in a fixed order), a second does the per-coordinate rest (momenta,
+features, every MLP layer) for 16 coordinates at a time with the hidden activations in
+registers and L1, and XLA takes the step -o_1 exp(o_2 exp_mult) step_mult from the kernel's
+two outputs. (The Pallas path computes the scales as XLA reductions outside its kernel; in W1
+those reductions and their glue were 8% of the fused update's time.) Under XLA the hidden
+layers are written to memory and read back, [coordinates, 32] floats each; W1
+(scripts/benchmark.py) spends about half its time there.
 
 Building. The kernel is compiled on first use with the system C++ compiler (``$CXX``, else
 ``c++``) for this machine's CPU (``-march=native``) into ``$LOPT_CACHE_DIR`` (default
@@ -160,8 +161,28 @@ def _warn_bf16_once(reason: str) -> None:
                   stacklevel=5)
 
 
-def _leaf(learned_opt, layers, g, p, m):
-    """One leaf: (update, new momenta) as :meth:`MLPLOpt.leaf_updates` computes them."""
+def pack_bf16_pairs(w: jax.Array) -> jax.Array:
+    """A middle layer's [H, H] weights as the kernel's bf16 operand: [H / 2, H] uint32 words
+    holding bf16(w[2q, c]) in the low and bf16(w[2q + 1, c]) in the high 16 bits (XLA's
+    float32 -> bfloat16 conversion rounds to nearest even)."""
+    h = w.shape[-2]
+    w = jnp.asarray(w, jnp.float32)
+    pairs = jnp.swapaxes(w.reshape(*w.shape[:-2], h // 2, 2, w.shape[-1]), -1, -2)
+    return jax.lax.bitcast_convert_type(pairs.astype(jnp.bfloat16), jnp.uint32)
+
+
+def _bf16_operands(learned_opt, layers) -> list:
+    """The packed middle layers when ``bf16_hidden`` runs here, else none."""
+    if not (learned_opt.bf16_hidden and bf16_supported()):
+        return []
+    return [pack_bf16_pairs(layer["w"]) for layer in layers[1:-1]]
+
+
+def _leaf(learned_opt, layers, g, p, m, packed=None):
+    """One leaf: (update, new momenta) as :meth:`MLPLOpt.leaf_updates` computes them
+    (``packed``: :func:`_bf16_operands` of ``layers``, computed here when not given)."""
+    if packed is None:
+        packed = _bf16_operands(learned_opt, layers)
     num_dec = len(learned_opt.decays)
     decays = jnp.asarray(learned_opt.decays, jnp.float32)
     n, shape = int(np.size(g)), jnp.shape(g)
@@ -176,9 +197,8 @@ def _leaf(learned_opt, layers, g, p, m):
         # The new momenta overwrite the old in place (a block reads its own before writing them),
         # so the unroll's loop carry needs no copy of them.
         input_output_aliases={2: 1},
-    )(g32.reshape(n), p32.reshape(n), m32, *weights,
-      decays=np.asarray(learned_opt.decays, np.float32),
-      bf16_hidden=np.int32(learned_opt.bf16_hidden and bf16_supported()))
+    )(g32.reshape(n), p32.reshape(n), m32, *weights, *packed,
+      decays=np.asarray(learned_opt.decays, np.float32), bf16_hidden=np.int32(bool(packed)))
     step = out[:, 0] * jnp.exp(out[:, 1] * learned_opt.exp_mult) * learned_opt.step_mult
     return (-step).reshape(shape).astype(jnp.result_type(g)), m_out
 
@@ -186,13 +206,14 @@ def _leaf(learned_opt, layers, g, p, m):
 def forward(learned_opt, layers, grads, params, momenta) -> tuple[list, list]:
     """(updates, new momenta) per leaf, one kernel call per non-empty leaf."""
     steps, new_momenta = [], []
+    packed = _bf16_operands(learned_opt, layers)  # once for every leaf
     for g, p, m in zip(grads, params, momenta):
         if np.size(g) == 0:
             s, mn = learned_opt.leaf_updates(layers, [g], [p], [m])
             steps.append(s[0])
             new_momenta.append(mn[0])
         else:
-            s, mn = _leaf(learned_opt, layers, g, p, m)
+            s, mn = _leaf(learned_opt, layers, g, p, m, packed)
             steps.append(s)
             new_momenta.append(mn)
     return steps, new_momenta

@@ -59,24 +59,14 @@ struct Weights {  // one batch entry's MLP; w are [in, out] row-major
 // middle layer z_c = sum_i h_i W_ic becomes sum over pairs q of bf16(h_2q) bf16(W_2q,c) +
 // bf16(h_2q+1) bf16(W_2q+1,c), products exact and sums in float32 (AVX512-BF16's vdpbf16ps:
 // 32 multiply-adds per instruction against 16 for a float32 FMA); both operands rounded to
-// nearest even. Weights are packed once per call as 32-bit pairs [W_2q,c | W_2q+1,c << 16],
-// activations per block as 16-lane vectors of pairs [h_2q | h_2q+1 << 16].
-inline uint32_t Bf16Bits(float x) {  // round to nearest even (weights are finite)
-  uint32_t u;
-  std::memcpy(&u, &x, sizeof(u));
-  return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-}
-
-void PackBf16Pairs(const float* w, int64_t H, uint32_t* out) {  // w [H, H] -> out [H / 2, H]
-  for (int64_t q = 0; q < H / 2; ++q)
-    for (int64_t c = 0; c < H; ++c)
-      out[q * H + c] = Bf16Bits(w[2 * q * H + c]) | (Bf16Bits(w[(2 * q + 1) * H + c]) << 16);
-}
+// nearest even. The weights come packed (lopt/mlp_cpu.py, by XLA once per step for every leaf)
+// as 32-bit pairs [bf16(W_2q,c) | bf16(W_2q+1,c) << 16], [H / 2, H]; the activations are packed
+// per block as 16-lane vectors of pairs [h_2q | h_2q+1 << 16].
 
 #ifdef __AVX512BF16__
 constexpr bool kHaveBf16 = true;
 
-// h2 = relu(h W + b) with W packed by PackBf16Pairs.
+// h2 = relu(h W + b) with W packed as above.
 void MiddleLayerBf16(const vec* h, const uint32_t* wp, const float* b, int64_t H, vec* h2) {
   // Lane r of pair q: h_2q's lane r in the low half, h_2q+1's in the high half.
   __m512i interleave;
@@ -274,7 +264,7 @@ struct ParallelState {
 template <typename Fn>
 void ParallelFor(ffi::ThreadPool& pool, int64_t total, int64_t min_chunk, Fn fn) {
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  const int64_t chunk = std::max<int64_t>(min_chunk, total / (4 * threads) + 1);
+  const int64_t chunk = std::max<int64_t>(min_chunk, (total + 4 * threads - 1) / (4 * threads));
   const int64_t chunks = (total + chunk - 1) / chunk;
   if (threads <= 1 || chunks <= 1) { fn(0, total); return; }
   auto state = std::make_shared<ParallelState>();
@@ -303,8 +293,9 @@ int64_t Product(ffi::Span<const int64_t> dims, size_t upto) {
 }
 
 // Operands: g [..., n], p [..., n], m [..., n, D] (any shape of that size, D last: the leaf's),
-// then the layers' (w, b) pairs: w0 [..., 2 + D, H], b0 [..., H], middle [..., H, H], [..., H],
-// last [..., H, 2], [..., 2].
+// then the L layers' (w, b) pairs: w0 [..., 2 + D, H], b0 [..., H], middle [..., H, H], [..., H],
+// last [..., H, 2], [..., 2]; with bf16_hidden, then the L - 2 middle layers' packed bf16 pairs
+// [..., H / 2, H] (uint32).
 // Results: out [..., n, 2], new momenta shaped as m. lopt/mlp_cpu.py aliases the new momenta to
 // m's buffer: the scale pass only reads m and ends before the second pass starts; there Block
 // reads a block's momenta before it writes them, and blocks do not overlap.
@@ -312,14 +303,18 @@ ffi::Error Impl(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::Span<const f
                 int32_t bf16_hidden, ffi::Result<ffi::AnyBuffer> out,
                 ffi::Result<ffi::AnyBuffer> m_out) {
   const size_t num_args = args.size();
-  if (num_args < 7 || num_args % 2 == 0)
+  // 3 + 2 L operands, or 3 + 2 L + (L - 2) = 1 + 3 L with the packed middle layers.
+  const size_t num_layers = bf16_hidden ? (num_args - 1) / 3 : (num_args - 3) / 2;
+  if (num_args < 7 || num_layers < 2 ||
+      num_args != (bf16_hidden ? 1 + 3 * num_layers : 3 + 2 * num_layers))
     return ffi::Error::InvalidArgument("lopt mlp_update: operands");
+  const size_t num_float = 3 + 2 * num_layers;
   std::vector<ffi::AnyBuffer> a;
   for (size_t i = 0; i < num_args; ++i) {
     auto b = args.get<ffi::AnyBuffer>(i);
     if (b.has_error()) return b.error();
-    if (b->element_type() != ffi::DataType::F32)
-      return ffi::Error::InvalidArgument("lopt mlp_update: float32 operands only");
+    if (b->element_type() != (i < num_float ? ffi::DataType::F32 : ffi::DataType::U32))
+      return ffi::Error::InvalidArgument("lopt mlp_update: operand types");
     a.push_back(*b);
   }
   auto gd = a[0].dimensions();
@@ -329,7 +324,7 @@ ffi::Error Impl(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::Span<const f
     return ffi::Error::InvalidArgument("lopt mlp_update: unsupported shapes");
   const Problem pr(gd[batch_rank], static_cast<int64_t>(decays.size()), w0d[w0d.size() - 1],
                    decays.begin());
-  const int num_mid = static_cast<int>((num_args - 7) / 2);
+  const int num_mid = static_cast<int>(num_layers) - 2;
   if (pr.hidden % 16 || pr.hidden > kMaxHidden || 2 + pr.num_dec > kMaxFeatures ||
       w0d[w0d.size() - 2] != 2 + pr.num_dec || num_mid > 16)
     return ffi::Error::InvalidArgument("lopt mlp_update: unsupported shapes");
@@ -337,53 +332,63 @@ ffi::Error Impl(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::Span<const f
   const int64_t blocks = (n + kLanes - 1) / kLanes;
   const int64_t segments = (blocks + kSegmentBlocks - 1) / kSegmentBlocks;
   auto f = [&](size_t i) { return static_cast<const float*>(a[i].untyped_data()); };
+  auto packed = [&](int l) {
+    return static_cast<const uint32_t*>(a[num_float + l].untyped_data());
+  };
   float* o = static_cast<float*>(out->untyped_data());
   float* mo = static_cast<float*>(m_out->untyped_data());
 
-  // Pass 1: per (batch entry, segment) sums of squares, then the scales in segment order.
-  std::vector<double> sums(batch * segments * F);
-  ParallelFor(pool, batch * segments, /*min_chunk=*/2, [&](int64_t lo, int64_t hi) {
-    for (int64_t t = lo; t < hi; ++t) {
-      const int64_t e = t / segments, b0 = (t % segments) * kSegmentBlocks;
-      SegmentSquares(pr, f(0) + e * n, f(1) + e * n, f(2) + e * n * D, b0,
-                     std::min(blocks, b0 + kSegmentBlocks), &sums[t * F]);
-    }
-  });
+  if (bf16_hidden && !kHaveBf16)
+    return ffi::Error::InvalidArgument("lopt mlp_update: bf16_hidden needs AVX512-BF16");
+  std::vector<double> sums(batch * segments * F);  // per (batch entry, segment)
   std::vector<float> scales(batch * F);
-  for (int64_t e = 0; e < batch; ++e)
+  auto segment = [&](int64_t e, int64_t c) {  // pass 1, one segment
+    const int64_t b0 = c * kSegmentBlocks;
+    SegmentSquares(pr, f(0) + e * n, f(1) + e * n, f(2) + e * n * D, b0,
+                   std::min(blocks, b0 + kSegmentBlocks), &sums[(e * segments + c) * F]);
+  };
+  auto finish = [&](int64_t e) {  // the scales, adding the segments in order
     for (int64_t i = 0; i < F; ++i) {
       double t = 0;
       for (int64_t c = 0; c < segments; ++c) t += sums[(e * segments + c) * F + i];
       scales[e * F + i] = static_cast<float>(1.0 / std::sqrt(t / n + 1e-8));
     }
-
-  // The middle layers packed as bfloat16 pairs, once per call.
-  if (bf16_hidden && !kHaveBf16)
-    return ffi::Error::InvalidArgument("lopt mlp_update: bf16_hidden needs AVX512-BF16");
-  std::vector<uint32_t> packed(bf16_hidden ? batch * num_mid * H * H / 2 : 0);
-  for (int64_t e = 0; bf16_hidden && e < batch; ++e)
-    for (int l = 0; l < num_mid; ++l)
-      PackBf16Pairs(f(5 + 2 * l) + e * H * H, H, &packed[(e * num_mid + l) * H * H / 2]);
-
-  // Pass 2: the momenta, features and MLP, block by block.
-  ParallelFor(pool, batch * blocks, /*min_chunk=*/32, [&](int64_t lo, int64_t hi) {
+  };
+  auto block = [&](int64_t e, int64_t b) {  // pass 2, one block
     const float* wm[16];
     const float* bm[16];
     const uint32_t* wp[16];
-    for (int64_t t = lo; t < hi; ++t) {
-      const int64_t e = t / blocks, r0 = (t % blocks) * kLanes;
-      for (int l = 0; l < num_mid; ++l) {
-        wm[l] = f(5 + 2 * l) + e * H * H;
-        bm[l] = f(6 + 2 * l) + e * H;
-        if (bf16_hidden) wp[l] = &packed[(e * num_mid + l) * H * H / 2];
-      }
-      Weights w{f(3) + e * F * H, f(4) + e * H, num_mid, wm, bm,
-                f(num_args - 2) + e * H * 2, f(num_args - 1) + e * 2,
-                bf16_hidden ? wp : nullptr};
-      Block(pr, w, f(0) + e * n, f(1) + e * n, f(2) + e * n * D, &scales[e * F], r0,
-            o + e * n * 2, mo + e * n * D);
+    for (int l = 0; l < num_mid; ++l) {
+      wm[l] = f(5 + 2 * l) + e * H * H;
+      bm[l] = f(6 + 2 * l) + e * H;
+      if (bf16_hidden) wp[l] = packed(l) + e * H * H / 2;
     }
-  });
+    Weights w{f(3) + e * F * H, f(4) + e * H, num_mid, wm, bm,
+              f(num_float - 2) + e * H * 2, f(num_float - 1) + e * 2, bf16_hidden ? wp : nullptr};
+    Block(pr, w, f(0) + e * n, f(1) + e * n, f(2) + e * n * D, &scales[e * F], b * kLanes,
+          o + e * n * 2, mo + e * n * D);
+  };
+  constexpr int64_t kMinBlocks = 32;  // a chunk worth scheduling: ~10 us of pass 2
+  if (batch >= 2 * pool.num_threads()) {
+    // Many batch entries (vmapped particles): one parallel region, an entry's two passes in
+    // one task (the pool is synchronised once per call, and its leaf is still in cache).
+    ParallelFor(pool, batch, (kMinBlocks + blocks - 1) / blocks, [&](int64_t lo, int64_t hi) {
+      for (int64_t e = lo; e < hi; ++e) {
+        for (int64_t c = 0; c < segments; ++c) segment(e, c);
+        finish(e);
+        for (int64_t b = 0; b < blocks; ++b) block(e, b);
+      }
+    });
+  } else {
+    // Few entries (an exported optimizer's update): each pass split over the blocks.
+    ParallelFor(pool, batch * segments, /*min_chunk=*/16, [&](int64_t lo, int64_t hi) {
+      for (int64_t t = lo; t < hi; ++t) segment(t / segments, t % segments);
+    });
+    for (int64_t e = 0; e < batch; ++e) finish(e);
+    ParallelFor(pool, batch * blocks, kMinBlocks, [&](int64_t lo, int64_t hi) {
+      for (int64_t t = lo; t < hi; ++t) block(t / blocks, t % blocks);
+    });
+  }
   return ffi::Error::Success();
 }
 
