@@ -29,7 +29,10 @@ def get_config() -> ConfigDict:
              permute_classes=True)
     )
     # fused: an execution option (README, "Learned optimizers"); same numbers to float rounding.
-    c.lopt = ConfigDict(dict(name="mlp", hidden_size=32, hidden_layers=2, fused=False))
+    # bf16_hidden (with fused, on a CPU with AVX512-BF16): the middle layer's products in
+    # bfloat16, an approximation within a stated bound (lopt/mlp_cpu.py), off here.
+    c.lopt = ConfigDict(dict(name="mlp", hidden_size=32, hidden_layers=2, fused=False,
+                             bf16_hidden=False))
     c.estimator = ConfigDict(dict(name="pes", std=0.01))
     c.meta_optimizer = ConfigDict(dict(name="adam", learning_rate=3e-3, clip_grad_norm=3.0))
     c.unroll = ConfigDict(

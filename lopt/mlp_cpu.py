@@ -3,15 +3,16 @@
 the CPU (on a GPU the same option runs the Pallas kernel of ``lopt/mlp_fused.py``).
 
 What it computes is :meth:`lopt.mlp.MLPLOpt.leaf_updates` (Metz et al. 2019, App. D.1; see
-``lopt/mlp.py``), all of it but the last elementwise step in one call per leaf: a first pass
-sums the squares behind the per-tensor second-moment scales (float32 partial sums of at most
-16 terms, added in double in a fixed order), a second does the per-coordinate rest (momenta,
-features, every MLP layer) for 16 coordinates at a time with the hidden activations in
-registers and L1, and XLA takes the step -o_1 exp(o_2 exp_mult) step_mult from the kernel's
-two outputs. (The Pallas path computes the scales as XLA reductions outside its kernel; in W1
-those reductions and their glue were 8% of the fused update's time.) Under XLA the hidden
-layers are written to memory and read back, [coordinates, 32] floats each; W1
-(scripts/benchmark.py) spends about half its time there.
+``lopt/mlp.py``), all of it but the last elementwise step in one call for all leaves: a first
+pass sums the squares behind the per-tensor second-moment scales (float32 partial sums of at
+most 16 terms, added in double in a fixed order), a second does the per-coordinate rest
+(momenta, features, every MLP layer) for 16 coordinates at a time with the hidden activations
+in registers and L1, and XLA takes the step -o_1 exp(o_2 exp_mult) step_mult from the kernel's
+two outputs. With many vmapped particles a task is one particle's two passes over every leaf,
+so the thread pool is synchronised once per update. (The Pallas path computes the scales as XLA
+reductions outside its kernel; in W1 those reductions and their glue were 8% of the fused
+update's time.) Under XLA the hidden layers are written to memory and read back, [coordinates,
+32] floats each; W1 (scripts/benchmark.py) spends about half its time there.
 
 Building. The kernel is compiled on first use with the system C++ compiler (``$CXX``, else
 ``c++``) for this machine's CPU (``-march=native``) into ``$LOPT_CACHE_DIR`` (default
@@ -178,42 +179,50 @@ def _bf16_operands(learned_opt, layers) -> list:
     return [pack_bf16_pairs(layer["w"]) for layer in layers[1:-1]]
 
 
-def _leaf(learned_opt, layers, g, p, m, packed=None):
-    """One leaf: (update, new momenta) as :meth:`MLPLOpt.leaf_updates` computes them
-    (``packed``: :func:`_bf16_operands` of ``layers``, computed here when not given)."""
-    if packed is None:
-        packed = _bf16_operands(learned_opt, layers)
-    num_dec = len(learned_opt.decays)
-    decays = jnp.asarray(learned_opt.decays, jnp.float32)
-    n, shape = int(np.size(g)), jnp.shape(g)
-    g32 = jnp.asarray(g, jnp.float32)
-    p32 = jnp.asarray(p, jnp.float32)
-    m32 = jnp.asarray(m, jnp.float32)
+def _leaves(learned_opt, layers, grads, params, momenta) -> tuple[list, list]:
+    """Non-empty leaves: (updates, new momenta) as :meth:`MLPLOpt.leaf_updates` computes them,
+    all from one kernel call."""
+    num_dec, k = len(learned_opt.decays), len(grads)
+    sizes = [int(np.size(g)) for g in grads]
     weights = [jnp.asarray(x, jnp.float32) for layer in layers for x in (layer["w"], layer["b"])]
-    out, m_out = jax.ffi.ffi_call(
+    packed = _bf16_operands(learned_opt, layers)
+    results = jax.ffi.ffi_call(
         TARGET,
-        (jax.ShapeDtypeStruct((n, 2), jnp.float32), jax.ShapeDtypeStruct(shape + (num_dec,), jnp.float32)),
+        [jax.ShapeDtypeStruct((n, 2), jnp.float32) for n in sizes]
+        + [jax.ShapeDtypeStruct(jnp.shape(g) + (num_dec,), jnp.float32) for g in grads],
         vmap_method="broadcast_all",
         # The new momenta overwrite the old in place (a block reads its own before writing them),
         # so the unroll's loop carry needs no copy of them.
-        input_output_aliases={2: 1},
-    )(g32.reshape(n), p32.reshape(n), m32, *weights, *packed,
-      decays=np.asarray(learned_opt.decays, np.float32), bf16_hidden=np.int32(bool(packed)))
-    step = out[:, 0] * jnp.exp(out[:, 1] * learned_opt.exp_mult) * learned_opt.step_mult
-    return (-step).reshape(shape).astype(jnp.result_type(g)), m_out
+        input_output_aliases={2 * k + i: k + i for i in range(k)},
+    )(*[jnp.asarray(g, jnp.float32).reshape(n) for g, n in zip(grads, sizes)],
+      *[jnp.asarray(p, jnp.float32).reshape(n) for p, n in zip(params, sizes)],
+      *[jnp.asarray(m, jnp.float32) for m in momenta], *weights, *packed,
+      decays=np.asarray(learned_opt.decays, np.float32), num_leaves=np.int32(k),
+      bf16_hidden=np.int32(bool(packed)))
+    steps = []
+    for g, out in zip(grads, results[:k]):
+        step = out[:, 0] * jnp.exp(out[:, 1] * learned_opt.exp_mult) * learned_opt.step_mult
+        steps.append((-step).reshape(jnp.shape(g)).astype(jnp.result_type(g)))
+    return steps, list(results[k:])
+
+
+def _leaf(learned_opt, layers, g, p, m):
+    """One leaf: (update, new momenta)."""
+    steps, momenta = _leaves(learned_opt, layers, [g], [p], [m])
+    return steps[0], momenta[0]
 
 
 def forward(learned_opt, layers, grads, params, momenta) -> tuple[list, list]:
-    """(updates, new momenta) per leaf, one kernel call per non-empty leaf."""
-    steps, new_momenta = [], []
-    packed = _bf16_operands(learned_opt, layers)  # once for every leaf
-    for g, p, m in zip(grads, params, momenta):
+    """(updates, new momenta) per leaf: one kernel call for all non-empty leaves."""
+    full = [i for i, g in enumerate(grads) if np.size(g) > 0]
+    steps, new_momenta = list(grads), list(momenta)
+    for i, g in enumerate(grads):
         if np.size(g) == 0:
-            s, mn = learned_opt.leaf_updates(layers, [g], [p], [m])
-            steps.append(s[0])
-            new_momenta.append(mn[0])
-        else:
-            s, mn = _leaf(learned_opt, layers, g, p, m, packed)
-            steps.append(s)
-            new_momenta.append(mn)
+            s, mn = learned_opt.leaf_updates(layers, [g], [params[i]], [momenta[i]])
+            steps[i], new_momenta[i] = s[0], mn[0]
+    if full:
+        picked = ([x[i] for i in full] for x in (grads, params, momenta))
+        s, mn = _leaves(learned_opt, layers, *picked)
+        for i, si, mi in zip(full, s, mn):
+            steps[i], new_momenta[i] = si, mi
     return steps, new_momenta

@@ -1,7 +1,8 @@
 // The `mlp` learned optimizer's per-coordinate update on a CPU (Metz et al. 2019, App. D.1; see
-// lopt/mlp.py), as one XLA FFI call per leaf (lopt/mlp_cpu.py builds and registers it).
+// lopt/mlp.py), as one XLA FFI call per update for all leaves (lopt/mlp_cpu.py builds and
+// registers it).
 //
-// Per coordinate of a leaf of n coordinates:
+// Per coordinate of a leaf (a parameter tensor) of n coordinates:
 //   m_d <- decay_d m_d + (1 - decay_d) g                       (stored: new momenta)
 //   s_f  = 1 / sqrt(mean over the leaf of x_f^2 + 1e-8)        for x_f in g, p, m_1 .. m_D
 //   x    = [g s_0, p s_1, m_1 s_2, ..., m_D s_{D+1}]
@@ -30,6 +31,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <vector>
 
 #include <immintrin.h>
@@ -106,14 +108,14 @@ typedef int32_t ivec __attribute__((vector_size(kLanes * sizeof(int32_t))));
 // (16 j + e) % D. The momentum update runs on those vectors as stored; these are its
 // per-lane decays and the lane -> coordinate map that spreads g over them.
 struct Problem {
-  int64_t n, num_dec, hidden;
+  int64_t num_dec, hidden;
   const float* decays;
   ivec coord[kMaxFeatures - 2];
   vec decay[kMaxFeatures - 2], one_minus_decay[kMaxFeatures - 2];
   ivec stride;  // lane r: r * D, the offsets of a decay's momenta within a block
 
-  Problem(int64_t n_, int64_t num_dec_, int64_t hidden_, const float* decays_)
-      : n(n_), num_dec(num_dec_), hidden(hidden_), decays(decays_) {
+  Problem(int64_t num_dec_, int64_t hidden_, const float* decays_)
+      : num_dec(num_dec_), hidden(hidden_), decays(decays_) {
     for (int r = 0; r < kLanes; ++r) stride[r] = static_cast<int32_t>(r * num_dec);
     for (int64_t j = 0; j < num_dec; ++j)
       for (int e = 0; e < kLanes; ++e) {
@@ -125,15 +127,17 @@ struct Problem {
   }
 };
 
-// A block of up to 16 coordinates starting at r0 (k of them; zeros past the leaf's end): g, p
+// A block of up to 16 coordinates starting at r0 of a leaf of n (k of them; zeros past the
+// leaf's end): g, p
 // and the new momenta m_d <- decay_d m_d + (1 - decay_d) g, stored layout.
 struct BlockInputs {
   int k;
   vec g, p;
   vec m[kMaxFeatures - 2];
 
-  BlockInputs(const Problem& pr, const float* g_, const float* p_, const float* m_, int64_t r0)
-      : k(static_cast<int>(std::min<int64_t>(kLanes, pr.n - r0))) {
+  BlockInputs(const Problem& pr, int64_t n, const float* g_, const float* p_, const float* m_,
+              int64_t r0)
+      : k(static_cast<int>(std::min<int64_t>(kLanes, n - r0))) {
     const int64_t D = pr.num_dec;
     if (k == kLanes) {  // constant sizes: vector loads, no library calls
       std::memcpy(&g, g_ + r0, sizeof(vec));
@@ -169,12 +173,12 @@ struct BlockInputs {
 // (zero lanes past the leaf's end add nothing), f = g, p, m_1 .. m_D. Each lane sums its at
 // most kSegmentBlocks squares in float32 (within kSegmentBlocks eps of exact), the lanes are
 // added in double.
-void SegmentSquares(const Problem& pr, const float* g, const float* p, const float* m,
-                    int64_t b0, int64_t b1, double* sums) {
+void SegmentSquares(const Problem& pr, int64_t n, const float* g, const float* p,
+                    const float* m, int64_t b0, int64_t b1, double* sums) {
   const int64_t D = pr.num_dec;
   vec acc[kMaxFeatures] = {};  // g, p, then the stored momenta vectors
   for (int64_t b = b0; b < b1; ++b) {
-    const BlockInputs in(pr, g, p, m, b * kLanes);
+    const BlockInputs in(pr, n, g, p, m, b * kLanes);
     acc[0] += in.g * in.g;
     acc[1] += in.p * in.p;
     for (int64_t j = 0; j < D; ++j) acc[2 + j] += in.m[j] * in.m[j];
@@ -187,10 +191,10 @@ void SegmentSquares(const Problem& pr, const float* g, const float* p, const flo
 }
 
 // One block of up to 16 coordinates starting at r0 of one batch entry; s: its 2 + D scales.
-void Block(const Problem& pr, const Weights& w, const float* g, const float* p, const float* m,
-           const float* s, int64_t r0, float* out, float* m_out) {
+void Block(const Problem& pr, int64_t n, const Weights& w, const float* g, const float* p,
+           const float* m, const float* s, int64_t r0, float* out, float* m_out) {
   const int64_t D = pr.num_dec, H = pr.hidden, F = 2 + D;
-  const BlockInputs in(pr, g, p, m, r0);
+  const BlockInputs in(pr, n, g, p, m, r0);
   const int k = in.k;
   vec x[kMaxFeatures];
   x[0] = in.g * s[0];
@@ -292,101 +296,147 @@ int64_t Product(ffi::Span<const int64_t> dims, size_t upto) {
   return out;
 }
 
-// Operands: g [..., n], p [..., n], m [..., n, D] (any shape of that size, D last: the leaf's),
-// then the L layers' (w, b) pairs: w0 [..., 2 + D, H], b0 [..., H], middle [..., H, H], [..., H],
-// last [..., H, 2], [..., 2]; with bf16_hidden, then the L - 2 middle layers' packed bf16 pairs
-// [..., H / 2, H] (uint32).
-// Results: out [..., n, 2], new momenta shaped as m. lopt/mlp_cpu.py aliases the new momenta to
-// m's buffer: the scale pass only reads m and ends before the second pass starts; there Block
-// reads a block's momenta before it writes them, and blocks do not overlap.
-ffi::Error Impl(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::Span<const float> decays,
-                int32_t bf16_hidden, ffi::Result<ffi::AnyBuffer> out,
-                ffi::Result<ffi::AnyBuffer> m_out) {
-  const size_t num_args = args.size();
-  // 3 + 2 L operands, or 3 + 2 L + (L - 2) = 1 + 3 L with the packed middle layers.
-  const size_t num_layers = bf16_hidden ? (num_args - 1) / 3 : (num_args - 3) / 2;
-  if (num_args < 7 || num_layers < 2 ||
-      num_args != (bf16_hidden ? 1 + 3 * num_layers : 3 + 2 * num_layers))
-    return ffi::Error::InvalidArgument("lopt mlp_update: operands");
-  const size_t num_float = 3 + 2 * num_layers;
+// One leaf's operands and results for one batch entry's slice (pointers at entry 0).
+struct Leaf {
+  int64_t n, blocks, segments;
+  const float *g, *p, *m;
+  float *out, *m_out;
+};
+
+// Operands, for K leaves (attribute num_leaves): g_1..g_K [..., n_k], p_1..p_K [..., n_k],
+// m_1..m_K [..., n_k, D] (any shape of that size, D last: the leaf's), then the L layers'
+// (w, b) pairs: w0 [..., 2 + D, H], b0 [..., H], middle [..., H, H], [..., H], last [..., H, 2],
+// [..., 2]; with bf16_hidden, then the L - 2 middle layers' packed bf16 pairs [..., H / 2, H]
+// (uint32). The leading (vmap) axes are the same for all.
+// Results: out_1..out_K [..., n_k, 2], then the new momenta shaped as m_k. lopt/mlp_cpu.py
+// aliases each m_k's buffer to its new momenta: the scale pass only reads m_k and ends (for
+// that batch entry) before the second pass starts; there Block reads a block's momenta before
+// it writes them, and blocks do not overlap.
+ffi::Error Impl(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::RemainingRets rets,
+                ffi::Span<const float> decays, int32_t num_leaves, int32_t bf16_hidden) {
+  const size_t K = num_leaves > 0 ? num_leaves : 0, num_args = args.size();
+  auto bad = [](const char* what) {
+    return ffi::Error::InvalidArgument(std::string("lopt mlp_update: ") + what);
+  };
+  if (K == 0 || num_args < 3 * K + 4 || rets.size() != 2 * K) return bad("operands");
+  // 2 L weights, or 2 L + (L - 2) = 3 L - 2 with the packed middle layers.
+  const size_t rest = num_args - 3 * K;
+  const size_t num_layers = bf16_hidden ? (rest + 2) / 3 : rest / 2;
+  if (num_layers < 2 || rest != (bf16_hidden ? 3 * num_layers - 2 : 2 * num_layers))
+    return bad("operands");
+  const size_t num_float = 3 * K + 2 * num_layers;
   std::vector<ffi::AnyBuffer> a;
   for (size_t i = 0; i < num_args; ++i) {
     auto b = args.get<ffi::AnyBuffer>(i);
     if (b.has_error()) return b.error();
     if (b->element_type() != (i < num_float ? ffi::DataType::F32 : ffi::DataType::U32))
-      return ffi::Error::InvalidArgument("lopt mlp_update: operand types");
+      return bad("operand types");
     a.push_back(*b);
   }
-  auto gd = a[0].dimensions();
-  const size_t batch_rank = gd.size() - 1;
-  auto w0d = a[3].dimensions();
-  if (decays.size() + 2 > kMaxFeatures)
-    return ffi::Error::InvalidArgument("lopt mlp_update: unsupported shapes");
-  const Problem pr(gd[batch_rank], static_cast<int64_t>(decays.size()), w0d[w0d.size() - 1],
-                   decays.begin());
+  auto w0d = a[3 * K].dimensions();
+  if (decays.size() + 2 > kMaxFeatures) return bad("unsupported shapes");
+  const Problem pr(static_cast<int64_t>(decays.size()), w0d[w0d.size() - 1], decays.begin());
   const int num_mid = static_cast<int>(num_layers) - 2;
-  if (pr.hidden % 16 || pr.hidden > kMaxHidden || 2 + pr.num_dec > kMaxFeatures ||
-      w0d[w0d.size() - 2] != 2 + pr.num_dec || num_mid > 16)
-    return ffi::Error::InvalidArgument("lopt mlp_update: unsupported shapes");
-  const int64_t batch = Product(gd, batch_rank), n = pr.n, D = pr.num_dec, H = pr.hidden, F = 2 + D;
-  const int64_t blocks = (n + kLanes - 1) / kLanes;
-  const int64_t segments = (blocks + kSegmentBlocks - 1) / kSegmentBlocks;
+  if (pr.hidden % 16 || pr.hidden > kMaxHidden || w0d[w0d.size() - 2] != 2 + pr.num_dec ||
+      num_mid > 16)
+    return bad("unsupported shapes");
+  const int64_t D = pr.num_dec, H = pr.hidden, F = 2 + D;
   auto f = [&](size_t i) { return static_cast<const float*>(a[i].untyped_data()); };
+  auto W = [&](size_t i) { return f(3 * K + i); };  // the layers' (w, b), in order
   auto packed = [&](int l) {
     return static_cast<const uint32_t*>(a[num_float + l].untyped_data());
   };
-  float* o = static_cast<float*>(out->untyped_data());
-  float* mo = static_cast<float*>(m_out->untyped_data());
-
-  if (bf16_hidden && !kHaveBf16)
-    return ffi::Error::InvalidArgument("lopt mlp_update: bf16_hidden needs AVX512-BF16");
-  std::vector<double> sums(batch * segments * F);  // per (batch entry, segment)
-  std::vector<float> scales(batch * F);
-  auto segment = [&](int64_t e, int64_t c) {  // pass 1, one segment
-    const int64_t b0 = c * kSegmentBlocks;
-    SegmentSquares(pr, f(0) + e * n, f(1) + e * n, f(2) + e * n * D, b0,
-                   std::min(blocks, b0 + kSegmentBlocks), &sums[(e * segments + c) * F]);
+  const auto gd0 = a[0].dimensions();
+  const int64_t batch = Product(gd0, gd0.size() - 1);
+  std::vector<Leaf> leaves(K);
+  std::vector<int64_t> seg_start(K + 1, 0), block_start(K + 1, 0);  // prefix sums over leaves
+  for (size_t k = 0; k < K; ++k) {
+    auto gd = a[k].dimensions();
+    if (Product(gd, gd.size() - 1) != batch) return bad("leaves with different batch axes");
+    auto out = rets.get<ffi::AnyBuffer>(k);
+    auto m_out = rets.get<ffi::AnyBuffer>(K + k);
+    if (out.has_error()) return out.error();
+    if (m_out.has_error()) return m_out.error();
+    Leaf& leaf = leaves[k];
+    leaf.n = gd[gd.size() - 1];
+    leaf.blocks = (leaf.n + kLanes - 1) / kLanes;
+    leaf.segments = (leaf.blocks + kSegmentBlocks - 1) / kSegmentBlocks;
+    leaf.g = f(k);
+    leaf.p = f(K + k);
+    leaf.m = f(2 * K + k);
+    leaf.out = static_cast<float*>((*out)->untyped_data());
+    leaf.m_out = static_cast<float*>((*m_out)->untyped_data());
+    seg_start[k + 1] = seg_start[k] + leaf.segments;
+    block_start[k + 1] = block_start[k] + leaf.blocks;
+  }
+  const int64_t segments = seg_start[K], blocks = block_start[K];  // per batch entry
+  auto leaf_of = [](const std::vector<int64_t>& start, int64_t i) {  // the leaf holding item i
+    return static_cast<size_t>(std::upper_bound(start.begin(), start.end(), i) - start.begin() - 1);
   };
-  auto finish = [&](int64_t e) {  // the scales, adding the segments in order
+
+  if (bf16_hidden && !kHaveBf16) return bad("bf16_hidden needs AVX512-BF16");
+  std::vector<double> sums(batch * segments * F);  // per (batch entry, segment of any leaf)
+  std::vector<float> scales(batch * K * F);         // per (batch entry, leaf)
+  auto segment = [&](int64_t e, size_t k, int64_t c) {  // pass 1, one segment
+    const Leaf& l = leaves[k];
+    const int64_t b0 = c * kSegmentBlocks;
+    SegmentSquares(pr, l.n, l.g + e * l.n, l.p + e * l.n, l.m + e * l.n * D, b0,
+                   std::min(l.blocks, b0 + kSegmentBlocks),
+                   &sums[(e * segments + seg_start[k] + c) * F]);
+  };
+  auto finish = [&](int64_t e, size_t k) {  // a leaf's scales, adding its segments in order
     for (int64_t i = 0; i < F; ++i) {
       double t = 0;
-      for (int64_t c = 0; c < segments; ++c) t += sums[(e * segments + c) * F + i];
-      scales[e * F + i] = static_cast<float>(1.0 / std::sqrt(t / n + 1e-8));
+      for (int64_t c = seg_start[k]; c < seg_start[k + 1]; ++c)
+        t += sums[(e * segments + c) * F + i];
+      scales[(e * K + k) * F + i] = static_cast<float>(1.0 / std::sqrt(t / leaves[k].n + 1e-8));
     }
   };
-  auto block = [&](int64_t e, int64_t b) {  // pass 2, one block
+  auto block = [&](int64_t e, size_t k, int64_t b) {  // pass 2, one block
     const float* wm[16];
     const float* bm[16];
     const uint32_t* wp[16];
     for (int l = 0; l < num_mid; ++l) {
-      wm[l] = f(5 + 2 * l) + e * H * H;
-      bm[l] = f(6 + 2 * l) + e * H;
+      wm[l] = W(2 + 2 * l) + e * H * H;
+      bm[l] = W(3 + 2 * l) + e * H;
       if (bf16_hidden) wp[l] = packed(l) + e * H * H / 2;
     }
-    Weights w{f(3) + e * F * H, f(4) + e * H, num_mid, wm, bm,
-              f(num_float - 2) + e * H * 2, f(num_float - 1) + e * 2, bf16_hidden ? wp : nullptr};
-    Block(pr, w, f(0) + e * n, f(1) + e * n, f(2) + e * n * D, &scales[e * F], b * kLanes,
-          o + e * n * 2, mo + e * n * D);
+    const size_t last = 2 * num_layers - 2;
+    Weights w{W(0) + e * F * H, W(1) + e * H, num_mid, wm, bm,
+              W(last) + e * H * 2, W(last + 1) + e * 2, bf16_hidden ? wp : nullptr};
+    const Leaf& l = leaves[k];
+    Block(pr, l.n, w, l.g + e * l.n, l.p + e * l.n, l.m + e * l.n * D, &scales[(e * K + k) * F],
+          b * kLanes, l.out + e * l.n * 2, l.m_out + e * l.n * D);
   };
   constexpr int64_t kMinBlocks = 32;  // a chunk worth scheduling: ~10 us of pass 2
   if (batch >= 2 * pool.num_threads()) {
-    // Many batch entries (vmapped particles): one parallel region, an entry's two passes in
-    // one task (the pool is synchronised once per call, and its leaf is still in cache).
+    // Many batch entries (vmapped particles): one parallel region, each task an entry's two
+    // passes over every leaf (the pool is synchronised once per update).
     ParallelFor(pool, batch, (kMinBlocks + blocks - 1) / blocks, [&](int64_t lo, int64_t hi) {
-      for (int64_t e = lo; e < hi; ++e) {
-        for (int64_t c = 0; c < segments; ++c) segment(e, c);
-        finish(e);
-        for (int64_t b = 0; b < blocks; ++b) block(e, b);
-      }
+      for (int64_t e = lo; e < hi; ++e)
+        for (size_t k = 0; k < K; ++k) {
+          for (int64_t c = 0; c < leaves[k].segments; ++c) segment(e, k, c);
+          finish(e, k);
+          for (int64_t b = 0; b < leaves[k].blocks; ++b) block(e, k, b);
+        }
     });
   } else {
     // Few entries (an exported optimizer's update): each pass split over the blocks.
     ParallelFor(pool, batch * segments, /*min_chunk=*/16, [&](int64_t lo, int64_t hi) {
-      for (int64_t t = lo; t < hi; ++t) segment(t / segments, t % segments);
+      for (int64_t t = lo; t < hi; ++t) {
+        const int64_t e = t / segments, c = t % segments;
+        const size_t k = leaf_of(seg_start, c);
+        segment(e, k, c - seg_start[k]);
+      }
     });
-    for (int64_t e = 0; e < batch; ++e) finish(e);
+    for (int64_t e = 0; e < batch; ++e)
+      for (size_t k = 0; k < K; ++k) finish(e, k);
     ParallelFor(pool, batch * blocks, kMinBlocks, [&](int64_t lo, int64_t hi) {
-      for (int64_t t = lo; t < hi; ++t) block(t / blocks, t % blocks);
+      for (int64_t t = lo; t < hi; ++t) {
+        const int64_t e = t / blocks, b = t % blocks;
+        const size_t k = leaf_of(block_start, b);
+        block(e, k, b - block_start[k]);
+      }
     });
   }
   return ffi::Error::Success();
@@ -398,7 +448,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LoptMlpUpdate, Impl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .RemainingArgs()
+                                  .RemainingRets()
                                   .Attr<ffi::Span<const float>>("decays")
-                                  .Attr<int32_t>("bf16_hidden")
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>());
+                                  .Attr<int32_t>("num_leaves")
+                                  .Attr<int32_t>("bf16_hidden"));
