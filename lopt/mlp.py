@@ -72,8 +72,9 @@ class MLPLOpt:
     products in bfloat16 with float32 sums (AVX512-BF16; about 2x the multiply-add rate on the
     layer that holds most of the work), so the update differs from float32 by up to a bound of
     about 2^-8 of the layer's absolute terms, stated and tested in ``lopt/mlp_cpu.py``: an
-    approximation of the paper's float32 MLP, off by default. Where it cannot run (a CPU
-    without AVX512-BF16, a GPU) it warns once and computes float32.
+    approximation of the paper's float32 MLP, off by default; gradients through the update
+    (TBPTT, merged) are still the float32 update's, taken along the bf16 trajectory. Where it
+    cannot run (a CPU without AVX512-BF16, a GPU) it warns once and computes float32.
     """
 
     hidden_size: int = 32

@@ -243,6 +243,27 @@ def test_bf16_hidden_needs_the_fused_kernel_and_a_middle_layer():
             lopt.get("mlp", bf16_hidden=True, **kwargs)
 
 
+def test_bf16_hidden_where_it_cannot_run_warns_and_computes_float32(kernel, monkeypatch):
+    """A CPU without AVX512-BF16, or the Pallas kernel: bf16_hidden=True says so once and
+    computes the float32 fused update, exactly."""
+    lo32 = lopt.get("mlp", hidden_layers=2, fused=True)
+    lo16 = dataclasses.replace(lo32, bf16_hidden=True)
+    if kernel == "cpu":
+        monkeypatch.setattr(mlp_cpu, "bf16_supported", lambda: False)
+        match = "bf16_hidden=True: this CPU has no AVX512-BF16"
+    else:
+        match = "bf16_hidden=True: the bfloat16 middle layers are in the CPU kernel only"
+    mlp_cpu._warn_bf16_once.cache_clear()
+    meta_params, params = _meta_params(lo32), _params()
+    o16, o32 = lo16.optimizer(meta_params), lo32.optimizer(meta_params)
+    with pytest.warns(UserWarning, match=match):
+        u16, _ = o16.update(_grads(params, 0), o16.init(params), params)
+    u32, _ = o32.update(_grads(params, 0), o32.init(params), params)
+    for a, b in zip(jax.tree.leaves(u32), jax.tree.leaves(u16)):
+        np.testing.assert_array_equal(a, b)
+    mlp_cpu._warn_bf16_once.cache_clear()
+
+
 def _bf16_bound(learned_opt, layers, x, g_dim):
     """float64 reference updates of rows ``x`` (normalised features) through ``layers``, and the
     per-coordinate bound on the bf16_hidden kernel's error (lopt/mlp_cpu.py's docstring):
