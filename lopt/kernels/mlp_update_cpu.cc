@@ -34,7 +34,9 @@
 #include <string>
 #include <vector>
 
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
+#endif
 
 #include "xla/ffi/api/ffi.h"
 
@@ -49,6 +51,19 @@ constexpr int kMaxHidden = 256;
 constexpr int64_t kSegmentBlocks = 16;  // the scale pass's unit of work (256 coordinates)
 
 inline vec relu(vec x) { return x > 0 ? x : 0; }
+
+typedef int32_t ivec __attribute__((vector_size(kLanes * sizeof(int32_t))));
+
+// out[e] = x[idx[e]] (one vpermps with AVX-512; elsewhere, e.g. AVX2 or ARM, a loop).
+inline vec Permute(vec x, ivec idx) {
+#ifdef __AVX512F__
+  return (vec)_mm512_permutexvar_ps((__m512i)idx, (__m512)x);
+#else
+  vec out;
+  for (int e = 0; e < kLanes; ++e) out[e] = x[idx[e]];
+  return out;
+#endif
+}
 
 struct Weights {  // one batch entry's MLP; w are [in, out] row-major
   const float* w0; const float* b0;
@@ -101,8 +116,6 @@ constexpr bool kHaveBf16 = false;
 void MiddleLayerBf16(const vec*, const uint32_t*, const float*, int64_t, vec*) {}
 #endif
 
-typedef int32_t ivec __attribute__((vector_size(kLanes * sizeof(int32_t))));
-
 // The momenta are stored [coordinate, decay]: a block's 16 coordinates are D contiguous
 // vectors, lane e of vector j holding coordinate (16 j + e) / D's momentum for decay
 // (16 j + e) % D. The momentum update runs on those vectors as stored; these are its
@@ -152,12 +165,19 @@ struct BlockInputs {
       std::memcpy(m, m_ + r0 * D, sizeof(float) * k * D);
     }
     for (int64_t j = 0; j < D; ++j)
-      m[j] = pr.decay[j] * m[j] + pr.one_minus_decay[j] * __builtin_shuffle(g, pr.coord[j]);
+      m[j] = pr.decay[j] * m[j] + pr.one_minus_decay[j] * Permute(g, pr.coord[j]);
   }
 
   // Momentum d of the block's 16 coordinates as one vector (a gather from the stored layout).
   vec Momentum(const Problem& pr, int64_t d) const {
-    return (vec)_mm512_i32gather_ps((__m512i)pr.stride, reinterpret_cast<const float*>(m) + d, 4);
+    const float* flat = reinterpret_cast<const float*>(m) + d;
+#ifdef __AVX512F__
+    return (vec)_mm512_i32gather_ps((__m512i)pr.stride, flat, 4);
+#else
+    vec md;
+    for (int r = 0; r < kLanes; ++r) md[r] = flat[pr.stride[r]];
+    return md;
+#endif
   }
 
   // The new momenta back in the stored layout.
