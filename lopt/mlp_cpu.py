@@ -28,8 +28,9 @@ even (unit roundoff u = 2^-9) and the exact products summed in float32 (``vdpbf1
 absolute terms, not of z_c itself (terms of opposite sign cancel in z_c, not in the bound); it
 reaches the outputs through the next layers' absolute weights (relu is 1-Lipschitz).
 tests/lopt/test_fused.py computes that bound per coordinate against a float64 reference and
-checks the kernel inside it. Needs AVX512-BF16 (``avx512_bf16`` in /proc/cpuinfo); without it
-the float32 kernel runs, with a warning.
+checks the kernel inside it. (``vdpbf16ps`` also reads and writes float32 denormals, below
+1.2e-38, as zero.) Needs AVX512-BF16 (``avx512_bf16`` in /proc/cpuinfo); without it the
+float32 kernel runs, with a warning.
 
 Supported: float32 leaves, ``hidden_layers >= 1`` with ``hidden_size`` a multiple of 16 (up to
 256; the paper's and W1's 32), up to 62 momenta; other shapes fall back the same way.
