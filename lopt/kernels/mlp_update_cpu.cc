@@ -85,12 +85,11 @@ constexpr bool kHaveBf16 = true;
 
 // h2 = relu(h W + b) with W packed as above.
 void MiddleLayerBf16(const vec* h, const uint32_t* wp, const float* b, int64_t H, vec* h2) {
-  // Lane r of pair q: h_2q's lane r in the low half, h_2q+1's in the high half.
-  __m512i interleave;
-  for (int r = 0; r < 16; ++r) {
-    reinterpret_cast<int16_t*>(&interleave)[2 * r] = static_cast<int16_t>(r);
-    reinterpret_cast<int16_t*>(&interleave)[2 * r + 1] = static_cast<int16_t>(16 + r);
-  }
+  // Lane r of pair q: h_2q's lane r in the low half, h_2q+1's in the high half (16-bit
+  // element 2r from element r of the converted pair, 2r + 1 from element 16 + r).
+  const __m512i interleave = _mm512_set_epi16(
+      31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+      23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
   __m512bh hp[kMaxHidden / 2];
   for (int64_t q = 0; q < H / 2; ++q) {
     const __m512bh halves = _mm512_cvtne2ps_pbh((__m512)h[2 * q + 1],
@@ -122,13 +121,12 @@ void MiddleLayerBf16(const vec*, const uint32_t*, const float*, int64_t, vec*) {
 // per-lane decays and the lane -> coordinate map that spreads g over them.
 struct Problem {
   int64_t num_dec, hidden;
-  const float* decays;
   ivec coord[kMaxFeatures - 2];
   vec decay[kMaxFeatures - 2], one_minus_decay[kMaxFeatures - 2];
   ivec stride;  // lane r: r * D, the offsets of a decay's momenta within a block
 
-  Problem(int64_t num_dec_, int64_t hidden_, const float* decays_)
-      : num_dec(num_dec_), hidden(hidden_), decays(decays_) {
+  Problem(int64_t num_dec_, int64_t hidden_, const float* decays)
+      : num_dec(num_dec_), hidden(hidden_) {
     for (int r = 0; r < kLanes; ++r) stride[r] = static_cast<int32_t>(r * num_dec);
     for (int64_t j = 0; j < num_dec; ++j)
       for (int e = 0; e < kLanes; ++e) {
@@ -141,8 +139,7 @@ struct Problem {
 };
 
 // A block of up to 16 coordinates starting at r0 of a leaf of n (k of them; zeros past the
-// leaf's end): g, p
-// and the new momenta m_d <- decay_d m_d + (1 - decay_d) g, stored layout.
+// leaf's end): g, p and the new momenta m_d <- decay_d m_d + (1 - decay_d) g, stored layout.
 struct BlockInputs {
   int k;
   vec g, p;
@@ -391,7 +388,7 @@ ffi::Error Impl(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::RemainingRet
   }
   const int64_t segments = seg_start[K], blocks = block_start[K];  // per batch entry
   auto leaf_of = [](const std::vector<int64_t>& start, int64_t i) {  // the leaf holding item i
-    return static_cast<size_t>(std::upper_bound(start.begin(), start.end(), i) - start.begin() - 1);
+    return static_cast<size_t>(std::upper_bound(start.begin(), start.end(), i) - start.begin()) - 1;
   };
 
   if (bf16_hidden && !kHaveBf16) return bad("bf16_hidden needs AVX512-BF16");

@@ -18,9 +18,9 @@ Tolerances (float32, eps = 2^-23 ~ 1.19e-7):
   allow ``2 * (H + n_in + 2) * eps`` of the largest update magnitude (9.8e-6 for H = 32, n_in =
   7). Measured: about 3e-7 of it (a few ulps). The C++ kernel sums the squares behind the
   per-tensor scales in float32 partial sums of at most 16 terms added in double, where XLA
-  rounds its own float32 reduction; over the
-  leaves here (up to 1000 coordinates) the measured worst differences went from 2.7e-7 and
-  3.3e-7 of the largest update (scales from XLA) to 3.6e-7 and 3.3e-7.
+  rounds its own float32 reduction; over the leaves here (up to 1000 coordinates) the measured
+  worst differences went from 2.7e-7 and 3.3e-7 of the largest update (scales from XLA) to
+  3.6e-7 and 3.3e-7.
 * ``bf16_hidden`` (CPU kernel only): not float32 rounding but bfloat16 products in the middle
   layers; its own test computes the bound of lopt/mlp_cpu.py per coordinate.
 
@@ -222,7 +222,7 @@ def test_cpu_kernel_scales_span_segments(kernel):
     """The CPU kernel sums a leaf's squares for its per-tensor scales in segments of 256
     coordinates, added in order: a leaf of 1000 (four segments, the last and its last block
     partial) whose segments differ in magnitude by up to 1e4 gives the unfused update, so no
-    segment is dropped, counted twice or mixed with another batch entry's."""
+    segment is dropped or counted twice (batch entries kept apart: the vmap test)."""
     if kernel != "cpu":
         pytest.skip("a property of the CPU kernel")
     ref_lo = lopt.get("mlp")
