@@ -22,6 +22,31 @@ FRESH = 0xF2E5  # fresh trajectories prepared for a truncation
 INNER_UPDATE = 0x313C  # the inner-update transformation's own draws (self-improving mixing)
 
 
+def is_typed(key: jax.Array) -> bool:
+    """Whether ``key`` is a typed key array (``jax.random.key``) rather than raw uint32 data
+    (``jax.random.PRNGKey``)."""
+    return jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+
+
+def raw(key: jax.Array) -> jax.Array:
+    """``key`` as raw uint32 key data (``jax.random.PRNGKey``'s form): a typed key of the
+    default Threefry implementation gives the same bits (``jax.random.key_data``), a raw key is
+    returned as it is. Public entry points that store a key in a train state call this, so
+    checkpoints hold one form whichever the caller passed."""
+    if not is_typed(key):
+        return key
+    impl = str(jax.random.key_impl(key))
+    if "threefry" not in impl:
+        raise ValueError(f"keys of the {impl} implementation are not supported; use "
+                         "jax.random.key(seed) or jax.random.PRNGKey(seed) (threefry2x32)")
+    return jax.random.key_data(key)
+
+
+def is_single(key: jax.Array) -> bool:
+    """Whether ``key`` is one key (a typed scalar or raw uint32[2]) rather than an array of keys."""
+    return key.ndim == (0 if is_typed(key) else 1)
+
+
 def global_indices(n_local: int, shard_axis: str | None) -> jax.Array:
     """Global indices of this shard's ``n_local`` particles (or pairs); call inside
     ``shard_map`` when ``shard_axis`` is set."""

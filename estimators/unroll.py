@@ -357,7 +357,7 @@ class Unroller:
         first-order approximation of Andrychowicz et al. 2016, Sec. 2.1). ``key`` is the step's
         key, or its keys already drawn (:func:`step_keys`)."""
         task = self.task_family
-        k_batch, k_meta, k_update = (step_keys(key) if key.ndim == 1 else key)[:3]
+        k_batch, k_meta, k_update = (step_keys(key) if keys_lib.is_single(key) else key)[:3]
         batch = task.batch(ps.spec, k_batch, "train")
         (loss, _), grads = jax.value_and_grad(task.loss, argnums=1, has_aux=True)(
             ps.spec, ps.params, batch

@@ -25,6 +25,7 @@ import optax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from estimators import keys as keys_lib
 from estimators.base import Estimator, at_stage
 from estimators.schedules import Schedule
 from estimators.unroll import Unroller
@@ -204,7 +205,9 @@ class MetaTrainer:
         return out
 
     def init(self, key: jax.Array) -> MetaTrainState:
-        return self._settled(self._init_fn(key, data_arrays(self.task_family)))
+        """A new train state from ``key`` (``jax.random.key`` or ``jax.random.PRNGKey``; the
+        state holds it as raw key data either way)."""
+        return self._settled(self._init_fn(keys_lib.raw(key), data_arrays(self.task_family)))
 
     @functools.cached_property
     def _init_fn(self):
