@@ -145,15 +145,20 @@ class BehaviourCloning:
 
     Both updates are computed from theta_n, so the fused step is theta_n + (1 - a_t) u_T +
     a_t u_LO; the teacher's and the learned optimizer's states both advance with every step's
-    gradient. "a_t: mixing coefficient (increases 0 -> 1)" over the outer steps t (``schedule``,
+    gradient. The fused trajectory is differentiated as it is: u_T = u_T(theta_n) depends on the
+    meta-params through theta_n (line 10), so a second-order estimator (TBPTT with
+    ``first_order=False``, merged's reparameterization half) carries d theta_{n+1} / d phi through
+    the teacher's step as well as the learned optimizer's. Only L_bc's target is a label
+    (``stop_gradient``): line 13 fits the learned optimizer to the teacher, not the teacher to
+    the learned optimizer. "a_t: mixing coefficient (increases 0 -> 1)" over the outer steps t (``schedule``,
     a :class:`Ramp` read at the run's ``outer_step``); at a_t = 0 and 1 the update is exactly
     the teacher's and the learned optimizer's.
 
     L^bc (the paper does not define it): L_bc = log(1 + ||u_LO - u_T||^2 / ||u_T||^2), with the
-    teacher's update u_T a label (``stop_gradient``). It is 0 when the learned optimizer agrees
-    with the teacher, equals the relative squared error ||u_LO - u_T||^2 / ||u_T||^2 to first
-    order, does not depend on the gradient's scale, and keeps a gradient however far apart the
-    two updates are: its derivative in the ratio r = ||u_LO|| / ||u_T|| decays like 2 / r, where
+    teacher's update u_T a label (``stop_gradient`` in L_bc only). It is 0 when the learned
+    optimizer agrees with the teacher, equals the relative squared error ||u_LO - u_T||^2 /
+    ||u_T||^2 to first order, does not depend on the gradient's scale, and keeps a gradient
+    however far apart the two updates are: its derivative in the ratio r = ||u_LO|| / ||u_T|| decays like 2 / r, where
     a clipped squared error had none once r > 1 + sqrt(2) (the clip at 2). It is not clipped.
 
     teacher: the teacher (default Adam, lr 1e-3), as ``lopt.teachers.spec`` reads it.
@@ -189,7 +194,6 @@ class BehaviourCloning:
         def update_fn(grads, state, params=None, *, outer_step, **extra):
             u_lo, inner = lo.update(grads, state.inner, params, outer_step=outer_step, **extra)
             u_t, teacher_state = teacher.update(grads, state.teacher, params)
-            u_t = jax.lax.stop_gradient(u_t)
             alpha = self.alpha(outer_step)
             fused = jax.tree.map(
                 lambda t, l: jnp.where(
@@ -198,8 +202,9 @@ class BehaviourCloning:
                 u_t,
                 u_lo,
             )
-            ratio = sq_norm(jax.tree.map(lambda l, t: l - t, _f32(u_lo), _f32(u_t))) / jnp.maximum(
-                sq_norm(u_t), 1e-30
+            label = jax.lax.stop_gradient(u_t)  # L_bc's target: the teacher's update, a label
+            ratio = sq_norm(jax.tree.map(lambda l, t: l - t, _f32(u_lo), _f32(label))) / jnp.maximum(
+                sq_norm(label), 1e-30
             )
             return fused, BehaviourCloningState(inner, teacher_state, jnp.log1p(ratio), alpha)
 
