@@ -15,18 +15,48 @@ for Learning to Optimize", NeurIPS 2020, Sec. 4.1 and Algorithm 2:
         Update phi with respect to L_f(phi) = sum_{t=1}^{Ntrain} w_t f(theta_t; phi);
 
 with eq. (1), "the weighted square error between the label updates (dtheta^O_t) given by O and
-the updates given by the current learned optimizer phi as dtheta^phi_t = phi(g_t)". Here an
-imitation episode trains fresh task instances with the teacher for T = N_train steps (the
-trajectory length: ``episode_length``), feeds the learned optimizer the teacher trajectory's
-gradients and params (its own state advancing along that trajectory: off-policy), and
-differentiates L_O by autodiff; otherwise the wrapped estimator takes its normal meta-loss step.
-One ``lax.switch`` inside the one compiled outer step chooses; r lives in the state, so the host
-sets it per curriculum stage (:meth:`Imitation.at_stage`) without recompiling.
+the updates given by the current learned optimizer phi as dtheta^phi_t = phi(g_t)".
 
-Our choices where the paper is silent: w_t = 1/T (``weights="uniform"``; ``"linear"`` weighs
-later steps more); the squared error is summed over all coordinates and, with
-``normalize="teacher"``, divided by sum_t w_t ||dtheta^O_t||^2 (scale-free across teachers and
-tasks; ``"none"`` keeps the paper's raw weighted sum).
+How this implementation reads it, with what Chen et al.'s released code does where the paper is
+silent (github.com/VITA-Group/L2O-Training-Techniques, ``L2O-DM & RNNProp``):
+
+* **One coin per trajectory.** Alg. 2's loop runs over trajectories ("Generate an optimization
+  trajectory"), and the code flips its coin once per epoch, an epoch being one N_train-step
+  trajectory (``train_dm.py``: ``if random.random() < mt_ratio`` at the top of each epoch).
+  Here an *epoch* is ``ceil(N_train / trunc_length)`` outer steps (:meth:`Imitation.epoch_steps`,
+  the same count the curriculum's periods use), and the coin is flipped at each epoch's first
+  outer step: with probability r the whole epoch is an imitation episode, else the wrapped
+  estimator takes its meta-loss steps. So imitation's share of trajectories is r at every
+  stage, whatever N_train.
+* **An episode is truncated, one meta-update per truncation** (the code's ``run_epoch`` over
+  ``num_unrolls`` unrolls of ``unroll_length`` steps, an optimizer step after each): at its first
+  outer step an episode starts fresh task instances (one per particle) and draws its teacher;
+  each outer step of the epoch advances them ``trunc_length`` teacher steps, the learned
+  optimizer's state advancing along the teacher's trajectory (off-policy: it sees the teacher's
+  gradients and parameters), and takes the gradient of that truncation's L_O. The learned
+  optimizer's state carried into a truncation is a constant (as TBPTT; the code assigns it to
+  variables between unrolls).
+* **eq. (1) as written**: L_O = sum_t w_t ||dtheta^O_t - dtheta^phi_t||^2 over the truncation's
+  steps and every coordinate, w_t = 1/T (``weights="uniform"``; ``"linear"`` weighs later
+  steps more). The code's loss is 0.5 sum_t mean_coordinates (...)^2: a constant factor, which
+  the imitation objective's own Adam state makes irrelevant (next point).
+  ``normalize="teacher"`` divides by sum_t w_t ||dtheta^O_t||^2 (our option, scale-free across
+  teachers; off by default).
+* **Its own meta-optimizer state.** The code minimises each imitation loss with its own
+  ``tf.train.AdamOptimizer`` (``meta_dm_train.py``, ``meta_minimize``: one per imitation task,
+  beside the meta-loss's). Imitation gradients can be ~1,000x the meta-loss's: one Adam state
+  for both would let imitation's second moments shrink every meta-loss step. The estimator
+  declares ``objectives = ("meta_loss", "imitation")`` and reports each step's in its metrics
+  (``objective``); the trainer keeps one meta-optimizer state per objective.
+* **r per curriculum stage** (``prob`` a tuple): the code's ``mt_ratios`` "0.0 0.1 0.3 0.3 ..."
+  (stage 0 never imitates). The teachers: the paper's Adam, SGD and Adagrad (Sec. 5.3), drawn
+  uniformly per episode; the code's default is Adam alone, at learning rate 0.01
+  (``data_generator.py``).
+
+Metrics: an imitation step logs ``imitation`` = 1, ``imitation_loss``, ``imitation_teacher`` and
+``inner_steps`` (the teacher steps it ran); the wrapped estimator's metrics are NaN there, and a
+meta-loss step's imitation metrics are NaN: the training loop's rows average each metric over
+the steps it applies to (``lopt.training.loop.window_row``).
 """
 
 from __future__ import annotations
@@ -38,42 +68,59 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from estimators.base import Estimator, at_stage as _at_stage, per_device
 from estimators import keys as keys_lib
-from estimators.unroll import Unroller, checkpointed_scan
+from estimators.base import Estimator, at_stage as _at_stage, per_device
+from estimators.unroll import Unroller, checkpointed_scan, tree_where
 from lopt import teachers as teachers_lib
 from lopt.base import MetaParams
 from lopt.wrappers import sq_norm, unwrap
 
+#: An imitation episode's metrics; NaN on meta-loss steps.
+IMITATION_METRICS = ("imitation_loss", "imitation_teacher")
+
+
+class Episode(NamedTuple):
+    """The particles' teacher trajectories of the current imitation episode (leading axis P)."""
+
+    spec: Any
+    params: Any
+    lo_state: Any  # the learned optimizer's state, advanced along the teacher's trajectory
+    teacher_states: tuple  # one state per teacher; the episode's teacher's advances
+
 
 class ImitationState(NamedTuple):
     base: Any  # the wrapped estimator's state
-    prob: jax.Array  # float32 scalar r: probability that an outer step is an imitation episode
+    prob: jax.Array  # float32 r: the probability that an epoch is an imitation episode
+    imitating: jax.Array  # bool: the current epoch is an imitation episode
+    teacher: jax.Array  # int32: the current episode's teacher
+    epoch_step: jax.Array  # int32: outer steps done in the current epoch
+    episode: Episode
 
 
 @dataclasses.dataclass(frozen=True)
 class Imitation:
-    """Wraps ``base``: with probability r an outer step is a Chen et al. 2020 Alg. 2 imitation
-    episode (module docstring).
+    """Wraps ``base``: with probability r an epoch of the run is a Chen et al. 2020 Alg. 2
+    imitation episode (module docstring).
 
     prob: r, a float, or one r per curriculum stage (the last value repeats for later stages);
       the training loop sets stage s's value when the stage starts (:meth:`at_stage`).
     teachers: drawn uniformly per episode (default Adam, SGD and Adagrad, Chen et al. Sec. 5.3;
       names or dicts, see ``lopt.teachers.spec``).
-    length: episode length T (a shape); default N_train, the horizon's length.
+    length: an episode's trajectory length T; default N_train, the horizon's length.
     normalize, weights: module docstring. checkpoint: backprop with O(sqrt(T)) memory.
-
-    In an imitation step the base estimator's state is untouched (its particles wait) and its
-    metrics read 0; ``imitation`` (1 or 0) and ``imitation_loss`` tell the two kinds apart.
     """
 
     base: Estimator
     prob: float | tuple[float, ...] = 0.5
     teachers: Any = teachers_lib.CHEN_TEACHERS
     length: int | None = None
-    normalize: str = "teacher"
+    normalize: str = "none"
     weights: str = "uniform"
     checkpoint: bool = True
+
+    #: The objectives whose gradients this estimator returns; each gets its own meta-optimizer
+    #: state (``metrics["objective"]`` says which a step's gradient belongs to).
+    objectives = ("meta_loss", "imitation")
 
     def __post_init__(self):
         object.__setattr__(self, "teachers", teachers_lib.specs(self.teachers))
@@ -85,9 +132,11 @@ class Imitation:
         if self.length is not None and int(self.length) < 1:
             raise ValueError(f"imitation.length must be >= 1, got {self.length}")
         if self.normalize not in ("teacher", "none"):
-            raise ValueError(f"imitation.normalize must be 'teacher' or 'none', got {self.normalize!r}")
+            raise ValueError(f"imitation.normalize must be 'none' or 'teacher', got {self.normalize!r}")
         if self.weights not in ("uniform", "linear"):
             raise ValueError(f"imitation.weights must be 'uniform' or 'linear', got {self.weights!r}")
+        if getattr(self.base, "objectives", ("meta_loss",)) != ("meta_loss",):
+            raise ValueError("imitation wraps an estimator of the meta-loss alone, not another wrapper")
 
     @property
     def per_stage(self) -> bool:
@@ -107,12 +156,42 @@ class Imitation:
         its stage, so episodes follow the curriculum."""
         return int(self.length or unroller.horizon.max_length)
 
+    def epoch_steps(self, unroller: Unroller) -> int:
+        """Outer steps of an epoch (one trajectory per particle): ceil(T / trunc_length)."""
+        return -(-self.episode_length(unroller) // unroller.trunc_length)
+
+    # -- state ----------------------------------------------------------------------------------
+
+    def fresh_episode(self, unroller: Unroller, key: jax.Array, meta_params: MetaParams) -> Episode:
+        """New task instances (one per particle, keyed by global index) at their initial
+        parameters, with fresh learned-optimizer and teacher states."""
+        task = unroller.task_family
+        opt = unwrap(unroller.learned_opt).optimizer(meta_params)
+        teachers = [teachers_lib.build(t) for t in self.teachers]
+
+        def one(k):
+            k_spec, k_init = jax.random.split(k)
+            spec = task.sample(k_spec)
+            params = task.init(spec, k_init)
+            return Episode(spec, params, opt.init(params), tuple(t.init(params) for t in teachers))
+
+        keys = keys_lib.particle_keys(key, unroller.num_particles, unroller.shard_axis)
+        return jax.lax.stop_gradient(jax.vmap(one)(keys))
+
     def init(self, unroller: Unroller, key: jax.Array, meta_params: MetaParams) -> ImitationState:
-        r = jnp.asarray(self.prob_at(0), jnp.float32)
-        return ImitationState(self.base.init(unroller, key, meta_params), r)
+        k_base, k_episode = jax.random.split(key)
+        return ImitationState(
+            base=self.base.init(unroller, k_base, meta_params),
+            prob=jnp.asarray(self.prob_at(0), jnp.float32),
+            imitating=jnp.zeros([], bool),
+            teacher=jnp.zeros([], jnp.int32),
+            epoch_step=jnp.zeros([], jnp.int32),
+            episode=self.fresh_episode(unroller, k_episode, meta_params),
+        )
 
     def partition(self, state: ImitationState) -> ImitationState:
-        return ImitationState(self.base.partition(state.base), False)
+        return ImitationState(self.base.partition(state.base), False, False, False, False,
+                              jax.tree.map(lambda _: True, state.episode))
 
     def at_stage(self, state: ImitationState, stage: int) -> ImitationState:
         """The state with stage ``stage``'s r (host side; the compiled step is reused, r being
@@ -120,62 +199,74 @@ class Imitation:
         r = jnp.asarray(self.prob_at(stage), jnp.float32)
         sharding = getattr(state.prob, "sharding", None)
         r = r if sharding is None else jax.device_put(r, sharding)
-        return ImitationState(_at_stage(self.base, state.base, stage), r)
+        return state._replace(base=_at_stage(self.base, state.base, stage), prob=r)
 
-    # -- the imitation loss -------------------------------------------------------------------
+    # -- one truncation of an episode -----------------------------------------------------------
 
-    def episode_loss(
-        self, unroller: Unroller, meta_params: MetaParams, key: jax.Array, teacher: Any
-    ) -> jax.Array:
-        """L_O of one task instance (eq. 1): the teacher trains it for T steps from a fresh
-        init; at each step the learned optimizer (its state advanced along the teacher's
-        trajectory) proposes an update for the same gradient and params."""
+    def truncation_loss(
+        self, unroller: Unroller, meta_params: MetaParams, episode: Episode, key: jax.Array,
+        teacher_index: int, first_step: jax.Array,
+    ) -> tuple[jax.Array, tuple[Episode, jax.Array, jax.Array]]:
+        """Mean L_O (eq. 1) over this device's particles for the episode's steps ``first_step``
+        ... ``first_step + trunc_length - 1`` (those past the episode's length are skipped) with
+        teacher ``teacher_index`` (a Python int), and (the advanced episode, sum_t w_t
+        ||dtheta^O_t||^2, steps run)."""
         task = unroller.task_family
-        teacher_opt = teachers_lib.build(teacher)
+        teacher = teachers_lib.build(self.teachers[teacher_index])
         opt = unwrap(unroller.learned_opt).optimizer(meta_params)
-        length = self.episode_length(unroller)
-        k_init, k_steps = jax.random.split(key)
-        spec = task.sample(jax.random.fold_in(k_init, 0))
-        params = jax.lax.stop_gradient(task.init(spec, jax.random.fold_in(k_init, 1)))
-        carry = unroller.vary((params, opt.init(params), teacher_opt.init(params)))
-
-        def body(carry, k):
-            params, lo_state, t_state = carry
-            batch = task.batch(spec, k, "train")
-            (loss, _), grads = jax.value_and_grad(task.loss, argnums=1, has_aux=True)(spec, params, batch)
-            t_updates, t_state = teacher_opt.update(grads, t_state, params)
-            lo_updates, lo_state = opt.update(grads, lo_state, params, loss=loss)
-            t_updates = jax.lax.stop_gradient(t_updates)
-            d = sq_norm(jax.tree.map(lambda a, b: jnp.asarray(a, jnp.float32) - b, lo_updates, t_updates))
-            params = jax.lax.stop_gradient(optax.apply_updates(params, t_updates))
-            return (params, lo_state, t_state), (d, sq_norm(t_updates))
-
-        keys = jax.random.split(k_steps, length)
-        if self.checkpoint:
-            _, (d, n) = checkpointed_scan(body, carry, keys, length)
-        else:
-            _, (d, n) = jax.lax.scan(body, carry, keys)
-        w = jnp.ones(length) if self.weights == "uniform" else jnp.arange(1, length + 1, dtype=jnp.float32)
-        w = w / w.sum()
-        loss = jnp.sum(w * d)
-        if self.normalize == "teacher":
-            loss = loss / jnp.maximum(jnp.sum(w * n), 1e-30)
-        return loss
-
-    def imitation_grad(
-        self, unroller: Unroller, meta_params: MetaParams, key: jax.Array, teacher_index: jax.Array
-    ) -> tuple[jax.Array, MetaParams]:
-        """(mean L_O over this device's particles, its gradient) with the teacher
-        ``teacher_index`` (a traced scalar: one ``lax.switch`` over the teachers)."""
+        trunc, total = unroller.trunc_length, self.episode_length(unroller)
+        ran = first_step + jnp.arange(trunc) < total  # [T]
         keys = keys_lib.particle_keys(key, unroller.num_particles, unroller.shard_axis)
 
-        def loss_fn(theta):
-            def run(spec):
-                return lambda th: jax.vmap(lambda k: self.episode_loss(unroller, th, k, spec))(keys).mean()
+        def one(ep: Episode, k: jax.Array):
+            def body(carry, xs):
+                params, lo_state, t_state = carry
+                k_step, run = xs
+                batch = task.batch(ep.spec, k_step, "train")
+                (loss, _), grads = jax.value_and_grad(task.loss, argnums=1, has_aux=True)(
+                    ep.spec, params, batch)
+                u_t, t_next = teacher.update(grads, t_state, params)
+                u_lo, lo_next = opt.update(grads, lo_state, params, loss=loss)
+                u_t = jax.lax.stop_gradient(u_t)  # the label: eq. (1)'s dtheta^O_t
+                d = sq_norm(jax.tree.map(lambda a, b: jnp.asarray(a, jnp.float32) - b, u_lo, u_t))
+                new = (jax.lax.stop_gradient(optax.apply_updates(params, u_t)), lo_next, t_next)
+                return tree_where(run, new, carry), (d, sq_norm(u_t))
 
-            return jax.lax.switch(teacher_index, [run(s) for s in self.teachers], theta)
+            t_state = ep.teacher_states[teacher_index]
+            carry = unroller.vary((ep.params, jax.lax.stop_gradient(ep.lo_state), t_state))
+            xs = (jax.random.split(k, trunc), ran)
+            scan = checkpointed_scan if self.checkpoint else lambda b, c, x, n: jax.lax.scan(b, c, x)
+            (params, lo_state, t_state), (d, n) = scan(body, carry, xs, trunc)
+            states = tuple(t_state if i == teacher_index else s for i, s in enumerate(ep.teacher_states))
+            return Episode(ep.spec, params, lo_state, states), d, n
 
-        return jax.value_and_grad(loss_fn)(per_device(unroller, meta_params))
+        episode, d, n = jax.vmap(one)(episode, keys)  # d, n: [P, T]
+        w = jnp.ones(trunc) if self.weights == "uniform" else jnp.arange(1, trunc + 1, dtype=jnp.float32)
+        w = jnp.where(ran, w, 0.0)
+        w = w / jnp.maximum(w.sum(), 1.0)
+        loss = (d * w).sum(-1)
+        teacher_sq = (n * w).sum(-1)
+        if self.normalize == "teacher":
+            loss = loss / jnp.maximum(jax.lax.stop_gradient(teacher_sq), 1e-30)
+        return loss.mean(), (jax.lax.stop_gradient(episode), teacher_sq.mean(), ran.sum())
+
+    def imitation_grad(
+        self, unroller: Unroller, meta_params: MetaParams, episode: Episode, key: jax.Array,
+        teacher: jax.Array, first_step: jax.Array,
+    ) -> tuple[jax.Array, MetaParams, Episode, jax.Array, jax.Array]:
+        """(mean L_O, its gradient, the advanced episode, teacher update size, steps run) of one
+        truncation, the teacher ``teacher`` a traced index (one ``lax.switch`` over them)."""
+
+        def branch(i):
+            def fn(theta, episode):
+                grad_fn = jax.value_and_grad(self.truncation_loss, argnums=1, has_aux=True)
+                (loss, aux), grad = grad_fn(unroller, theta, episode, key, i, first_step)
+                return (loss, grad, *aux)
+
+            return fn
+
+        return jax.lax.switch(teacher, [branch(i) for i in range(len(self.teachers))],
+                              per_device(unroller, meta_params), episode)
 
     # -- the estimator ---------------------------------------------------------------------------
 
@@ -184,40 +275,42 @@ class Imitation:
         outer_step: jax.Array,
     ) -> tuple[MetaParams, ImitationState, dict]:
         k_coin, k_teacher, k_episode, k_base = jax.random.split(key, 4)
-        is_imitation = jax.random.uniform(k_coin) < state.prob
-        teacher = jax.random.randint(k_teacher, (), 0, len(self.teachers))
-        length = self.episode_length(unroller)
-
-        traced = {}  # the normal branch's metric shapes, recorded when it is traced
+        new_epoch = state.epoch_step == 0
+        imitating = jnp.where(new_epoch, jax.random.uniform(k_coin) < state.prob, state.imitating)
+        teacher = jnp.where(new_epoch, jax.random.randint(k_teacher, (), 0, len(self.teachers)),
+                            state.teacher).astype(jnp.int32)
+        nan = jnp.full([], jnp.nan, jnp.float32)
+        traced = {}  # the meta-loss branch's metric shapes, recorded when it is traced
 
         def normal(_):
             grad, base, metrics = self.base.grad(unroller, meta_params, state.base, k_base, outer_step)
-            metrics = {**metrics, "imitation": jnp.zeros([], jnp.float32),
-                       "imitation_loss": jnp.zeros([], jnp.float32)}
-            grad, metrics = unroller.vary((grad, metrics))  # both branches: per-device values
+            metrics = {**metrics, **{k: nan for k in IMITATION_METRICS}}
             traced["metrics"] = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in metrics.items()}
-            return grad, base, metrics
+            return (base, *unroller.vary((grad, state.episode, metrics)))
 
         def imitate(_):
-            if "metrics" not in traced:  # lax.switch traces branches in order; just in case
+            if "metrics" not in traced:  # lax.cond traces its branches in order; just in case
                 jax.eval_shape(normal, None)
-            shapes = traced["metrics"]
-            loss, grad = self.imitation_grad(unroller, meta_params, k_episode, teacher)
-            metrics = {k: jnp.zeros(v.shape, v.dtype) for k, v in shapes.items()}
-            metrics.update(
-                imitation=jnp.ones([], jnp.float32),
-                imitation_loss=loss.astype(jnp.float32),
-            )
-            if "inner_steps" in shapes:
-                metrics["inner_steps"] = jnp.asarray(
-                    unroller.num_particles * length, shapes["inner_steps"].dtype)
-            grad, metrics = unroller.vary((grad, metrics))
-            return grad, state.base, metrics
+            k_fresh, k_steps = jax.random.split(k_episode)
+            fresh = self.fresh_episode(unroller, k_fresh, meta_params)
+            episode = tree_where(new_epoch, fresh, state.episode)
+            first = state.epoch_step * unroller.trunc_length
+            loss, grad, episode, _, n_ran = self.imitation_grad(
+                unroller, meta_params, episode, k_steps, teacher, first)
+            metrics = {k: jnp.full(v.shape, jnp.nan, v.dtype) if jnp.issubdtype(v.dtype, jnp.floating)
+                       else jnp.zeros(v.shape, v.dtype) for k, v in traced["metrics"].items()}
+            metrics.update(imitation_loss=loss.astype(jnp.float32),
+                           imitation_teacher=teacher.astype(jnp.float32))
+            if "inner_steps" in metrics:
+                metrics["inner_steps"] = (unroller.num_particles * n_ran).astype(metrics["inner_steps"].dtype)
+            return (state.base, *unroller.vary((grad, episode, metrics)))
 
-        branch = is_imitation.astype(jnp.int32)  # 0: meta-loss step, 1: imitation episode
-        grad, base, metrics = jax.lax.switch(branch, [normal, imitate], None)
-        metrics["imitation_teacher"] = jnp.where(is_imitation, teacher, -1).astype(jnp.float32)
-        return grad, ImitationState(base, state.prob), metrics
+        base, grad, episode, metrics = jax.lax.cond(imitating, imitate, normal, None)
+        metrics["imitation"] = imitating.astype(jnp.float32)
+        metrics["objective"] = imitating.astype(jnp.int32)
+        new = ImitationState(base, state.prob, imitating, teacher,
+                             (state.epoch_step + 1) % self.epoch_steps(unroller), episode)
+        return grad, new, metrics
 
 
-__all__ = ["Imitation", "ImitationState"]
+__all__ = ["Episode", "Imitation", "ImitationState"]

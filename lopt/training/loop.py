@@ -126,6 +126,11 @@ def window_row(window: list[dict]) -> dict:
     (``num_skipped``, ``consecutive_skipped``) the last step's, everything else the mean (a
     bool such as ``grad_finite`` becomes the share of steps where it held).
 
+    A metric that does not apply to a step is NaN there (an imitation episode's step has no
+    meta-loss, a meta-loss step no imitation loss): each metric is aggregated over the steps it
+    applies to, and a row whose window holds none of them leaves it out. So ``meta_loss`` is a
+    mean over meta-loss steps only, never diluted by another objective's steps.
+
     A row that showed only its own step's metrics would alias: with ``log_every`` a multiple of
     horizon / trunc_length (the quickstart: 10 and 200 / 20) every row lands at the same phase
     of the particles' trajectories, and its meta-loss is that phase's, not the run's."""
@@ -133,16 +138,18 @@ def window_row(window: list[dict]) -> dict:
 
     host = [distributed.to_host(m) for m in window]
     row = {}
-    for k in dict.fromkeys(k for m in host for k in m):  # steps of another kind may lack some
+    for k in dict.fromkeys(k for m in host for k in m):
         vals = np.stack([np.asarray(m[k], np.float64) for m in host if k in m])
-        if k in COUNT_METRICS:
-            v = vals.sum(0)
-        elif k in MAX_METRICS:
-            v = vals.max(0)
-        elif k in LAST_METRICS:
+        if np.isnan(vals).all():
+            continue
+        if k in LAST_METRICS:
             v = vals[-1]
+        elif k in COUNT_METRICS:
+            v = np.nansum(vals, 0)
+        elif k in MAX_METRICS:
+            v = np.nanmax(vals, 0)
         else:
-            v = vals.mean(0)
+            v = np.nanmean(vals, 0)
         row[k] = v
     return _to_python(row)
 
@@ -335,7 +342,8 @@ class Health(Hook):
         host = distributed.to_host({k: metrics[k] for k in ("consecutive_skipped", "clipped_share") if k in metrics})
         skipped_run = int(host["consecutive_skipped"])
         clipped = float(host.get("clipped_share", 0.0))
-        self.clipped_logs = self.clipped_logs + 1 if clipped >= 1.0 else 0
+        if not math.isnan(clipped):  # NaN: a step of another objective (imitation) has no clip
+            self.clipped_logs = self.clipped_logs + 1 if clipped >= 1.0 else 0
         o = self.options
         cause = None
         if skipped_run >= o.max_skipped:

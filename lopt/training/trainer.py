@@ -7,6 +7,12 @@ non-finite meta-gradient is never applied (the meta-params and the meta-optimize
 state stay as they were) and is counted (``num_skipped``; ``consecutive_skipped`` for the run's
 health check in ``lopt.training.loop``).
 
+An estimator with several objectives (``objectives``, e.g. imitation's ``("meta_loss",
+"imitation")``) gets one meta-optimizer state per objective (:func:`per_objective`): each step's
+gradient, reported as ``metrics["objective"]``, updates its own objective's state only, so an
+objective whose gradients are orders of magnitude larger cannot take over the other's Adam
+moments (DESIGN.md, "Each objective keeps its own meta-optimizer state").
+
 Particles are sharded over a 1-D mesh (one device: a mesh of one) with ``jax.shard_map``;
 each estimator declares which of its state leaves are per-particle (``Estimator.partition``),
 everything else is replicated. Meta-gradients are averaged with ``lax.pmean``.
@@ -40,6 +46,32 @@ MAX_METRICS = frozenset({"position_max"})
 #: apply_if_finite applies a non-finite update after this many in a row; never, here: the
 #: training loop stops a run whose meta-gradients keep failing (lopt.training.loop).
 _NEVER = 2**31 - 1
+
+
+def objectives(estimator: Estimator) -> tuple[str, ...]:
+    """The objectives whose gradients ``estimator`` returns (default: the meta-loss alone)."""
+    return tuple(getattr(estimator, "objectives", ("meta_loss",)))
+
+
+def per_objective(inner: optax.GradientTransformation, num: int) -> optax.GradientTransformationExtraArgs:
+    """``inner`` with one state per objective: ``update(..., objective=i)`` applies ``inner``
+    with objective i's state and leaves the others' as they are (a traced index: one
+    ``lax.switch``, so one compiled step serves every objective)."""
+
+    def init_fn(params):
+        return tuple(inner.init(params) for _ in range(num))
+
+    def update_fn(updates, state, params=None, *, objective, **extra):
+        def branch(i):
+            def fn(updates, state):
+                u, s_i = inner.update(updates, state[i], params)
+                return u, tuple(s_i if j == i else s for j, s in enumerate(state))
+
+            return fn
+
+        return jax.lax.switch(objective, [branch(i) for i in range(num)], updates, state)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 class MetaTrainState(NamedTuple):
@@ -154,7 +186,9 @@ class MetaTrainer:
 
     @functools.cached_property
     def _meta_opt(self) -> optax.GradientTransformation:
-        return optax.apply_if_finite(self.meta_optimizer, max_consecutive_errors=_NEVER)
+        num = len(objectives(self.estimator))
+        inner = self.meta_optimizer if num == 1 else per_objective(self.meta_optimizer, num)
+        return optax.apply_if_finite(inner, max_consecutive_errors=_NEVER)
 
     def _bound_unroller(self, arrays: Any) -> Unroller:
         """The unroller whose task family reads the dataset passed into jit as ``arrays``."""
@@ -249,6 +283,9 @@ class MetaTrainer:
             state.outer_step,
         )
         grad = jax.lax.pmean(grad, axis)  # every device holds the same number of particles
+        which = {}  # which objective's meta-optimizer state this gradient updates
+        if len(objectives(self.estimator)) > 1:
+            which["objective"] = metrics.pop("objective")
 
         def combine(name, value):
             if name in COUNT_METRICS:
@@ -259,10 +296,11 @@ class MetaTrainer:
 
         metrics = {k: combine(k, v) for k, v in metrics.items()}
         finite = _all_finite(grad)
-        updates, opt_state = self._meta_opt.update(grad, state.meta_opt_state, state.meta_params)
+        updates, opt_state = self._meta_opt.update(grad, state.meta_opt_state, state.meta_params, **which)
         safe_grad = jax.tree.map(lambda g: jnp.where(finite, g, 0.0), grad)
         metrics.update(
             grad_norm=optax.global_norm(safe_grad),
+            update_norm=optax.global_norm(updates),
             grad_finite=finite,
             num_skipped=opt_state.total_notfinite,
             consecutive_skipped=opt_state.notfinite_count,

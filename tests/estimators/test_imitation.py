@@ -3,6 +3,8 @@ composed with tbptt, pes and merged inside one compiled outer step."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,6 +23,7 @@ from lopt.hyper import HyperAdam
 from lopt.training import MetaTrainer
 from lopt.wrappers import BehaviourCloning, Ramp, SelfImproving
 from tests.estimators import test_behaviour_cloning as bc_tests
+from tests.estimators.toys import FixedQuadratic
 
 TASK = tasks.get("quadratic", dim=4, noise_std=0.1, condition_number=10.0)
 LOPT = lopt.get("mlp", hidden_size=4, hidden_layers=1)
@@ -35,28 +38,33 @@ IMITATION = Imitation(
     teachers=({"name": "adam", "learning_rate": 1e-2}, {"name": "sgd", "learning_rate": 0.1}),
     length=8,
 )
-IL_UNROLLER = Unroller(TASK, HYPER, 4, 8, schedules.constant(100))
-_il_grad = jax.jit(
-    lambda theta, teacher: IMITATION.imitation_grad(IL_UNROLLER, theta, jax.random.PRNGKey(3), teacher),
-    compiler_options=EXACT,
-)
+IL_UNROLLER = Unroller(TASK, HYPER, 4, 8, schedules.constant(100))  # one truncation: the episode
+
+
+@jax.jit
+def _il_grad(theta, teacher):
+    key = jax.random.PRNGKey(3)
+    episode = IMITATION.fresh_episode(IL_UNROLLER, key, theta)
+    loss, grad, _, teacher_sq, _ = IMITATION.imitation_grad(IL_UNROLLER, theta, episode, key, teacher, 0)
+    return loss, grad, teacher_sq
 
 
 def test_imitation_loss_is_zero_when_hyper_adam_equals_the_adam_teacher():
-    loss, grad = _il_grad(HyperAdam.meta_params_for(1e-2, 0.9, 0.999), 0)
+    loss, grad, _ = _il_grad(HyperAdam.meta_params_for(1e-2, 0.9, 0.999), 0)
     assert float(loss) < 1e-10  # float32 rounding only (hyper_adam mirrors optax's arithmetic)
     assert max(abs(float(g)) for g in jax.tree.leaves(grad)) < 1e-4
 
 
-def test_imitation_loss_and_its_autodiff_gradient_otherwise():
-    # Twice the teacher's learning rate: u_LO = 2 u_T, so the normalised loss is
-    # sum_t w_t |u_t|^2 (r - 1)^2 / sum_t w_t |u_t|^2 = (r - 1)^2 with r = lr / lr_T, and
-    # d loss / d log_lr = 2 (r - 1) r = 4.
-    loss, grad = _il_grad(HyperAdam.meta_params_for(2e-2, 0.9, 0.999), 0)
-    np.testing.assert_allclose(float(loss), 1.0, rtol=1e-4)
-    np.testing.assert_allclose(float(grad["log_lr"]), 4.0, rtol=1e-3)
-    loss_sgd, grad_sgd = _il_grad(HyperAdam.meta_params_for(1e-2, 0.9, 0.999), 1)  # other teacher
-    assert float(loss_sgd) > 1e-3 and all(np.isfinite(np.asarray(g)) for g in jax.tree.leaves(grad_sgd))
+def test_imitation_loss_is_eq_1_and_its_autodiff_gradient():
+    """eq. (1) as written: L_O = sum_t w_t ||u_LO - u_T||^2, w_t = 1/T. At twice the teacher's
+    learning rate u_LO = 2 u_T, so L_O = (r - 1)^2 S with r = lr / lr_T and S = sum_t w_t
+    ||u_T||^2, and d L_O / d log_lr = 2 (r - 1) r S = 4 S."""
+    loss, grad, teacher_sq = _il_grad(HyperAdam.meta_params_for(2e-2, 0.9, 0.999), 0)
+    assert float(teacher_sq) > 0
+    np.testing.assert_allclose(float(loss), float(teacher_sq), rtol=1e-4)
+    np.testing.assert_allclose(float(grad["log_lr"]), 4.0 * float(teacher_sq), rtol=1e-3)
+    loss_sgd, grad_sgd, _ = _il_grad(HyperAdam.meta_params_for(1e-2, 0.9, 0.999), 1)  # other teacher
+    assert float(loss_sgd) > 1e-10 and all(np.isfinite(np.asarray(g)) for g in jax.tree.leaves(grad_sgd))
 
 
 def test_teacher_specs_are_checked():
@@ -73,11 +81,88 @@ def test_teacher_specs_are_checked():
 
 def test_chen_defaults_and_episode_length():
     """Chen et al. 2020: teachers Adam, SGD and Adagrad (Sec. 5.3); an episode as long as a
-    trajectory, N_train (Alg. 2), so under the curriculum it follows the stage's length."""
+    trajectory, N_train (Alg. 2), so under the curriculum it follows the stage's length, run as
+    ceil(N_train / trunc_length) truncations; eq. (1)'s raw squared error by default."""
     il = Imitation(estimators.get("tbptt"))
     assert [t[0] for t in il.teachers] == ["adam", "sgd", "adagrad"]
-    assert il.episode_length(Unroller(TASK, LOPT, 2, 20, schedules.constant(160))) == 160
+    assert il.normalize == "none" and il.weights == "uniform"
+    unroller = Unroller(TASK, LOPT, 2, 20, schedules.constant(160))
+    assert il.episode_length(unroller) == 160 and il.epoch_steps(unroller) == 8
+    assert il.epoch_steps(Unroller(TASK, LOPT, 2, 20, schedules.constant(50))) == 3
     assert Imitation(estimators.get("tbptt"), length=8).episode_length(IL_UNROLLER) == 8
+    assert il.objectives == ("meta_loss", "imitation")
+
+
+# An imitation wrapper inside a trainer: episodes of 5 steps in truncations of 2 (3 outer steps,
+# the last one step long), teacher SGD, the learned optimizer hyper_adam, on a noise-free
+# quadratic (the teacher's trajectory has a closed form).
+EPISODE_TEACHER_LR = 0.1
+
+
+@functools.lru_cache(maxsize=None)
+def _il_trainer(prob: float = 0.5) -> MetaTrainer:
+    est = Imitation(estimators.get("tbptt"), prob=prob,
+                    teachers=({"name": "sgd", "learning_rate": EPISODE_TEACHER_LR},))
+    return MetaTrainer.create(
+        task_family=FixedQuadratic(), learned_opt=HYPER, estimator=est,
+        meta_optimizer=optax.adam(1e-2), num_particles=2, trunc_length=2,
+        horizon=schedules.constant(5))
+
+
+def test_the_coin_is_flipped_once_per_trajectory():
+    """Alg. 2 chooses per trajectory (the code: once per epoch): every outer step of an epoch
+    (ceil(5 / 2) = 3 here) is of one kind, and imitation's share of epochs is r."""
+    trainer = _il_trainer()
+    state = trainer.init(jax.random.PRNGKey(0))
+    flags = []
+    for _ in range(3 * 120):
+        state, metrics = trainer.step(state)
+        flags.append(float(metrics["imitation"]))
+    epochs = np.asarray(flags).reshape(120, 3)
+    assert (epochs == epochs[:, :1]).all()  # one kind per epoch
+    n, share = len(epochs), epochs[:, 0].mean()
+    assert abs(share - 0.5) < 4 * np.sqrt(0.25 / n), share  # binomial, 4 standard errors
+
+
+def test_an_episode_follows_the_teachers_trajectory_across_truncations():
+    """An imitation epoch trains its instances with the teacher for all 5 steps over its 3
+    truncations (2 + 2 + 1 steps), each a meta-update of the imitation objective: the episode's
+    params are SGD's after 5 steps, the learned optimizer's state has seen the same 5 gradients
+    (its first moment is their EMA), the next epoch starts from fresh instances, and only the
+    imitation objective's meta-optimizer state moved."""
+    trainer = _il_trainer(prob=1.0)
+    state = trainer.init(jax.random.PRNGKey(0))
+    meta_state0 = jax.device_get(state.meta_opt_state.inner_state)
+    b1s = []  # hyper_adam's b1 during each truncation (2, 2, 1 steps): each is a meta-update
+    for steps in (2, 2, 1):
+        b1s += [1.0 - np.exp(float(jax.device_get(state.meta_params)["log_one_minus_b1"]))] * steps
+        state, metrics = trainer.step(state)
+        assert float(metrics["imitation"]) == 1.0 and float(metrics["imitation_loss"]) > 0
+        assert np.isnan(float(metrics["meta_loss"]))  # not a meta-loss step
+    episode = jax.device_get(state.estimator_state.episode)
+    quad = FixedQuadratic()
+    h, c = np.asarray(quad.h), np.asarray(quad.c)
+    x, grads = np.asarray(quad.x0, np.float64), []
+    for _ in range(5):
+        g = h * (x - c) / h.size
+        grads.append(g)
+        x = x - EPISODE_TEACHER_LR * g
+    for p in range(2):
+        np.testing.assert_allclose(episode.params["x"][p], x, rtol=1e-5)
+    mu = np.zeros(3)
+    for g, b1 in zip(grads, b1s):
+        mu = b1 * mu + (1 - b1) * g
+    assert int(episode.lo_state.count[0]) == 5
+    np.testing.assert_allclose(episode.lo_state.mu["x"][0], mu, rtol=1e-4)
+    meta_state = jax.device_get(state.meta_opt_state.inner_state)
+    assert int(meta_state[0][0].count) == 0 and int(meta_state[1][0].count) == 3  # optax.adam's
+    for a, b in zip(jax.tree.leaves(meta_state[0]), jax.tree.leaves(meta_state0[0]), strict=True):
+        np.testing.assert_array_equal(a, b)  # the meta-loss objective's Adam state is untouched
+    assert any(not np.array_equal(a, b) for a, b in
+               zip(jax.tree.leaves(meta_state[1]), jax.tree.leaves(meta_state0[1])))
+    state, _ = trainer.step(state)  # the next epoch's first step: fresh instances
+    fresh = jax.device_get(state.estimator_state.episode)
+    assert not np.allclose(fresh.params["x"], episode.params["x"])
 
 
 # --- self-improving mixing -----------------------------------------------------------------------
@@ -169,8 +254,12 @@ def test_techniques_compose_with_every_estimator_in_one_compiled_step(name, mixi
             state = state._replace(estimator_state=est._replace(prob=jnp.asarray(prob, jnp.float32)))
         state, metrics = trainer.step(state)
         rows.append(jax.device_get(metrics))
-    for m in rows:
-        assert all(np.isfinite(v) for v in m.values()), m
+    for i, m in enumerate(rows):
+        # A metric that does not apply to a step's kind is NaN (the loop's rows skip it there).
+        assert not any(np.isinf(v) for v in m.values()), m
+        own = "imitation_loss" if imitation and i == 0 else "meta_loss"
+        other = "meta_loss" if own == "imitation_loss" else "imitation_loss"
+        assert np.isfinite(m[own]) and (other not in m or np.isnan(m[other])), m
         assert bool(m["grad_finite"])
     assert max(float(m["grad_norm"]) for m in rows[1:]) > 0
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.meta_params))

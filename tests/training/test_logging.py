@@ -89,3 +89,25 @@ def test_a_log_row_summarises_every_step_since_the_last_row(tmp_path):
         assert row["inner_steps"] == sum(int(m["inner_steps"]) for m in window)
         assert row["num_skipped"] == int(window[-1]["num_skipped"])
     assert rows[-1]["inner_steps_total"] == 6 * 2 * 2
+
+
+def test_a_metric_is_averaged_over_the_steps_it_applies_to():
+    """Imitation steps (Chen et al. 2020 Alg. 2) have no meta-loss and meta-loss steps no
+    imitation loss: each is NaN where it does not apply. A row's meta_loss is the mean over its
+    meta-loss steps only (averaging the other steps in as 0 would report a meta-loss that no
+    step had), counts still sum over every step, and a metric that applied at no step of the
+    window is left out of the row."""
+    from lopt.training.loop import window_row
+
+    nan = float("nan")
+    window = [
+        {"meta_loss": 2.0, "imitation_loss": nan, "inner_steps": 4, "position_max": 3.0, "imitation": 0.0},
+        {"meta_loss": nan, "imitation_loss": 9.0, "inner_steps": 4, "position_max": nan, "imitation": 1.0},
+        {"meta_loss": 1.0, "imitation_loss": nan, "inner_steps": 4, "position_max": 5.0, "imitation": 0.0},
+    ]
+    row = window_row(window)
+    assert row["meta_loss"] == pytest.approx(1.5)
+    assert row["imitation_loss"] == pytest.approx(9.0)
+    assert row["inner_steps"] == 12 and row["position_max"] == 5.0
+    assert row["imitation"] == pytest.approx(1 / 3)
+    assert "imitation_loss" not in window_row([window[0], window[2]])
