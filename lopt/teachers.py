@@ -56,6 +56,8 @@ def spec(teacher: Any) -> TeacherSpec:
     """``"adam"``, ``{"name": "adam", "learning_rate": 3e-4}`` or ``("adam", {...})`` as a hashable
     ``(name, options)`` pair, with the default learning rate filled in; bad names or options
     raise ``ConfigError`` now, not inside jit."""
+    if hasattr(teacher, "to_dict"):  # a config section (ml_collections.ConfigDict)
+        teacher = teacher.to_dict()
     if isinstance(teacher, str):
         name, options = teacher, {}
     elif isinstance(teacher, Mapping):

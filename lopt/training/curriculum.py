@@ -19,7 +19,10 @@ Meta-training goes through stages of training unroll length ``N_train`` (``stage
 indicates an optimization trajectory of N_train steps": here every particle runs one
 trajectory of N_train steps in ceil(N_train / trunc_length) outer steps, so a period is
 ``period * ceil(N_train / trunc_length)`` outer steps (:meth:`Curriculum.period_steps`) and
-later stages get longer periods in outer steps, the same number of trajectories. After each
+later stages get longer periods in outer steps, the same number of trajectories. With
+imitation (Alg. 2, ``estimators/imitation.py``) an epoch is either kind, a meta-loss trajectory
+or an imitation episode of the same length, and a period counts both, as Chen et al.'s code
+does (``train_dm.py`` validates every ``evaluation_period`` epochs of either kind). After each
 period the meta-params are validated at ``N_valid``, the *next* stage's length ("N_valid^i =
 N_train^(i+1)"; the last stage validates at its own), and the best are kept (phi). A stage runs
 at least ``N_period`` periods (``min_periods``) and then continues while its latest validation
