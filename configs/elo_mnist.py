@@ -3,7 +3,7 @@
     python scripts/prepare_data.py --dataset=mnist --source=../shared/data   # once
     python scripts/meta_train.py --config=configs/elo_mnist.py --workdir=runs/elo_mnist
 
-The ELO recipe of ``configs/elo.py`` (PES, replay buffer, behaviour cloning) on one-hidden-layer
+The ELO recipe of ``configs/elo.py`` (truncated ES, replay buffer, behaviour cloning) on one-hidden-layer
 ReLU MLPs (20 units, ``mlp_relu``) of MNIST downscaled to 14x14 (as Metz et al. 2019 App. F
 evaluate on 14x14 MNIST): 4,150 parameters per instance, a size a 2-core CPU meta-trains in
 minutes. Instances differ by their init and a relabelling of the classes.

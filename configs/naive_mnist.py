@@ -20,4 +20,5 @@ def get_config() -> ConfigDict:
     c.unroll.replay.enabled = False
     c.unroll.behaviour_cloning.enabled = False
     c.unroll.horizon.length = c.unroll.trunc_length
+    c.unroll.stagger = False  # every trajectory exactly one N-step segment (configs/naive.py)
     return c

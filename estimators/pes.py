@@ -14,11 +14,14 @@ restored by the reset policy) with eps_i alone, since that state owes nothing to
 perturbations. After the truncation xi_i is xi_i + eps_i if the pair kept its trajectory
 throughout, else eps_i (the sum of its newest trajectory).
 
-With ELO's replay buffer (``estimators.resets.ELOReplay``) every segment starts restored or
-fresh, so every segment's sum starts at zero and PES credits each segment with its own eps_i:
-a restored state was shaped by older meta-params, whose perturbations no pair holds any more.
-PES then reduces to truncated ES over the buffer's chains; its unbiasedness holds across the
-truncations of one trajectory, which ELO replaces by chains through the buffer.
+PES refuses a reset policy that starts every segment anew (``segment_reset``: ELO's replay
+buffer, ``estimators.resets.ELOReplay``). There every segment starts restored or fresh, so every
+pair's sum would restart at zero each truncation and the estimate would be exactly truncated ES
+(``es``: the same gradients up to float rounding on the same keys and states): a restored state
+was shaped by older meta-params whose perturbations no pair holds, and PES's unbiasedness holds
+across the truncations of one trajectory, which the buffer replaces by chains of segments. A
+config that names ``pes`` with ``unroll.replay`` would compute truncated ES under PES's name,
+so it is an error that says so.
 """
 
 from __future__ import annotations
@@ -42,6 +45,15 @@ from estimators.unroll import Unroller, UnrollState, unroll_metrics
 from lopt.base import MetaParams
 
 
+def check_persistent(unroller: Unroller) -> None:
+    """Raise if the reset policy starts every segment anew (module docstring)."""
+    if unroller.reset.segment_reset:
+        raise ValueError(
+            "pes with a replay buffer (unroll.replay) is truncated ES: every segment starts "
+            "restored or fresh, so the perturbation sums restart each truncation; use "
+            "estimator es, which computes the same gradients under its own name")
+
+
 class PESState(NamedTuple):
     unroll: UnrollState  # 2N interleaved particles: 2i positive, 2i + 1 negative
     accum: MetaParams  # [N, ...] perturbation sums xi_i
@@ -53,6 +65,7 @@ class PES(ESOptions):
     """Persistent ES; options ``std``, ``loss_diff_clip``, ``sign`` as in :class:`ESOptions`."""
 
     def init(self, unroller: Unroller, key: jax.Array, meta_params: MetaParams) -> PESState:
+        check_persistent(unroller)
         n = num_pairs(unroller, "pes")
         unroll = unroller.init(meta_params, key, pairs=True)
         accum = jax.tree.map(lambda x: jnp.zeros((n,) + jnp.shape(x), jnp.float32), meta_params)

@@ -102,9 +102,9 @@ class ELOReplay:
       so every device holds the same copy and a run gives the same draws on 1 or 8 devices.
       Antithetic partners (which restore the same slot) push once per pair: the positive
       member's state.
-    * Estimators see only which particles were restored (``ResetInfo``): PES starts each
-      restored segment's perturbation sum at zero, as it does a fresh one (the state was shaped
-      by older meta-params; the restored segment's own perturbation is all PES attributes).
+    * Estimators see only which particles were restored (``ResetInfo``). Every segment starts
+      restored or fresh, so nothing persists from one truncation to the next: PES refuses this
+      policy (it would compute truncated ES, ``estimators/pes.py``); use ``es``.
     """
 
     capacity: int = 256

@@ -28,8 +28,8 @@ def trainer(ndev: int | None, estimator: str = "pes") -> MetaTrainer:
     extra = {}
     fused = estimator.endswith("_fused")  # the mlp's fused CPU kernel (hidden width 16 for it)
     estimator = estimator.removesuffix("_fused")
-    if estimator == "pes_replay":  # ELO's one buffer for the run, replicated on every device
-        estimator, extra = "pes", dict(reset=ELOReplay(capacity=12, p_threshold=0.3))
+    if estimator == "es_replay":  # ELO's one buffer for the run, replicated on every device
+        estimator, extra = "es", dict(reset=ELOReplay(capacity=12, p_threshold=0.3))
     return MetaTrainer.create(
         task_family=tasks.get("digits_mlp", hidden_sizes=(8,), batch_size=16, permute_classes=True),
         learned_opt=lopt.get("mlp", hidden_size=16 if fused else 8, hidden_layers=1, fused=fused),

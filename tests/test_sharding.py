@@ -36,13 +36,13 @@ def _worker(*args: str, tmp_path) -> dict:
     # merged pools per-pair statistics across devices (psum), so it is checked on 8 devices,
     # where every device holds a single pair.
     # tbptt differentiates inside shard_map (a replicated input's gradient would be summed).
-    # pes_replay: ELO's buffer is one for the run, gathered from every device's particles.
-    # pes runs sharded in pes_replay (2, 4) and merged's ES half (8); pes itself on 8 and on all
-    # of 1, 2, 4, 8 with the slow tests. tbptt's differentiation inside shard_map is also
+    # es_replay: ELO's buffer is one for the run, gathered from every device's particles.
+    # The antithetic unroll runs sharded in es_replay (2, 4) and merged's ES half (8); pes
+    # itself on 8 and on all of 1, 2, 4, 8 with the slow tests. tbptt's differentiation inside shard_map is also
     # merged's reparameterization half, so it is slow too.
     [pytest.param("pes", "8", marks=pytest.mark.slow),
      pytest.param("pes", "1,2,4,8", marks=pytest.mark.slow), ("merged", "8"),
-     pytest.param("tbptt", "4", marks=pytest.mark.slow), ("pes_replay", "2,4"),
+     pytest.param("tbptt", "4", marks=pytest.mark.slow), ("es_replay", "2,4"),
      # The mlp's fused C++ CPU kernel splits its work over XLA's thread pool, which also runs
      # the devices' programs: a kernel that waited for its queued helpers hung here.
      ("pes_fused", "2")],

@@ -205,6 +205,7 @@ def check_particles(trainer: Any, num_devices: int) -> None:
     from estimators.base import ESOptions
     from estimators.full_es import FullES
     from estimators.merged import Merged
+    from estimators.pes import PES, check_persistent
 
     est = getattr(trainer.estimator, "base", trainer.estimator)  # inside imitation episodes
     name = type(est).__name__
@@ -226,6 +227,11 @@ def check_particles(trainer: Any, num_devices: int) -> None:
     if isinstance(est, Merged) and p < 4:
         raise ConfigError("config.unroll.num_particles: merged estimates per-element variances "
                           "from at least 2 antithetic pairs; use num_particles >= 4")
+    if isinstance(est, PES):
+        try:
+            check_persistent(trainer.unroller)
+        except ValueError as e:
+            raise ConfigError(f"config.estimator: {e}") from None
     if isinstance(est, FullES) and not isinstance(trainer.unroller.reset, FreshReset):
         raise ConfigError("config.unroll.replay: full_es runs complete fresh trajectories and "
                           "cannot restore from the buffer; disable replay or pick tbptt, es, pes, merged")

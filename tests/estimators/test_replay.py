@@ -1,7 +1,7 @@
 """ELO's replay buffer (ELO Algorithm 1; estimators/resets.py): one FIFO buffer of M states,
 the P_th and t > 0 gates, segments that continue a stored state from its own position (so
 positions grow over outer steps), one push per segment after 1..N-1 of its updates, the
-horizon cap, and PES starting every segment's perturbation sum at zero."""
+horizon cap, and PES refusing the buffer (with it, PES would be truncated ES)."""
 
 from __future__ import annotations
 
@@ -148,19 +148,27 @@ def test_the_horizon_caps_a_chain():
     assert max(out.position.max() for *_, out in history) == 5
 
 
-def test_pes_starts_every_segment_sum_at_zero():
-    """With the buffer every segment starts restored or fresh: PES credits it with its own
-    eps only, whatever the pair's previous sum was."""
+def test_pes_refuses_the_buffer_whose_segments_make_it_truncated_es():
+    """With the buffer every segment starts restored or fresh, so PES's perturbation sums would
+    restart every truncation: its estimate would be truncated ES's. Naming pes there is an error
+    that says so, in the estimator and, before anything is built, in a config."""
+    from ml_collections import ConfigDict
+
+    from lopt.training import config as config_lib
+    from tasks.registry import ConfigError
+
     unroller = Unroller(TASK, LOPT, 4, N, schedules.constant(50), stagger=False,
                         reset=ELOReplay(capacity=4, p_threshold=0.0))
-    pes = estimators.get("pes", std=0.1)
-    state = pes.init(unroller, jax.random.PRNGKey(1), THETA)
-    step = jax.jit(lambda s, k, t: pes.grad(unroller, THETA, s, k, t))
-    for t in range(3):
-        grad, new, metrics = step(state, jax.random.PRNGKey(10 + t), t)
-        scrambled = state._replace(accum=jax.tree.map(lambda x: x + 5.0, state.accum))
-        grad2, new2, _ = step(scrambled, jax.random.PRNGKey(10 + t), t)
-        for a, b in zip(jax.tree.leaves((grad, new.accum)), jax.tree.leaves((grad2, new2.accum))):
-            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-        assert float(metrics["restored_share"]) == (0.0 if t == 0 else 1.0)
-        state = new
+    with pytest.raises(ValueError, match="truncated ES"):
+        estimators.get("pes").init(unroller, jax.random.PRNGKey(1), THETA)
+    estimators.get("es").init(unroller, jax.random.PRNGKey(1), THETA)  # the honest name works
+    c = ConfigDict(dict(
+        seed=0, num_outer_steps=1, log_every=1, checkpoint_every=1,
+        task=dict(name="quadratic", dim=2), lopt=dict(name="hyper_adam"),
+        estimator=dict(name="pes"), meta_optimizer=dict(name="adam", learning_rate=1e-3),
+        unroll=dict(num_particles=2, trunc_length=2, horizon=dict(name="constant", length=4),
+                    replay=dict(capacity=4))))
+    with pytest.raises(ConfigError, match="config.estimator: pes with a replay buffer"):
+        config_lib.build(c)
+    c.estimator.name = "es"
+    config_lib.build(c)
