@@ -8,7 +8,6 @@ file into an ordinary optax transformation with one call (or, with the ``torch``
     opt = lopt.export.load_optimizer("out/mlp.safetensors")  # an optax transformation
 
 :func:`save` writes whatever path it is given; ``.safetensors`` is the conventional suffix.
-:func:`load` tells the two formats below apart by their first bytes, not by the file name.
 
 File format (version 2, written by :func:`save`): a safetensors file
 --------------------------------------------------------------------
@@ -85,27 +84,6 @@ included).
 
 Files are written atomically: to a temporary file in the target's directory, then
 ``os.replace``; parent directories are created.
-
-Format version 1 (``.lopt`` files written before safetensors): read, never written
---------------------------------------------------------------------------------------
-This module keeps a *reader* for version 1, so :func:`load`, :func:`load_optimizer` and
-:func:`read_metadata` accept those files unchanged (``lopt.torch.load`` too); there is no
-version-1 writer. To convert one: ``save(new_path, *load(old_path),
-metadata=read_metadata(old_path)["metadata"])``. Version 1 is, all integers little-endian:
-
-1. **Magic**: the 12 bytes ``b"LOPT-EXPORT\\n"`` (:data:`FORMAT1_MAGIC`).
-2. **Header length**: an unsigned 64-bit integer ``n`` (``struct`` format ``"<Q"``).
-3. **Header**: ``n`` bytes of UTF-8 JSON, an object with ``format_version`` (1),
-   ``architecture`` (``{"name", "config"}`` as above), ``meta_params``
-   (``{"encoding": "flax-msgpack-state-dict", "leaves": [{"path": [key, ...], "shape": [...],
-   "dtype": "float32"}, ...]}``), ``payload_bytes``, ``payload_sha256`` (hex SHA-256 of the
-   payload), ``created``, ``lopt_version``, ``library_versions`` and ``metadata``.
-4. **Payload**: exactly ``payload_bytes`` bytes,
-   ``flax.serialization.msgpack_serialize(flax.serialization.to_state_dict(meta_params))``.
-
-Its checks are those above with the magic for the framing and the payload's SHA-256 for the
-checksum; only the payload is checksummed there, so a hand-edited leaf shape in its header is
-reported as an :class:`ArchitectureMismatchError`.
 """
 
 from __future__ import annotations
@@ -133,9 +111,6 @@ from lopt.base import LearnedOptimizer, MetaParams, config_of
 
 FORMAT_VERSION = 2
 FORMAT_NAME = "lopt.export"
-#: The first bytes of a format-1 (pre-safetensors) export.
-FORMAT1_MAGIC = b"LOPT-EXPORT\n"
-FORMAT1_ENCODING = "flax-msgpack-state-dict"
 #: The ``__metadata__`` keys every format-2 export has.
 METADATA_KEYS = (
     "format",
@@ -149,9 +124,6 @@ METADATA_KEYS = (
     "metadata",
 )
 _LEN = struct.Struct("<Q")
-_FORMAT1_REQUIRED_KEYS = (
-    "format_version", "architecture", "meta_params", "payload_bytes", "payload_sha256"
-)
 # safetensors dtype codes -> (numpy name, bytes per element).
 _ST_DTYPES = {
     "BOOL": ("bool", 1), "U8": ("uint8", 1), "I8": ("int8", 1), "U16": ("uint16", 2),
@@ -162,7 +134,6 @@ _ST_DTYPES = {
 
 __all__ = [
     "FORMAT_VERSION",
-    "FORMAT1_MAGIC",
     "METADATA_KEYS",
     "ExportError",
     "CorruptExportError",
@@ -556,7 +527,8 @@ def _decode_metadata(meta: dict, path: str) -> dict:
 
 
 def _leaves_table(table: dict) -> list[dict]:
-    """The tensor table as format 1's ``meta_params.leaves``: path, shape, numpy dtype name."""
+    """The tensor table as :func:`read_metadata`'s ``meta_params.leaves``: path, shape, numpy
+    dtype name."""
     return [
         {
             "path": tname.split("/"),
@@ -568,14 +540,8 @@ def _leaves_table(table: dict) -> list[dict]:
 
 
 def _read_header(f, path: str) -> dict:
-    """The decoded header of either format (what :func:`read_metadata` returns), with the
-    private keys ``_table``/``_offset`` (format 2) or ``_offset`` (format 1)."""
-    head = f.read(len(FORMAT1_MAGIC))
-    if head == FORMAT1_MAGIC:
-        header, offset = _read_format1_header(f, path)
-        header["_offset"] = offset
-        return header
-    f.seek(0)
+    """The decoded header (what :func:`read_metadata` returns), with the private keys
+    ``_table`` and ``_offset``."""
     meta, table, offset = _read_safetensors_header(f, path)
     header = _decode_metadata(meta, path)
     _check_data_extent(table, os.fstat(f.fileno()).st_size - offset, path)
@@ -592,7 +558,7 @@ def read_metadata(path: str | os.PathLike) -> dict:
     """The export's header, decoded: ``format_version``, ``architecture`` (``{"name", "config"}``),
     ``meta_params`` (``{"leaves": [{"path", "shape", "dtype"}, ...]}``), ``created``,
     ``lopt_version``, ``library_versions``, ``metadata`` (the user's dict), and the checksum
-    (``tensors_sha256``; ``payload_sha256`` and ``payload_bytes`` in format 1).
+    (``tensors_sha256``).
 
     Reads only the header, not the arrays; the checksum is not verified.
     """
@@ -629,8 +595,8 @@ def _unflatten_like(template_state: Any, arrays: dict[tuple[str, ...], Any], pre
 def load(
     path: str | os.PathLike, learned_opt: LearnedOptimizer | None = None
 ) -> tuple[LearnedOptimizer, MetaParams]:
-    """Load ``(learned_opt, meta_params)`` from an export: a safetensors file written by
-    :func:`save`, or a format-1 ``.lopt`` file.
+    """Load ``(learned_opt, meta_params)`` from an export, a safetensors file written by
+    :func:`save`.
 
     With ``learned_opt=None`` the architecture is rebuilt from the file's name and config via
     ``lopt.get``. With ``learned_opt`` given, its name and config must equal the file's, else
@@ -642,10 +608,7 @@ def load(
         header = _read_header(f, path)
         f.seek(0)
         data = f.read()
-    if header["format_version"] == 1:
-        payload = _check_format1_payload(data[header["_offset"] :], header, path)
-    else:
-        arrays = _load_arrays_format2(data, header, path)
+    arrays = _load_arrays_format2(data, header, path)
 
     name = header["architecture"]["name"]
     config = header["architecture"]["config"]
@@ -653,11 +616,6 @@ def load(
     arch = _describe(learned_opt.name, _arch_config(learned_opt))
     template = _template(learned_opt)
     want = _specs(template)
-    if header["format_version"] == 1:
-        _check_leaves(
-            _format1_header_leaves(header, path), want, "the header's meta-params", arch, path
-        )
-        arrays = _decode_format1_payload(payload, path)
     _check_leaves(
         {p: _spec(v) for p, v in arrays.items()}, want, "the export's meta-params", arch, path
     )
@@ -677,90 +635,3 @@ def load_optimizer(path: str | os.PathLike) -> optax.GradientTransformationExtra
     """
     learned_opt, meta_params = load(path)
     return learned_opt.optimizer(meta_params)
-
-
-# --- reading: format 1 (the pre-safetensors .lopt container; read only) ------------------------
-
-
-def _read_format1_header(f, path: str) -> tuple[dict, int]:
-    """Header length and JSON header of a format-1 file whose magic ``f`` has just read; return
-    (header, payload offset)."""
-    raw_len = f.read(_LEN.size)
-    if len(raw_len) != _LEN.size:
-        raise _corrupt(path, "the file ends inside the header length")
-    (n,) = _LEN.unpack(raw_len)
-    size = os.fstat(f.fileno()).st_size
-    offset = len(FORMAT1_MAGIC) + _LEN.size
-    if n > size - offset:
-        raise _corrupt(path, f"the header claims {n} bytes but only {size - offset} follow")
-    raw = f.read(n)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise _corrupt(path, f"the header is not valid UTF-8 JSON ({e})") from None
-    if not isinstance(header, dict):
-        raise _corrupt(path, "the header is not a JSON object")
-    version = header.get("format_version")
-    if not isinstance(version, int) or isinstance(version, bool):
-        raise _corrupt(path, f"the header has no integer format_version (got {version!r})")
-    if version != 1:  # format 1's framing carries version 1 only; later versions are safetensors
-        if version > FORMAT_VERSION:
-            raise _unsupported(path, version, header.get("lopt_version"))
-        raise _corrupt(path, f"invalid format_version {version} for a {FORMAT1_MAGIC!r} file")
-    missing = [k for k in _FORMAT1_REQUIRED_KEYS if k not in header]
-    if missing:
-        raise _corrupt(path, f"the header lacks {', '.join(missing)}")
-    arch = header["architecture"]
-    if not (
-        isinstance(arch, dict)
-        and isinstance(arch.get("name"), str)
-        and isinstance(arch.get("config"), dict)
-    ):
-        raise _corrupt(path, "the header's architecture is not {name: str, config: dict}")
-    return header, offset + n
-
-
-def _check_format1_payload(payload: bytes, header: dict, path: str) -> bytes:
-    expected = header["payload_bytes"]
-    if len(payload) < expected:
-        raise _corrupt(path, f"the payload has {len(payload)} of its {expected} bytes")
-    if len(payload) > expected:
-        raise _corrupt(path, f"{len(payload) - expected} unexpected bytes follow the payload")
-    digest = hashlib.sha256(payload).hexdigest()
-    if digest != header["payload_sha256"]:
-        raise _corrupt(
-            path, f"payload sha256 {digest} differs from the header's {header['payload_sha256']}"
-        )
-    return payload
-
-
-def _format1_header_leaves(
-    header: dict, path: str
-) -> dict[tuple[str, ...], tuple[tuple[int, ...], str]]:
-    mp = header["meta_params"]
-    try:
-        if mp.get("encoding", FORMAT1_ENCODING) != FORMAT1_ENCODING:
-            raise _corrupt(path, f"unknown meta-param encoding {mp['encoding']!r}")
-        out = {}
-        for leaf in mp["leaves"]:
-            out[tuple(str(k) for k in leaf["path"])] = (
-                tuple(int(d) for d in leaf["shape"]),
-                np.dtype(leaf["dtype"]).name,
-            )
-        return out
-    except (AttributeError, KeyError, TypeError, ValueError) as e:
-        if isinstance(e, CorruptExportError):
-            raise
-        raise _corrupt(path, f"the header's meta_params table is malformed ({e!r})") from None
-
-
-def _decode_format1_payload(payload: bytes, path: str) -> dict[tuple[str, ...], np.ndarray]:
-    try:
-        state = flax.serialization.msgpack_restore(payload)
-    except Exception as e:
-        raise _corrupt(path, f"the payload does not decode ({e!r})") from None
-    arrays = _flatten(state)
-    for p, leaf in arrays.items():
-        if not isinstance(leaf, np.ndarray):
-            raise _corrupt(path, f"payload leaf '{_fmt_path(p)}' is not an array")
-    return arrays

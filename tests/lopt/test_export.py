@@ -1,5 +1,4 @@
-"""Tests for lopt.export: the safetensors learned-optimizer export (format 2) and the reader of
-the format-1 ``.lopt`` container."""
+"""Tests for lopt.export: the safetensors learned-optimizer export (format 2)."""
 
 from __future__ import annotations
 
@@ -21,9 +20,6 @@ from safetensors import safe_open
 import lopt
 from lopt import export
 from lopt.base import config_of
-
-FORMAT1_FIXTURE = os.path.join(os.path.dirname(__file__), "data", "mlp_format1.lopt")
-
 
 @pytest.fixture(scope="module")
 def tiny():
@@ -151,7 +147,7 @@ def test_file_is_plain_safetensors_with_documented_metadata(saved, tiny):
 
 
 def test_any_path_is_accepted(tmp_path, tiny):
-    # The training loop may still name its export optimizer.lopt: the content decides the format.
+    # save() writes whatever path it is given; the content, not the suffix, is the format.
     learned_opt, meta_params = tiny
     path = export.save(tmp_path / "optimizer.lopt", learned_opt, meta_params)
     assert safetensors.numpy.load_file(path).keys() == {"mlp/0/b", "mlp/0/w", "mlp/1/b", "mlp/1/w"}
@@ -332,82 +328,3 @@ def test_error_hierarchy():
     ):
         assert issubclass(cls, export.ExportError)
     assert issubclass(export.ExportError, ValueError)
-
-
-# --- format 1: .lopt files written before safetensors (read only) ------------------------------
-
-
-def _format1_fixture_value(name: str, shape: tuple[int, ...]) -> np.ndarray:
-    """The values the committed fixture holds. tests/lopt/data/mlp_format1.lopt was written by
-    the format-1 ``export.save`` (lopt before safetensors) as
-    ``save(path, lopt.get("mlp", hidden_size=4, hidden_layers=1), {"mlp": [{"w": v("mlp/0/w",
-    (18, 4)), "b": v("mlp/0/b", (4,))}, {"w": v("mlp/1/w", (4, 2)), "b": v("mlp/1/b", (2,))}]},
-    metadata={"outer_step": 12, "note": "format-1 fixture"})`` with ``v`` this function."""
-    n = int(np.prod(shape))
-    salt = sum(map(ord, name))
-    return (((np.arange(n) * 37 + salt) % 101 - 50) / 64.0).astype(np.float32).reshape(shape)
-
-
-def _split_format1(path):
-    """(header dict, payload bytes) of a format-1 file."""
-    data = path.read_bytes()
-    off = len(export.FORMAT1_MAGIC)
-    (n,) = struct.unpack("<Q", data[off : off + 8])
-    return json.loads(data[off + 8 : off + 8 + n]), data[off + 8 + n :]
-
-
-def _write_format1(path, header, payload):
-    """A minimal format-1 writer (magic, header length, JSON header, payload)."""
-    header_bytes = json.dumps(header).encode("utf-8")
-    path.write_bytes(
-        export.FORMAT1_MAGIC + struct.pack("<Q", len(header_bytes)) + header_bytes + payload
-    )
-
-
-@pytest.fixture
-def format1(tmp_path):
-    path = tmp_path / "old.lopt"
-    path.write_bytes(open(FORMAT1_FIXTURE, "rb").read())
-    return path
-
-
-def test_format1_file_still_loads(format1, tmp_path):
-    learned_opt, meta_params = export.load(format1)
-    assert learned_opt == lopt.get("mlp", hidden_size=4, hidden_layers=1)
-    for i, shape in enumerate([(18, 4), (4, 2)]):
-        layer = meta_params["mlp"][i]
-        np.testing.assert_array_equal(layer["w"], _format1_fixture_value(f"mlp/{i}/w", shape))
-        np.testing.assert_array_equal(layer["b"], _format1_fixture_value(f"mlp/{i}/b", shape[1:]))
-    header = export.read_metadata(format1)
-    assert header["format_version"] == 1
-    assert header["metadata"] == {"outer_step": 12, "note": "format-1 fixture"}
-    opt = export.load_optimizer(format1)
-    params = {"w": jnp.ones((3, 2))}
-    updates, _ = opt.update(params, opt.init(params), params)
-    assert np.all(np.isfinite(updates["w"])) and np.any(updates["w"] != 0)
-    # The documented conversion to format 2 keeps the arrays bit for bit and the metadata.
-    new = export.save(tmp_path / "new.safetensors", *export.load(format1),
-                      metadata=export.read_metadata(format1)["metadata"])
-    assert export.read_metadata(new)["format_version"] == 2
-    assert export.read_metadata(new)["metadata"] == header["metadata"]
-    _assert_trees_equal(export.load(new)[1], meta_params)
-
-
-def test_format1_errors(format1):
-    data = format1.read_bytes()
-    format1.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
-    with pytest.raises(export.CorruptExportError, match="payload sha256"):
-        export.load(format1)
-    format1.write_bytes(data[:-10])
-    with pytest.raises(export.CorruptExportError, match="truncated"):
-        export.load(format1)
-    header, payload = _split_format1(format1.__class__(FORMAT1_FIXTURE))
-    header["format_version"] = 3
-    _write_format1(format1, header, payload)
-    with pytest.raises(export.UnsupportedFormatError, match="format_version 3"):
-        export.read_metadata(format1)
-    header["format_version"] = 1
-    header["meta_params"]["leaves"][0]["shape"] = [3, 3]  # only the payload is checksummed
-    _write_format1(format1, header, payload)
-    with pytest.raises(export.ArchitectureMismatchError, match=r"\[3, 3\] in the export"):
-        export.load(format1)
