@@ -1,90 +1,10 @@
-"""Export a trained learned optimizer to a single file, and load it back (DESIGN.md, "lopt/").
+"""Save a trained learned optimizer to one file and load it back (DESIGN.md, "lopt/").
 
-A researcher saves the architecture *and* the meta-params in one file; an end user turns that
-file into an ordinary optax transformation with one call (or, with the ``torch`` extra, into a
-``torch.optim.Optimizer`` with ``lopt.torch.load``):
-
-    lopt.export.save("out/mlp.safetensors", learned_opt, meta_params, metadata={"outer_step": 5000})
-    opt = lopt.export.load_optimizer("out/mlp.safetensors")  # an optax transformation
-
-:func:`save` writes whatever path it is given; ``.safetensors`` is the conventional suffix.
-
-File format (version 2, written by :func:`save`): a safetensors file
---------------------------------------------------------------------
-The file is a plain safetensors file (the format of Hugging Face's ``safetensors`` library), so
-``safetensors.numpy.load_file(path)`` returns the meta-params as numpy arrays and
-``safetensors.safe_open(path, "np").metadata()`` the string table below, without JAX or lopt.
-The layout, for a reader without the library: an unsigned 64-bit little-endian integer ``N``;
-``N`` bytes of UTF-8 JSON (padded with spaces), an object mapping each tensor name to
-``{"dtype": "F32", "shape": [...], "data_offsets": [begin, end]}`` plus the string-to-string
-object ``"__metadata__"``; then the tensor data, each tensor's bytes (C order, little-endian) at
-``[begin, end)`` counted from the end of the JSON. The data is covered exactly, nothing follows.
-
-**Tensors**: one per meta-param leaf, named by its path of
-``flax.serialization.to_state_dict`` keys joined with ``/`` (list indices appear as ``0``,
-``1``, ...): ``mlp/0/w``, ``mlp/0/b``, ..., ``mlp/2/b``, and for ``adafac_mlp`` with
-``learnable_decays`` also ``decay_logits/momentum``, ``decay_logits/rms``,
-``decay_logits/factored``. Every tensor has the dtype of the architecture's ``init``
-(float32). Layer ``i`` of the per-parameter MLP is ``x @ mlp/i/w + mlp/i/b`` with ``w`` of shape
-(inputs, outputs), ReLU between layers; the module of each architecture (``lopt/mlp.py``,
-``lopt/adafac.py``) documents its input features and output.
-
-**``__metadata__``** (safetensors allows only string values; JSON where noted):
-
-====================  ===========================================================================
-key                   value
-====================  ===========================================================================
-``format``            ``"lopt.export"``: marks the file as a learned-optimizer export
-``format_version``    ``"2"``. Readers refuse versions newer than theirs.
-``architecture``      the registry name, e.g. ``"mlp"``, ``"adafac_mlp"``
-``config``            JSON object of the constructor options (:func:`lopt.base.config_of`, tuples
-                      as lists): ``lopt.get(architecture, **json.loads(config))`` rebuilds it.
-                      Execution options (``mlp``'s ``fused``) appear only when set to other
-                      than their default, and never count as an architecture difference
-``tensors_sha256``    hex SHA-256 of the canonical tensor bytes (below)
-``created``           UTC time of the export, ISO 8601 (``2024-05-01T12:00:00+00:00``)
-``lopt_version``      version of the installed ``lopt`` distribution, ``""`` if unknown
-``library_versions``  JSON object: jax, flax, optax, numpy, safetensors versions (informational)
-``metadata``          JSON of the user's dict (keys become strings, tuples lists; NaN/Infinity
-                      are written the way Python's ``json`` writes them)
-====================  ===========================================================================
-
-**Canonical tensor bytes** (what ``tensors_sha256`` digests; independent of where the writer put
-each tensor in the data section): for each tensor in ascending order of name (Python's
-``sorted``), the UTF-8 line ``json.dumps([name, dtype, shape], separators=(",", ":")) + "\\n"``
-(``dtype`` numpy's name, e.g. ``"float32"``; ``shape`` a list of ints), followed by the tensor's
-raw bytes, C order, little-endian. With only numpy and safetensors::
-
-    import hashlib, json
-    from safetensors import safe_open
-    from safetensors.numpy import load_file
-    h = hashlib.sha256()
-    for name, a in sorted(load_file(path).items()):
-        line = json.dumps([name, a.dtype.name, list(a.shape)], separators=(",", ":")) + "\\n"
-        h.update(line.encode())
-        h.update(a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes(order="C"))
-    assert h.hexdigest() == safe_open(path, "np").metadata()["tensors_sha256"]
-
-Because names, dtypes and shapes are digested with the data, a header whose tensors were
-renamed, swapped or reshaped fails the checksum like a flipped data byte.
-
-Loading checks, in order: the safetensors framing (header length, JSON header, every tensor's
-offsets inside the data, the data neither shorter nor longer than the tensors: a failure is a
-:class:`CorruptExportError` saying "corrupted or truncated"), ``format`` (a safetensors file
-that is not an export is a :class:`CorruptExportError`), ``format_version``
-(:class:`UnsupportedFormatError` when newer), the remaining metadata keys, the checksum
-(:class:`CorruptExportError`), the architecture (rebuilt from the registry, or compared with the
-one the caller passes: :class:`ArchitectureMismatchError`), then every tensor against the
-shapes and dtypes of the architecture's own ``init``: a missing, unexpected or differently
-shaped leaf is an :class:`ArchitectureMismatchError` naming the leaf, its shape in the export
-and its shape in the architecture. The metadata is not checksummed, so a ``config`` edited by
-hand is caught by that comparison. Arrays are restored into the architecture's template with
-``flax.serialization.from_state_dict``, so the round trip is bit-exact (NaN payloads and -0.0
-included).
-
-Files are written atomically: to a temporary file in the target's directory, then
-``os.replace``; parent directories are created.
-"""
+The file holds the architecture (registry name and config) and the meta-params, so
+``load_optimizer(path)`` alone gives an optax transformation (``lopt.torch.load`` a torch one).
+It is a plain safetensors file, readable without JAX or lopt, with a SHA-256 of its tensors;
+loading fails with one-line typed errors. The format and the loading checks, in order, for a
+reader in any language: docs/export-format.md."""
 
 from __future__ import annotations
 
@@ -267,9 +187,9 @@ def _lopt_version() -> str | None:
 
 
 def tensors_sha256(tensors: dict[str, np.ndarray]) -> str:
-    """Hex SHA-256 of the canonical bytes of named tensors (module docstring): per tensor in
-    sorted name order, ``[name, dtype, shape]`` as compact JSON and a newline, then its raw
-    little-endian C-order bytes."""
+    """Hex SHA-256 of the canonical bytes of named tensors (docs/export-format.md, section 4):
+    per tensor in sorted name order, ``[name, dtype, shape]`` as compact JSON and a newline,
+    then its raw little-endian C-order bytes."""
     h = hashlib.sha256()
     for name in sorted(tensors):
         a = np.asarray(tensors[name])
@@ -600,8 +520,8 @@ def load(
 
     With ``learned_opt=None`` the architecture is rebuilt from the file's name and config via
     ``lopt.get``. With ``learned_opt`` given, its name and config must equal the file's, else
-    :class:`ArchitectureMismatchError`; the given object is returned. See the module docstring
-    for the checks and the errors they raise.
+    :class:`ArchitectureMismatchError`; the given object is returned. The checks, in order, and
+    the errors they raise: docs/export-format.md, section 5.
     """
     path = os.fspath(path)
     with open(path, "rb") as f:

@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import struct
 from typing import ClassVar
 
@@ -122,7 +123,7 @@ def test_metadata_and_header(saved, tiny):
 
 def test_file_is_plain_safetensors_with_documented_metadata(saved, tiny):
     """What a non-JAX reader sees: numpy arrays under the meta-param paths and the documented
-    string metadata, whose checksum it can verify with the module docstring's recipe."""
+    string metadata, whose checksum it can verify with docs/export-format.md's recipe."""
     learned_opt, meta_params = tiny
     tensors = safetensors.numpy.load_file(str(saved))
     assert sorted(tensors) == ["mlp/0/b", "mlp/0/w", "mlp/1/b", "mlp/1/w"]
@@ -138,12 +139,35 @@ def test_file_is_plain_safetensors_with_documented_metadata(saved, tiny):
     assert lopt.get(meta["architecture"], **json.loads(meta["config"])) == learned_opt
     assert json.loads(meta["metadata"]) == {"outer_step": 7, "note": "tiny"}
     assert json.loads(meta["library_versions"])["jax"] == jax.__version__
-    h = hashlib.sha256()  # the recipe of the module docstring, written out independently
+    h = hashlib.sha256()  # the recipe of docs/export-format.md, written out independently
     for name, a in sorted(tensors.items()):
         line = json.dumps([name, a.dtype.name, list(a.shape)], separators=(",", ":")) + "\n"
         h.update(line.encode())
         h.update(a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes(order="C"))
     assert meta["tensors_sha256"] == h.hexdigest()
+
+
+DOC = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "export-format.md")
+
+
+def test_documented_recipes_read_an_export(saved, tiny):
+    """The Python blocks of docs/export-format.md run as written: the checksum recipe
+    (section 4, an assert) and the reader without the safetensors library."""
+    learned_opt, meta_params = tiny
+    text = open(DOC, encoding="utf-8").read()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    checksum = next(b for b in blocks if "tensors_sha256" in b and "def " not in b)
+    exec(checksum, {"path": str(saved)})
+    scope: dict = {}
+    exec(next(b for b in blocks if "def read_export" in b), scope)
+    name, config, arrays = scope["read_export"](str(saved))
+    assert lopt.get(name, **config) == learned_opt
+    for i, layer in enumerate(meta_params["mlp"]):
+        for k in ("w", "b"):
+            np.testing.assert_array_equal(arrays[f"mlp/{i}/{k}"], np.asarray(layer[k]))
+    saved.write_bytes(saved.read_bytes() + b"\0")
+    with pytest.raises(AssertionError, match="trailing"):
+        scope["read_export"](str(saved))
 
 
 def test_any_path_is_accepted(tmp_path, tiny):
