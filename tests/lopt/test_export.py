@@ -244,12 +244,6 @@ def test_truncated_file_is_corrupt(saved, keep):
     assert str(saved) in str(err.value)
 
 
-def test_trailing_bytes_are_corrupt(saved):
-    saved.write_bytes(saved.read_bytes() + b"\0")
-    with pytest.raises(export.CorruptExportError, match="follow the payload"):
-        export.load(saved)
-
-
 def test_not_an_export_is_corrupt(saved, tmp_path):
     data = saved.read_bytes()
     saved.write_bytes(b"NOT-AN-EXPORT" + data[13:])
@@ -274,13 +268,77 @@ def test_unparsable_header_is_corrupt(saved):
         export.load(saved)
 
 
-def test_header_shape_inconsistent_with_data_is_corrupt(saved):
-    table, _, header_bytes, data = _split(saved)
-    assert table["mlp/1/b"]["shape"] == [2] and header_bytes.count(b'"shape":[2]') == 1
-    edited = header_bytes.replace(b'"shape":[2]', b'"shape":[3]')
-    saved.write_bytes(struct.pack("<Q", len(edited)) + edited + data)
-    with pytest.raises(export.CorruptExportError, match="its shape needs"):
+def _edit_header(path, edit):
+    """Rewrite the safetensors header of ``path`` as ``edit(table, metadata)`` makes it (both
+    edited in place), keeping the data bytes: a file whose framing may no longer hold."""
+    table, meta, _, data = _split(path)
+    edit(table, meta)
+    header = json.dumps({**table, "__metadata__": meta}).encode()
+    path.write_bytes(struct.pack("<Q", len(header)) + header + data)
+
+
+# Framing the safetensors library rejects (section 1 of docs/export-format.md), each one way.
+BAD_FRAMINGS = {
+    "trailing bytes": lambda p: p.write_bytes(p.read_bytes() + b"\0"),
+    "header length past the end": lambda p: p.write_bytes(
+        struct.pack("<Q", len(p.read_bytes())) + p.read_bytes()[8:]),
+    "header not UTF-8": lambda p: p.write_bytes(struct.pack("<Q", 4) + b"\xff\xfe{}"),
+    "header not an object": lambda p: p.write_bytes(struct.pack("<Q", 2) + b"[]"),
+    "shape inconsistent with offsets": lambda p: _edit_header(
+        p, lambda t, m: t["mlp/1/b"].update(shape=[3])),
+    "overlapping offsets": lambda p: _edit_header(
+        p, lambda t, m: t["mlp/1/b"].update(data_offsets=t["mlp/0/b"]["data_offsets"])),
+    "unknown dtype code": lambda p: _edit_header(p, lambda t, m: t["mlp/1/b"].update(dtype="Q7")),
+    "metadata value not a string": lambda p: _edit_header(p, lambda t, m: m.update(created=1)),
+}
+
+
+@pytest.mark.parametrize("framing", BAD_FRAMINGS)
+def test_bad_framing_is_one_typed_error(saved, framing):
+    """The safetensors library checks the framing; its error reaches the caller as a one-line
+    CorruptExportError naming the file, from load and read_metadata alike."""
+    BAD_FRAMINGS[framing](saved)
+    for fn in (export.load, export.read_metadata):
+        with pytest.raises(export.CorruptExportError, match="corrupted or truncated") as err:
+            fn(saved)
+        msg = str(err.value)
+        assert str(saved) in msg and "safetensors" in msg and "\n" not in msg
+
+
+def test_dtype_numpy_lacks_is_corrupt(saved):
+    # F8_E4M3 is valid safetensors (and mlp/1/b's 8 bytes hold 8 of them), but numpy has no
+    # such type: loading reports the file corrupt instead of leaking numpy's error.
+    _edit_header(saved, lambda t, m: t["mlp/1/b"].update(dtype="F8_E4M3", shape=[8]))
+    with pytest.raises(export.CorruptExportError, match="dtype"):
         export.load(saved)
+    leaves = export.read_metadata(saved)["meta_params"]["leaves"]  # the header alone reads fine
+    assert {"path": ["mlp", "1", "b"], "shape": [8], "dtype": "F8_E4M3"} in leaves
+
+
+@pytest.mark.parametrize("changes, needle", [
+    ({"format_version": "two"}, "format_version"),
+    ({"format_version": "1"}, "format_version"),
+    ({"config": "{not json"}, "does not parse"),
+    ({"config": "[1, 2]"}, "not a JSON object"),
+    ({"metadata": "NaN]"}, "does not parse"),
+])
+def test_bad_metadata_is_corrupt(saved, changes, needle):
+    _rewrite(saved, **changes)
+    for fn in (export.load, export.read_metadata):
+        with pytest.raises(export.CorruptExportError, match=needle):
+            fn(saved)
+
+
+def test_missing_metadata_key_is_corrupt(saved):
+    _edit_header(saved, lambda t, m: m.pop("tensors_sha256"))
+    with pytest.raises(export.CorruptExportError, match="lacks tensors_sha256"):
+        export.read_metadata(saved)
+
+
+def test_missing_file_is_an_os_error(tmp_path):
+    # Callers (lopt-eval) tell a missing file from a bad one by the exception type.
+    with pytest.raises(FileNotFoundError):
+        export.load(tmp_path / "missing.safetensors")
 
 
 def test_loading_as_another_config_is_a_mismatch(saved):
