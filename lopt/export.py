@@ -1,179 +1,42 @@
-"""Export a trained learned optimizer to a single file, and load it back (DESIGN.md, "lopt/").
+"""Save a trained learned optimizer to one file and load it back (DESIGN.md, "lopt/").
 
-A researcher saves the architecture *and* the meta-params in one file; an end user turns that
-file into an ordinary optax transformation with one call (or, with the ``torch`` extra, into a
-``torch.optim.Optimizer`` with ``lopt.torch.load``):
-
-    lopt.export.save("out/mlp.safetensors", learned_opt, meta_params, metadata={"outer_step": 5000})
-    opt = lopt.export.load_optimizer("out/mlp.safetensors")  # an optax transformation
-
-:func:`save` writes whatever path it is given; ``.safetensors`` is the conventional suffix.
-:func:`load` tells the two formats below apart by their first bytes, not by the file name.
-
-File format (version 2, written by :func:`save`): a safetensors file
---------------------------------------------------------------------
-The file is a plain safetensors file (the format of Hugging Face's ``safetensors`` library), so
-``safetensors.numpy.load_file(path)`` returns the meta-params as numpy arrays and
-``safetensors.safe_open(path, "np").metadata()`` the string table below, without JAX or lopt.
-The layout, for a reader without the library: an unsigned 64-bit little-endian integer ``N``;
-``N`` bytes of UTF-8 JSON (padded with spaces), an object mapping each tensor name to
-``{"dtype": "F32", "shape": [...], "data_offsets": [begin, end]}`` plus the string-to-string
-object ``"__metadata__"``; then the tensor data, each tensor's bytes (C order, little-endian) at
-``[begin, end)`` counted from the end of the JSON. The data is covered exactly, nothing follows.
-
-**Tensors**: one per meta-param leaf, named by its path of
-``flax.serialization.to_state_dict`` keys joined with ``/`` (list indices appear as ``0``,
-``1``, ...): ``mlp/0/w``, ``mlp/0/b``, ..., ``mlp/2/b``, and for ``adafac_mlp`` with
-``learnable_decays`` also ``decay_logits/momentum``, ``decay_logits/rms``,
-``decay_logits/factored``. Every tensor has the dtype of the architecture's ``init``
-(float32). Layer ``i`` of the per-parameter MLP is ``x @ mlp/i/w + mlp/i/b`` with ``w`` of shape
-(inputs, outputs), ReLU between layers; the module of each architecture (``lopt/mlp.py``,
-``lopt/adafac.py``) documents its input features and output.
-
-**``__metadata__``** (safetensors allows only string values; JSON where noted):
-
-====================  ===========================================================================
-key                   value
-====================  ===========================================================================
-``format``            ``"lopt.export"``: marks the file as a learned-optimizer export
-``format_version``    ``"2"``. Readers refuse versions newer than theirs.
-``architecture``      the registry name, e.g. ``"mlp"``, ``"adafac_mlp"``
-``config``            JSON object of the constructor options (:func:`lopt.base.config_of`, tuples
-                      as lists): ``lopt.get(architecture, **json.loads(config))`` rebuilds it.
-                      Execution options (``mlp``'s ``fused``) appear only when set to other
-                      than their default, and never count as an architecture difference
-``tensors_sha256``    hex SHA-256 of the canonical tensor bytes (below)
-``created``           UTC time of the export, ISO 8601 (``2024-05-01T12:00:00+00:00``)
-``lopt_version``      version of the installed ``lopt`` distribution, ``""`` if unknown
-``library_versions``  JSON object: jax, flax, optax, numpy, safetensors versions (informational)
-``metadata``          JSON of the user's dict (keys become strings, tuples lists; NaN/Infinity
-                      are written the way Python's ``json`` writes them)
-====================  ===========================================================================
-
-**Canonical tensor bytes** (what ``tensors_sha256`` digests; independent of where the writer put
-each tensor in the data section): for each tensor in ascending order of name (Python's
-``sorted``), the UTF-8 line ``json.dumps([name, dtype, shape], separators=(",", ":")) + "\\n"``
-(``dtype`` numpy's name, e.g. ``"float32"``; ``shape`` a list of ints), followed by the tensor's
-raw bytes, C order, little-endian. With only numpy and safetensors::
-
-    import hashlib, json
-    from safetensors import safe_open
-    from safetensors.numpy import load_file
-    h = hashlib.sha256()
-    for name, a in sorted(load_file(path).items()):
-        line = json.dumps([name, a.dtype.name, list(a.shape)], separators=(",", ":")) + "\\n"
-        h.update(line.encode())
-        h.update(a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes(order="C"))
-    assert h.hexdigest() == safe_open(path, "np").metadata()["tensors_sha256"]
-
-Because names, dtypes and shapes are digested with the data, a header whose tensors were
-renamed, swapped or reshaped fails the checksum like a flipped data byte.
-
-Loading checks, in order: the safetensors framing (header length, JSON header, every tensor's
-offsets inside the data, the data neither shorter nor longer than the tensors: a failure is a
-:class:`CorruptExportError` saying "corrupted or truncated"), ``format`` (a safetensors file
-that is not an export is a :class:`CorruptExportError`), ``format_version``
-(:class:`UnsupportedFormatError` when newer), the remaining metadata keys, the checksum
-(:class:`CorruptExportError`), the architecture (rebuilt from the registry, or compared with the
-one the caller passes: :class:`ArchitectureMismatchError`), then every tensor against the
-shapes and dtypes of the architecture's own ``init``: a missing, unexpected or differently
-shaped leaf is an :class:`ArchitectureMismatchError` naming the leaf, its shape in the export
-and its shape in the architecture. The metadata is not checksummed, so a ``config`` edited by
-hand is caught by that comparison. Arrays are restored into the architecture's template with
-``flax.serialization.from_state_dict``, so the round trip is bit-exact (NaN payloads and -0.0
-included).
-
-Files are written atomically: to a temporary file in the target's directory, then
-``os.replace``; parent directories are created.
-
-Format version 1 (``.lopt`` files written before safetensors): read, never written
---------------------------------------------------------------------------------------
-This module keeps a *reader* for version 1, so :func:`load`, :func:`load_optimizer` and
-:func:`read_metadata` accept those files unchanged (``lopt.torch.load`` too); there is no
-version-1 writer. To convert one: ``save(new_path, *load(old_path),
-metadata=read_metadata(old_path)["metadata"])``. Version 1 is, all integers little-endian:
-
-1. **Magic**: the 12 bytes ``b"LOPT-EXPORT\\n"`` (:data:`FORMAT1_MAGIC`).
-2. **Header length**: an unsigned 64-bit integer ``n`` (``struct`` format ``"<Q"``).
-3. **Header**: ``n`` bytes of UTF-8 JSON, an object with ``format_version`` (1),
-   ``architecture`` (``{"name", "config"}`` as above), ``meta_params``
-   (``{"encoding": "flax-msgpack-state-dict", "leaves": [{"path": [key, ...], "shape": [...],
-   "dtype": "float32"}, ...]}``), ``payload_bytes``, ``payload_sha256`` (hex SHA-256 of the
-   payload), ``created``, ``lopt_version``, ``library_versions`` and ``metadata``.
-4. **Payload**: exactly ``payload_bytes`` bytes,
-   ``flax.serialization.msgpack_serialize(flax.serialization.to_state_dict(meta_params))``.
-
-Its checks are those above with the magic for the framing and the payload's SHA-256 for the
-checksum; only the payload is checksummed there, so a hand-edited leaf shape in its header is
-reported as an :class:`ArchitectureMismatchError`.
-"""
-
-from __future__ import annotations
+The file holds the architecture (registry name and config) and the meta-params, so
+``load_optimizer(path)`` alone gives an optax transformation (``lopt.torch.load`` a torch one).
+It is a plain safetensors file, readable without JAX or lopt, with a SHA-256 of its tensors;
+loading fails with one-line typed errors. The format and the loading checks, in order, for a
+reader in any language: docs/export-format.md."""
 
 import datetime
 import hashlib
 import importlib.metadata
 import json
 import os
-import struct
 import tempfile
 from typing import Any
 
-import flax
 import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import safetensors
 import safetensors.numpy
+from safetensors import SafetensorError, safe_open
 
 import lopt
 from lopt.base import LearnedOptimizer, MetaParams, config_of
 
 FORMAT_VERSION = 2
 FORMAT_NAME = "lopt.export"
-#: The first bytes of a format-1 (pre-safetensors) export.
-FORMAT1_MAGIC = b"LOPT-EXPORT\n"
-FORMAT1_ENCODING = "flax-msgpack-state-dict"
-#: The ``__metadata__`` keys every format-2 export has.
-METADATA_KEYS = (
-    "format",
-    "format_version",
-    "architecture",
-    "config",
-    "tensors_sha256",
-    "created",
-    "lopt_version",
-    "library_versions",
-    "metadata",
-)
-_LEN = struct.Struct("<Q")
-_FORMAT1_REQUIRED_KEYS = (
-    "format_version", "architecture", "meta_params", "payload_bytes", "payload_sha256"
-)
-# safetensors dtype codes -> (numpy name, bytes per element).
-_ST_DTYPES = {
-    "BOOL": ("bool", 1), "U8": ("uint8", 1), "I8": ("int8", 1), "U16": ("uint16", 2),
-    "I16": ("int16", 2), "F16": ("float16", 2), "BF16": ("bfloat16", 2), "U32": ("uint32", 4),
-    "I32": ("int32", 4), "F32": ("float32", 4), "U64": ("uint64", 8), "I64": ("int64", 8),
-    "F64": ("float64", 8),
-}
-
-__all__ = [
-    "FORMAT_VERSION",
-    "FORMAT1_MAGIC",
-    "METADATA_KEYS",
-    "ExportError",
-    "CorruptExportError",
-    "ArchitectureMismatchError",
-    "UnsupportedFormatError",
-    "save",
-    "load",
-    "load_optimizer",
-    "read_metadata",
-    "tensors_sha256",
-]
+#: The ``__metadata__`` keys every export has (docs/export-format.md, section 3).
+METADATA_KEYS = ("format", "format_version", "architecture", "config", "tensors_sha256",
+                 "created", "lopt_version", "library_versions", "metadata")
+# safetensors dtype codes as numpy names, for read_metadata (which reads no tensor data).
+_NP_DTYPES = {"BOOL": "bool", "BF16": "bfloat16", "F16": "float16", "F32": "float32",
+              "F64": "float64", "I8": "int8", "I16": "int16", "I32": "int32", "I64": "int64",
+              "U8": "uint8", "U16": "uint16", "U32": "uint32", "U64": "uint64"}
+__all__ = ["FORMAT_VERSION", "METADATA_KEYS", "ExportError", "CorruptExportError",
+           "ArchitectureMismatchError", "UnsupportedFormatError", "save", "load",
+           "load_optimizer", "read_metadata", "tensors_sha256"]
 
 
 class ExportError(ValueError):
@@ -192,36 +55,25 @@ class UnsupportedFormatError(ExportError):
     """The export was written in a format version newer than this code reads."""
 
 
-# --- helpers -----------------------------------------------------------------------------------
-
-
 def _json_normalize(obj: Any, what: str) -> Any:
     """``obj`` as JSON reads it back; :class:`ExportError` if it is not JSON-able."""
     try:
         return json.loads(json.dumps(obj))
     except (TypeError, ValueError) as e:
-        raise ExportError(
-            f"{what} must be JSON-serialisable (dicts with string keys, lists, str, int, float, "
-            f"bool, None): {e}"
-        ) from None
+        raise ExportError(f"{what} must be JSON-serialisable (dicts with string keys, lists, "
+                          f"str, int, float, bool, None): {e}") from None
 
 
-def _flatten(state: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-    """Leaves of a (nested-dict) state dict keyed by their path of string keys."""
-    if isinstance(state, dict):
-        out: dict[tuple[str, ...], Any] = {}
-        for k, v in state.items():
-            out.update(_flatten(v, prefix + (str(k),)))
-        return out
-    return {prefix: state}
+def _leaves(tree: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    """Leaves of ``tree``'s flax state dict (nested dicts; list items keyed "0", "1", ...)."""
+    state = flax.serialization.to_state_dict(tree)
+    if not isinstance(state, dict):
+        return {prefix: state}
+    return {p: v for k, sub in state.items() for p, v in _leaves(sub, (*prefix, str(k))).items()}
 
 
-def _fmt_path(path: tuple[str, ...] | list[str]) -> str:
-    return "/".join(path) if path else "<root>"
-
-
-def _spec(x: Any) -> tuple[tuple[int, ...], str]:
-    return tuple(int(d) for d in np.shape(x)), np.dtype(x.dtype).name
+def _name(path: tuple[str, ...]) -> str:
+    return "/".join(path) or "<root>"
 
 
 def _describe(name: str, config: Any) -> str:
@@ -232,94 +84,85 @@ def _arch_config(learned_opt: LearnedOptimizer, architecture_only: bool = False)
     try:
         config = config_of(learned_opt, architecture_only=architecture_only)
     except TypeError:
-        raise ExportError(
-            f"cannot export {type(learned_opt).__name__}: a learned optimizer must be a "
-            "dataclass whose constructor options describe it (see lopt.base.config_of)"
-        ) from None
+        raise ExportError(f"cannot export {type(learned_opt).__name__}: a learned optimizer "
+                          "must be a dataclass (lopt.base.config_of)") from None
     return _json_normalize(config, f"the config of learned optimizer '{learned_opt.name}'")
 
 
-def _template(learned_opt: LearnedOptimizer) -> Any:
-    """Shapes and dtypes of ``learned_opt.init(PRNGKey(0))``, without running it."""
-    return jax.eval_shape(learned_opt.init, jax.random.PRNGKey(0))
-
-
-def _specs(tree: Any) -> dict[tuple[str, ...], tuple[tuple[int, ...], str]]:
-    """Path -> (shape, dtype) of every leaf of ``tree``'s flax state dict."""
-    return {p: _spec(v) for p, v in _flatten(flax.serialization.to_state_dict(tree)).items()}
-
-
-def _check_leaves(
-    got: dict[tuple[str, ...], tuple[tuple[int, ...], str]],
-    want: dict[tuple[str, ...], tuple[tuple[int, ...], str]],
-    where: str,
-    arch: str,
-    path: str,
-) -> None:
-    """Raise :class:`ArchitectureMismatchError` unless ``got`` matches ``want`` leaf for leaf."""
-    missing = [p for p in want if p not in got]
-    extra = [p for p in got if p not in want]
+def _check_leaves(got: dict, want: dict, where: str, arch: str, path: str) -> None:
+    """Raise :class:`ArchitectureMismatchError` unless the leaves ``got`` (path -> array) have
+    the paths, shapes and dtypes of ``want``."""
+    got, want = ({p: (tuple(map(int, np.shape(v))), np.dtype(v.dtype).name)
+                  for p, v in leaves.items()} for leaves in (got, want))
+    head = f"{where} of {path} do not match architecture {arch}: "
+    missing, extra = [p for p in want if p not in got], [p for p in got if p not in want]
     if missing or extra:
-        parts = []
-        if missing:
-            parts.append("missing " + ", ".join(_fmt_path(p) for p in missing))
-        if extra:
-            parts.append("unexpected " + ", ".join(_fmt_path(p) for p in extra))
-        raise ArchitectureMismatchError(
-            f"{where} of {path} do not match architecture {arch}: {'; '.join(parts)}"
-        )
+        raise ArchitectureMismatchError(head + "; ".join(
+            f"{what} " + ", ".join(map(_name, ps))
+            for what, ps in (("missing", missing), ("unexpected", extra)) if ps))
     for p, (shape, dtype) in want.items():
-        g_shape, g_dtype = got[p]
-        if (g_shape, g_dtype) != (shape, dtype):
+        if got[p] != (shape, dtype):
             raise ArchitectureMismatchError(
-                f"{where} of {path} do not match architecture {arch}: leaf '{_fmt_path(p)}' is "
-                f"{g_dtype}{list(g_shape)} in the export but the architecture has "
-                f"{dtype}{list(shape)}"
-            )
-
-
-def _library_versions() -> dict[str, str]:
-    return {
-        "jax": jax.__version__,
-        "flax": flax.__version__,
-        "optax": optax.__version__,
-        "numpy": np.__version__,
-        "safetensors": safetensors.__version__,
-    }
-
-
-def _lopt_version() -> str | None:
-    try:
-        return importlib.metadata.version("lopt")
-    except importlib.metadata.PackageNotFoundError:
-        return None
+                f"{head}leaf '{_name(p)}' is {got[p][1]}{list(got[p][0])} in the export but the "
+                f"architecture has {dtype}{list(shape)}")
 
 
 def tensors_sha256(tensors: dict[str, np.ndarray]) -> str:
-    """Hex SHA-256 of the canonical bytes of named tensors (module docstring): per tensor in
-    sorted name order, ``[name, dtype, shape]`` as compact JSON and a newline, then its raw
-    little-endian C-order bytes."""
+    """Hex SHA-256 of the canonical bytes of named tensors (docs/export-format.md, section 4):
+    per tensor in sorted name order, ``[name, dtype, shape]`` as compact JSON and a newline,
+    then its raw little-endian C-order bytes."""
     h = hashlib.sha256()
     for name in sorted(tensors):
         a = np.asarray(tensors[name])
-        line = json.dumps([name, a.dtype.name, list(a.shape)], separators=(",", ":")) + "\n"
-        h.update(line.encode("utf-8"))
+        h.update(json.dumps([name, a.dtype.name, list(a.shape)], separators=(",", ":")).encode())
+        h.update(b"\n")
         h.update(a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes(order="C"))
     return h.hexdigest()
 
 
-def _tensor_name(path: tuple[str, ...]) -> str:
-    return "/".join(path)
-
-
-# --- writing -----------------------------------------------------------------------------------
-
-
-def _atomic_write(path: str, data: bytes) -> None:
+def save(path: str | os.PathLike, learned_opt: LearnedOptimizer, meta_params: MetaParams,
+         metadata: dict | None = None) -> str:
+    """Write ``learned_opt`` and its ``meta_params`` to the safetensors file ``path`` and return
+    ``path`` as a string. ``metadata`` is an optional JSON-able dict stored in the header (e.g.
+    the outer step, the task family, the final meta-loss). Meta-params without the structure,
+    shapes and dtypes of ``learned_opt.init(key)`` raise :class:`ArchitectureMismatchError`
+    before any file is touched; the file is replaced atomically (a fsynced temporary file beside
+    ``path``, then ``os.replace``)."""
+    path = os.fspath(path)
+    if not isinstance(metadata, dict | None):
+        raise ExportError(f"metadata must be a dict, got {type(metadata).__name__}")
+    metadata = _json_normalize(metadata or {}, "export metadata")
+    config = _arch_config(learned_opt)
+    leaves = _leaves(jax.tree.map(np.asarray, jax.device_get(meta_params)))
+    for p, leaf in leaves.items():
+        if not isinstance(leaf, np.ndarray):
+            what = type(leaf).__name__
+            raise ExportError(f"meta-param leaf '{_name(p)}' is a {what}, not an array")
+    template = jax.eval_shape(learned_opt.init, jax.random.PRNGKey(0))  # shapes, dtypes
+    _check_leaves(leaves, _leaves(template), "the meta-params",
+                  _describe(learned_opt.name, config), f"the export to {path}")
+    tensors = {"/".join(p): np.array(leaf, order="C") for p, leaf in leaves.items()}
+    if len(tensors) != len(leaves) or "" in tensors:  # a root leaf, or keys that contain "/"
+        raise ExportError("meta-params must be nested dicts/lists whose keys do not contain '/' "
+                          f"(tensor names {sorted(map(_name, leaves))} are not unique)")
+    try:
+        lopt_version = importlib.metadata.version("lopt")
+    except importlib.metadata.PackageNotFoundError:
+        lopt_version = ""
+    versions = {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
+                "numpy": np.__version__, "safetensors": safetensors.__version__}
+    header = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION),
+              "architecture": learned_opt.name, "config": json.dumps(config),
+              "tensors_sha256": tensors_sha256(tensors), "metadata": json.dumps(metadata),
+              "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "lopt_version": lopt_version, "library_versions": json.dumps(versions)}
+    try:
+        data = safetensors.numpy.save(tensors, metadata=header)
+    except Exception as e:  # e.g. a dtype safetensors cannot store
+        raise ExportError(f"cannot write the meta-params as safetensors: {e}") from e
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    prefix = "." + os.path.basename(path) + "."
-    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -328,439 +171,129 @@ def _atomic_write(path: str, data: bytes) -> None:
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        os.unlink(tmp)  # os.replace is the last step: tmp is still there
         raise
-
-
-def save(
-    path: str | os.PathLike,
-    learned_opt: LearnedOptimizer,
-    meta_params: MetaParams,
-    metadata: dict | None = None,
-) -> str:
-    """Write ``learned_opt`` and its ``meta_params`` to the safetensors file ``path`` (atomically).
-
-    ``path`` is used as given (``.safetensors`` is the conventional suffix). ``metadata`` is an
-    optional JSON-able dict stored in the header (e.g. the outer step, the task family, the
-    final meta-loss). The meta-params must have the structure, shapes and dtypes of
-    ``learned_opt.init(key)``, else :class:`ArchitectureMismatchError` is raised before any file
-    is touched. Returns the path written, as a string.
-    """
-    path = os.fspath(path)
-    if metadata is None:
-        metadata = {}
-    if not isinstance(metadata, dict):
-        raise ExportError(f"metadata must be a dict, got {type(metadata).__name__}")
-    metadata = _json_normalize(metadata, "export metadata")
-    name = learned_opt.name
-    config = _arch_config(learned_opt)
-    arch = _describe(name, config)
-
-    host = jax.tree.map(np.asarray, jax.device_get(meta_params))
-    leaves = _flatten(flax.serialization.to_state_dict(host))
-    for p, leaf in leaves.items():
-        if not isinstance(leaf, np.ndarray):
-            raise ExportError(
-                f"meta-param leaf '{_fmt_path(p)}' is a {type(leaf).__name__}, not an array"
-            )
-    got = {p: _spec(v) for p, v in leaves.items()}
-    want = _specs(_template(learned_opt))
-    _check_leaves(got, want, "the meta-params", arch, f"the export to {path}")
-
-    tensors: dict[str, np.ndarray] = {}
-    for p, leaf in leaves.items():
-        tname = _tensor_name(p)
-        if not tname or tname in tensors:  # a root leaf, or keys that contain "/"
-            raise ExportError(
-                f"meta-param leaf '{_fmt_path(p)}' has no unique tensor name ('{tname}'); "
-                "meta-params must be nested dicts/lists whose keys do not contain '/'"
-            )
-        tensors[tname] = np.array(leaf, order="C")  # (ascontiguousarray makes 0-d 1-d)
-    header = {
-        "format": FORMAT_NAME,
-        "format_version": str(FORMAT_VERSION),
-        "architecture": name,
-        "config": json.dumps(config),
-        "tensors_sha256": tensors_sha256(tensors),
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "lopt_version": _lopt_version() or "",
-        "library_versions": json.dumps(_library_versions()),
-        "metadata": json.dumps(metadata),
-    }
-    try:
-        data = safetensors.numpy.save(tensors, metadata=header)
-    except Exception as e:  # e.g. a dtype safetensors cannot store
-        raise ExportError(f"cannot write the meta-params as safetensors: {e}") from e
-    _atomic_write(path, data)
     return path
-
-
-# --- reading: common ---------------------------------------------------------------------------
 
 
 def _corrupt(path: str, why: str) -> CorruptExportError:
     return CorruptExportError(f"learned-optimizer export {path} is corrupted or truncated: {why}")
 
 
-def _unsupported(path: str, version: int, made_by: str | None) -> UnsupportedFormatError:
-    by = f" (written by lopt {made_by})" if made_by else ""
-    return UnsupportedFormatError(
-        f"learned-optimizer export {path} has format_version {version}{by}, but this lopt reads "
-        f"versions up to {FORMAT_VERSION}; upgrade lopt to load it"
-    )
-
-
-def _rebuild(name: str, config: dict, path: str) -> LearnedOptimizer:
-    try:
-        return lopt.get(name, **config)
-    except Exception as e:  # unknown name, unknown option, invalid value
-        raise ExportError(
-            f"cannot rebuild the architecture {_describe(name, config)} of {path} with this "
-            f"lopt: {e}"
-        ) from e
-
-
-def _resolve_architecture(
-    name: str, config: dict, learned_opt: LearnedOptimizer | None, path: str
-) -> LearnedOptimizer:
-    """The file's architecture, rebuilt; or ``learned_opt`` if it is the same one."""
-    if learned_opt is None:
-        return _rebuild(name, config, path)
-    # Execution options (lopt.base.EXECUTION_OPTION, e.g. mlp's ``fused``) are not compared:
-    # an export loads into the same architecture run either way.
-    req_name, req_config = learned_opt.name, _arch_config(learned_opt, architecture_only=True)
-    file_config = config
-    if req_name == name:
-        # Compare with the file's architecture as this code builds it, so options added (with
-        # defaults) since the export was written do not count as a difference.
-        try:
-            file_config = _arch_config(lopt.get(name, **config), architecture_only=True)
-        except Exception:
-            file_config = config
-    if req_name != name or req_config != file_config:
-        diff = ""
-        if req_name == name:
-            keys = sorted(set(file_config) | set(req_config))
-            diff = "; options differ: " + ", ".join(
-                f"{k} ({file_config.get(k, '<unset>')!r} in the export, "
-                f"{req_config.get(k, '<unset>')!r} requested)"
-                for k in keys
-                if file_config.get(k, "<unset>") != req_config.get(k, "<unset>")
-            )
-        raise ArchitectureMismatchError(
-            f"export {path} holds {_describe(name, config)} but "
-            f"{_describe(req_name, req_config)} was requested{diff}"
-        )
-    return learned_opt
-
-
-def _read_safetensors_header(f, path: str) -> tuple[dict, dict, int]:
-    """Parse the safetensors framing of the open file ``f`` up to the end of its JSON header;
-    return (``__metadata__``, tensor table, offset of the tensor data). The tensor table is
-    checked against the data by :func:`_check_data_extent`."""
-    size = os.fstat(f.fileno()).st_size
-    raw_len = f.read(_LEN.size)
-    if len(raw_len) < _LEN.size:
-        raise _corrupt(
-            path, f"the file has {len(raw_len)} bytes, fewer than a safetensors header length"
-        )
-    (n,) = _LEN.unpack(raw_len)
-    if n > size - _LEN.size:
-        raise _corrupt(path, f"the header claims {n} bytes but only {size - _LEN.size} follow")
-    try:
-        header = json.loads(f.read(n).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise _corrupt(
-            path, f"the safetensors header is not valid UTF-8 JSON ({e}); is it a lopt export?"
-        ) from None
-    if not isinstance(header, dict):
-        raise _corrupt(path, "the safetensors header is not a JSON object")
-    meta = header.pop("__metadata__", None)
-    if meta is not None and not (
-        isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())
-    ):
-        raise _corrupt(path, "the safetensors __metadata__ is not a string-to-string object")
-    return meta or {}, header, _LEN.size + n
-
-
-def _check_data_extent(table: dict, data_len: int, path: str) -> None:
-    """Every tensor's offsets lie in the data, match its shape and dtype, and the tensors cover
-    the data exactly (safetensors' own rule: no holes, nothing after)."""
-    spans = []
-    for tname, entry in table.items():
-        try:
-            dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-            size = _ST_DTYPES[dtype][1] * int(np.prod([int(d) for d in shape], dtype=np.int64))
-            begin, end = int(begin), int(end)
-        except (KeyError, TypeError, ValueError) as e:
-            raise _corrupt(path, f"tensor '{tname}' has a malformed header entry ({e!r})") from None
-        if end - begin != size or begin < 0:
-            raise _corrupt(
-                path, f"tensor '{tname}' spans bytes [{begin}, {end}) but its shape needs {size}"
-            )
-        spans.append((begin, end))
-    spans.sort()
-    pos = 0
-    for begin, end in spans:
-        if begin != pos:
-            raise _corrupt(path, "the tensors' byte ranges overlap or leave holes")
-        pos = end
-    if data_len < pos:
-        raise _corrupt(path, f"the tensor data has {data_len} of its {pos} bytes")
-    if data_len > pos:
-        raise _corrupt(path, f"{data_len - pos} unexpected bytes follow the payload")
-
-
-def _decode_metadata(meta: dict, path: str) -> dict:
-    """The format-2 ``__metadata__`` as :func:`read_metadata` returns it (JSON decoded)."""
+def _decode_metadata(meta: dict[str, str], path: str) -> dict:
+    """The ``__metadata__`` checked and decoded as :func:`read_metadata` returns it."""
     if meta.get("format") != FORMAT_NAME:
-        raise _corrupt(
-            path,
-            f"it is a safetensors file without lopt's metadata (format is "
-            f"{meta.get('format')!r}, not {FORMAT_NAME!r}); is it a lopt export?",
-        )
-    try:
-        version = int(meta.get("format_version", ""))
-    except ValueError:
-        raise _corrupt(
-            path, f"format_version {meta.get('format_version')!r} is not an integer"
-        ) from None
-    if version > FORMAT_VERSION:
-        raise _unsupported(path, version, meta.get("lopt_version"))
-    if version < 2:
-        raise _corrupt(path, f"a safetensors export cannot have format_version {version}")
+        raise _corrupt(path, f"it is a safetensors file without lopt's metadata (format is "
+                             f"{meta.get('format')!r}, not {FORMAT_NAME!r}); is it a lopt export?")
+    version = meta.get("format_version", "")
+    if version.isdecimal() and int(version) > FORMAT_VERSION:
+        by = f" (written by lopt {meta['lopt_version']})" if meta.get("lopt_version") else ""
+        raise UnsupportedFormatError(
+            f"learned-optimizer export {path} has format_version {int(version)}{by}, but this "
+            f"lopt reads versions up to {FORMAT_VERSION}; upgrade lopt to load it")
+    if version != str(FORMAT_VERSION):
+        raise _corrupt(path, f"format_version is {version!r}, not {str(FORMAT_VERSION)!r}")
     missing = [k for k in METADATA_KEYS if k not in meta]
     if missing:
         raise _corrupt(path, f"the metadata lacks {', '.join(missing)}")
     try:
-        config = json.loads(meta["config"])
-        library_versions = json.loads(meta["library_versions"])
-        user_metadata = json.loads(meta["metadata"])
+        config, versions, user = map(json.loads, (meta["config"], meta["library_versions"],
+                                                  meta["metadata"]))
     except ValueError as e:
         raise _corrupt(path, f"a JSON value of the metadata does not parse ({e})") from None
     if not isinstance(config, dict):
         raise _corrupt(path, "the metadata's config is not a JSON object")
-    return {
-        "format": FORMAT_NAME,
-        "format_version": version,
-        "architecture": {"name": meta["architecture"], "config": config},
-        "tensors_sha256": meta["tensors_sha256"],
-        "created": meta["created"],
-        "lopt_version": meta["lopt_version"] or None,
-        "library_versions": library_versions,
-        "metadata": user_metadata,
-    }
+    return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "metadata": user,
+            "architecture": {"name": meta["architecture"], "config": config},
+            "tensors_sha256": meta["tensors_sha256"], "created": meta["created"],
+            "lopt_version": meta["lopt_version"] or None, "library_versions": versions}
 
 
-def _leaves_table(table: dict) -> list[dict]:
-    """The tensor table as format 1's ``meta_params.leaves``: path, shape, numpy dtype name."""
-    return [
-        {
-            "path": tname.split("/"),
-            "shape": [int(d) for d in entry["shape"]],
-            "dtype": _ST_DTYPES[entry["dtype"]][0],
-        }
-        for tname, entry in sorted(table.items())
-    ]
-
-
-def _read_header(f, path: str) -> dict:
-    """The decoded header of either format (what :func:`read_metadata` returns), with the
-    private keys ``_table``/``_offset`` (format 2) or ``_offset`` (format 1)."""
-    head = f.read(len(FORMAT1_MAGIC))
-    if head == FORMAT1_MAGIC:
-        header, offset = _read_format1_header(f, path)
-        header["_offset"] = offset
-        return header
-    f.seek(0)
-    meta, table, offset = _read_safetensors_header(f, path)
-    header = _decode_metadata(meta, path)
-    _check_data_extent(table, os.fstat(f.fileno()).st_size - offset, path)
-    header["meta_params"] = {"leaves": _leaves_table(table)}
-    header["_table"], header["_offset"] = table, offset
-    return header
-
-
-def _public(header: dict) -> dict:
-    return {k: v for k, v in header.items() if not k.startswith("_")}
+def _read(path: str, arrays: bool) -> tuple[dict, dict[str, np.ndarray]]:
+    """:func:`read_metadata` of ``path``, and with ``arrays`` its tensors by name. The
+    ``safetensors`` library checks the framing (header length, UTF-8 JSON header, string
+    metadata, dtype codes, offsets that fit the shapes and cover the data exactly, nothing
+    after); its errors become a one-line :class:`CorruptExportError`."""
+    try:
+        with safe_open(path, "np") as f:
+            header = _decode_metadata(f.metadata() or {}, path)
+            slices = {k: f.get_slice(k) for k in sorted(f.keys())}
+            header["meta_params"] = {"leaves": [
+                {"path": k.split("/"), "shape": s.get_shape(),
+                 "dtype": _NP_DTYPES.get(s.get_dtype(), s.get_dtype())} for k, s in slices.items()]}
+            try:
+                return header, {k: f.get_tensor(k) for k in slices if arrays}
+            except (TypeError, AttributeError) as e:  # from numpy: a dtype it lacks (F8_E4M3, ...)
+                raise _corrupt(path, f"a tensor's dtype has no numpy type ({e})") from None
+    except SafetensorError as e:
+        why = " ".join(str(e).split())  # one line
+        raise _corrupt(path, f"safetensors cannot read it ({why})") from None
 
 
 def read_metadata(path: str | os.PathLike) -> dict:
     """The export's header, decoded: ``format_version``, ``architecture`` (``{"name", "config"}``),
     ``meta_params`` (``{"leaves": [{"path", "shape", "dtype"}, ...]}``), ``created``,
     ``lopt_version``, ``library_versions``, ``metadata`` (the user's dict), and the checksum
-    (``tensors_sha256``; ``payload_sha256`` and ``payload_bytes`` in format 1).
-
-    Reads only the header, not the arrays; the checksum is not verified.
-    """
-    path = os.fspath(path)
-    with open(path, "rb") as f:
-        return _public(_read_header(f, path))
+    (``tensors_sha256``). Reads only the header, not the arrays; the checksum is not verified."""
+    return _read(os.fspath(path), arrays=False)[0]
 
 
-def _load_arrays_format2(
-    data: bytes, header: dict, path: str
-) -> dict[tuple[str, ...], np.ndarray]:
-    try:
-        tensors = safetensors.numpy.load(data)
-    except Exception as e:  # safetensors' own validation (SafetensorError)
-        raise _corrupt(path, f"safetensors cannot decode it ({e})") from None
-    digest = tensors_sha256(tensors)
-    if digest != header["tensors_sha256"]:
-        raise _corrupt(
-            path,
-            f"tensors sha256 {digest} differs from the metadata's {header['tensors_sha256']}",
-        )
-    return {tuple(name.split("/")): a for name, a in tensors.items()}
+def _architecture(arch: dict, learned_opt: LearnedOptimizer | None, path: str) -> LearnedOptimizer:
+    """The file's architecture ``{"name", "config"}`` rebuilt with ``lopt.get``; or
+    ``learned_opt`` if it is the same one. Execution options (:data:`lopt.base.EXECUTION_OPTION`,
+    e.g. mlp's ``fused``) are not compared: an export loads into either."""
+    name, config = arch["name"], arch["config"]
+    if learned_opt is None:
+        try:
+            return lopt.get(name, **config)
+        except Exception as e:  # unknown name, unknown option, invalid value
+            raise ExportError(f"cannot rebuild the architecture {_describe(name, config)} of "
+                              f"{path} with this lopt: {e}") from e
+    req_name, req_config = learned_opt.name, _arch_config(learned_opt, architecture_only=True)
+    mismatch = (f"export {path} holds {_describe(name, config)} but "
+                f"{_describe(req_name, req_config)} was requested")
+    if req_name != name:
+        raise ArchitectureMismatchError(mismatch)
+    try:  # the file's architecture as this code builds it: options added since do not count
+        file_config = _arch_config(lopt.get(name, **config), architecture_only=True)
+    except Exception:
+        file_config = config
+    if req_config != file_config:
+        u = "<unset>"
+        raise ArchitectureMismatchError(mismatch + "; options differ: " + ", ".join(
+            f"{k} ({file_config.get(k, u)!r} in the export, {req_config.get(k, u)!r} requested)"
+            for k in sorted(set(file_config) | set(req_config))
+            if file_config.get(k, u) != req_config.get(k, u)))
+    return learned_opt
 
 
-def _unflatten_like(template_state: Any, arrays: dict[tuple[str, ...], Any], prefix=()) -> Any:
-    """``arrays`` (path -> array) arranged in the nested dicts of ``template_state``."""
-    if isinstance(template_state, dict):
-        return {
-            k: _unflatten_like(v, arrays, prefix + (str(k),)) for k, v in template_state.items()
-        }
-    return arrays[prefix]
-
-
-def load(
-    path: str | os.PathLike, learned_opt: LearnedOptimizer | None = None
-) -> tuple[LearnedOptimizer, MetaParams]:
-    """Load ``(learned_opt, meta_params)`` from an export: a safetensors file written by
-    :func:`save`, or a format-1 ``.lopt`` file.
-
+def load(path: str | os.PathLike,
+         learned_opt: LearnedOptimizer | None = None) -> tuple[LearnedOptimizer, MetaParams]:
+    """Load ``(learned_opt, meta_params)`` from an export written by :func:`save`, bit-exact.
     With ``learned_opt=None`` the architecture is rebuilt from the file's name and config via
     ``lopt.get``. With ``learned_opt`` given, its name and config must equal the file's, else
-    :class:`ArchitectureMismatchError`; the given object is returned. See the module docstring
-    for the checks and the errors they raise.
-    """
+    :class:`ArchitectureMismatchError`; the given object is returned. The checks, in order, and
+    the errors they raise: docs/export-format.md, section 5."""
     path = os.fspath(path)
-    with open(path, "rb") as f:
-        header = _read_header(f, path)
-        f.seek(0)
-        data = f.read()
-    if header["format_version"] == 1:
-        payload = _check_format1_payload(data[header["_offset"] :], header, path)
-    else:
-        arrays = _load_arrays_format2(data, header, path)
-
-    name = header["architecture"]["name"]
-    config = header["architecture"]["config"]
-    learned_opt = _resolve_architecture(name, config, learned_opt, path)
-    arch = _describe(learned_opt.name, _arch_config(learned_opt))
-    template = _template(learned_opt)
-    want = _specs(template)
-    if header["format_version"] == 1:
-        _check_leaves(
-            _format1_header_leaves(header, path), want, "the header's meta-params", arch, path
-        )
-        arrays = _decode_format1_payload(payload, path)
-    _check_leaves(
-        {p: _spec(v) for p, v in arrays.items()}, want, "the export's meta-params", arch, path
-    )
-    state = _unflatten_like(flax.serialization.to_state_dict(template), arrays)
-    restored = flax.serialization.from_state_dict(template, state)
-    meta_params = jax.tree.map(jnp.asarray, restored)
-    return learned_opt, meta_params
+    header, tensors = _read(path, arrays=True)
+    digest, recorded = tensors_sha256(tensors), header["tensors_sha256"]
+    if digest != recorded:
+        raise _corrupt(path, f"tensors sha256 {digest} differs from the metadata's {recorded}")
+    learned_opt = _architecture(header["architecture"], learned_opt, path)
+    template = jax.eval_shape(learned_opt.init, jax.random.PRNGKey(0))  # shapes, dtypes
+    arrays = {tuple(name.split("/")): a for name, a in tensors.items()}
+    _check_leaves(arrays, _leaves(template), "the export's meta-params",
+                  _describe(learned_opt.name, _arch_config(learned_opt)), path)
+    # The arrays in the template's state dict (nested dicts: every key path is of str keys).
+    state = jax.tree_util.tree_map_with_path(lambda kp, _: arrays[tuple(k.key for k in kp)],
+                                             flax.serialization.to_state_dict(template))
+    meta_params = flax.serialization.from_state_dict(template, state)
+    return learned_opt, jax.tree.map(jnp.asarray, meta_params)
 
 
 def load_optimizer(path: str | os.PathLike) -> optax.GradientTransformationExtraArgs:
-    """The optax transformation an export defines, ready for an ordinary training loop:
-
-        opt = lopt.export.load_optimizer(path)
-        state = opt.init(params)
-        updates, state = opt.update(grads, state, params)
-        params = optax.apply_updates(params, updates)
-    """
+    """The optax transformation an export defines, for an ordinary training loop:
+    ``opt = load_optimizer(path)``, ``state = opt.init(params)``, ``updates, state =
+    opt.update(grads, state, params)``, ``params = optax.apply_updates(params, updates)``."""
     learned_opt, meta_params = load(path)
     return learned_opt.optimizer(meta_params)
-
-
-# --- reading: format 1 (the pre-safetensors .lopt container; read only) ------------------------
-
-
-def _read_format1_header(f, path: str) -> tuple[dict, int]:
-    """Header length and JSON header of a format-1 file whose magic ``f`` has just read; return
-    (header, payload offset)."""
-    raw_len = f.read(_LEN.size)
-    if len(raw_len) != _LEN.size:
-        raise _corrupt(path, "the file ends inside the header length")
-    (n,) = _LEN.unpack(raw_len)
-    size = os.fstat(f.fileno()).st_size
-    offset = len(FORMAT1_MAGIC) + _LEN.size
-    if n > size - offset:
-        raise _corrupt(path, f"the header claims {n} bytes but only {size - offset} follow")
-    raw = f.read(n)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise _corrupt(path, f"the header is not valid UTF-8 JSON ({e})") from None
-    if not isinstance(header, dict):
-        raise _corrupt(path, "the header is not a JSON object")
-    version = header.get("format_version")
-    if not isinstance(version, int) or isinstance(version, bool):
-        raise _corrupt(path, f"the header has no integer format_version (got {version!r})")
-    if version != 1:  # format 1's framing carries version 1 only; later versions are safetensors
-        if version > FORMAT_VERSION:
-            raise _unsupported(path, version, header.get("lopt_version"))
-        raise _corrupt(path, f"invalid format_version {version} for a {FORMAT1_MAGIC!r} file")
-    missing = [k for k in _FORMAT1_REQUIRED_KEYS if k not in header]
-    if missing:
-        raise _corrupt(path, f"the header lacks {', '.join(missing)}")
-    arch = header["architecture"]
-    if not (
-        isinstance(arch, dict)
-        and isinstance(arch.get("name"), str)
-        and isinstance(arch.get("config"), dict)
-    ):
-        raise _corrupt(path, "the header's architecture is not {name: str, config: dict}")
-    return header, offset + n
-
-
-def _check_format1_payload(payload: bytes, header: dict, path: str) -> bytes:
-    expected = header["payload_bytes"]
-    if len(payload) < expected:
-        raise _corrupt(path, f"the payload has {len(payload)} of its {expected} bytes")
-    if len(payload) > expected:
-        raise _corrupt(path, f"{len(payload) - expected} unexpected bytes follow the payload")
-    digest = hashlib.sha256(payload).hexdigest()
-    if digest != header["payload_sha256"]:
-        raise _corrupt(
-            path, f"payload sha256 {digest} differs from the header's {header['payload_sha256']}"
-        )
-    return payload
-
-
-def _format1_header_leaves(
-    header: dict, path: str
-) -> dict[tuple[str, ...], tuple[tuple[int, ...], str]]:
-    mp = header["meta_params"]
-    try:
-        if mp.get("encoding", FORMAT1_ENCODING) != FORMAT1_ENCODING:
-            raise _corrupt(path, f"unknown meta-param encoding {mp['encoding']!r}")
-        out = {}
-        for leaf in mp["leaves"]:
-            out[tuple(str(k) for k in leaf["path"])] = (
-                tuple(int(d) for d in leaf["shape"]),
-                np.dtype(leaf["dtype"]).name,
-            )
-        return out
-    except (AttributeError, KeyError, TypeError, ValueError) as e:
-        if isinstance(e, CorruptExportError):
-            raise
-        raise _corrupt(path, f"the header's meta_params table is malformed ({e!r})") from None
-
-
-def _decode_format1_payload(payload: bytes, path: str) -> dict[tuple[str, ...], np.ndarray]:
-    try:
-        state = flax.serialization.msgpack_restore(payload)
-    except Exception as e:
-        raise _corrupt(path, f"the payload does not decode ({e!r})") from None
-    arrays = _flatten(state)
-    for p, leaf in arrays.items():
-        if not isinstance(leaf, np.ndarray):
-            raise _corrupt(path, f"payload leaf '{_fmt_path(p)}' is not an array")
-    return arrays

@@ -460,8 +460,7 @@ def load(
 ) -> MLPLOptTorch | AdafacMLPLOptTorch:
     """The torch optimizer an export defines, over ``params`` (tensors or param-group dicts).
 
-    ``path`` is any export :func:`lopt.export.load` reads (safetensors, or a format-1 ``.lopt``),
-    with all its checks and errors. ``lr`` (default: the export's ``step_mult``) becomes the
+    ``path`` is any export :func:`lopt.export.load` reads, with all its checks and errors. ``lr`` (default: the export's ``step_mult``) becomes the
     param groups' default. Raises :class:`UnsupportedArchitectureError` for an architecture
     other than ``mlp`` and ``adafac_mlp``.
     """

@@ -5,6 +5,7 @@ the environment that runs the tests (``pip install -e .``, as ``make test`` does
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import tomllib
@@ -32,3 +33,5 @@ def test_help_exits_zero(name):
                           env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert OWN_FLAG[name] in proc.stdout + proc.stderr
+    # Exports are safetensors files (lopt.export format 2); no help may still call them .lopt.
+    assert not re.search(r"\.lopt\b", proc.stdout + proc.stderr)

@@ -23,7 +23,8 @@ from absl import app, flags, logging  # noqa: E402
 
 from lopt.cli.common import UsageError, parse_flags, parse_lrs  # noqa: E402
 
-_EXPORT = flags.DEFINE_string("export", None, "Path of the exported learned optimizer (.lopt).")
+_EXPORT = flags.DEFINE_string("export", None,
+                              "Path of the exported learned optimizer (.safetensors).")
 _TASK = flags.DEFINE_string("task", "digits_mlp", "Task family name (tasks registry).")
 _TASK_KWARGS = flags.DEFINE_string("task_kwargs", "{}", "JSON dict of task family options.")
 _STEPS = flags.DEFINE_integer("steps", 200, "Training steps per task instance.")

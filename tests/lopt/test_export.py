@@ -1,5 +1,4 @@
-"""Tests for lopt.export: the safetensors learned-optimizer export (format 2) and the reader of
-the format-1 ``.lopt`` container."""
+"""Tests for lopt.export: the safetensors learned-optimizer export (format 2)."""
 
 from __future__ import annotations
 
@@ -7,6 +6,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import struct
 from typing import ClassVar
 
@@ -21,9 +21,6 @@ from safetensors import safe_open
 import lopt
 from lopt import export
 from lopt.base import config_of
-
-FORMAT1_FIXTURE = os.path.join(os.path.dirname(__file__), "data", "mlp_format1.lopt")
-
 
 @pytest.fixture(scope="module")
 def tiny():
@@ -126,7 +123,7 @@ def test_metadata_and_header(saved, tiny):
 
 def test_file_is_plain_safetensors_with_documented_metadata(saved, tiny):
     """What a non-JAX reader sees: numpy arrays under the meta-param paths and the documented
-    string metadata, whose checksum it can verify with the module docstring's recipe."""
+    string metadata, whose checksum it can verify with docs/export-format.md's recipe."""
     learned_opt, meta_params = tiny
     tensors = safetensors.numpy.load_file(str(saved))
     assert sorted(tensors) == ["mlp/0/b", "mlp/0/w", "mlp/1/b", "mlp/1/w"]
@@ -142,7 +139,7 @@ def test_file_is_plain_safetensors_with_documented_metadata(saved, tiny):
     assert lopt.get(meta["architecture"], **json.loads(meta["config"])) == learned_opt
     assert json.loads(meta["metadata"]) == {"outer_step": 7, "note": "tiny"}
     assert json.loads(meta["library_versions"])["jax"] == jax.__version__
-    h = hashlib.sha256()  # the recipe of the module docstring, written out independently
+    h = hashlib.sha256()  # the recipe of docs/export-format.md, written out independently
     for name, a in sorted(tensors.items()):
         line = json.dumps([name, a.dtype.name, list(a.shape)], separators=(",", ":")) + "\n"
         h.update(line.encode())
@@ -150,8 +147,31 @@ def test_file_is_plain_safetensors_with_documented_metadata(saved, tiny):
     assert meta["tensors_sha256"] == h.hexdigest()
 
 
+DOC = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "export-format.md")
+
+
+def test_documented_recipes_read_an_export(saved, tiny):
+    """The Python blocks of docs/export-format.md run as written: the checksum recipe
+    (section 4, an assert) and the reader without the safetensors library."""
+    learned_opt, meta_params = tiny
+    text = open(DOC, encoding="utf-8").read()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    checksum = next(b for b in blocks if "tensors_sha256" in b and "def " not in b)
+    exec(checksum, {"path": str(saved)})
+    scope: dict = {}
+    exec(next(b for b in blocks if "def read_export" in b), scope)
+    name, config, arrays = scope["read_export"](str(saved))
+    assert lopt.get(name, **config) == learned_opt
+    for i, layer in enumerate(meta_params["mlp"]):
+        for k in ("w", "b"):
+            np.testing.assert_array_equal(arrays[f"mlp/{i}/{k}"], np.asarray(layer[k]))
+    saved.write_bytes(saved.read_bytes() + b"\0")
+    with pytest.raises(AssertionError, match="trailing"):
+        scope["read_export"](str(saved))
+
+
 def test_any_path_is_accepted(tmp_path, tiny):
-    # The training loop may still name its export optimizer.lopt: the content decides the format.
+    # save() writes whatever path it is given; the content, not the suffix, is the format.
     learned_opt, meta_params = tiny
     path = export.save(tmp_path / "optimizer.lopt", learned_opt, meta_params)
     assert safetensors.numpy.load_file(path).keys() == {"mlp/0/b", "mlp/0/w", "mlp/1/b", "mlp/1/w"}
@@ -224,12 +244,6 @@ def test_truncated_file_is_corrupt(saved, keep):
     assert str(saved) in str(err.value)
 
 
-def test_trailing_bytes_are_corrupt(saved):
-    saved.write_bytes(saved.read_bytes() + b"\0")
-    with pytest.raises(export.CorruptExportError, match="follow the payload"):
-        export.load(saved)
-
-
 def test_not_an_export_is_corrupt(saved, tmp_path):
     data = saved.read_bytes()
     saved.write_bytes(b"NOT-AN-EXPORT" + data[13:])
@@ -254,13 +268,77 @@ def test_unparsable_header_is_corrupt(saved):
         export.load(saved)
 
 
-def test_header_shape_inconsistent_with_data_is_corrupt(saved):
-    table, _, header_bytes, data = _split(saved)
-    assert table["mlp/1/b"]["shape"] == [2] and header_bytes.count(b'"shape":[2]') == 1
-    edited = header_bytes.replace(b'"shape":[2]', b'"shape":[3]')
-    saved.write_bytes(struct.pack("<Q", len(edited)) + edited + data)
-    with pytest.raises(export.CorruptExportError, match="its shape needs"):
+def _edit_header(path, edit):
+    """Rewrite the safetensors header of ``path`` as ``edit(table, metadata)`` makes it (both
+    edited in place), keeping the data bytes: a file whose framing may no longer hold."""
+    table, meta, _, data = _split(path)
+    edit(table, meta)
+    header = json.dumps({**table, "__metadata__": meta}).encode()
+    path.write_bytes(struct.pack("<Q", len(header)) + header + data)
+
+
+# Framing the safetensors library rejects (section 1 of docs/export-format.md), each one way.
+BAD_FRAMINGS = {
+    "trailing bytes": lambda p: p.write_bytes(p.read_bytes() + b"\0"),
+    "header length past the end": lambda p: p.write_bytes(
+        struct.pack("<Q", len(p.read_bytes())) + p.read_bytes()[8:]),
+    "header not UTF-8": lambda p: p.write_bytes(struct.pack("<Q", 4) + b"\xff\xfe{}"),
+    "header not an object": lambda p: p.write_bytes(struct.pack("<Q", 2) + b"[]"),
+    "shape inconsistent with offsets": lambda p: _edit_header(
+        p, lambda t, m: t["mlp/1/b"].update(shape=[3])),
+    "overlapping offsets": lambda p: _edit_header(
+        p, lambda t, m: t["mlp/1/b"].update(data_offsets=t["mlp/0/b"]["data_offsets"])),
+    "unknown dtype code": lambda p: _edit_header(p, lambda t, m: t["mlp/1/b"].update(dtype="Q7")),
+    "metadata value not a string": lambda p: _edit_header(p, lambda t, m: m.update(created=1)),
+}
+
+
+@pytest.mark.parametrize("framing", BAD_FRAMINGS)
+def test_bad_framing_is_one_typed_error(saved, framing):
+    """The safetensors library checks the framing; its error reaches the caller as a one-line
+    CorruptExportError naming the file, from load and read_metadata alike."""
+    BAD_FRAMINGS[framing](saved)
+    for fn in (export.load, export.read_metadata):
+        with pytest.raises(export.CorruptExportError, match="corrupted or truncated") as err:
+            fn(saved)
+        msg = str(err.value)
+        assert str(saved) in msg and "safetensors" in msg and "\n" not in msg
+
+
+def test_dtype_numpy_lacks_is_corrupt(saved):
+    # F8_E4M3 is valid safetensors (and mlp/1/b's 8 bytes hold 8 of them), but numpy has no
+    # such type: loading reports the file corrupt instead of leaking numpy's error.
+    _edit_header(saved, lambda t, m: t["mlp/1/b"].update(dtype="F8_E4M3", shape=[8]))
+    with pytest.raises(export.CorruptExportError, match="dtype"):
         export.load(saved)
+    leaves = export.read_metadata(saved)["meta_params"]["leaves"]  # the header alone reads fine
+    assert {"path": ["mlp", "1", "b"], "shape": [8], "dtype": "F8_E4M3"} in leaves
+
+
+@pytest.mark.parametrize("changes, needle", [
+    ({"format_version": "two"}, "format_version"),
+    ({"format_version": "1"}, "format_version"),
+    ({"config": "{not json"}, "does not parse"),
+    ({"config": "[1, 2]"}, "not a JSON object"),
+    ({"metadata": "NaN]"}, "does not parse"),
+])
+def test_bad_metadata_is_corrupt(saved, changes, needle):
+    _rewrite(saved, **changes)
+    for fn in (export.load, export.read_metadata):
+        with pytest.raises(export.CorruptExportError, match=needle):
+            fn(saved)
+
+
+def test_missing_metadata_key_is_corrupt(saved):
+    _edit_header(saved, lambda t, m: m.pop("tensors_sha256"))
+    with pytest.raises(export.CorruptExportError, match="lacks tensors_sha256"):
+        export.read_metadata(saved)
+
+
+def test_missing_file_is_an_os_error(tmp_path):
+    # Callers (lopt-eval) tell a missing file from a bad one by the exception type.
+    with pytest.raises(FileNotFoundError):
+        export.load(tmp_path / "missing.safetensors")
 
 
 def test_loading_as_another_config_is_a_mismatch(saved):
@@ -332,82 +410,3 @@ def test_error_hierarchy():
     ):
         assert issubclass(cls, export.ExportError)
     assert issubclass(export.ExportError, ValueError)
-
-
-# --- format 1: .lopt files written before safetensors (read only) ------------------------------
-
-
-def _format1_fixture_value(name: str, shape: tuple[int, ...]) -> np.ndarray:
-    """The values the committed fixture holds. tests/lopt/data/mlp_format1.lopt was written by
-    the format-1 ``export.save`` (lopt before safetensors) as
-    ``save(path, lopt.get("mlp", hidden_size=4, hidden_layers=1), {"mlp": [{"w": v("mlp/0/w",
-    (18, 4)), "b": v("mlp/0/b", (4,))}, {"w": v("mlp/1/w", (4, 2)), "b": v("mlp/1/b", (2,))}]},
-    metadata={"outer_step": 12, "note": "format-1 fixture"})`` with ``v`` this function."""
-    n = int(np.prod(shape))
-    salt = sum(map(ord, name))
-    return (((np.arange(n) * 37 + salt) % 101 - 50) / 64.0).astype(np.float32).reshape(shape)
-
-
-def _split_format1(path):
-    """(header dict, payload bytes) of a format-1 file."""
-    data = path.read_bytes()
-    off = len(export.FORMAT1_MAGIC)
-    (n,) = struct.unpack("<Q", data[off : off + 8])
-    return json.loads(data[off + 8 : off + 8 + n]), data[off + 8 + n :]
-
-
-def _write_format1(path, header, payload):
-    """A minimal format-1 writer (magic, header length, JSON header, payload)."""
-    header_bytes = json.dumps(header).encode("utf-8")
-    path.write_bytes(
-        export.FORMAT1_MAGIC + struct.pack("<Q", len(header_bytes)) + header_bytes + payload
-    )
-
-
-@pytest.fixture
-def format1(tmp_path):
-    path = tmp_path / "old.lopt"
-    path.write_bytes(open(FORMAT1_FIXTURE, "rb").read())
-    return path
-
-
-def test_format1_file_still_loads(format1, tmp_path):
-    learned_opt, meta_params = export.load(format1)
-    assert learned_opt == lopt.get("mlp", hidden_size=4, hidden_layers=1)
-    for i, shape in enumerate([(18, 4), (4, 2)]):
-        layer = meta_params["mlp"][i]
-        np.testing.assert_array_equal(layer["w"], _format1_fixture_value(f"mlp/{i}/w", shape))
-        np.testing.assert_array_equal(layer["b"], _format1_fixture_value(f"mlp/{i}/b", shape[1:]))
-    header = export.read_metadata(format1)
-    assert header["format_version"] == 1
-    assert header["metadata"] == {"outer_step": 12, "note": "format-1 fixture"}
-    opt = export.load_optimizer(format1)
-    params = {"w": jnp.ones((3, 2))}
-    updates, _ = opt.update(params, opt.init(params), params)
-    assert np.all(np.isfinite(updates["w"])) and np.any(updates["w"] != 0)
-    # The documented conversion to format 2 keeps the arrays bit for bit and the metadata.
-    new = export.save(tmp_path / "new.safetensors", *export.load(format1),
-                      metadata=export.read_metadata(format1)["metadata"])
-    assert export.read_metadata(new)["format_version"] == 2
-    assert export.read_metadata(new)["metadata"] == header["metadata"]
-    _assert_trees_equal(export.load(new)[1], meta_params)
-
-
-def test_format1_errors(format1):
-    data = format1.read_bytes()
-    format1.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
-    with pytest.raises(export.CorruptExportError, match="payload sha256"):
-        export.load(format1)
-    format1.write_bytes(data[:-10])
-    with pytest.raises(export.CorruptExportError, match="truncated"):
-        export.load(format1)
-    header, payload = _split_format1(format1.__class__(FORMAT1_FIXTURE))
-    header["format_version"] = 3
-    _write_format1(format1, header, payload)
-    with pytest.raises(export.UnsupportedFormatError, match="format_version 3"):
-        export.read_metadata(format1)
-    header["format_version"] = 1
-    header["meta_params"]["leaves"][0]["shape"] = [3, 3]  # only the payload is checksummed
-    _write_format1(format1, header, payload)
-    with pytest.raises(export.ArchitectureMismatchError, match=r"\[3, 3\] in the export"):
-        export.load(format1)
