@@ -40,6 +40,8 @@ import numpy as np
 from tasks import catalogue
 from tasks import data as data_lib
 from tasks import idx as idx_lib
+from tasks.data.locate import _version_dir
+from tasks.data.store import _one_line
 from tasks.errors import DataFileError, LabelRangeError, TextFormatError
 
 VERSION = "1.0.0"  # of every dataset prepared here (tfds' own builds carry their own versions)
@@ -120,7 +122,7 @@ def prepare(
         num_classes=entry.num_classes,
     )  # fmt: skip
     data_lib.write_source_record(target, fingerprint)
-    loaded = data_lib._version_dir(dataset, data_dir)  # the newest version: the one load reads
+    loaded = _version_dir(dataset, data_dir)  # the newest version: the one load reads
     if loaded != target:
         notes.append(
             f"{loaded} is a newer version of {dataset!r} in the same data dir; tasks.data.load "
@@ -206,7 +208,7 @@ def _unpickle(path: str) -> dict:
             batch = _ArrayUnpickler(f, encoding="bytes").load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
         raise DataFileError(
-            f"{path}: not a readable CIFAR-10 batch pickle ({data_lib._one_line(e)})"
+            f"{path}: not a readable CIFAR-10 batch pickle ({_one_line(e)})"
         ) from None
     if not isinstance(batch, dict):
         raise DataFileError(f"{path}: not a CIFAR-10 batch (a {type(batch).__name__}, not a dict)")
@@ -293,7 +295,7 @@ def _npz_batch(path: str, num_classes: int) -> dict[str, np.ndarray]:
     except DataFileError:
         raise
     except Exception as e:  # noqa: BLE001 - zipfile, zlib and numpy raise many types
-        raise DataFileError(f"{path}: not a readable .npz file ({data_lib._one_line(e)})") from None
+        raise DataFileError(f"{path}: not a readable .npz file ({_one_line(e)})") from None
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != _IMAGE_VALUES:
         hint = " (that is a larger download; this needs the 32x32 one)" if data.ndim == 2 else ""
         raise DataFileError(
