@@ -25,6 +25,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from tasks import idx as idx_lib
+from tasks.data.locate import _check_text_file
 from tasks.data.store import _one_line, write_arrays
 from tasks.errors import StaleDataError, StaleDataWarning, TextFormatError
 
@@ -187,10 +188,7 @@ def _local_idx(path: str, data_dir: str) -> tuple[str, str]:
 
 def read_text_file(path: str) -> bytes:
     """The bytes of a text file, gunzipped if it is gzip (by its content); errors name it."""
-    if os.path.isdir(path):
-        raise IsADirectoryError(f"text file {path} is a directory; give the path of one text file")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"text file {path} does not exist")
+    _check_text_file(path)
     with open(path, "rb") as f:
         raw = f.read()
     if raw[:2] == b"\x1f\x8b":
@@ -218,10 +216,7 @@ def text_chunks(raw: bytes) -> dict[str, dict[str, np.ndarray]]:
 def _local_text(path: str, data_dir: str) -> tuple[str, str]:
     """Convert the text file ``path`` (plain or gzipped) into array_record once; (name, token)."""
     path = os.path.abspath(os.path.expanduser(path))
-    if os.path.isdir(path):
-        raise IsADirectoryError(f"text file {path} is a directory; give the path of one text file")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"text file {path} does not exist")
+    _check_text_file(path)
 
     def convert():
         return text_chunks(read_text_file(path)), None, f"text file {path}"

@@ -177,12 +177,14 @@ def require(name: str, data_dir: str | None = None) -> None:
     if name.startswith(IDX_PREFIX):
         idx_lib.find_idx_splits(os.path.abspath(os.path.expanduser(name[len(IDX_PREFIX) :])))
     elif name.startswith(TEXT_PREFIX):
-        path = os.path.abspath(os.path.expanduser(name[len(TEXT_PREFIX) :]))
-        if os.path.isdir(path):
-            raise IsADirectoryError(
-                f"text file {path} is a directory; give the path of one text file"
-            )
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"text file {path} does not exist")
+        _check_text_file(os.path.abspath(os.path.expanduser(name[len(TEXT_PREFIX) :])))
     else:
         _version_dir(name, data_dir)
+
+
+def _check_text_file(path: str) -> None:
+    """Raise unless ``path`` is an existing file (the ``text:`` corpus a dataset name gives)."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"text file {path} is a directory; give the path of one text file")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"text file {path} does not exist")
