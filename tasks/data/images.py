@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from collections.abc import Sequence
 
 import jax
@@ -20,7 +19,7 @@ import numpy as np
 
 from tasks import preprocess
 from tasks.base import SPLITS
-from tasks.data.local import _local_idx
+from tasks.data.local import _local_idx, _prepared
 from tasks.data.locate import GENERATED_TEXT, IDX_PREFIX, TEXT_PREFIX, _resolve
 from tasks.data.store import _open, _read_source, write_arrays
 from tasks.errors import DataFileError, LabelRangeError
@@ -295,7 +294,7 @@ def _to_device(arrays: dict[str, np.ndarray], name: str) -> dict[str, jax.Array]
 
 def _prepare_digits(data_dir: str) -> None:
     """Write scikit-learn's digits as ``lopt_digits`` (train/test) unless already there."""
-    if os.path.isfile(os.path.join(data_dir, DIGITS_DATASET, "1.0.0", "dataset_info.json")):
+    if _prepared(DIGITS_DATASET, data_dir):
         return
     from sklearn.datasets import load_digits
 

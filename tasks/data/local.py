@@ -49,6 +49,8 @@ def _local_name(kind: str, path: str) -> str:
 
 
 def _prepared(name: str, data_dir: str, version: str = _LOCAL_VERSION) -> bool:
+    """Whether ``data_dir/NAME/VERSION`` holds a ``dataset_info.json``; ``version`` defaults to
+    the one this package writes its own datasets at (local files, digits, generated text)."""
     return os.path.isfile(os.path.join(data_dir, name, version, "dataset_info.json"))
 
 
