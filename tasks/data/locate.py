@@ -1,8 +1,8 @@
 """Where prepared datasets live, decided from the filesystem alone.
 
-The data dir (:func:`default_data_dir`), the dataset names this layer knows beyond the tfds
-catalogue (``idx:DIR``, ``text:FILE``, ``generated``), the newest prepared version directory of
-a dataset (``_version_dir``) and :func:`require`, which task families call before any other
+The data dir (:func:`default_data_dir`), the names of the datasets this package makes itself
+(``digits``, ``generated``, ``idx:DIR``, ``text:FILE``), the newest prepared version directory
+of a dataset (``_version_dir``) and :func:`require`, which task families call before any other
 work. Nothing here parses a data file or imports tfds, so a dataset that is not prepared fails
 at once, with the command that prepares it, instead of tfds trying the network.
 """
