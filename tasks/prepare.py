@@ -38,8 +38,11 @@ from collections.abc import Callable
 import numpy as np
 
 from tasks import catalogue
-from tasks import data as data_lib
 from tasks import idx as idx_lib
+from tasks.data.images import check_labels
+from tasks.data.local import read_text_file, source_fingerprint, text_chunks, write_source_record
+from tasks.data.locate import _version_dir, default_data_dir
+from tasks.data.store import _one_line, write_arrays
 from tasks.errors import DataFileError, LabelRangeError, TextFormatError
 
 VERSION = "1.0.0"  # of every dataset prepared here (tfds' own builds carry their own versions)
@@ -87,7 +90,7 @@ def prepare(
             f"unknown dataset {dataset!r}; scripts/prepare_data.py prepares "
             f"{', '.join(catalogue.PAPER_DATASETS)}"
         )
-    data_dir = os.path.abspath(os.path.expanduser(data_dir or data_lib.default_data_dir()))
+    data_dir = os.path.abspath(os.path.expanduser(data_dir or default_data_dir()))
     source = os.path.abspath(os.path.expanduser(source))
     if not os.path.exists(source):
         raise FileNotFoundError(f"--source {source} does not exist; give {entry.source}")
@@ -107,7 +110,7 @@ def prepare(
 
     reader = _READERS[entry.kind]
     splits, files, notes = reader(source, progress)
-    fingerprint = data_lib.source_fingerprint(files)
+    fingerprint = source_fingerprint(files)
     notes = list(notes) + _checksum_notes(entry, fingerprint)
 
     if os.path.exists(target):
@@ -115,12 +118,12 @@ def prepare(
     description = (
         f"{entry.title}, prepared by scripts/prepare_data.py from {source} ({entry.papers})."
     )
-    data_lib.write_arrays(
+    write_arrays(
         dataset, splits, data_dir, version=VERSION, description=description,
         num_classes=entry.num_classes,
     )  # fmt: skip
-    data_lib.write_source_record(target, fingerprint)
-    loaded = data_lib._version_dir(dataset, data_dir)  # the newest version: the one load reads
+    write_source_record(target, fingerprint)
+    loaded = _version_dir(dataset, data_dir)  # the newest version: the one load reads
     if loaded != target:
         notes.append(
             f"{loaded} is a newer version of {dataset!r} in the same data dir; tasks.data.load "
@@ -159,7 +162,7 @@ def _read_mnist(source: str, progress: bool):
                 f"{images_path}: {images.shape[1]}x{images.shape[2]} {images.dtype} images; "
                 "MNIST images are 28x28 uint8"
             )
-        data_lib.check_labels(arrays["label"], 10, labels_path)
+        check_labels(arrays["label"], 10, labels_path)
         splits[split] = arrays
     notes = []
     if set(splits) == {"test"}:
@@ -206,7 +209,7 @@ def _unpickle(path: str) -> dict:
             batch = _ArrayUnpickler(f, encoding="bytes").load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
         raise DataFileError(
-            f"{path}: not a readable CIFAR-10 batch pickle ({data_lib._one_line(e)})"
+            f"{path}: not a readable CIFAR-10 batch pickle ({_one_line(e)})"
         ) from None
     if not isinstance(batch, dict):
         raise DataFileError(f"{path}: not a CIFAR-10 batch (a {type(batch).__name__}, not a dict)")
@@ -231,7 +234,7 @@ def _cifar_batch(path: str, num_classes: int) -> dict[str, np.ndarray]:
         raise DataFileError(
             f"{path}: {len(data)} images but {labels.size} labels; they must match one to one"
         )
-    data_lib.check_labels(labels, num_classes, path)
+    check_labels(labels, num_classes, path)
     images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     return {"image": np.ascontiguousarray(images), "label": labels.astype(np.int64)}
 
@@ -293,7 +296,7 @@ def _npz_batch(path: str, num_classes: int) -> dict[str, np.ndarray]:
     except DataFileError:
         raise
     except Exception as e:  # noqa: BLE001 - zipfile, zlib and numpy raise many types
-        raise DataFileError(f"{path}: not a readable .npz file ({data_lib._one_line(e)})") from None
+        raise DataFileError(f"{path}: not a readable .npz file ({_one_line(e)})") from None
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != _IMAGE_VALUES:
         hint = " (that is a larger download; this needs the 32x32 one)" if data.ndim == 2 else ""
         raise DataFileError(
@@ -338,7 +341,7 @@ def _read_imagenet32(source: str, progress: bool):
 
 
 def _read_text(source: str, progress: bool):
-    [raw] = [data_lib.read_text_file(p) for p in _bar([source], "reading text", progress)]
+    [raw] = [read_text_file(p) for p in _bar([source], "reading text", progress)]
     try:
         raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -346,7 +349,7 @@ def _read_text(source: str, progress: bool):
             f"{source}: not UTF-8 text (byte {e.start}: {e.reason}); the character tokenizer "
             "needs UTF-8"
         ) from None
-    return data_lib.text_chunks(raw), [source], []
+    return text_chunks(raw), [source], []
 
 
 _READERS: dict[str, Callable] = {

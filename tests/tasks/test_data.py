@@ -1,4 +1,4 @@
-"""Tests for tasks/data.py: array_record datasets through tensorflow-datasets, no TensorFlow."""
+"""Tests for tasks/data/: array_record datasets through tensorflow-datasets, no TensorFlow."""
 
 import json
 import os

@@ -14,6 +14,7 @@ import pytest
 
 import tasks
 from tasks import data, errors
+from tasks.data import local as data_local
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak. Ünïcödé ✓\n" * 40
 
@@ -63,7 +64,8 @@ def test_local_text_is_converted_once(tmp_path, monkeypatch):
     path.write_text(TEXT)
     first = data.load_text(f"text:{path}", str(tmp_path))
     data.load.cache_clear()  # empties every dataset cache
-    monkeypatch.setattr(data, "read_text_file", lambda p: pytest.fail("read the file again"))
+    # Patched where _local_text looks it up (tasks.data.local), not on the package.
+    monkeypatch.setattr(data_local, "read_text_file", lambda p: pytest.fail("read the file again"))
     again = data.load_text(f"text:{path}", str(tmp_path))
     assert again is not first and _joined(again) == TEXT
     # A changed file is converted again, and says so.
