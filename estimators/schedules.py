@@ -75,11 +75,12 @@ class Linear:
     is additionally jittered by a small percentage (sampled uniformly up to 20%)"; App. C:
     "Sample a number of steps per truncation, k, based on current outer-training iteration".
     It is the *truncation* length there (``unroll.trunc_schedule``); as ``unroll.horizon`` it
-    grows whole trajectories instead."""
+    grows whole trajectories instead. The defaults are the paper's: 50 -> 10,000 over 5,000 outer
+    steps, jitter 20%."""
 
     start: int = 50
     end: int = 10_000
-    steps: int = 10_000
+    steps: int = 5_000
     jitter: float = 0.2
 
     def __post_init__(self):
@@ -170,7 +171,7 @@ def constant(length: int) -> Constant:
     return Constant(length)
 
 
-def linear(start: int = 50, end: int = 10_000, steps: int = 10_000, jitter: float = 0.2) -> Linear:
+def linear(start: int = 50, end: int = 10_000, steps: int = 5_000, jitter: float = 0.2) -> Linear:
     return Linear(start, end, steps, jitter)
 
 

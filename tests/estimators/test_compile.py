@@ -61,3 +61,12 @@ def test_schedules():
     with pytest.raises(ValueError, match="boundaries"):
         schedules.get("stages", lengths=(1, 2), boundaries=())
     assert schedules.power_of_two_buckets(100) == (1, 2, 4, 8, 16, 32, 64, 100)
+
+
+def test_linear_schedule_defaults_are_metz_2019s():
+    """Sec. 4.3: "we linearly increase the number of unrolled steps from 50 to 10,000 over the
+    course of 5,000 outer-training weight updates ... jittered by ... up to 20%"."""
+    lin = schedules.linear()
+    assert (lin.start, lin.end, lin.steps, lin.jitter) == (50, 10_000, 5_000, 0.2)
+    assert schedules.get("linear") == lin
+    np.testing.assert_allclose(float(lin.mean_length(2_500)), 50 + (10_000 - 50) / 2)
