@@ -92,19 +92,22 @@ def antithetic_params(meta_params: MetaParams, eps: MetaParams) -> MetaParams:
     )
 
 
+def antithetic(unroller: Unroller) -> Unroller:
+    """The unroller as the ES family runs it: antithetic partners share keys (``pairs``) and
+    each particle unrolls its own perturbed meta-params (``per_particle``)."""
+    return dataclasses.replace(unroller, pairs=True, per_particle=True)
+
+
 def antithetic_unroll(
     unroller: Unroller, meta_params: MetaParams, unroll_state: UnrollState, key: jax.Array,
     std: float, outer_step: jax.Array,
 ) -> tuple[MetaParams, UnrollState, UnrollOutput]:
-    """One truncation of the antithetic particles (truncated ES / PES, Vicol et al. 2021):
-    draws eps_i per pair, unrolls theta + eps_i and theta - eps_i with shared task keys, and
-    returns ``(eps, new unroll state, UnrollOutput)``."""
+    """One truncation of the antithetic particles (truncated ES / PES, Vicol et al. 2021) of
+    an :func:`antithetic` unroller: draws eps_i per pair, unrolls theta + eps_i and
+    theta - eps_i with shared task keys, and returns ``(eps, new unroll state, UnrollOutput)``."""
     k_eps, k_unroll = jax.random.split(key)
     eps = sample_perturbation(unroller, k_eps, meta_params, std)
-    unroll, out = unroller.unroll(
-        antithetic_params(meta_params, eps), unroll_state, k_unroll, outer_step,
-        pairs=True, per_particle_meta_params=True,
-    )
+    unroll, out = unroller.unroll(antithetic_params(meta_params, eps), unroll_state, k_unroll, outer_step)
     return eps, unroll, out
 
 
@@ -165,30 +168,15 @@ class ESOptions:
       scale at which antithetic differences of the per-parameter MLP's meta-loss stay local;
       Metz et al. 2019 smooth with sigma^2 = 0.01 ("set to 0.01 in all experiments", Sec. 3),
       i.e. ``std=0.1``, which ``configs/metz2019.py`` uses.
-    loss_diff_clip: if set, L+ - L- is clipped to [-c, c] (robustness to exploding unrolls).
-    sign: use sign(L+ - L-) * sigma in place of the difference, a scale-free variant whose
-      expectation is proportional to the smoothed gradient's direction, not its size.
     """
 
     std: float = 0.01
-    loss_diff_clip: float | None = None
-    sign: bool = False
 
     def __post_init__(self):
         if not self.std > 0:
             raise ValueError(f"{type(self).__name__}: std must be positive, got {self.std}")
-        if self.loss_diff_clip is not None and not self.loss_diff_clip > 0:
-            raise ValueError(f"loss_diff_clip must be positive or None, got {self.loss_diff_clip}")
-
-    def shape_diff(self, diff: jax.Array) -> jax.Array:
-        """Apply the sign / clip options to loss differences L+ - L-."""
-        if self.sign:
-            return jnp.sign(diff) * self.std
-        if self.loss_diff_clip is not None:
-            return jnp.clip(diff, -self.loss_diff_clip, self.loss_diff_clip)
-        return diff
 
     def es_coefficients(self, diff: jax.Array) -> jax.Array:
         """Per-pair weights c_i with  g = sum_i c_i eps_i = 1/(2 sigma^2 N) sum_i dL_i eps_i
         (the antithetic ES estimator, Salimans et al. 2017 / Vicol et al. 2021 eq. 3)."""
-        return self.shape_diff(diff) / (2.0 * self.std**2 * diff.shape[0])
+        return diff / (2.0 * self.std**2 * diff.shape[0])

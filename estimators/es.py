@@ -22,6 +22,7 @@ import jax
 import estimators
 from estimators.base import (
     ESOptions,
+    antithetic,
     antithetic_unroll,
     keep_positive,
     num_pairs,
@@ -40,11 +41,11 @@ class ESState(NamedTuple):
 @estimators.register("es")
 @dataclasses.dataclass(frozen=True)
 class TruncatedES(ESOptions):
-    """Options ``std``, ``loss_diff_clip``, ``sign`` as in :class:`ESOptions`."""
+    """Option ``std`` as in :class:`ESOptions`."""
 
     def init(self, unroller: Unroller, key: jax.Array, meta_params: MetaParams) -> ESState:
         num_pairs(unroller, "es")
-        return ESState(unroller.init(meta_params, key, pairs=True))
+        return ESState(antithetic(unroller).init(meta_params, key))
 
     def partition(self, state: ESState) -> ESState:
         return ESState(unroll_partition(state.unroll))
@@ -54,10 +55,11 @@ class TruncatedES(ESOptions):
         outer_step: jax.Array,
     ) -> tuple[MetaParams, ESState, dict]:
         num_pairs(unroller, "es")
+        unroller = antithetic(unroller)
         eps, unroll, out = antithetic_unroll(unroller, meta_params, state.unroll, key, self.std, outer_step)
         loss = out.step_mean()
         pos, neg = split_signs(loss)
         grad = weighted_sum(self.es_coefficients(pos - neg), eps)
         unroll = unroll._replace(particles=keep_positive(unroll.particles))
-        metrics = {"meta_loss": loss.mean(), **unroll_metrics(unroller, out, pairs=True)}
+        metrics = {"meta_loss": loss.mean(), **unroll_metrics(unroller, out)}
         return grad, ESState(unroll), metrics

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import estimators
 from estimators.base import (
     ESOptions,
+    antithetic,
     antithetic_params,
     from_pairs,
     keep_positive,
@@ -48,7 +49,7 @@ from estimators.base import (
     to_pairs,
     unroll_partition,
 )
-from estimators.unroll import Truncation, Unroller, UnrollOutput, UnrollState, unroll_metrics
+from estimators.unroll import Truncation, Unroller, UnrollState, unroll_metrics
 from lopt.base import MetaParams
 
 
@@ -81,18 +82,24 @@ def inverse_variance_merge(
 @estimators.register("merged")
 @dataclasses.dataclass(frozen=True)
 class Merged(ESOptions):
-    """Options ``std``, ``loss_diff_clip``, ``sign`` (for the ES half) as in :class:`ESOptions`;
+    """Option ``std`` (for the ES half) as in :class:`ESOptions`;
     ``first_order`` and ``checkpoint`` for the reparameterization half as in ``tbptt``."""
 
     first_order: bool = False
     checkpoint: bool = True
+
+    def unroller(self, unroller: Unroller) -> Unroller:
+        """Antithetic pairs, each pair's run mapped by ``vmap`` (``vmapped``) and differentiated
+        as TBPTT differentiates (``checkpoint``, ``first_order``)."""
+        return dataclasses.replace(antithetic(unroller), vmapped=True, checkpoint=self.checkpoint,
+                                   first_order=self.first_order)
 
     def init(self, unroller: Unroller, key: jax.Array, meta_params: MetaParams) -> MergedState:
         n = num_pairs(unroller, "merged")
         if n * unroller.num_shards < 2:
             raise ValueError("merged needs at least 2 antithetic pairs (num_particles >= 4) "
                              "to estimate variances")
-        return MergedState(unroller.init(meta_params, key, pairs=True))
+        return MergedState(self.unroller(unroller).init(meta_params, key))
 
     def partition(self, state: MergedState) -> MergedState:
         return MergedState(unroll_partition(state.unroll))
@@ -102,26 +109,24 @@ class Merged(ESOptions):
         outer_step: jax.Array,
     ) -> tuple[MetaParams, MergedState, dict]:
         n = num_pairs(unroller, "merged")
+        unroller = self.unroller(unroller)
         k_eps, k_unroll = jax.random.split(key)
         eps = sample_perturbation(unroller, k_eps, meta_params, self.std)
-        trunc = unroller.begin(state.unroll, k_unroll, outer_step, pairs=True)
+        trunc = unroller.begin(state.unroll, k_unroll, outer_step)
         pairs = to_pairs((state.unroll.particles, trunc.start))  # [N, 2, ...]
 
         def pair_loss(theta, e, pair):
             particles, start = pair
             thetas = jax.tree.map(lambda t, x: jnp.stack([t + x, t - x]), theta, e)
-            end, offered, ys, info, extras = unroller.run(
-                thetas, particles, Truncation(trunc.n_steps, start), outer_step,
-                per_particle_meta_params=True, checkpoint=self.checkpoint,
-                stop_inner_grad=self.first_order, vmapped=True,
-            )
-            out = UnrollOutput(*ys, info=info, position=end.step, extras=extras)
+            end, offered, steps, info, extras = unroller.run(
+                thetas, particles, Truncation(trunc.n_steps, start), outer_step)
+            out = Unroller.output(end, steps, info, extras)
             loss = out.step_mean()  # [2]: L+, L-
             return loss.mean(), (end, offered, loss, out)
 
         grad_fn = jax.vmap(jax.grad(pair_loss, has_aux=True), in_axes=(None, 0, 0))
         g_rp, (end, offered, losses, out) = grad_fn(per_device(unroller, meta_params), eps, pairs)
-        coef = self.shape_diff(losses[:, 0] - losses[:, 1]) / (2.0 * self.std**2)
+        coef = (losses[:, 0] - losses[:, 1]) / (2.0 * self.std**2)
         g_es = jax.tree.map(lambda e: coef.reshape((n,) + (1,) * (e.ndim - 1)) * e, eps)
 
         merged = jax.tree.map(lambda a, b: inverse_variance_merge(unroller, a, b), g_rp, g_es)
@@ -134,11 +139,11 @@ class Merged(ESOptions):
         extras = {k: v.mean() for k, v in out.extras.items()}  # per pair -> over all
         end, offered, out = from_pairs((end, offered, out._replace(extras={})))
         out = out._replace(extras=extras)
-        unroll = unroller.finish(state.unroll, end, offered, pairs=True)
+        unroll = unroller.finish(state.unroll, end, offered)
         unroll = unroll._replace(particles=keep_positive(unroll.particles))
         metrics = {
             "meta_loss": losses.mean(),
-            **unroll_metrics(unroller, out, pairs=True),
+            **unroll_metrics(unroller, out),
             "es_share": es_share,
             "rp_nonfinite_share": rp_bad,
         }

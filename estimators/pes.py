@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import estimators
 from estimators.base import (
     ESOptions,
+    antithetic,
     antithetic_unroll,
     num_pairs,
     split_signs,
@@ -62,12 +63,12 @@ class PESState(NamedTuple):
 @estimators.register("pes")
 @dataclasses.dataclass(frozen=True)
 class PES(ESOptions):
-    """Persistent ES; options ``std``, ``loss_diff_clip``, ``sign`` as in :class:`ESOptions`."""
+    """Persistent ES; option ``std`` as in :class:`ESOptions`."""
 
     def init(self, unroller: Unroller, key: jax.Array, meta_params: MetaParams) -> PESState:
         check_persistent(unroller)
         n = num_pairs(unroller, "pes")
-        unroll = unroller.init(meta_params, key, pairs=True)
+        unroll = antithetic(unroller).init(meta_params, key)
         accum = jax.tree.map(lambda x: jnp.zeros((n,) + jnp.shape(x), jnp.float32), meta_params)
         return PESState(unroll, accum)
 
@@ -79,6 +80,7 @@ class PES(ESOptions):
         outer_step: jax.Array,
     ) -> tuple[MetaParams, PESState, dict]:
         n = num_pairs(unroller, "pes")
+        unroller = antithetic(unroller)
         eps, unroll, out = antithetic_unroll(unroller, meta_params, state.unroll, key, self.std, outer_step)
         pos, neg = split_signs(out.losses * out.step_weights())  # per-step share of the loss
         diff = pos - neg  # [N, T]
@@ -95,5 +97,5 @@ class PES(ESOptions):
             return jnp.where(kept.reshape((n,) + (1,) * (acc.ndim - 1)), acc + e, e)
 
         accum = jax.tree.map(new_sum, state.accum, eps)
-        metrics = {"meta_loss": out.step_mean().mean(), **unroll_metrics(unroller, out, pairs=True)}
+        metrics = {"meta_loss": out.step_mean().mean(), **unroll_metrics(unroller, out)}
         return grad, PESState(unroll, accum), metrics

@@ -34,6 +34,10 @@ class TBPTT:
     first_order: bool = False
     checkpoint: bool = True
 
+    def unroller(self, unroller: Unroller) -> Unroller:
+        """The unroll as TBPTT differentiates it."""
+        return dataclasses.replace(unroller, checkpoint=self.checkpoint, first_order=self.first_order)
+
     def init(self, unroller: Unroller, key: jax.Array, meta_params: MetaParams) -> TBPTTState:
         return TBPTTState(unroller.init(meta_params, key))
 
@@ -44,11 +48,10 @@ class TBPTT:
         self, unroller: Unroller, meta_params: MetaParams, state: TBPTTState, key: jax.Array,
         outer_step: jax.Array,
     ) -> tuple[MetaParams, TBPTTState, dict]:
+        unroller = self.unroller(unroller)
+
         def meta_loss(theta):
-            unroll, out = unroller.unroll(
-                theta, state.unroll, key, outer_step,
-                checkpoint=self.checkpoint, stop_inner_grad=self.first_order,
-            )
+            unroll, out = unroller.unroll(theta, state.unroll, key, outer_step)
             return out.step_mean().mean(), (unroll, out)
 
         (loss, (unroll, out)), grad = jax.value_and_grad(meta_loss, has_aux=True)(

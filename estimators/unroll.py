@@ -5,40 +5,41 @@ each) by one truncation of ``trunc_length`` inner steps with ``lax.scan`` under 
 built from the task family, ONE inner-update factory ``learned_opt`` (``meta_params ->
 optax.GradientTransformationExtraArgs``: a learned optimizer, or a wrapper of one from
 ``lopt.wrappers`` such as ELO behaviour cloning), ONE reset policy (``estimators.resets``), the
-unroll settings (particles, truncation length, horizon schedule) and the meta-loss.
+unroll settings (particles, truncation length, horizon schedule) and the meta-loss
+(``estimators.meta_loss``).
 
 Per particle it keeps a :class:`ParticleState`: task spec, params, optimizer state, position in
 its trajectory (``step``: inner steps taken) and trajectory length. A truncation:
 
-1. ``begin``: this outer step's truncation length, the particles' keys, and the reset policy's
-   draw (which particles start from a stored state, and where each offers its state back);
-2. ``run``: per particle, the starting state (the reset policy's at the one point where it is
-   asked: the truncation's first step; a particle whose trajectory ended starts a fresh one),
-   then the inner steps; a trajectory that reaches its length mid-truncation continues with a
-   fresh one (prepared once per truncation, not per step);
-3. ``finish``: the reset policy observes the offered states.
+1. :meth:`Unroller.begin`: this outer step's truncation length, the particles' keys, and the
+   reset policy's draw (which particles start from a stored state, and where each offers its
+   state back);
+2. :meth:`Unroller.run`: per particle, the starting state (:meth:`Unroller.start`: the reset
+   policy's at the one point where it is asked, the truncation's first step; a particle whose
+   trajectory ended starts a fresh one), then the inner steps (:meth:`Unroller.body`); a
+   trajectory that reaches its length mid-truncation continues with a fresh one
+   (:meth:`Unroller.restart`, prepared once per truncation, not per step);
+3. :meth:`Unroller.finish`: the reset policy observes the offered states.
 
-It returns per-step meta-loss terms, masks and a typed :class:`ResetInfo`, so each estimator
-attributes every step's loss to the trajectory it belongs to. It never counts outer steps: the
-run's one clock, ``MetaTrainState.outer_step``, is passed in (schedules, alpha ramps, the reset
-policy's t > 0 gate read it).
+What an estimator needs from the unroll is a field it sets with ``dataclasses.replace``, as the
+trainer sets the sharding (:meth:`Unroller.sharded`): ``pairs`` (antithetic partners share
+keys), ``per_particle`` (meta-params with a leading particle axis: perturbed copies),
+``checkpoint`` (recompute inner steps in the backward pass), ``first_order`` (no gradient
+through the optimizee's gradients) and ``vmapped`` (the caller maps ``run`` over an axis of its
+own). It returns per-step meta-loss terms, masks and a typed :class:`ResetInfo`, so each
+estimator attributes every step's loss to the trajectory it belongs to. It never counts outer
+steps: the run's one clock, ``MetaTrainState.outer_step``, is passed in.
 
-Meta-loss (one definition for every estimator, :class:`MetaLoss`): per inner step, the loss of
-the parameters AFTER that step's update, on a fresh batch of the ``split`` ("train" or "valid")
-drawn independently of the batch the update's gradient used. A truncation of T steps from
-position K therefore scores the T updates it made, f(theta_{K+1}) ... f(theta_{K+T}): Metz et
-al. 2019, Figure 1, L_train(theta) = E_{x ~ D_train}[1/T sum_{t=1..T} l(x; w(t))], and L_valid
-likewise with D_valid. Two options, both off by default (the papers' objective is the plain
-mean): ``normalize="initial"`` divides each term by the loss of the trajectory's initial
-parameters (on a batch of the same split, under ``stop_gradient``: it does not depend on the
-meta-params), so task instances of different loss scales weigh alike; ``clip`` bounds each term
-(and turns a non-finite one into ``clip``) so a diverging inner run cannot dominate. A wrapper
-with a ``meta_term`` (behaviour cloning) fuses its own term in (``lopt.wrappers.meta_term``).
+The meta-loss term of an update is defined once, :meth:`Unroller.score` (``estimators.meta_loss``
+for the definition). With the ``train`` split the loss it scores is the next step's training
+loss, which the unroll computes anyway for that step's gradient (a fresh training batch,
+independent of what produced the params): :meth:`Unroller.scores_next_batch`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, NamedTuple
 
@@ -47,6 +48,7 @@ import jax.numpy as jnp
 import optax
 
 from estimators import keys as keys_lib
+from estimators.meta_loss import NORMALIZER_FLOOR, MetaLoss
 from estimators.resets import FreshReset
 from estimators.schedules import Schedule, power_of_two_buckets
 from lopt.base import MetaParams
@@ -76,6 +78,17 @@ class ResetInfo(NamedTuple):
     carried: jax.Array  # bool: continued its own trajectory from the previous truncation
     restored: jax.Array  # bool: started from a state the reset policy stored (ELO's buffer)
     start_position: jax.Array  # int32: position K at the truncation's first step
+
+
+class Steps(NamedTuple):
+    """Per-step outputs of a truncation ([P, T]; steps past a drawn length are padding)."""
+
+    losses: jax.Array  # meta-loss terms (normalised/clipped as MetaLoss says)
+    raw_losses: jax.Array  # training-batch losses (before each update)
+    done: jax.Array  # bool: the trajectory reached its length at this step
+    reset: jax.Array  # bool: the particle started a new trajectory at this step
+    mask: jax.Array  # bool: the step ran (False past a scheduled truncation length)
+    unnormalized: jax.Array  # bool: normalize="initial" but the initial loss was ~0
 
 
 class UnrollOutput(NamedTuple):
@@ -115,63 +128,16 @@ class Truncation(NamedTuple):
     start: SegmentStart
 
 
-#: An initial loss at or below this is "zero": normalising by it would blow every term up to
-#: the clip (and zero the meta-gradient), so such a trajectory's terms are left unnormalised.
-NORMALIZER_FLOOR = 1e-8
+class _Segment(NamedTuple):
+    """What every step of one truncation reads (the body's constants)."""
 
-
-@dataclasses.dataclass(frozen=True)
-class MetaLoss:
-    """How per-step losses become the meta-objective (module docstring).
-
-    split: ``"train"`` or ``"valid"``: the data the loss after each update is measured on
-      (Metz et al. 2019's L_train and L_valid, Figure 1).
-    normalize: ``"none"`` (default) or ``"initial"``: divide by the loss of the trajectory's
-      initial parameters (theta-independent, under ``stop_gradient``). A trajectory whose initial
-      loss is <= ``NORMALIZER_FLOOR`` is left unnormalised and counted (``unnormalized_share``).
-    clip: None (default) or a bound c > 0: each term becomes min(term, c), non-finite -> c.
-
-    What the papers used: Metz et al. 2019 (Figure 1, Sec. 2.1): the plain mean of the per-step
-    loss over the truncation, no normalisation, no clip (``normalize="none", clip=None``). L2O-DM
-    (Andrychowicz et al. 2016, eq. 2) and Chen et al. 2020 (Sec. 3, L_f = sum_t w_t f(theta_t)):
-    a weighted sum of raw losses, here with w_t = 1/T. Neither paper normalises or clips; both are
-    this framework's options for mixing task instances of different loss scales (e.g.
-    ``normalize="initial", clip=2.0`` in the quickstart).
-    """
-
-    split: str = "train"
-    normalize: str = "none"
-    clip: float | None = None
-
-    def __post_init__(self):
-        if self.split not in ("train", "valid"):
-            raise ValueError(f"meta_loss.split must be 'train' or 'valid', got {self.split!r}")
-        if self.normalize not in ("initial", "none"):
-            raise ValueError(f"meta_loss.normalize must be 'initial' or 'none', got {self.normalize!r}")
-        if self.clip is not None and not self.clip > 0:
-            raise ValueError(f"meta_loss.clip must be None or positive, got {self.clip}")
-
-    def normalizer(self, init_loss: jax.Array) -> jax.Array:
-        """What a term is divided by: the initial loss, or 1 (no normalisation, or an initial
-        loss at or below ``NORMALIZER_FLOOR``)."""
-        if self.normalize == "none":
-            return jnp.ones_like(init_loss)
-        return jnp.where(init_loss > NORMALIZER_FLOOR, init_loss, 1.0)
-
-    def term(self, loss: jax.Array, init_loss: jax.Array) -> jax.Array:
-        return self.bound(loss / jax.lax.stop_gradient(self.normalizer(init_loss)))
-
-    def bound(self, x: jax.Array) -> jax.Array:
-        """With ``clip``: min(x, clip), non-finite values become ``clip``; else x unchanged."""
-        if self.clip is None:
-            return x
-        return jnp.where(jnp.isfinite(x), jnp.minimum(x, self.clip), self.clip)
-
-    def at_bound(self, x: jax.Array) -> jax.Array:
-        """bool: the term sits at the clip (or is non-finite): it carries no gradient."""
-        if self.clip is None:
-            return ~jnp.isfinite(x)
-        return ~jnp.isfinite(x) | (x >= self.clip)
+    theta: Any  # meta-params (leading particle axis when ``per_particle``)
+    fresh: ParticleState  # [P, F, ...] fresh trajectories prepared for this truncation
+    n_steps: jax.Array  # int32: the steps that run
+    outer_step: jax.Array  # the run's clock
+    push_at: jax.Array | None  # [P] int32: after which step each particle offers its state
+    carried: jax.Array  # [P] bool: continued its trajectory from the previous truncation
+    every_step_runs: bool  # static: no scheduled truncation shorter than the bucket
 
 
 def tree_where(cond: jax.Array, a: Any, b: Any) -> Any:
@@ -181,7 +147,7 @@ def tree_where(cond: jax.Array, a: Any, b: Any) -> Any:
 def step_keys(key: jax.Array) -> jax.Array:
     """[4, 2]: an inner step's keys for its training batch, its meta-loss batch, the
     inner-update wrapper's own draws, and the batch that scores an ending trajectory's last
-    update (``run``, train split). The unroll draws them for every step of a truncation at
+    update (``restart``, train split). The unroll draws them for every step of a truncation at
     once, outside the scan (one vectorised draw instead of small ones per step)."""
     k_batch, k_meta, k_update = jax.random.split(key, 3)
     return jnp.stack([k_batch, k_meta, keys_lib.salted(k_update, keys_lib.INNER_UPDATE),
@@ -213,7 +179,8 @@ def checkpointed_scan(body: Callable, carry: Any, xs: Any, length: int) -> tuple
     return carry, ys
 
 
-def _plain_scan(body, carry, xs, length):
+def plain_scan(body: Callable, carry: Any, xs: Any, length: int) -> tuple[Any, Any]:
+    """``lax.scan`` with :func:`checkpointed_scan`'s signature."""
     del length
     return jax.lax.scan(body, carry, xs)
 
@@ -229,6 +196,8 @@ class Unroller:
       bucket (``lax.switch``).
     shard_axis, num_shards: set by the trainer (:meth:`sharded`) when particles are sharded
       over a mesh axis: ``num_particles`` is then the per-device count.
+    pairs, per_particle, checkpoint, first_order, vmapped: what the estimator needs (module
+      docstring); each estimator sets its own with ``dataclasses.replace``.
     """
 
     task_family: TaskFamily
@@ -242,6 +211,11 @@ class Unroller:
     stagger: bool = True
     shard_axis: str | None = None
     num_shards: int = 1
+    pairs: bool = False  # antithetic partners 2i, 2i + 1 share keys (task, batches, resets)
+    per_particle: bool = False  # run()'s meta-params have a leading particle axis
+    checkpoint: bool = False  # backprop stores O(sqrt(T)) carries (checkpointed_scan)
+    first_order: bool = False  # no meta-gradient through the optimizee's gradients
+    vmapped: bool = False  # run() is mapped over an axis of the caller's (merged's pairs)
 
     def __post_init__(self):
         if isinstance(self.num_particles, bool) or int(self.num_particles) < 1:
@@ -277,10 +251,11 @@ class Unroller:
     @property
     def buckets(self) -> tuple[int, ...]:
         """Compiled truncation lengths: powers of two from the largest one at or below the
-        schedule's shortest length, up to ``trunc_length``, then ``trunc_length`` itself."""
-        if self.trunc_schedule is None:
+        schedule's shortest length, up to ``trunc_length``, then ``trunc_length`` itself (one
+        bucket when the schedule never draws less than ``trunc_length``)."""
+        if self.trunc_schedule is None or self.trunc_schedule.min_length >= self.trunc_length:
             return (self.trunc_length,)
-        shortest = min(self.trunc_schedule.min_length, self.trunc_length)
+        shortest = self.trunc_schedule.min_length
         return power_of_two_buckets(self.trunc_length, 1 << (shortest.bit_length() - 1))
 
     def truncation_length(self, key: jax.Array, outer_step: jax.Array) -> jax.Array:
@@ -319,69 +294,56 @@ class Unroller:
             init_loss=jnp.asarray(init_loss, jnp.float32),
         )
 
-    def meta_forward(self, ps: ParticleState, key: jax.Array) -> jax.Array:
-        """The meta-loss term of the update that produced ``ps``: the loss of its params on a
-        fresh batch of the meta-loss split, normalised/clipped as ``meta_loss`` says, fused with
+    def score(self, ps: ParticleState, loss: jax.Array) -> jax.Array:
+        """THE meta-loss term of the update that produced ``ps``, given the loss of its params on
+        a batch of the meta-loss split: normalised and clipped as ``meta_loss`` says, fused with
         the inner-update wrapper's own term (``ps.opt_state`` holds it after the update)."""
+        return meta_term(self.learned_opt, ps.opt_state, self.meta_loss.term(loss, ps.init_loss))
+
+    def meta_forward(self, ps: ParticleState, key: jax.Array) -> jax.Array:
+        """:meth:`score` on a fresh batch of the meta-loss split drawn with ``key``."""
         task = self.task_family
         batch = task.batch(ps.spec, key, self.meta_loss.split)
         return self.score(ps, task.loss(ps.spec, ps.params, batch)[0])
 
-    def score(self, ps: ParticleState, loss: jax.Array) -> jax.Array:
-        """The meta-loss term of the update that produced ``ps``, given the loss of its params."""
-        return meta_term(self.learned_opt, ps.opt_state, self.meta_loss.term(loss, ps.init_loss))
-
     @property
     def scores_next_batch(self) -> bool:
-        """Whether a step's training loss (measured before its update, on a fresh training
-        batch) scores the previous update: with the train split it is the same quantity as a
-        separate forward on a fresh batch, l(x; w(t)) with x independent of what produced w(t),
-        and saves that forward (see ``run``)."""
+        """Whether an update is scored with the next step's training loss (measured before that
+        step's update, on a fresh training batch): with the train split it is the same quantity
+        as a separate forward on a fresh batch, l(x; w(t)) with x independent of what produced
+        w(t), and saves that forward at every step. Only an update with no next step in its
+        trajectory (the truncation's last, or a trajectory's last) takes its own forward."""
         return self.meta_loss.split == "train"
 
     def inner_step(
-        self,
-        meta_params: MetaParams,
-        ps: ParticleState,
-        key: jax.Array,
-        outer_step: jax.Array,
-        *,
-        stop_inner_grad: bool = False,
-        score: bool = True,
-    ) -> tuple[ParticleState, tuple[jax.Array | None, jax.Array, jax.Array]]:
-        """One inner training step of one particle: (new state, (meta-loss term, training
-        loss, done)). The term is the meta-loss of the params after this step's update (None
-        when ``score`` is False: the next step's training loss scores it); the training loss
-        the one of the batch the update's gradient came from (before the update).
-        ``stop_inner_grad`` cuts the meta-gradient path through the optimizee's gradient (the
-        first-order approximation of Andrychowicz et al. 2016, Sec. 2.1). ``key`` is the step's
-        key, or its keys already drawn (:func:`step_keys`)."""
+        self, meta_params: MetaParams, ps: ParticleState, key: jax.Array, outer_step: jax.Array,
+    ) -> tuple[ParticleState, jax.Array]:
+        """One inner training step of one particle: (new state, the training loss of the batch
+        the update's gradient came from, before the update). With ``first_order`` the
+        meta-gradient path through the optimizee's gradient is cut (the first-order
+        approximation of Andrychowicz et al. 2016, Sec. 2.1). ``key`` is the step's key, or its
+        keys already drawn (:func:`step_keys`)."""
         task = self.task_family
-        k_batch, k_meta, k_update = (step_keys(key) if keys_lib.is_single(key) else key)[:3]
+        k_batch, _, k_update = (step_keys(key) if keys_lib.is_single(key) else key)[:3]
         batch = task.batch(ps.spec, k_batch, "train")
         (loss, _), grads = jax.value_and_grad(task.loss, argnums=1, has_aux=True)(
             ps.spec, ps.params, batch
         )
-        if stop_inner_grad:
+        if self.first_order:
             grads = jax.lax.stop_gradient(grads)
         opt = self.learned_opt.optimizer(meta_params)
         updates, opt_state = opt.update(
             grads, ps.opt_state, ps.params, loss=loss, outer_step=outer_step, key=k_update
         )
         params = optax.apply_updates(ps.params, updates)
-        step = ps.step + 1
-        new = ParticleState(ps.spec, params, opt_state, step, ps.length, ps.init_loss)
-        term = None
-        if score:  # Metz et al. 2019: l(x; w(t)) for t = 1..T, a fresh batch of the split
-            term = self.meta_forward(new, k_meta)
-        return new, (term, loss, step >= ps.length)
+        return ParticleState(ps.spec, params, opt_state, ps.step + 1, ps.length, ps.init_loss), loss
 
     # -- batches of particles -------------------------------------------------------------------
 
-    def init(self, meta_params: MetaParams, key: jax.Array, *, pairs: bool = False) -> UnrollState:
+    def init(self, meta_params: MetaParams, key: jax.Array) -> UnrollState:
         """Fresh particles (antithetic partners share their task when ``pairs``) and the reset
         policy's initial state."""
-        keys = self.particle_keys(key, pairs)
+        keys = self.particle_keys(key)
         zero = jnp.zeros([], jnp.int32)
 
         def one(k):
@@ -397,149 +359,123 @@ class Unroller:
         example = jax.tree.map(lambda x: x[0], particles)
         return UnrollState(particles, self.reset.init(example))
 
-    def particle_keys(self, key: jax.Array, pairs: bool) -> jax.Array:
-        fn = keys_lib.pair_keys if pairs else keys_lib.particle_keys
+    def particle_keys(self, key: jax.Array) -> jax.Array:
+        fn = keys_lib.pair_keys if self.pairs else keys_lib.particle_keys
         return fn(keys_lib.salted(key, keys_lib.PARTICLES), self.num_particles, self.shard_axis)
 
-    def begin(self, state: UnrollState, key: jax.Array, outer_step: jax.Array, *,
-              pairs: bool = False) -> Truncation:
+    def begin(self, state: UnrollState, key: jax.Array, outer_step: jax.Array) -> Truncation:
         """This truncation's length, the particles' keys and the reset policy's draws."""
         n_steps = self.truncation_length(key, outer_step)
-        keys = self.particle_keys(key, pairs)
+        keys = self.particle_keys(key)
         restore, restored = self.reset.draw(state.reset_state, keys, outer_step)
         push_at = self.reset.push_index(keys, n_steps)
         return Truncation(n_steps, SegmentStart(keys, restore, restored, push_at))
 
-    def run(
-        self,
-        meta_params: MetaParams,
-        particles: ParticleState,
-        trunc: Truncation,
-        outer_step: jax.Array,
-        *,
-        per_particle_meta_params: bool = False,
-        checkpoint: bool = False,
-        stop_inner_grad: bool = False,
-        vmapped: bool = False,
-    ) -> tuple[ParticleState, Any, tuple, ResetInfo, dict]:
+    def start(self, bucket: int, outer_step: jax.Array, theta: MetaParams, ps: ParticleState,
+              start: SegmentStart, restored: ParticleState | None):
+        """One particle's start of a truncation of ``bucket`` steps: (its fresh trajectories
+        for the truncation, its starting state, fresh ones used, :class:`ResetInfo`, its
+        steps' keys). It continues its own trajectory unless that ended or the reset policy
+        starts every segment anew (then a fresh one), or the policy restores a stored state."""
+        count = self.fresh_per_truncation(bucket)
+        k_fresh, k_steps = jax.random.split(start.keys)
+        fresh = jax.vmap(lambda k: self.fresh_particle(theta, k, outer_step))(
+            jax.random.split(keys_lib.salted(k_fresh, keys_lib.FRESH), count))
+        new_start = (ps.step >= ps.length) | self.reset.segment_reset
+        begin = tree_where(new_start, jax.tree.map(lambda x: x[0], fresh), ps)
+        if restored is not None:
+            begin = tree_where(start.restore, restored, begin)
+        used = jnp.where(~start.restore & new_start, 1, 0).astype(jnp.int32)
+        info = ResetInfo(~start.restore & ~new_start, start.restore, begin.step)
+        return fresh, begin, used, info, jax.vmap(step_keys)(jax.random.split(k_steps, bucket))
+
+    def restart(self, seg: _Segment, cur: ParticleState, used: jax.Array, need: jax.Array,
+                key: jax.Array) -> tuple[jax.Array | None, ParticleState]:
+        """Particles whose trajectory ended (``need`` [P]) continue with their next fresh one:
+        (the term of each ending trajectory's last update, scored on a batch of its own when
+        :meth:`scores_next_batch`, else None; the particles). Most steps end no trajectory, so
+        unless ``vmapped`` (where the predicate is batched and a cond would run both branches)
+        this runs under a ``lax.cond`` that skips the forward and the state select."""
+        count = seg.fresh.step.shape[1]
+        forward = jax.vmap(self.meta_forward) if self.scores_next_batch else None
+
+        def swap():
+            nxt = jax.vmap(lambda f, u: jax.tree.map(lambda x: x[jnp.minimum(u, count - 1)], f))(
+                seg.fresh, used)
+            return (forward(cur, key) if forward else None), _where_particles(need, nxt, cur)
+
+        if self.vmapped:
+            return swap()
+
+        def keep():
+            if forward is None:
+                return None, cur
+            shape = jax.eval_shape(forward, cur, key)
+            return self.vary(jnp.zeros(shape.shape, shape.dtype)), cur
+
+        return jax.lax.cond(jnp.any(need), swap, keep)
+
+    def body(self, seg: _Segment, carry: tuple, xs: tuple) -> tuple[tuple, Steps]:
+        """Inner step ``t`` of a truncation for every particle: restart ended trajectories, take
+        the step, score the update (or, with :meth:`scores_next_batch`, the previous one), and
+        offer the state to the reset policy at its push step."""
+        cur, used, offered = carry
+        k, t = xs  # k: [P, 4, 2] (step_keys)
+        ran = t < seg.n_steps
+        need = (cur.step >= cur.length) & ran  # mid-truncation end: continue fresh
+        ended, cur = self.restart(seg, cur, used, need, k[:, 3])
+        used = used + need.astype(jnp.int32)
+        axis = 0 if self.per_particle else None
+        new, loss = jax.vmap(self.inner_step, in_axes=(axis, 0, 0, None))(seg.theta, cur, k, seg.outer_step)
+        if self.scores_next_batch:  # this step's training loss scores the previous update
+            term = jnp.where(need, ended, jax.vmap(self.score)(cur, loss))
+        else:
+            term = jax.vmap(self.meta_forward)(new, k[:, 1])
+        # Without a truncation schedule every step runs; selecting by `ran` would copy for nothing.
+        new = self.vary(new) if seg.every_step_runs else _where_particles(ran, new, cur)
+        if offered is not None:
+            offered = _where_particles(t == seg.push_at, new, offered)
+        raw = self.meta_loss.normalize == "initial"
+        out = Steps(term, loss, (new.step >= cur.length) & ran, (need | ((t == 0) & ~seg.carried)) & ran,
+                    jnp.broadcast_to(ran, need.shape), (cur.init_loss <= NORMALIZER_FLOOR) & ran & raw)
+        return (new, used, offered), out
+
+    def run(self, meta_params: MetaParams, particles: ParticleState, trunc: Truncation,
+            outer_step: jax.Array) -> tuple[ParticleState, Any, Steps, ResetInfo, dict]:
         """The inner steps of one truncation for the particles of ``trunc`` (differentiable in
         ``meta_params``). Returns (final states, offered states or None, per-step outputs
-        (terms, losses, done, reset, mask, unnormalized) padded to ``trunc_length``, reset
-        info, the inner-update wrapper's metrics of the final states).
+        padded to ``trunc_length``, reset info, the inner-update wrapper's metrics of the final
+        states). One compiled program holds every bucket of truncation length."""
+        args = (meta_params, particles, trunc.start._replace(restored=None), trunc.start.restored,
+                trunc.n_steps, outer_step)
+        if len(self.buckets) == 1:
+            return self._run_bucket(self.buckets[0], *args)
+        index = jnp.searchsorted(jnp.asarray(self.buckets), trunc.n_steps)
+        return jax.lax.switch(index, [functools.partial(self._run_bucket, b) for b in self.buckets], *args)
 
-        ``vmapped``: the caller maps this call over an axis of its own (``merged``'s antithetic
-        pairs). The restart of ended trajectories (the select of fresh states, and the extra
-        forward that scores an ending trajectory's last update) then runs at every step instead
-        of under a ``lax.cond`` on any trajectory ending: mapped over that axis the cond's predicate
-        is batched, which turns the cond into a select of both branches anyway, and JAX's
-        batching of such a cond inside ``shard_map`` fails (it re-marks the already varying
-        data arrays as varying over the particle axis)."""
-        policy = self.reset
-        offer = trunc.start.push_at is not None
-        n_steps = trunc.n_steps
-        shift = self.scores_next_batch
-        theta_axis = 0 if per_particle_meta_params else None
-        raw = self.meta_loss.normalize == "initial"
-
-        def go(bucket: int):
-            fresh_count = self.fresh_per_truncation(bucket)
-            # Without a truncation schedule n_steps is trunc_length, the one bucket: every step
-            # of the scan runs, and selecting the stepped state by `ran` would copy it for nothing.
-            every_step_runs = self.trunc_schedule is None and bucket == self.trunc_length
-
-            def prepare(theta, ps, start, restored):
-                """One particle's fresh trajectories for this truncation and its start."""
-                k_fresh, k_steps = jax.random.split(start.keys)
-                fresh = jax.vmap(lambda k: self.fresh_particle(theta, k, outer_step))(
-                    jax.random.split(keys_lib.salted(k_fresh, keys_lib.FRESH), fresh_count)
-                )
-                ended = ps.step >= ps.length
-                new_start = ended | policy.segment_reset  # start a fresh trajectory
-                first = jax.tree.map(lambda x: x[0], fresh)
-                begin = tree_where(new_start, first, ps)
-                if restored is not None:
-                    begin = tree_where(start.restore, restored, begin)
-                carried = ~start.restore & ~new_start
-                used = jnp.where(~start.restore & new_start, 1, 0).astype(jnp.int32)
-                info = ResetInfo(carried, start.restore, begin.step)
-                return fresh, begin, used, info, jax.vmap(step_keys)(jax.random.split(k_steps, bucket))
-
-            def run_bucket(theta, particles, start, restored):
-                fresh, begin, used, info, keys = jax.vmap(
-                    prepare, in_axes=(theta_axis, 0, 0, 0))(theta, particles, start, restored)
-                # The barrier keeps fresh states XLA can fold to constants (zero momenta) as
-                # one buffer: folded, they are sunk into the loop and re-broadcast at every step
-                # as the restart cond's operand (256 particles: 4% of W1's kernel time).
-                fresh = jax.lax.optimization_barrier(self.vary(fresh))
-                step = jax.vmap(
-                    lambda th, ps, k: self.inner_step(
-                        th, ps, k, outer_step, stop_inner_grad=stop_inner_grad, score=not shift),
-                    in_axes=(theta_axis, 0, 0),
-                )
-                forward = jax.vmap(self.meta_forward)
-
-                def body(carry, xs):
-                    cur, used, offered = carry
-                    k, t = xs  # k: [P, 4, 2] (step_keys)
-                    ran = t < n_steps
-                    need = (cur.step >= cur.length) & ran  # mid-truncation end: continue fresh
-                    k_end = k[:, 3]
-
-                    def restart():
-                        """(the term of an ending trajectory's last update, or None without
-                        ``shift``; the particles with the ended ones replaced by fresh ones)."""
-                        nxt = jax.vmap(lambda f, u: jax.tree.map(
-                            lambda x: x[jnp.minimum(u, fresh_count - 1)], f))(fresh, used)
-                        return (forward(cur, k_end) if shift else None,
-                                _where_particles(need, nxt, cur))
-
-                    if vmapped:
-                        ended, cur = restart()
-                    else:  # most steps end no trajectory: skip the forward and the state select
-                        def keep():
-                            if not shift:
-                                return None, cur
-                            shape = jax.eval_shape(forward, cur, k_end)
-                            return self.vary(jnp.zeros(shape.shape, shape.dtype)), cur
-
-                        ended, cur = jax.lax.cond(jnp.any(need), restart, keep)
-                    used = used + need.astype(jnp.int32)
-                    new, (term, loss, done) = step(theta, cur, k)
-                    if every_step_runs:  # (leaves the update left invariant, e.g. a clock's)
-                        new = self.vary(new)
-                    else:  # a shorter truncation in a longer bucket
-                        new = _where_particles(ran, new, cur)
-                    if offer:
-                        offered = _where_particles(t == start.push_at, new, offered)
-                    reset = need | ((t == 0) & ~info.carried)
-                    unnormalized = (cur.init_loss <= NORMALIZER_FLOOR) & ran & raw
-                    if shift:  # this step's training loss scores the previous update
-                        term = jnp.where(need, ended, jax.vmap(self.score)(cur, loss))
-                    ys = (term, loss, done & ran, reset & ran, jnp.broadcast_to(ran, need.shape),
-                          unnormalized)
-                    return (new, used, offered), ys
-
-                scan = checkpointed_scan if checkpoint else _plain_scan
-                carry = self.vary((begin, used, begin if offer else None))
-                xs = (jnp.swapaxes(keys, 0, 1), jnp.arange(bucket))
-                (end, _, offered), ys = scan(body, carry, xs, bucket)
-                ys = tuple(jnp.swapaxes(y, 0, 1) for y in ys)  # [B, P] -> [P, B]
-                if shift:  # terms[t] was measured at step t + 1; the last one after the scan
-                    last = forward(end, keys[:, -1, 3])
-                    ys = (jnp.concatenate([ys[0][:, 1:], last[:, None]], axis=1), *ys[1:])
-                pad = self.trunc_length - bucket
-                ys = tuple(jnp.pad(y, ((0, 0), (0, pad))) for y in ys)
-                return end, offered, ys, info, self.update_metrics(end)
-
-            return run_bucket
-
-        start = trunc.start._replace(restored=None)
-        args = (meta_params, particles, start, trunc.start.restored)
-        buckets = self.buckets
-        if len(buckets) == 1:
-            return go(buckets[0])(*args)
-        index = jnp.searchsorted(jnp.asarray(buckets), n_steps)
-        return jax.lax.switch(index, [go(b) for b in buckets], *args)
+    def _run_bucket(self, bucket, theta, particles, start, restored, n_steps, outer_step):
+        axis = 0 if self.per_particle else None
+        fresh, begin, used, info, keys = jax.vmap(
+            functools.partial(self.start, bucket, outer_step), in_axes=(axis, 0, 0, 0)
+        )(theta, particles, start, restored)
+        # The barrier keeps fresh states XLA can fold to constants (zero momenta) as one
+        # buffer: folded, they are sunk into the loop and re-broadcast at every step as the
+        # restart cond's operand (256 particles: 4% of W1's kernel time).
+        fresh = jax.lax.optimization_barrier(self.vary(fresh))
+        every = self.trunc_schedule is None and bucket == self.trunc_length
+        seg = _Segment(theta, fresh, n_steps, outer_step, start.push_at, info.carried, every)
+        offer = start.push_at is not None
+        carry = self.vary((begin, used, begin if offer else None))
+        scan = checkpointed_scan if self.checkpoint else plain_scan
+        xs = (jnp.swapaxes(keys, 0, 1), jnp.arange(bucket))
+        (end, _, offered), steps = scan(functools.partial(self.body, seg), carry, xs, bucket)
+        steps = Steps(*(jnp.swapaxes(y, 0, 1) for y in steps))  # [T, P] -> [P, T]
+        if self.scores_next_batch:  # terms[t] was measured at step t + 1; the last one here
+            last = jax.vmap(self.meta_forward)(end, keys[:, -1, 3])
+            steps = steps._replace(losses=jnp.concatenate([steps.losses[:, 1:], last[:, None]], axis=1))
+        pad = ((0, 0), (0, self.trunc_length - bucket))
+        steps = Steps(*(jnp.pad(y, pad) for y in steps))
+        return end, offered, steps, info, self.update_metrics(end)
 
     def update_metrics(self, particles: ParticleState) -> dict[str, jax.Array]:
         """The inner-update wrapper's metrics (its ``metrics(opt_state)``), averaged over the
@@ -549,100 +485,48 @@ class Unroller:
             return {}
         return {k: jnp.mean(v) for k, v in jax.vmap(fn)(particles.opt_state).items()}
 
-    def finish(self, state: UnrollState, particles: ParticleState, offered: Any, *,
-               pairs: bool = False) -> UnrollState:
+    def finish(self, state: UnrollState, particles: ParticleState, offered: Any) -> UnrollState:
         """The new unroll state: the final particles, and the reset policy's state after it
         observed the offered states (a state at its trajectory's end is not offered; antithetic
         partners offer once, the positive member)."""
         reset_state = state.reset_state
         if offered is not None:
             valid = offered.step < offered.length
-            if pairs:
+            if self.pairs:
                 valid = valid & (jnp.arange(valid.shape[0]) % 2 == 0)
             reset_state = self.reset.observe(reset_state, offered, valid, self.shard_axis, self.num_shards)
         return UnrollState(particles, reset_state)
 
-    def unroll(
-        self,
-        meta_params: MetaParams,
-        state: UnrollState,
-        key: jax.Array,
-        outer_step: jax.Array,
-        *,
-        pairs: bool = False,
-        per_particle_meta_params: bool = False,
-        checkpoint: bool = False,
-        stop_inner_grad: bool = False,
-    ) -> tuple[UnrollState, UnrollOutput]:
+    def unroll(self, meta_params: MetaParams, state: UnrollState, key: jax.Array,
+               outer_step: jax.Array) -> tuple[UnrollState, UnrollOutput]:
         """Advance every particle by one truncation (``begin``, ``run``, ``finish``).
 
-        Args:
-          meta_params: shared meta-params, or with a leading particle axis when
-            ``per_particle_meta_params`` (ES-type estimators' perturbed copies).
-          state: the particles (leading axis P) and the reset policy's state.
-          key: this outer step's key; particles' keys derive from it by global index.
-          outer_step: the run's clock.
-          pairs: antithetic partners 2i, 2i + 1 share keys (task, batches, resets, draws).
-          checkpoint: recompute inner steps in the backward pass (``checkpointed_scan``).
-          stop_inner_grad: first-order meta-gradients (see ``inner_step``).
-        """
-        trunc = self.begin(state, key, outer_step, pairs=pairs)
-        end, offered, ys, info, extras = self.run(
-            meta_params, state.particles, trunc, outer_step,
-            per_particle_meta_params=per_particle_meta_params,
-            checkpoint=checkpoint, stop_inner_grad=stop_inner_grad,
-        )
-        new = self.finish(state, end, offered, pairs=pairs)
-        return new, UnrollOutput(*ys, info=info, position=end.step, extras=extras)
+        ``meta_params``: shared, or with a leading particle axis when ``per_particle`` (ES-type
+        estimators' perturbed copies); ``key``: this outer step's key (particles' keys derive
+        from it by global index); ``outer_step``: the run's clock."""
+        trunc = self.begin(state, key, outer_step)
+        end, offered, steps, info, extras = self.run(meta_params, state.particles, trunc, outer_step)
+        return self.finish(state, end, offered), self.output(end, steps, info, extras)
 
-    def trajectory(
-        self,
-        meta_params: MetaParams,
-        keys: jax.Array,
-        length: jax.Array,
-        max_length: int,
-        *,
-        outer_step: jax.Array,
-        per_particle_meta_params: bool = False,
-    ) -> tuple[ParticleState, UnrollOutput]:
-        """Run fresh trajectories of ``length`` steps (<= ``max_length``, a shape) without resets
-        (full-trajectory estimators); returns the final states and per-step outputs, masked
-        past ``length``."""
-        def one_particle(theta, key):
-            k_init, k_steps = jax.random.split(key)
-            ps = self.vary(self.fresh_particle(theta, k_init, outer_step)._replace(length=length))
-
-            def body(carry, xs):
-                k, t = xs
-                new, (term, loss, done) = self.inner_step(theta, carry, k, outer_step)
-                ran = t < length
-                raw = self.meta_loss.normalize == "initial"
-                unnormalized = (carry.init_loss <= NORMALIZER_FLOOR) & ran & raw
-                return tree_where(ran, new, carry), (term, loss, done & ran, jnp.zeros_like(ran), ran, unnormalized)
-
-            xs = (jax.random.split(k_steps, max_length), jnp.arange(max_length))
-            return jax.lax.scan(body, ps, xs)
-
-        in_axes = (0 if per_particle_meta_params else None, 0)
-        final, ys = jax.vmap(one_particle, in_axes=in_axes)(meta_params, keys)
-        n = keys.shape[0]
-        info = ResetInfo(jnp.zeros(n, bool), jnp.zeros(n, bool), jnp.zeros(n, jnp.int32))
-        return final, UnrollOutput(*ys, info=info, position=final.step, extras=self.update_metrics(final))
+    @staticmethod
+    def output(end: ParticleState, steps: Steps, info: ResetInfo, extras: dict) -> UnrollOutput:
+        """The :class:`UnrollOutput` of a truncation that ended in ``end``."""
+        return UnrollOutput(*steps, info=info, position=end.step, extras=extras)
 
 
-def unroll_metrics(unroller: Unroller, out: UnrollOutput, *, pairs: bool = False) -> dict[str, jax.Array]:
+def unroll_metrics(unroller: Unroller, out: UnrollOutput) -> dict[str, jax.Array]:
     """Metrics every estimator reports about its unroll (means over this device's particles;
     the trainer combines devices: counts summed, ``position_max`` maxed, the rest averaged).
 
     ``inner_loss``: mean training-batch loss over the steps that ran; ``inner_steps``: steps
-    run (all particles); ``trajectories_done``: trajectories that ended (per pair when ``pairs``);
-    ``position_mean``/``position_max``: the inner step the particles reached at the end of the
-    truncation (the effective unroll length); ``restored_share``: particles that started from a
-    stored state; ``clipped_share``: meta-loss terms at the clip or non-finite (no gradient);
-    ``nonfinite_share``: training losses that are NaN/inf (a diverged inner run);
-    ``unnormalized_share``: with ``normalize="initial"``, terms left unnormalised because the
-    trajectory's initial loss was ~0."""
-    done = out.done[0::2] if pairs else out.done
+    run (all particles); ``trajectories_done``: trajectories that ended (per pair when
+    ``unroller.pairs``); ``position_mean``/``position_max``: the inner step the particles
+    reached at the end of the truncation (the effective unroll length); ``restored_share``:
+    particles that started from a stored state; ``clipped_share``: meta-loss terms at the clip
+    or non-finite (no gradient); ``nonfinite_share``: training losses that are NaN/inf (a
+    diverged inner run); ``unnormalized_share``: with ``normalize="initial"``, terms left
+    unnormalised because the trajectory's initial loss was ~0."""
+    done = out.done[0::2] if unroller.pairs else out.done
     ran = out.mask.astype(jnp.float32)
     n_ran = jnp.maximum(ran.sum(), 1.0)
     share = lambda flags: (flags.astype(jnp.float32) * ran).sum() / n_ran  # noqa: E731
@@ -658,3 +542,7 @@ def unroll_metrics(unroller: Unroller, out: UnrollOutput, *, pairs: bool = False
         "unnormalized_share": share(out.unnormalized),
         **out.extras,
     }
+
+
+__all__ = ["MetaLoss", "ParticleState", "ResetInfo", "Truncation", "UnrollOutput", "UnrollState",
+           "Unroller", "checkpointed_scan", "plain_scan", "step_keys", "tree_where", "unroll_metrics"]

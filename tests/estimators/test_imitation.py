@@ -234,13 +234,13 @@ def _trainer(name: str, mixing: str) -> MetaTrainer:
 
 
 # ES and PES compose through the same truncation code as tbptt (forward) and merged (its ES
-# half); PES refuses the replay buffer these trainers use with behaviour cloning, so es runs it;
+# half); PES refuses the replay buffer these trainers use, so es runs here;
 # self-improving mixing is one draw per step whichever estimator differentiates it, so the fast
 # suite runs it with tbptt and behaviour cloning with tbptt and merged.
 @pytest.mark.parametrize("name, mixing", [
     ("tbptt", "bc"), ("tbptt", "si"), ("merged", "bc"),
     pytest.param("merged", "si", marks=pytest.mark.slow),
-    pytest.param("es", "bc", marks=pytest.mark.slow), pytest.param("pes", "si", marks=pytest.mark.slow)])
+    pytest.param("es", "bc", marks=pytest.mark.slow), pytest.param("es", "si", marks=pytest.mark.slow)])
 def test_techniques_compose_with_every_estimator_in_one_compiled_step(name, mixing):
     """Replay buffer + behaviour cloning (+ imitation episodes) or self-improving mixing, in
     MetaTrainer.step: r, a_t, the mixing probabilities and the buffer change from step to step,
