@@ -2,21 +2,19 @@
 "estimators/").
 
 Modules, bottom up (each imports only those above it in this list, plus ``lopt``'s optimizer
-library and ``tasks``): ``threefry`` (the CPU lowering of JAX's random-number hash, installed
-on import), ``keys`` (random keys and salts), ``schedules`` (length schedules),
+library and ``tasks``): ``threefry`` (a faster CPU lowering of JAX's random-number hash, which
+the training layer installs; importing this package changes nothing in JAX), ``keys`` (random
+keys and salts), ``meta_loss`` (the meta-loss definition), ``schedules`` (length schedules),
 ``resets`` (fresh resets, ELO's replay buffer), ``unroll`` (the Unroller and the meta-loss),
 ``base`` (the estimator contract, ES helpers), the estimators ``tbptt``, ``es``, ``pes``,
 ``merged``, ``full_es``, and ``imitation`` (Chen et al. 2020's imitation episodes, a wrapper of
 any of them).
 """
 
-from estimators import threefry as _threefry
-
-_threefry.install()  # same random bits, straight-line code on CPU (estimators/threefry.py)
-
-from estimators.base import Estimator  # noqa: E402
-from estimators.unroll import MetaLoss, Unroller  # noqa: E402
-from tasks.registry import Registry  # noqa: E402
+from estimators.base import Estimator
+from estimators.meta_loss import MetaLoss
+from estimators.unroll import Unroller
+from tasks.registry import Registry
 
 REGISTRY: Registry[Estimator] = Registry("estimator")
 register = REGISTRY.register

@@ -19,9 +19,11 @@ the two lowerings alternated): W1's first two outer steps 15.5 -> 10.1 s and 15.
 quickstart's first outer step 14.8 -> 9.0 s (median of 2); W1's throughput moved within this
 VM's process-to-process noise (0.9-1.15x).
 
-``import estimators`` installs it (the package that runs inner loops); it changes how, not what,
-the process computes, for every later compile on CPU. Set ``LOPT_THREEFRY=rolled`` in the
-environment to keep JAX's lowering (e.g. to compare).
+Nothing installs it on import. The training layer installs it when a ``MetaTrainer`` is built
+(``lopt.training.trainer``), the place that compiles inner loops; it changes how, not what, the
+process computes, for every later compile on CPU. Set ``LOPT_THREEFRY=rolled`` in the
+environment to keep JAX's lowering (e.g. to compare), or call :func:`install` yourself to get it
+without a trainer.
 """
 
 from __future__ import annotations

@@ -23,7 +23,8 @@ KAT = [
 # under vmap), printed as uint32 words.
 DRAWS = r"""
 import sys, jax, jax.numpy as jnp, numpy as np
-import estimators
+from estimators import threefry
+threefry.install()
 def draws(k):
     ks = jax.random.split(k, 4)
     return [ks, jax.random.fold_in(k, 0xF2E5), jax.random.bits(k, (37,), jnp.uint32),
@@ -35,7 +36,7 @@ sys.stdout.write(" ".join(str(int(w)) for x in out for w in np.asarray(x).ravel(
 
 
 def test_known_answer_vectors():
-    assert threefry.install()  # import estimators installed it; idempotent
+    assert threefry.install()  # idempotent
     for key, ctr, expected in KAT:
         got = jax.jit(threefry_2x32)(np.uint32(key), np.uint32(ctr))
         assert [int(v) for v in got] == list(expected)
@@ -56,3 +57,34 @@ def test_same_bits_as_jax_lowering():
     unrolled, rolled = run("unrolled"), run("rolled")
     assert len(unrolled) == 91  # every draw above, as 32-bit words
     assert unrolled == rolled
+
+
+IMPORTS = r"""
+import sys
+from jax._src.interpreters import mlir
+from jax.extend.random import threefry2x32_p
+before = mlir._platform_specific_lowerings["cpu"].get(threefry2x32_p)
+import estimators, lopt, tasks, lopt.training
+after_import = mlir._platform_specific_lowerings["cpu"].get(threefry2x32_p)
+import optax
+from estimators import schedules
+lopt.training.MetaTrainer.create(task_family=tasks.get("quadratic"), learned_opt=lopt.get("hyper_adam"),
+    estimator=estimators.get("tbptt"), meta_optimizer=optax.adam(1e-3), num_particles=2,
+    trunc_length=2, horizon=schedules.constant(4))
+after_trainer = mlir._platform_specific_lowerings["cpu"].get(threefry2x32_p)
+sys.stdout.write(f"{after_import is before} {after_trainer is before}")
+"""
+
+
+def test_importing_the_packages_leaves_jax_as_it_was():
+    """No side effect on import (DESIGN.md: nothing runs on import, no patching of JAX): the
+    CPU lowering of JAX's Threefry primitive is JAX's own after ``import estimators, lopt,
+    tasks, lopt.training``; building a MetaTrainer installs ours, unless LOPT_THREEFRY=rolled."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+    def run(**env):
+        return subprocess.run([sys.executable, "-c", IMPORTS], cwd=root, check=True, text=True,
+                              capture_output=True, env=dict(os.environ, JAX_PLATFORMS="cpu", **env)).stdout
+
+    assert run(LOPT_THREEFRY="unrolled") == "True False"
+    assert run(LOPT_THREEFRY="rolled") == "True True"
