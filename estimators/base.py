@@ -51,24 +51,54 @@ def at_stage(estimator: Any, state: EstimatorState, stage: int) -> EstimatorStat
     return state if fn is None else fn(state, stage)
 
 
-def num_pairs(unroller: Unroller, estimator_name: str) -> int:
-    """Antithetic estimators run particles as (+eps, -eps) pairs sharing one task and data stream.
+class UnrollMismatch(ValueError):
+    """An estimator cannot run with this unroll; ``key`` names the config entry to change
+    (``unroll.num_particles``, ``unroll.replay``, ``estimator``)."""
 
-    Particles are interleaved: particle 2i is pair i's positive member, 2i + 1 its negative, so
-    a contiguous block of particles (one device's shard) always holds whole pairs."""
-    if unroller.num_particles % 2:
-        if unroller.shard_axis:
-            raise ValueError(
-                f"estimator '{estimator_name}' uses antithetic pairs and each device must hold "
-                f"whole pairs: {unroller.num_particles * unroller.num_shards} particles on "
-                f"{unroller.num_shards} devices is {unroller.num_particles} per device; use a "
-                f"multiple of {2 * unroller.num_shards}"
-            )
-        raise ValueError(
-            f"estimator '{estimator_name}' uses antithetic pairs, so num_particles must be even; "
-            f"got {unroller.num_particles} (set num_particles={unroller.num_particles + 1})"
-        )
-    return unroller.num_particles // 2
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
+def check_unroll(estimator: Any, unroller: Unroller, num_devices: int | None = None) -> None:
+    """THE check of what an estimator needs of the unroll, one line per failure
+    (:class:`UnrollMismatch`), before anything is traced: the particles split evenly over the
+    devices; an antithetic estimator (``antithetic = True``: the ES family) holds whole
+    (+eps, -eps) pairs on every device, at least ``min_pairs`` in all; an estimator with
+    ``fresh_only`` (full_es) runs no reset policy but fresh trajectories; one with
+    ``persistent`` (PES) needs trajectories that continue across truncations. The trainer
+    calls it with the whole unroller and its device count; estimators' ``init`` with the
+    unroller they get (a device's shard inside ``shard_map``: ``num_shards`` devices)."""
+    est = getattr(estimator, "base", estimator)  # inside imitation episodes
+    name = type(est).__name__
+    devices = unroller.num_shards if num_devices is None else int(num_devices)
+    p = unroller.num_particles * unroller.num_shards
+    if p % devices:
+        raise UnrollMismatch("unroll.num_particles", (
+            f"{p} particles do not split over {devices} devices; use a multiple of {devices}, "
+            f"e.g. num_particles={devices * max(1, -(-p // devices))}"))
+    if getattr(est, "antithetic", False):
+        unit = 2 * devices
+        if p % unit:
+            where = (f"each of the {devices} devices must hold whole pairs ({p} particles is "
+                     f"{p / devices:g} per device)" if devices > 1 else f"{p} is odd")
+            raise UnrollMismatch("unroll.num_particles", (
+                f"{name} runs antithetic (+eps, -eps) pairs and {where}; use a multiple of "
+                f"{unit}, e.g. num_particles={unit * max(1, -(-p // unit))}"))
+        need = int(getattr(est, "min_pairs", 1))
+        if p // 2 < need:
+            raise UnrollMismatch("unroll.num_particles", (
+                f"{name} estimates per-element variances from at least {need} antithetic pairs; "
+                f"use num_particles >= {2 * need}"))
+    if getattr(est, "fresh_only", False) and unroller.reset.segment_reset:
+        raise UnrollMismatch("unroll.replay", (
+            f"{name} runs complete fresh trajectories and cannot restore from the buffer; "
+            "disable replay or pick tbptt, es, pes, merged"))
+    if getattr(est, "persistent", False) and unroller.reset.segment_reset:
+        raise UnrollMismatch("estimator", (
+            f"{name} with a replay buffer (unroll.replay) is truncated ES: every segment "
+            "starts restored or fresh, so the perturbation sums restart each truncation; use "
+            "estimator es, which computes the same gradients under its own name"))
 
 
 def sample_perturbation(
@@ -171,6 +201,9 @@ class ESOptions:
     """
 
     std: float = 0.01
+
+    #: Particles run as (+eps, -eps) pairs sharing keys (:func:`check_unroll`).
+    antithetic = True
 
     def __post_init__(self):
         if not self.std > 0:

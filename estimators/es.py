@@ -22,10 +22,10 @@ import jax
 import estimators
 from estimators.base import (
     ESOptions,
+    check_unroll,
     antithetic,
     antithetic_unroll,
     keep_positive,
-    num_pairs,
     split_signs,
     unroll_partition,
     weighted_sum,
@@ -44,7 +44,7 @@ class TruncatedES(ESOptions):
     """Option ``std`` as in :class:`ESOptions`."""
 
     def init(self, unroller: Unroller, key: jax.Array, meta_params: MetaParams) -> ESState:
-        num_pairs(unroller, "es")
+        check_unroll(self, unroller)
         return ESState(antithetic(unroller).init(meta_params, key))
 
     def partition(self, state: ESState) -> ESState:
@@ -54,7 +54,6 @@ class TruncatedES(ESOptions):
         self, unroller: Unroller, meta_params: MetaParams, state: ESState, key: jax.Array,
         outer_step: jax.Array,
     ) -> tuple[MetaParams, ESState, dict]:
-        num_pairs(unroller, "es")
         unroller = antithetic(unroller)
         eps, unroll, out = antithetic_unroll(unroller, meta_params, state.unroll, key, self.std, outer_step)
         loss = out.step_mean()

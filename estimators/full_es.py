@@ -24,14 +24,13 @@ import jax.numpy as jnp
 import estimators
 from estimators.base import (
     ESOptions,
+    check_unroll,
     antithetic,
     antithetic_params,
-    num_pairs,
     sample_perturbation,
     split_signs,
     weighted_sum,
 )
-from estimators.resets import FreshReset
 from estimators.unroll import Unroller, unroll_metrics
 from lopt.base import MetaParams
 
@@ -45,6 +44,9 @@ class FullESState(NamedTuple):
 class FullES(ESOptions):
     """Option ``std`` as in :class:`ESOptions`."""
 
+    #: Complete fresh trajectories: no reset policy (:func:`check_unroll`).
+    fresh_only = True
+
     def unroller(self, unroller: Unroller) -> Unroller:
         """One truncation per trajectory: the horizon drawn as the truncation length."""
         horizon = unroller.horizon
@@ -53,11 +55,7 @@ class FullES(ESOptions):
 
     def init(self, unroller: Unroller, key: jax.Array, meta_params: MetaParams) -> FullESState:
         del key, meta_params
-        num_pairs(unroller, "full_es")
-        if not isinstance(unroller.reset, FreshReset):
-            raise ValueError("full_es runs complete fresh trajectories and cannot use a reset "
-                             "policy such as the replay buffer; remove unroll.replay or pick "
-                             "tbptt, es, pes or merged")
+        check_unroll(self, unroller)
         return FullESState()
 
     def partition(self, state: FullESState) -> FullESState:
@@ -67,7 +65,6 @@ class FullES(ESOptions):
         self, unroller: Unroller, meta_params: MetaParams, state: FullESState, key: jax.Array,
         outer_step: jax.Array,
     ) -> tuple[MetaParams, FullESState, dict]:
-        num_pairs(unroller, "full_es")
         unroller = self.unroller(unroller)
         k_eps, k_init, k_unroll = jax.random.split(key, 3)
         eps = sample_perturbation(unroller, k_eps, meta_params, self.std)

@@ -38,11 +38,11 @@ import jax.numpy as jnp
 import estimators
 from estimators.base import (
     ESOptions,
+    check_unroll,
     antithetic,
     antithetic_params,
     from_pairs,
     keep_positive,
-    num_pairs,
     pair_mean,
     per_device,
     sample_perturbation,
@@ -88,6 +88,9 @@ class Merged(ESOptions):
     first_order: bool = False
     checkpoint: bool = True
 
+    #: eq. 1's per-element variances need at least two pairs (:func:`check_unroll`).
+    min_pairs = 2
+
     def unroller(self, unroller: Unroller) -> Unroller:
         """Antithetic pairs, each pair's run mapped by ``vmap`` (``vmapped``) and differentiated
         as TBPTT differentiates (``checkpoint``, ``first_order``)."""
@@ -95,10 +98,7 @@ class Merged(ESOptions):
                                    first_order=self.first_order)
 
     def init(self, unroller: Unroller, key: jax.Array, meta_params: MetaParams) -> MergedState:
-        n = num_pairs(unroller, "merged")
-        if n * unroller.num_shards < 2:
-            raise ValueError("merged needs at least 2 antithetic pairs (num_particles >= 4) "
-                             "to estimate variances")
+        check_unroll(self, unroller)
         return MergedState(self.unroller(unroller).init(meta_params, key))
 
     def partition(self, state: MergedState) -> MergedState:
@@ -108,7 +108,7 @@ class Merged(ESOptions):
         self, unroller: Unroller, meta_params: MetaParams, state: MergedState, key: jax.Array,
         outer_step: jax.Array,
     ) -> tuple[MetaParams, MergedState, dict]:
-        n = num_pairs(unroller, "merged")
+        n = unroller.num_particles // 2
         unroller = self.unroller(unroller)
         k_eps, k_unroll = jax.random.split(key)
         eps = sample_perturbation(unroller, k_eps, meta_params, self.std)

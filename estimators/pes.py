@@ -35,24 +35,15 @@ import jax.numpy as jnp
 import estimators
 from estimators.base import (
     ESOptions,
+    check_unroll,
     antithetic,
     antithetic_unroll,
-    num_pairs,
     split_signs,
     unroll_partition,
     weighted_sum,
 )
 from estimators.unroll import Unroller, UnrollState, unroll_metrics
 from lopt.base import MetaParams
-
-
-def check_persistent(unroller: Unroller) -> None:
-    """Raise if the reset policy starts every segment anew (module docstring)."""
-    if unroller.reset.segment_reset:
-        raise ValueError(
-            "pes with a replay buffer (unroll.replay) is truncated ES: every segment starts "
-            "restored or fresh, so the perturbation sums restart each truncation; use "
-            "estimator es, which computes the same gradients under its own name")
 
 
 class PESState(NamedTuple):
@@ -65,9 +56,12 @@ class PESState(NamedTuple):
 class PES(ESOptions):
     """Persistent ES; option ``std`` as in :class:`ESOptions`."""
 
+    #: Needs trajectories that continue across truncations (refuses the replay buffer).
+    persistent = True
+
     def init(self, unroller: Unroller, key: jax.Array, meta_params: MetaParams) -> PESState:
-        check_persistent(unroller)
-        n = num_pairs(unroller, "pes")
+        check_unroll(self, unroller)
+        n = unroller.num_particles // 2
         unroll = antithetic(unroller).init(meta_params, key)
         accum = jax.tree.map(lambda x: jnp.zeros((n,) + jnp.shape(x), jnp.float32), meta_params)
         return PESState(unroll, accum)
@@ -79,7 +73,7 @@ class PES(ESOptions):
         self, unroller: Unroller, meta_params: MetaParams, state: PESState, key: jax.Array,
         outer_step: jax.Array,
     ) -> tuple[MetaParams, PESState, dict]:
-        n = num_pairs(unroller, "pes")
+        n = unroller.num_particles // 2
         unroller = antithetic(unroller)
         eps, unroll, out = antithetic_unroll(unroller, meta_params, state.unroll, key, self.std, outer_step)
         pos, neg = split_signs(out.losses * out.step_weights())  # per-step share of the loss

@@ -40,9 +40,10 @@ import estimators
 import lopt
 import tasks
 from estimators import schedules
+from estimators.base import UnrollMismatch
 from estimators.imitation import Imitation
 from estimators.resets import ELOReplay, FreshReset
-from estimators.unroll import MetaLoss
+from estimators.meta_loss import MetaLoss
 from lopt.wrappers import BehaviourCloning, SelfImproving
 from tasks.registry import ConfigError, check_kwargs
 
@@ -198,45 +199,6 @@ def _integer(value: Any, where: str, low: int) -> int:
     return value
 
 
-def check_particles(trainer: Any, num_devices: int) -> None:
-    """What the estimator needs of the particle count, checked before anything is traced:
-    antithetic estimators hold whole (+eps, -eps) pairs on every device; ``merged`` needs two
-    pairs to estimate variances; ``full_es`` runs complete fresh trajectories."""
-    from estimators.base import ESOptions
-    from estimators.full_es import FullES
-    from estimators.merged import Merged
-    from estimators.pes import PES, check_persistent
-
-    est = getattr(trainer.estimator, "base", trainer.estimator)  # inside imitation episodes
-    name = type(est).__name__
-    p = trainer.unroller.num_particles
-    if p % num_devices:
-        raise ConfigError(
-            f"config.unroll.num_particles: {p} particles do not split over {num_devices} devices; "
-            f"use a multiple of {num_devices}, e.g. {num_devices * max(1, -(-p // num_devices))}"
-        )
-    if isinstance(est, ESOptions):
-        unit = 2 * num_devices
-        if p % unit:
-            where = (f"each of the {num_devices} devices must hold whole pairs ({p} particles is "
-                     f"{p / num_devices:g} per device)" if num_devices > 1 else f"{p} is odd")
-            raise ConfigError(
-                f"config.unroll.num_particles: {name} runs antithetic (+eps, -eps) pairs and "
-                f"{where}; use a multiple of {unit}, e.g. {unit * max(1, -(-p // unit))}"
-            )
-    if isinstance(est, Merged) and p < 4:
-        raise ConfigError("config.unroll.num_particles: merged estimates per-element variances "
-                          "from at least 2 antithetic pairs; use num_particles >= 4")
-    if isinstance(est, PES):
-        try:
-            check_persistent(trainer.unroller)
-        except ValueError as e:
-            raise ConfigError(f"config.estimator: {e}") from None
-    if isinstance(est, FullES) and not isinstance(trainer.unroller.reset, FreshReset):
-        raise ConfigError("config.unroll.replay: full_es runs complete fresh trajectories and "
-                          "cannot restore from the buffer; disable replay or pick tbptt, es, pes, merged")
-
-
 def curriculum(config: ml_collections.ConfigDict):
     """The ``Curriculum`` of ``config.curriculum``, or None when the section is absent, None,
     or has ``enabled=False``."""
@@ -330,6 +292,7 @@ def build(config: ml_collections.ConfigDict, mesh=None):
         if isinstance(e, ConfigError):
             raise
         raise ConfigError(f"config.unroll: {e}") from None
-    trainer = MetaTrainer(unroller, estimator(config), meta_optimizer(config.meta_optimizer), mesh)
-    check_particles(trainer, 1 if mesh is None else mesh.size)
-    return trainer
+    try:  # what the estimator needs of the unroll (estimators.base.check_unroll)
+        return MetaTrainer(unroller, estimator(config), meta_optimizer(config.meta_optimizer), mesh)
+    except UnrollMismatch as e:
+        raise ConfigError(f"config.{e.key}: {e}") from None

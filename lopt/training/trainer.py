@@ -33,7 +33,7 @@ from jax.sharding import PartitionSpec as P
 
 from estimators import keys as keys_lib
 from estimators import threefry
-from estimators.base import Estimator, at_stage
+from estimators.base import Estimator, at_stage, check_unroll
 from estimators.schedules import Schedule
 from estimators.unroll import Unroller
 from lopt.wrappers import unwrap
@@ -120,12 +120,7 @@ class MetaTrainer:
                 raise ValueError(
                     f"MetaTrainer shards particles over a 1-D mesh; got axes {self.mesh.axis_names}"
                 )
-            n, p = self.mesh.size, self.unroller.num_particles
-            if p % n:
-                raise ValueError(
-                    f"num_particles={p} must be divisible by the {n} devices of the mesh; set "
-                    f"num_particles to a multiple of {n} (e.g. {n * max(1, -(-p // n))})"
-                )
+        check_unroll(self.estimator, self.unroller, 1 if self.mesh is None else self.mesh.size)
 
     @classmethod
     def create(

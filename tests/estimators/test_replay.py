@@ -159,7 +159,7 @@ def test_pes_refuses_the_buffer_whose_segments_make_it_truncated_es():
 
     unroller = Unroller(TASK, LOPT, 4, N, schedules.constant(50), stagger=False,
                         reset=ELOReplay(capacity=4, p_threshold=0.0))
-    with pytest.raises(ValueError, match="truncated ES"):
+    with pytest.raises(ValueError, match="PES with a replay buffer .* is truncated ES"):
         estimators.get("pes").init(unroller, jax.random.PRNGKey(1), THETA)
     estimators.get("es").init(unroller, jax.random.PRNGKey(1), THETA)  # the honest name works
     c = ConfigDict(dict(
@@ -168,7 +168,7 @@ def test_pes_refuses_the_buffer_whose_segments_make_it_truncated_es():
         estimator=dict(name="pes"), meta_optimizer=dict(name="adam", learning_rate=1e-3),
         unroll=dict(num_particles=2, trunc_length=2, horizon=dict(name="constant", length=4),
                     replay=dict(capacity=4))))
-    with pytest.raises(ConfigError, match="config.estimator: pes with a replay buffer"):
+    with pytest.raises(ConfigError, match="config.estimator: PES with a replay buffer"):
         config_lib.build(c)
     c.estimator.name = "es"
     config_lib.build(c)
