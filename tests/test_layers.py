@@ -1,6 +1,7 @@
 """The package layers of DESIGN.md, checked on the source: ``tasks`` at the bottom, then the
-optimizer library (``lopt`` minus ``lopt.training``), then ``estimators``, then the training
-layer ``lopt.training``. Nothing imports upward, and the modules' import graph has no cycle."""
+optimizer library (``lopt`` minus its subpackages), then ``estimators``, then the training layer
+``lopt.training``, the experiments ``lopt.experiments`` and the command-line programs
+``lopt.cli``. Nothing imports upward, and the modules' import graph has no cycle."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ PACKAGES = ("tasks", "lopt", "estimators")
 
 def _layer(module: str) -> int:
     if module.startswith("lopt.cli"):  # the command-line programs sit on top
+        return 5
+    if module.startswith("lopt.experiments"):
         return 4
     if module.startswith("lopt.training"):
         return 3

@@ -39,7 +39,6 @@ command line) and ``curves.png`` (training loss over 10 H steps; the horizon mar
 
 from __future__ import annotations
 
-import ast
 import copy
 import json
 import os
@@ -50,18 +49,27 @@ from typing import Any
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import ConfigDict  # noqa: E402
 
-from lopt.cli.common import (  # noqa: E402
+from lopt.cli.common import parse_lrs  # noqa: E402
+from lopt.experiments.elo import (  # noqa: E402
+    LABELS,
+    METHODS,
+    _eval_summary,
+    _task,
+    apply_overrides,
+    combine,
+    curriculum_stages,
+    evaluate_export,
+    format_table,
+    horizon_of,
+    plot,
+)
+from lopt.experiments.harness import (  # noqa: E402
     UsageError,
     final_mean,
     finished_export,
-    fmt,
     load_module,
-    markdown_table,
-    parse_flags,
-    parse_lrs,
     pm,
     read_rows,
-    stats,
     write_report,
 )
 
@@ -70,8 +78,6 @@ from lopt.cli.common import (  # noqa: E402
 _CHECKOUT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _CONFIGS = os.path.join(_CHECKOUT, "configs") if os.path.isdir(os.path.join(_CHECKOUT, "configs")) else "configs"
 
-#: Every method, in table order.
-METHODS = ("adamw", "naive", "curriculum", "elo")
 #: AdamW learning rates tried by default: 7 log-spaced values from 1e-4 to 1e-1.
 DEFAULT_LRS = "1e-4,3.16e-4,1e-3,3.16e-3,1e-2,3.16e-2,1e-1"
 
@@ -110,64 +116,6 @@ _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar per meta-tr
 
 
 # --- settings ----------------------------------------------------------------------------------
-
-
-def parse_value(text: str) -> Any:
-    """A ``--set`` value: a Python literal (``4``, ``(32,)``, ``False``, ``1e-3``), else the text."""
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-
-
-def apply_overrides(config: ConfigDict, assignments: list[str]) -> ConfigDict:
-    """``config`` with every ``dotted.key=value`` of ``assignments`` set; a key the config does
-    not have is a UsageError (a typo must not silently ablate nothing)."""
-    config = copy.deepcopy(config)
-    for item in assignments:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise UsageError(f"--set wants key=value, got {item!r}")
-        *path, last = key.strip().split(".")
-        node = config
-        for i, part in enumerate(path):
-            if part not in node or not isinstance(node[part], ConfigDict):
-                raise UsageError(f"--set {key}: the config has no section {'.'.join(path[: i + 1])}")
-            node = node[part]
-        if last not in node:
-            raise UsageError(f"--set {key}: the config has no key {key}; "
-                             f"{'.'.join(path) or 'the top level'} has {', '.join(sorted(node.keys()))}")
-        try:
-            node[last] = parse_value(value)
-        except TypeError as e:  # ConfigDict keeps a field's type
-            raise UsageError(f"--set {key}: {str(e).splitlines()[0]}") from None
-    return config
-
-
-def horizon_of(config: ConfigDict) -> int:
-    """H: the meta-training trajectory length of a config with a constant horizon."""
-    horizon = config.unroll.horizon
-    if horizon.get("name") != "constant":
-        raise UsageError(
-            f"the ablation needs a constant meta-training horizon (unroll.horizon.name="
-            f"'constant'), got {horizon.get('name')!r}"
-        )
-    return int(horizon.length)
-
-
-def curriculum_stages(text: str | None, horizon: int) -> tuple[int, ...]:
-    """``--cl_stages``, or H/4, H/2, H: the last stage trains (and validates) at the horizon
-    the other methods meta-train at."""
-    if text:
-        try:
-            stages = tuple(int(x) for x in text.split(",") if x.strip())
-        except ValueError:
-            raise UsageError(f"--cl_stages must be comma-separated integers, got {text!r}") from None
-    else:
-        stages = tuple(sorted({max(1, horizon // 4), max(1, horizon // 2), horizon}))
-    if not stages or min(stages) < 1 or any(b <= a for a, b in zip(stages, stages[1:])):
-        raise UsageError(f"--cl_stages must be positive and increasing, got {stages}")
-    return stages
 
 
 def settings() -> dict:
@@ -232,17 +180,6 @@ def settings() -> dict:
 # --- running -----------------------------------------------------------------------------------
 
 
-def _task(config: ConfigDict):
-    import tasks
-
-    options = config.task.to_dict()
-    return tasks.get(options.pop("name"), **options)
-
-
-def _eval_summary(curves: dict) -> dict:
-    return {k: curves.get(k) for k in ("final_train_loss", "test_loss", "test_accuracy", "train_loss")}
-
-
 def meta_train(method: str, config: ConfigDict, meta_seed: int, out: str) -> dict:
     """One meta-training run (resumed or reused if its workdir has one); returns its record."""
     from lopt.training import loop
@@ -282,15 +219,6 @@ def meta_train(method: str, config: ConfigDict, meta_seed: int, out: str) -> dic
     return record
 
 
-def evaluate_export(export_path: str, task: Any, keys: Any, lengths: tuple[int, int]) -> dict:
-    from lopt import export
-    from lopt.training import evaluation
-
-    learned_opt, meta_params = export.load(export_path)
-    opt = learned_opt.optimizer(meta_params)
-    return {n: _eval_summary(evaluation.train_curves(task, opt, keys, n)) for n in lengths}
-
-
 def evaluate_adamw(task: Any, tune_keys: Any, keys: Any, lengths: tuple[int, int],
                    lrs: list[float]) -> dict:
     """AdamW tuned on ``tune_keys`` at each length, then run at its best rate on ``keys``."""
@@ -308,83 +236,7 @@ def evaluate_adamw(task: Any, tune_keys: Any, keys: Any, lengths: tuple[int, int
     return out
 
 
-def combine(evals: list[dict], lengths: tuple[int, int]) -> dict:
-    """Per evaluation length, the statistics over instances x meta-seeds and the mean curve."""
-    import numpy as np
-
-    out = {}
-    for n in lengths:
-        parts = [e[n] for e in evals]
-        row = {}
-        for k in ("final_train_loss", "test_loss", "test_accuracy"):
-            vals = [p[k] for p in parts if p.get(k) is not None]
-            row[k] = stats(np.concatenate(vals)) if vals else None
-        curves = np.concatenate([np.asarray(p["train_loss"], np.float64) for p in parts])
-        with np.errstate(invalid="ignore"):
-            row["train_loss_curve_mean"] = np.nanmean(curves, 0).tolist()
-        row["_curves"] = curves  # every instance's curve, for the plot (not written to JSON)
-        if "best_lr" in parts[0]:
-            row["best_lr"] = parts[0]["best_lr"]
-            row["lr_sweep"] = parts[0]["sweep"]
-        out[str(n)] = row
-    return out
-
-
 # --- reporting ---------------------------------------------------------------------------------
-
-LABELS = {
-    "adamw": "AdamW (tuned lr)",
-    "naive": "LO naive",
-    "curriculum": "LO + curriculum",
-    "elo": "ELO-LO (replay + BC)",
-}
-
-
-def format_table(results: dict[str, dict], horizon: int, long: int) -> str:
-    """ELO Table 1's shape: test accuracy (or test loss) at H and at the long horizon, plus the
-    final training losses and the meta-training cost."""
-    first = next((r for r in results.values() if "eval" in r), None)
-    accuracy = first is not None and first["eval"][str(horizon)]["test_accuracy"] is not None
-    metric, spec = ("test_accuracy", ".3f") if accuracy else ("test_loss", ".4f")
-    name = "test acc" if accuracy else "test loss"
-    header = ["method", f"{name} @ H={horizon}", f"{name} @ {long // horizon}H={long}",
-              "train loss @ H", f"train loss @ {long // horizon}H", "meta-train outer / inner steps",
-              "meta-train s (after compile)"]
-    body = []
-    for method, r in results.items():
-        label = LABELS.get(method, method)
-        if r.get("error"):
-            body.append([label, "failed (see results.json)", *["-"] * (len(header) - 2)])
-            continue
-        e = r["eval"]
-        if method == "adamw":
-            label += f" lr={e[str(horizon)]['best_lr']:.3g}/{e[str(long)]['best_lr']:.3g}"
-        runs = r.get("runs") or []
-        cost = "-" if not runs else (
-            f"{sum(x['outer_steps'] for x in runs) // len(runs)} / "
-            f"{sum(x['inner_steps'] for x in runs) // len(runs):,}")
-        walls = [x["train_wall_s"] for x in runs if x.get("train_wall_s") is not None]
-        body.append([
-            label,
-            pm(e[str(horizon)][metric], spec),
-            pm(e[str(long)][metric], spec),
-            pm(e[str(horizon)]["final_train_loss"]),
-            pm(e[str(long)]["final_train_loss"]),
-            cost,
-            fmt(sum(walls) / len(walls), ".0f") if walls else "-",
-        ])
-    return markdown_table(header, body)
-
-
-def plot(results: dict[str, dict], long: int, horizon: int, path: str, title: str) -> str:
-    """Training loss over the long evaluation, mean ± std over instances x meta-seeds (each
-    curve averaged over its last 10% of steps, see ``lopt.training.evaluation.plot_curves``)."""
-    from lopt.training import evaluation
-
-    curves = {LABELS.get(m, m): r["eval"][str(long)]["_curves"] for m, r in results.items() if "eval" in r}
-    return evaluation.plot_curves(curves, path, title, vlines={f"H={horizon}": horizon}, log_x=True,
-                                  smooth=0.1)
-
 
 def main(argv) -> int:
     if not flags.FLAGS["verbosity"].present:
