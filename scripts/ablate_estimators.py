@@ -46,11 +46,12 @@ from lopt.experiments.harness import (  # noqa: E402
     FINAL_FRACTION,
     UsageError,
     final_mean,
-    finished_export,
     fmt,
+    lo_curves,
+    meta_train,
     pm,
-    read_rows,
     stats,
+    task_of,
     write_report,
 )
 
@@ -100,9 +101,7 @@ def run_estimator(base: ConfigDict, section: ConfigDict, name: str, s: dict, eva
     """Meta-train with one estimator on the shared budget, then evaluate its export."""
     import numpy as np
 
-    import tasks
-    from lopt import export
-    from lopt.training import evaluation, loop
+    from lopt.training import loop
 
     config = copy.deepcopy(base)
     config.estimator = copy.deepcopy(section)
@@ -112,33 +111,23 @@ def run_estimator(base: ConfigDict, section: ConfigDict, name: str, s: dict, eva
     print(f"[{index}] {name}: {num_outer} outer steps x {per_step:,.0f} inner steps "
           f"(budget {s['inner_steps']:,}) -> {run_dir}", flush=True)
     t0 = time.perf_counter()
-    export_path = finished_export(run_dir, num_outer)
-    if export_path is None:
-        export_path = loop.train(config, run_dir, progress=_PROGRESS.value)["export"]
-    else:
-        print(f"    already trained: reusing {export_path}", flush=True)
+    record = meta_train(config, run_dir, _PROGRESS.value)
+    if record["reused"]:
+        print(f"    already trained: reusing {record['export']}", flush=True)
     train_wall = time.perf_counter() - t0
 
-    rows = read_rows(os.path.join(run_dir, "metrics.jsonl"))
-    last = rows[-1] if rows else {}
+    rows = loop.read_metrics(os.path.join(run_dir, "metrics.jsonl"))
     t1 = time.perf_counter()
-    learned_opt, meta_params = export.load(export_path)
-    task_opts = config.task.to_dict()
-    task = tasks.get(task_opts.pop("name"), **task_opts)
-    curves = evaluation.train_curves(task, learned_opt.optimizer(meta_params), eval_keys,
-                                     s["eval_steps"])
+    curves = lo_curves(record["export"], task_of(config), eval_keys, s["eval_steps"])
     eval_wall = time.perf_counter() - t1
     result = {
         "estimator": section.to_dict(),
-        "workdir": os.path.abspath(run_dir),
-        "export": export_path,
-        "outer_steps": int(last.get("step", 0)),
-        "inner_steps": int(last.get("inner_steps_total", 0)),
+        **{k: record[k] for k in ("workdir", "export", "outer_steps", "inner_steps")},
         "inner_steps_per_outer_step": per_step,
-        "final_meta_loss": final_mean(rows, "meta_loss"),
+        "final_meta_loss": record["final_meta_loss"],
         "final_inner_loss": final_mean(rows, "inner_loss"),
-        "inner_steps_per_sec": last.get("inner_steps_per_sec"),
-        "skipped_outer_steps": last.get("num_skipped"),
+        "inner_steps_per_sec": record["inner_steps_per_sec"],
+        "skipped_outer_steps": rows[-1].get("num_skipped") if rows else None,
         "train_wall_s": train_wall,
         "eval_wall_s": eval_wall,
         "eval": {k: stats(curves.get(k)) for k in ("final_train_loss", "test_loss", "test_accuracy")},

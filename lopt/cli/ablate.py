@@ -65,11 +65,9 @@ from lopt.experiments.elo import (  # noqa: E402
 )
 from lopt.experiments.harness import (  # noqa: E402
     UsageError,
-    final_mean,
-    finished_export,
     load_module,
+    meta_train,
     pm,
-    read_rows,
     write_report,
 )
 
@@ -180,45 +178,6 @@ def settings() -> dict:
 # --- running -----------------------------------------------------------------------------------
 
 
-def meta_train(method: str, config: ConfigDict, meta_seed: int, out: str) -> dict:
-    """One meta-training run (resumed or reused if its workdir has one); returns its record."""
-    from lopt.training import loop
-
-    config = copy.deepcopy(config)
-    config.seed = meta_seed
-    run_dir = os.path.join(out, method, f"seed{meta_seed}")
-    budget = int(config.num_outer_steps)
-    t0 = time.perf_counter()
-    export_path = finished_export(run_dir, budget, stops_early="curriculum" in config)
-    reused = export_path is not None
-    if not reused:
-        export_path = loop.train(config, run_dir, progress=_PROGRESS.value)["export"]
-    rows = read_rows(os.path.join(run_dir, "metrics.jsonl"))
-    steps = [r for r in rows if "meta_loss" in r]
-    last = steps[-1] if steps else {}
-    record = {
-        "workdir": os.path.abspath(run_dir),
-        "export": export_path,
-        "seed": meta_seed,
-        "reused": reused,
-        "outer_steps": int(last.get("step", 0)),
-        "inner_steps": int(last.get("inner_steps_total", 0)),
-        "inner_steps_per_sec": last.get("inner_steps_per_sec"),
-        "final_meta_loss": final_mean(steps, "meta_loss"),
-        # From metrics.jsonl (first compiled step to the end), so a reused run still has it.
-        "train_wall_s": last.get("wall_time"),
-        "call_wall_s": None if reused else time.perf_counter() - t0,  # with compiles, validations
-    }
-    decisions = [r for r in rows if "decision" in r]
-    if decisions:
-        record["curriculum"] = [
-            {k: r.get(k) for k in ("step", "curriculum_stage", "train_length", "valid_length", "validation",
-                                   "valid_loss", "decision")}
-            for r in decisions
-        ]
-    return record
-
-
 def evaluate_adamw(task: Any, tune_keys: Any, keys: Any, lengths: tuple[int, int],
                    lrs: list[float]) -> dict:
     """AdamW tuned on ``tune_keys`` at each length, then run at its best rate on ``keys``."""
@@ -284,7 +243,9 @@ def main(argv) -> int:
                 config = s["configs"][method]
                 runs, evals = [], []
                 for seed in meta_seeds:
-                    runs.append(meta_train(method, config, seed, out))
+                    c = copy.deepcopy(config)
+                    c.seed = seed
+                    runs.append(meta_train(c, os.path.join(out, method, f"seed{seed}"), _PROGRESS.value))
                     evals.append(evaluate_export(runs[-1]["export"], task, keys, lengths))
                 results[method] = {"config": json.loads(config.to_json_best_effort()),
                                    "runs": runs, "eval": combine(evals, lengths)}

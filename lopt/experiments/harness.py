@@ -116,29 +116,34 @@ def machine() -> str:
 
 
 def meta_train(config, run_dir: str, progress: bool = True) -> dict:
-    """One meta-training run (reused when finished, resumed when not); returns its record."""
+    """One meta-training run of ``config`` in ``run_dir``: reused when it finished, resumed when
+    not. Returns its record: where it is, its export, its cost in outer and inner steps (the
+    last logged row's), the mean meta-loss of its last logged rows (only rows that have one: an
+    imitation-only window logs none) and, for a curriculum run, its decisions."""
     from lopt.training import loop
 
     budget = int(config.num_outer_steps)
     curriculum = "curriculum" in config and bool(config.curriculum.get("enabled", False))
+    t0 = time.perf_counter()
     export = finished_export(run_dir, budget, stops_early=curriculum)
     reused = export is not None
-    t0 = time.perf_counter()
     if not reused:
         export = loop.train(config, run_dir, progress=progress)["export"]
-    rows = read_rows(os.path.join(run_dir, "metrics.jsonl"))
-    steps = [r for r in rows if "meta_loss" in r]
-    last = steps[-1] if steps else {}
+    rows = loop.read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+    logged = [r for r in rows if "inner_steps_total" in r]  # curriculum decision rows have none
+    last = logged[-1] if logged else {}
     record = dict(
-        workdir=os.path.relpath(run_dir), export=export, seed=int(config.seed), reused=reused,
+        workdir=os.path.abspath(run_dir), export=export, seed=int(config.seed), reused=reused,
         outer_steps=int(last.get("step", 0)), inner_steps=int(last.get("inner_steps_total", 0)),
-        final_meta_loss=final_mean(steps, "meta_loss"), train_wall_s=last.get("wall_time"),
-        call_wall_s=None if reused else time.perf_counter() - t0,
+        inner_steps_per_sec=last.get("inner_steps_per_sec"),
+        final_meta_loss=final_mean(rows, "meta_loss"),
+        # From metrics.jsonl (first compiled step to the end), so a reused run still has it.
+        train_wall_s=last.get("wall_time"),
+        call_wall_s=None if reused else time.perf_counter() - t0,  # with compiles, validations
     )
     decisions = [r for r in rows if "decision" in r]
     if decisions:
-        record["curriculum"] = [{k: r.get(k) for k in ("step", "curriculum_stage", "train_length",
-                                                       "valid_loss", "decision")} for r in decisions]
+        record["curriculum"] = [{k: r.get(k) for k in DECISION_KEYS} for r in decisions]
     return record
 
 
@@ -150,12 +155,9 @@ def lo_curves(export_path: str, task, eval_keys, num_steps: int) -> dict:
     return evaluation.train_curves(task, learned_opt.optimizer(meta_params), eval_keys, num_steps)
 
 
-def read_rows(path: str) -> list[dict]:
-    """The rows of a ``metrics.jsonl`` (empty if there is none yet)."""
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+#: What a run record keeps of each curriculum decision row of ``metrics.jsonl``.
+DECISION_KEYS = ("step", "curriculum_stage", "train_length", "valid_length", "validation",
+                 "valid_loss", "decision")
 
 
 def final_mean(rows: list[dict], key: str) -> float | None:
@@ -178,6 +180,7 @@ def finished_export(run_dir: str, num_outer_steps: int, *, stops_early: bool = F
     from absl import logging
 
     from lopt.training import checkpoint as ckpt_lib
+    from lopt.training import loop
 
     export_path = os.path.join(run_dir, "export", "optimizer.safetensors")
     ckpt_dir = os.path.join(run_dir, "checkpoints")
@@ -186,7 +189,7 @@ def finished_export(run_dir: str, num_outer_steps: int, *, stops_early: bool = F
     checkpointer = ckpt_lib.Checkpointer(ckpt_dir)
     latest = checkpointer.latest_step()
     checkpointer.close()
-    rows = read_rows(os.path.join(run_dir, "metrics.jsonl"))
+    rows = loop.read_metrics(os.path.join(run_dir, "metrics.jsonl"))
     if latest is None or not rows or max(r["step"] for r in rows) < latest:
         return None
     if latest < num_outer_steps:
