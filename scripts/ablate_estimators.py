@@ -52,7 +52,7 @@ from lopt.experiments.harness import (  # noqa: E402
     pm,
     stats,
     task_of,
-    write_report,
+    write_ablation,
 )
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -220,7 +220,7 @@ def main(argv) -> int:
         "total_wall_s": total,
         "table": table,
     }
-    write_report(workdir, caption, table, out, plot_path, total)
+    write_ablation(workdir, caption, table, out, plot_path, total)
     return 1 if failed else 0
 
 

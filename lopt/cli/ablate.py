@@ -68,7 +68,7 @@ from lopt.experiments.harness import (  # noqa: E402
     load_module,
     meta_train,
     pm,
-    write_report,
+    write_ablation,
 )
 
 # The checkout's configs/ when run from one (scripts/ablate.py, an editable install), else
@@ -292,7 +292,7 @@ def main(argv) -> int:
         "total_wall_s": total,
         "table": table,
     }
-    write_report(out, caption, table, record, plot_path, total)
+    write_ablation(out, caption, table, record, plot_path, total)
     return 1 if failed else 0
 
 

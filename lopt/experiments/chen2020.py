@@ -14,14 +14,16 @@ from lopt.experiments.harness import (
     Report,
     adam_label,
     configured,
-    cost,
+    COST_COLUMNS,
+    cost_cells,
     ensure_mnist,
     keys,
     lo_curves,
     meta_train,
     metric_values,
-    results_table,
+    metric_cells,
     stacked,
+    table,
     task_of,
     tuned_adam,
     verdict,
@@ -97,9 +99,9 @@ def run(b: dict, runs: str, out: str, progress: bool = True) -> Report:
     plots[label] = adam["curves"]["train_loss"]
     metrics = [("final_train_loss", f"final train loss @ {long}", ".4f"),
                ("test_loss", "test loss", ".4f"), ("test_accuracy", "test accuracy", ".3f")]
-    extra = {"__header__": ["meta-train outer / inner steps", "meta-train s"], label: ["-", "-"]}
-    extra.update({k: cost(v) for k, v in records.items()})
-    table = results_table(rows, metrics, extra)
+    header = ["method", *(column for _, column, _ in metrics), *COST_COLUMNS]
+    results = table(header, {name: {**metric_cells(runs, metrics), **cost_cells(records.get(name, []))}
+                             for name, runs in rows.items()})
     for model in b["models"]:
         outcome.append(f"{model} CL+IL vs Adam: " + verdict(
             metric_values(rows[f"{model} CL+IL"], "final_train_loss"),
@@ -133,7 +135,7 @@ def run(b: dict, runs: str, out: str, progress: bool = True) -> Report:
                  f"rate tuned for final training loss at {long} steps on {n} separate instances."),
         outcome=outcome,
         tables=[(f"Unseen optimizees after {long} steps, mean ± std over {n} instances x "
-                 "meta-seeds.", table)],
+                 "meta-seeds.", results)],
         figures=[("Training loss on unseen optimizees (mean ± 1 std, trailing 10% smoothing)", fig)],
         notes=curricula + ["RNNprop runs in the gpu budget only (the cpu budget's 30 minutes fit "
                            "one model)." if "rnnprop" not in b["models"] else ""],

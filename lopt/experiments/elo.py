@@ -5,7 +5,6 @@ MNIST): ELO holds up at 10 H where the naive optimizer degrades. Also the pieces
 from __future__ import annotations
 
 import ast
-import copy
 import json
 import os
 import shutil
@@ -16,16 +15,18 @@ from typing import Any
 from ml_collections import ConfigDict
 
 from lopt.experiments.harness import (
-    _CHECKOUT,
+    CHECKOUT,
     LRS,
     Report,
     UsageError,
     ensure_mnist,
-    fmt,
+    COST_COLUMNS,
+    cost_cells,
     load_config,
-    markdown_table,
+    override,
     pm,
     stats,
+    table,
     verdict,
 )
 
@@ -58,27 +59,14 @@ def parse_value(text: str) -> Any:
 
 
 def apply_overrides(config: ConfigDict, assignments: list[str]) -> ConfigDict:
-    """``config`` with every ``dotted.key=value`` of ``assignments`` set; a key the config does
-    not have is a UsageError (a typo must not silently ablate nothing)."""
-    config = copy.deepcopy(config)
+    """``config`` with every ``dotted.key=value`` of ``assignments`` set (:func:`override`)."""
+    items = []
     for item in assignments:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise UsageError(f"--set wants key=value, got {item!r}")
-        *path, last = key.strip().split(".")
-        node = config
-        for i, part in enumerate(path):
-            if part not in node or not isinstance(node[part], ConfigDict):
-                raise UsageError(f"--set {key}: the config has no section {'.'.join(path[: i + 1])}")
-            node = node[part]
-        if last not in node:
-            raise UsageError(f"--set {key}: the config has no key {key}; "
-                             f"{'.'.join(path) or 'the top level'} has {', '.join(sorted(node.keys()))}")
-        try:
-            node[last] = parse_value(value)
-        except TypeError as e:  # ConfigDict keeps a field's type
-            raise UsageError(f"--set {key}: {str(e).splitlines()[0]}") from None
-    return config
+        items.append((key.strip(), parse_value(value)))
+    return override(config, items)
 
 
 def horizon_of(config: ConfigDict) -> int:
@@ -164,33 +152,23 @@ def format_table(results: dict[str, dict], horizon: int, long: int) -> str:
     accuracy = first is not None and first["eval"][str(horizon)]["test_accuracy"] is not None
     metric, spec = ("test_accuracy", ".3f") if accuracy else ("test_loss", ".4f")
     name = "test acc" if accuracy else "test loss"
-    header = ["method", f"{name} @ H={horizon}", f"{name} @ {long // horizon}H={long}",
-              "train loss @ H", f"train loss @ {long // horizon}H", "meta-train outer / inner steps",
-              "meta-train s (after compile)"]
-    body = []
+    k = long // horizon
+    header = ["method", f"{name} @ H={horizon}", f"{name} @ {k}H={long}", "train loss @ H",
+              f"train loss @ {k}H", COST_COLUMNS[0], "meta-train s (after compile)"]
+    rows = {}
     for method, r in results.items():
         label = LABELS.get(method, method)
         if r.get("error"):
-            body.append([label, "failed (see results.json)", *["-"] * (len(header) - 2)])
+            rows[label] = {header[1]: "failed (see results.json)"}
             continue
         e = r["eval"]
         if method == "adamw":
             label += f" lr={e[str(horizon)]['best_lr']:.3g}/{e[str(long)]['best_lr']:.3g}"
-        runs = r.get("runs") or []
-        cost = "-" if not runs else (
-            f"{sum(x['outer_steps'] for x in runs) // len(runs)} / "
-            f"{sum(x['inner_steps'] for x in runs) // len(runs):,}")
-        walls = [x["train_wall_s"] for x in runs if x.get("train_wall_s") is not None]
-        body.append([
-            label,
-            pm(e[str(horizon)][metric], spec),
-            pm(e[str(long)][metric], spec),
-            pm(e[str(horizon)]["final_train_loss"]),
-            pm(e[str(long)]["final_train_loss"]),
-            cost,
-            fmt(sum(walls) / len(walls), ".0f") if walls else "-",
-        ])
-    return markdown_table(header, body)
+        rows[label] = {header[1]: pm(e[str(horizon)][metric], spec), header[2]: pm(e[str(long)][metric], spec),
+                       header[3]: pm(e[str(horizon)]["final_train_loss"]),
+                       header[4]: pm(e[str(long)]["final_train_loss"]),
+                       **cost_cells(r.get("runs") or [], header[6])}
+    return table(header, rows)
 
 
 def plot(results: dict[str, dict], long: int, horizon: int, path: str, title: str) -> str:
@@ -208,10 +186,10 @@ def run(b: dict, runs: str, out: str, progress: bool = True) -> Report:
     config = load_config("elo_mnist" if any("elo_mnist" in a for a in b["args"]) else "elo")
     ensure_mnist(config)
     workdir = os.path.join(runs, "ablate")
-    cmd = [sys.executable, os.path.join(_CHECKOUT, "scripts", "ablate.py"), f"--out={workdir}",
+    cmd = [sys.executable, os.path.join(CHECKOUT, "scripts", "ablate.py"), f"--out={workdir}",
            *b["args"], f"--progress={'true' if progress else 'false'}"]
     print(f"[elo] {' '.join(cmd[1:])}", flush=True)
-    proc = subprocess.run(cmd, cwd=_CHECKOUT)
+    proc = subprocess.run(cmd, cwd=CHECKOUT)
     if proc.returncode != 0:
         raise RuntimeError(f"scripts/ablate.py exited with {proc.returncode}")
     with open(os.path.join(workdir, "results.json")) as f:

@@ -8,7 +8,7 @@ from typing import Any
 
 from ml_collections import ConfigDict
 
-from lopt.experiments.harness import UsageError, fmt, load_module, markdown_table, pm
+from lopt.experiments.harness import UsageError, fmt, load_module, pm, table
 
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _DEFAULT_CONFIG = os.path.join(_REPO, "configs", "ablate_estimators.py")
@@ -74,24 +74,19 @@ def format_table(results: dict[str, dict], adam: dict | None = None) -> str:
     """A markdown table, one row per estimator (and tuned Adam as a reference row)."""
     header = ["estimator", "outer steps", "inner steps", "final meta-loss",
               "held-out eval loss", "held-out test acc", "inner steps/s"]
-    body = []
+    rows = {}
     for name, r in results.items():
         if r.get("error"):
-            body.append([name, "-", "-", "failed (error in results.json)", "-", "-", "-"])
+            rows[name] = {"final meta-loss": "failed (error in results.json)"}
             continue
-        body.append([
-            name,
-            str(r["outer_steps"]),
-            f"{r['inner_steps']:,}",
-            fmt(r["final_meta_loss"]),
-            pm(r["eval"]["test_loss"]),
-            pm(r["eval"]["test_accuracy"], ".3f"),
-            fmt(r["inner_steps_per_sec"], ",.0f"),
-        ])
+        rows[name] = dict(zip(header[1:], [
+            str(r["outer_steps"]), f"{r['inner_steps']:,}", fmt(r["final_meta_loss"]),
+            pm(r["eval"]["test_loss"]), pm(r["eval"]["test_accuracy"], ".3f"),
+            fmt(r["inner_steps_per_sec"], ",.0f")]))
     if adam is not None:
-        body.append([f"adam (lr={adam['best_lr']:.3g}, reference)", "-", "-", "-",
-                     pm(adam["test_loss"]), pm(adam["test_accuracy"], ".3f"), "-"])
-    return markdown_table(header, body)
+        rows[f"adam (lr={adam['best_lr']:.3g}, reference)"] = {
+            "held-out eval loss": pm(adam["test_loss"]), "held-out test acc": pm(adam["test_accuracy"], ".3f")}
+    return table(header, rows)
 
 
 def plot_meta_loss(results: dict[str, dict], path: str) -> str:

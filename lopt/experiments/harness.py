@@ -1,6 +1,14 @@
 """What every experiment shares: configs with a budget's overrides, meta-training runs that are
 reused when finished, Adam tuned on instances separate from the evaluation's, paired verdicts
-with their statistics, results tables and the report writer."""
+with their statistics, the one results-table formatter and the report writer (markdown, JSON and
+plots, as in ``docs/results/``).
+
+Honesty rules every experiment follows through it: Adam's learning rate is tuned (over ``LRS``,
+a log grid) on task instances ``PRNGKey(TUNE_SEED_OFFSET + i)``, separate from the evaluation
+instances ``PRNGKey(EVAL_SEED_OFFSET + i)``; numbers are mean ± std over evaluation instances x
+meta-training seeds; a verdict is computed from paired per-seed differences, never asserted.
+Imports nothing heavy at module level, so the programs check their inputs before JAX starts.
+"""
 
 from __future__ import annotations
 
@@ -12,27 +20,30 @@ import math
 import os
 import platform
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
-_CHECKOUT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-_CONFIGS = os.path.join(_CHECKOUT, "configs")
-_SHARED_DATA = os.path.join(os.path.dirname(_CHECKOUT), "shared", "data")
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIGS = os.path.join(CHECKOUT, "configs")
+SHARED_DATA = os.path.join(os.path.dirname(CHECKOUT), "shared", "data")
 
 EVAL_SEED_OFFSET = 1_000_000
 TUNE_SEED_OFFSET = 3_000_000
 #: Adam's learning-rate grid: 13 log-spaced rates from 1e-4 to 1e-1 (half-decade quarter steps).
 LRS = tuple(float(f"{10 ** (-4 + i / 4):.4g}") for i in range(13))
-
 #: A run's final meta-loss is the mean over this fraction of its last logged rows.
 FINAL_FRACTION = 0.1
-
 #: Smoke budgets' shapes of the MLP experiments (seconds of work after compiling).
 TINY_MLP = {"task.hidden_sizes": (4,), "task.batch_size": 16, "lopt.hidden_size": 4,
             "unroll.num_particles": 2}
+#: The columns :func:`cost_cells` fills.
+COST_COLUMNS = ["meta-train outer / inner steps", "meta-train s"]
 
 
 class UsageError(Exception):
-    """A bad command-line input: reported in one line, exit code 2."""
+    """A bad input to a program or an experiment: reported in one line, exit code 2."""
+
+
+# --- configs ------------------------------------------------------------------------------------
 
 
 def load_module(path: str, name: str) -> Any:
@@ -45,26 +56,52 @@ def load_module(path: str, name: str) -> Any:
     return module
 
 
+def config_file(path: str) -> str:
+    """``path`` as given when it exists, else relative to the checkout (so a budget's
+    ``configs/elo.py`` works from any working directory)."""
+    if os.path.isabs(path) or os.path.isfile(path):
+        return path
+    return os.path.join(CHECKOUT, path) if os.path.isfile(os.path.join(CHECKOUT, path)) else path
+
+
 def load_config(name: str):
-    return load_module(os.path.join(_CONFIGS, f"{name}.py"), f"_reproduce_{name}").get_config()
+    return load_module(os.path.join(CONFIGS, f"{name}.py"), f"_experiment_{name}").get_config()
 
 
-def set_path(config, path: str, value: Any) -> None:
-    """``config.<path> = value`` for a dotted path the config already has."""
-    *parents, leaf = path.split(".")
-    node = config
-    for p in parents:
-        if p not in node:
-            raise UsageError(f"budget override {path}: the config has no section {p}")
-        node = node[p]
-    node[leaf] = value
+def override(config, items: Iterable[tuple[str, Any]], *, where: str = "--set",
+             new_keys: bool = False):
+    """A copy of ``config`` with ``config.<dotted path> = value`` for each item. A section the
+    config lacks is a UsageError (a typo must not silently ablate nothing), and so is a key it
+    lacks unless ``new_keys`` (a budget may set a task option the file leaves at its default),
+    and so is a value of another type than the key's."""
+    from ml_collections import ConfigDict
+
+    config = copy.deepcopy(config)
+    for key, value in items:
+        *path, last = key.split(".")
+        node = config
+        for i, part in enumerate(path):
+            if part not in node or not isinstance(node[part], ConfigDict):
+                raise UsageError(f"{where} {key}: the config has no section {'.'.join(path[: i + 1])}")
+            node = node[part]
+        if last not in node and not new_keys:
+            raise UsageError(f"{where} {key}: the config has no key {key}; "
+                             f"{'.'.join(path) or 'the top level'} has {', '.join(sorted(node.keys()))}")
+        try:
+            node[last] = value
+        except TypeError as e:  # ConfigDict keeps a field's type
+            raise UsageError(f"{where} {key}: {str(e).splitlines()[0]}") from None
+    return config
 
 
 def configured(name: str, overrides: dict) -> Any:
-    config = load_config(name)
-    for path, value in overrides.items():
-        set_path(config, path, value)
-    return config
+    """``configs/<name>.py`` with a budget's overrides."""
+    return override(load_config(name), overrides.items(), where="budget override", new_keys=True)
+
+
+def estimator_name(config) -> str:
+    """How a report names the config's estimator (``pes`` -> PES)."""
+    return str(config.estimator.name).upper()
 
 
 def keys(offset: int, n: int):
@@ -93,66 +130,14 @@ def ensure_mnist(config) -> None:
         return
     except Exception:  # noqa: BLE001  not prepared (or unreadable): prepare it below
         pass
-    if not os.path.isdir(_SHARED_DATA):
-        raise UsageError(f"the mnist dataset is not prepared and {_SHARED_DATA} is missing; run "
+    if not os.path.isdir(SHARED_DATA):
+        raise UsageError(f"the mnist dataset is not prepared and {SHARED_DATA} is missing; run "
                          "scripts/prepare_data.py --dataset=mnist --source=DIR_WITH_IDX_FILES")
-    print(f"preparing mnist from {_SHARED_DATA}", flush=True)
-    prepare.prepare("mnist", _SHARED_DATA, progress=False)
+    print(f"preparing mnist from {SHARED_DATA}", flush=True)
+    prepare.prepare("mnist", SHARED_DATA, progress=False)
 
 
-def machine() -> str:
-    import jax
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    devices = jax.devices()
-    return (f"{cpu}, {os.cpu_count()} cores; jax {jax.__version__} on {devices[0].platform} "
-            f"({len(devices)} device{'s' if len(devices) > 1 else ''})")
-
-
-def meta_train(config, run_dir: str, progress: bool = True) -> dict:
-    """One meta-training run of ``config`` in ``run_dir``: reused when it finished, resumed when
-    not. Returns its record: where it is, its export, its cost in outer and inner steps (the
-    last logged row's), the mean meta-loss of its last logged rows (only rows that have one: an
-    imitation-only window logs none) and, for a curriculum run, its decisions."""
-    from lopt.training import loop
-
-    budget = int(config.num_outer_steps)
-    curriculum = "curriculum" in config and bool(config.curriculum.get("enabled", False))
-    t0 = time.perf_counter()
-    export = finished_export(run_dir, budget, stops_early=curriculum)
-    reused = export is not None
-    if not reused:
-        export = loop.train(config, run_dir, progress=progress)["export"]
-    rows = loop.read_metrics(os.path.join(run_dir, "metrics.jsonl"))
-    logged = [r for r in rows if "inner_steps_total" in r]  # curriculum decision rows have none
-    last = logged[-1] if logged else {}
-    record = dict(
-        workdir=os.path.abspath(run_dir), export=export, seed=int(config.seed), reused=reused,
-        outer_steps=int(last.get("step", 0)), inner_steps=int(last.get("inner_steps_total", 0)),
-        inner_steps_per_sec=last.get("inner_steps_per_sec"),
-        final_meta_loss=final_mean(rows, "meta_loss"),
-        # From metrics.jsonl (first compiled step to the end), so a reused run still has it.
-        train_wall_s=last.get("wall_time"),
-        call_wall_s=None if reused else time.perf_counter() - t0,  # with compiles, validations
-    )
-    decisions = [r for r in rows if "decision" in r]
-    if decisions:
-        record["curriculum"] = [{k: r.get(k) for k in DECISION_KEYS} for r in decisions]
-    return record
-
-
-def lo_curves(export_path: str, task, eval_keys, num_steps: int) -> dict:
-    from lopt import export
-    from lopt.training import evaluation
-
-    learned_opt, meta_params = export.load(export_path)
-    return evaluation.train_curves(task, learned_opt.optimizer(meta_params), eval_keys, num_steps)
+# --- meta-training runs -------------------------------------------------------------------------
 
 
 #: What a run record keeps of each curriculum decision row of ``metrics.jsonl``.
@@ -202,7 +187,66 @@ def finished_export(run_dir: str, num_outer_steps: int, *, stops_early: bool = F
     return export_path
 
 
-# --- criteria and statistics -------------------------------------------------------------------
+def meta_train(config, run_dir: str, progress: bool = True) -> dict:
+    """One meta-training run of ``config`` in ``run_dir``: reused when it finished, resumed when
+    not. Returns its record: where it is, its export, its cost in outer and inner steps (the
+    last logged row's), the mean meta-loss of its last logged rows (only rows that have one: an
+    imitation-only window logs none) and, for a curriculum run, its decisions."""
+    from lopt.training import loop
+
+    budget = int(config.num_outer_steps)
+    curriculum = "curriculum" in config and bool(config.curriculum.get("enabled", False))
+    t0 = time.perf_counter()
+    export = finished_export(run_dir, budget, stops_early=curriculum)
+    reused = export is not None
+    if not reused:
+        export = loop.train(config, run_dir, progress=progress)["export"]
+    rows = loop.read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+    logged = [r for r in rows if "inner_steps_total" in r]  # curriculum decision rows have none
+    last = logged[-1] if logged else {}
+    record = dict(
+        workdir=os.path.abspath(run_dir), export=export, seed=int(config.seed), reused=reused,
+        outer_steps=int(last.get("step", 0)), inner_steps=int(last.get("inner_steps_total", 0)),
+        inner_steps_per_sec=last.get("inner_steps_per_sec"),
+        final_meta_loss=final_mean(rows, "meta_loss"),
+        # From metrics.jsonl (first compiled step to the end), so a reused run still has it.
+        train_wall_s=last.get("wall_time"),
+        call_wall_s=None if reused else time.perf_counter() - t0,  # with compiles, validations
+    )
+    decisions = [r for r in rows if "decision" in r]
+    if decisions:
+        record["curriculum"] = [{k: r.get(k) for k in DECISION_KEYS} for r in decisions]
+    return record
+
+
+def lo_curves(export_path: str, task, eval_keys, num_steps: int) -> dict:
+    from lopt import export
+    from lopt.training import evaluation
+
+    learned_opt, meta_params = export.load(export_path)
+    return evaluation.train_curves(task, learned_opt.optimizer(meta_params), eval_keys, num_steps)
+
+
+def train_seeds(name: str, b: dict, runs: str, subdir: str, progress: bool = True):
+    """The experiment's config with the budget's overrides, meta-trained once per meta-seed
+    (``runs/subdir/seed<i>``) and each export's curves on the held-out instances at H.
+    Returns (config, task, H, instances, records, curves)."""
+    config = configured(name, b["set"])
+    ensure_mnist(config)
+    task = task_of(config)
+    H = int(config.unroll.horizon.length)
+    n = b["instances"]
+    records, curves = [], []
+    for seed in range(b["meta_seeds"]):
+        c = copy.deepcopy(config)
+        c.seed = seed
+        print(f"[{name}] meta-training seed {seed}", flush=True)
+        records.append(meta_train(c, os.path.join(runs, subdir, f"seed{seed}"), progress))
+        curves.append(lo_curves(records[-1]["export"], task, keys(EVAL_SEED_OFFSET, n), H))
+    return config, task, H, n, records, curves
+
+
+# --- tuned Adam and statistics ------------------------------------------------------------------
 
 
 def mean_normalized_train_loss(r: dict):
@@ -244,21 +288,31 @@ def tuned_adam(task, num_steps: int, lrs, n: int, criterion: str) -> dict:
     return dict(curves=curves, best_lr=best, sweep=sweep, at_edge=best in (min(lrs), max(lrs)))
 
 
-def summary(values) -> dict | None:
+def stats(values: Any) -> dict | None:
+    """``{"mean", "std", "per_seed"}`` of every value (NaN/inf kept: diverged runs)."""
     import numpy as np
 
     if values is None:
         return None
     v = np.asarray(values, np.float64).ravel()
     with np.errstate(invalid="ignore", over="ignore"):
-        return {"mean": float(np.mean(v)), "std": float(np.std(v)), "n": int(v.size),
-                "finite": int(np.isfinite(v).sum())}
+        return {"mean": float(np.mean(v)), "std": float(np.std(v)), "per_seed": v.tolist()}
 
 
-def pm_summary(s: dict | None, spec: str = ".4f") -> str:
-    if s is None or not math.isfinite(s["mean"]):
-        return "-" if s is None else f"non-finite ({s['n'] - s['finite']} of {s['n']} diverged)"
+def pm(s: dict | None, spec: str = ".4f") -> str:
+    """``mean ± std`` of a :func:`stats` dict; ``-`` when missing; how many runs diverged when
+    the mean is not finite."""
+    if s is None:
+        return "-"
+    if not math.isfinite(s["mean"]):
+        v = s.get("per_seed") or []
+        bad = sum(1 for x in v if x is None or not math.isfinite(x))
+        return f"non-finite ({bad} of {len(v)} diverged)" if v else "-"
     return f"{s['mean']:{spec}} ± {s['std']:{spec}}"
+
+
+def fmt(x: float | None, spec: str = ".4f") -> str:
+    return "-" if x is None or not math.isfinite(x) else format(x, spec)
 
 
 def metric_values(runs: list[dict], metric: str):
@@ -298,41 +352,14 @@ def verdict(ours, theirs, name: str, other: str, lower_is_better: bool = True) -
     return f"{head}; {detail}"
 
 
-def stats(x: Any) -> dict | None:
-    """``{"mean", "std", "per_seed"}`` of per-seed values (NaN/inf kept: diverged seeds)."""
-    import numpy as np
-
-    if x is None:
-        return None
-    v = np.asarray(x, np.float64)
-    with np.errstate(invalid="ignore", over="ignore"):
-        return {"mean": float(np.mean(v)), "std": float(np.std(v)), "per_seed": v.tolist()}
+# --- tables and reports -------------------------------------------------------------------------
 
 
-def clean(obj: Any) -> Any:
-    """JSON-safe: non-finite floats become null."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [clean(v) for v in obj]
-    return obj
-
-
-def fmt(x: float | None, spec: str = ".4f") -> str:
-    return "-" if x is None or not math.isfinite(x) else format(x, spec)
-
-
-def pm(s: dict | None, spec: str = ".4f") -> str:
-    """``mean ± std`` of a :func:`stats` dict, ``-`` when missing or not finite."""
-    if s is None or not math.isfinite(s["mean"]):
-        return "-"
-    return f"{s['mean']:{spec}} ± {s['std']:{spec}}"
-
-
-def markdown_table(header: list[str], body: list[list[str]]) -> str:
-    """A markdown table: first column left-aligned, the others right-aligned."""
+def table(header: list[str], rows: dict[str, dict[str, str]]) -> str:
+    """The results table of every experiment, in markdown: a row per label of ``rows``, its
+    cells under the columns they name (``-`` in a column a row has no cell for); the first
+    column left-aligned, the others right-aligned."""
+    body = [[label, *(cells.get(h, "-") for h in header[1:])] for label, cells in rows.items()]
     widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
 
     def line(cells):
@@ -343,26 +370,95 @@ def markdown_table(header: list[str], body: list[list[str]]) -> str:
     return "\n".join([line(header), rule, *(line(r) for r in body)])
 
 
-def write_report(directory: str, caption: str, table: str, record: dict, plot_path: str | None,
-                 wall_s: float) -> None:
-    """Print ``table``; write ``table.md`` (caption + table) and ``results.json`` (``record``,
-    non-finite numbers as null) into ``directory``; print where everything went."""
+def metric_cells(runs: list[dict], metrics: list[tuple[str, str, str]]) -> dict[str, str]:
+    """A method's cells: for each (key, column, format) of ``metrics``, mean ± std of ``key``
+    over every (meta-seed, instance) run of ``runs``."""
+    cells = {}
+    for key, column, spec in metrics:
+        v = metric_values(runs, key)
+        cells[column] = "-" if v is None else pm(stats(v), spec)
+    return cells
+
+
+def cost_cells(records: list[dict], wall_column: str = COST_COLUMNS[1]) -> dict[str, str]:
+    """Meta-training's cost, the mean over ``records``: outer / inner steps, and seconds."""
+    if not records:
+        return {}
+    outer = sum(r["outer_steps"] for r in records) // len(records)
+    inner = sum(r["inner_steps"] for r in records) // len(records)
+    walls = [r["train_wall_s"] for r in records if r.get("train_wall_s") is not None]
+    return {COST_COLUMNS[0]: f"{outer} / {inner:,}",
+            wall_column: fmt(sum(walls) / len(walls), ".0f") if walls else "-"}
+
+
+def adam_label(adam: dict) -> str:
+    edge = ", at the grid's edge" if adam["at_edge"] else ""
+    return f"Adam (lr {adam['best_lr']:.3g}{edge})"
+
+
+def stacked(runs: list[dict], key: str):
+    """Every meta-seed's per-instance ``key`` rows in one [meta_seeds x instances, ...] array."""
+    import numpy as np
+
+    return np.concatenate([np.asarray(r[key], np.float64) for r in runs])
+
+
+def without_curves(r: dict) -> dict:
+    """A train_curves result without its per-step training curve (kept out of the JSON)."""
+    return {k: v for k, v in r.items() if k != "train_loss"}
+
+
+def to_json(obj: Any) -> Any:
+    """JSON-safe: string keys, lists for tuples and arrays, Python numbers, non-finite as null."""
+    import numpy as np
+
+    if isinstance(obj, dict):
+        return {str(k): to_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, np.ndarray)):
+        return [to_json(v) for v in obj]
+    if isinstance(obj, (np.floating, np.integer)):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def write_json(path: str, record: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(to_json(record), f, indent=1)
+        f.write("\n")
+
+
+def machine() -> str:
+    import jax
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    devices = jax.devices()
+    return (f"{cpu}, {os.cpu_count()} cores; jax {jax.__version__} on {devices[0].platform} "
+            f"({len(devices)} device{'s' if len(devices) > 1 else ''})")
+
+
+def write_ablation(directory: str, caption: str, table_md: str, record: dict,
+                   plot_path: str | None, wall_s: float) -> None:
+    """An ablation's own outputs: print ``table_md``; write ``table.md`` (caption + table) and
+    ``results.json`` (``record``) into ``directory``; print where everything went."""
     print()
-    print(table)
+    print(table_md)
     table_path = os.path.join(directory, "table.md")
     with open(table_path, "w") as f:
-        f.write(f"{caption}\n\n{table}\n")
+        f.write(f"{caption}\n\n{table_md}\n")
     results_path = os.path.join(directory, "results.json")
-    with open(results_path, "w") as f:
-        json.dump(clean(record), f, indent=1)
-        f.write("\n")
+    write_json(results_path, record)
     print(f"  table:   {table_path}")
     print(f"  results: {results_path}")
     print(f"  plot:    {plot_path}")
     print(f"  wall time: {wall_s:.0f} s")
-
-
-# --- report ------------------------------------------------------------------------------------
 
 
 #: What was run at the cpu budget before the committed setting, with what it measured (held-out
@@ -430,79 +526,5 @@ class Report:
             f.write("\n".join(lines))
         record = dict(self.record, command=command, wall_s=wall_s, machine=machine(), budget=budget,
                       outcome=self.outcome)
-        with open(os.path.join(out, f"{self.name}.json"), "w") as f:
-            json.dump(clean(_jsonable(record)), f, indent=1)
-            f.write("\n")
+        write_json(os.path.join(out, f"{self.name}.json"), record)
         return path
-
-
-def _jsonable(obj: Any) -> Any:
-    import numpy as np
-
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, (np.floating, np.integer)):
-        return obj.item()
-    return obj
-
-
-def without_curves(r: dict) -> dict:
-    """A train_curves result without its per-step training curve (kept out of the JSON)."""
-    return {k: v for k, v in r.items() if k != "train_loss"}
-
-
-def adam_label(adam: dict) -> str:
-    edge = ", at the grid's edge" if adam["at_edge"] else ""
-    return f"Adam (lr {adam['best_lr']:.3g}{edge})"
-
-
-def results_table(rows: dict[str, list[dict]], metrics: list[tuple[str, str, str]], extra=None) -> str:
-    """One row per method: ``metrics`` are (key, header, format) of mean ± std over every
-    (meta-seed, instance) run; ``extra`` adds columns (method -> list of cells)."""
-    header = ["method", *(h for _, h, _ in metrics), *((extra or {}).get("__header__", []))]
-    body = []
-    for method, runs in rows.items():
-        cells = [method]
-        for key, _, spec in metrics:
-            v = metric_values(runs, key)
-            cells.append("-" if v is None else pm_summary(summary(v), spec))
-        cells += (extra or {}).get(method, [])
-        body.append(cells)
-    return markdown_table(header, body)
-
-
-def stacked(runs: list[dict], key: str):
-    """Every meta-seed's per-instance ``key`` rows in one [meta_seeds x instances, ...] array."""
-    import numpy as np
-
-    return np.concatenate([np.asarray(r[key], np.float64) for r in runs])
-
-
-def cost(records: list[dict]) -> list[str]:
-    outer = sum(r["outer_steps"] for r in records) // len(records)
-    inner = sum(r["inner_steps"] for r in records) // len(records)
-    walls = [r["train_wall_s"] for r in records if r.get("train_wall_s") is not None]
-    return [f"{outer} / {inner:,}", f"{sum(walls) / len(walls):.0f}" if walls else "-"]
-
-
-def train_seeds(name: str, b: dict, runs: str, subdir: str, progress: bool = True):
-    """The experiment's config with the budget's overrides, meta-trained once per meta-seed
-    (``runs/subdir/seed<i>``) and each export's curves on the held-out instances at H.
-    Returns (config, task, H, instances, records, curves)."""
-    config = configured(name, b["set"])
-    ensure_mnist(config)
-    task = task_of(config)
-    H = int(config.unroll.horizon.length)
-    n = b["instances"]
-    records, curves = [], []
-    for seed in range(b["meta_seeds"]):
-        c = copy.deepcopy(config)
-        c.seed = seed
-        print(f"[{name}] meta-training seed {seed}", flush=True)
-        records.append(meta_train(c, os.path.join(runs, subdir, f"seed{seed}"), progress))
-        curves.append(lo_curves(records[-1]["export"], task, keys(EVAL_SEED_OFFSET, n), H))
-    return config, task, H, n, records, curves

@@ -18,11 +18,14 @@ from lopt.experiments.harness import (
     Report,
     UsageError,
     adam_label,
-    cost,
-    markdown_table,
+    COST_COLUMNS,
+    cost_cells,
     metric_values,
-    results_table,
+    pm,
+    metric_cells,
     stacked,
+    stats,
+    table,
     train_seeds,
     tuned_adam,
     verdict,
@@ -151,10 +154,10 @@ def run(b: dict, runs: str, out: str, progress: bool = True) -> Report:
     label = adam_label(adam)
     metrics = [("test_loss", f"test loss @ H={H}", ".4f"), ("test_accuracy", "test accuracy", ".3f"),
                ("final_train_loss", "final train loss", ".4f")]
-    extra = {"__header__": ["meta-train outer / inner steps", "meta-train s"],
-             "learned optimizer (merged, L_valid)": cost(records), label: ["-", "-"]}
-    table = results_table({"learned optimizer (merged, L_valid)": curves, label: [adam["curves"]]},
-                          metrics, extra)
+    header = ["method", *(column for _, column, _ in metrics), *COST_COLUMNS]
+    results = table(header, {"learned optimizer (merged, L_valid)": {**metric_cells(curves, metrics),
+                                                                      **cost_cells(records)},
+                             label: metric_cells([adam["curves"]], metrics)})
     outcome = ["test loss at H: " + verdict(metric_values(curves, "test_loss"),
                                             metric_values([adam["curves"]], "test_loss")[0],
                                             "the learned optimizer", "tuned Adam")]
@@ -176,9 +179,9 @@ def run(b: dict, runs: str, out: str, progress: bool = True) -> Report:
     fig2 = "metz2019_es_share.png"
     plot_es_share(probe, os.path.join(out, fig2), "merged estimator: ES weight vs truncation length")
     ts = sorted(next(iter(probe.values())))
-    probe_rows = [[str(t)] + [f"{np.mean(probe[k][t]['es_share']):.3f} ± {np.std(probe[k][t]['es_share']):.3f}"
-                              for k in probe] for t in ts]
-    probe_table = markdown_table(["T", *(f"es_share, {k}" for k in probe)], probe_rows)
+    probe_table = table(["T", *(f"es_share, {k}" for k in probe)],
+                        {str(t): {f"es_share, {k}": pm(stats(probe[k][t]["es_share"]), ".3f") for k in probe}
+                         for t in ts})
     for k in probe:
         first, last = np.mean(probe[k][ts[0]]["es_share"]), np.mean(probe[k][ts[-1]]["es_share"])
         rises = all(np.mean(probe[k][a]["es_share"]) <= np.mean(probe[k][c]["es_share"]) + 0.02
@@ -205,7 +208,7 @@ def run(b: dict, runs: str, out: str, progress: bool = True) -> Report:
                  + ", x".join(f"{k:g}" for k in b.get("probe_step_scales", ()))
                  + "; the learned optimizer's counterpart of the paper's learning-rate sweeps)."),
         outcome=outcome,
-        tables=[(f"Held-out instances at H={H}, mean ± std over {n} instances x meta-seeds.", table),
+        tables=[(f"Held-out instances at H={H}, mean ± std over {n} instances x meta-seeds.", results),
                 ("es_share (mean ± std over meta-gradients) against truncation length T.", probe_table)],
         figures=[("Training loss on the held-out instances", fig),
                  ("es_share against truncation length", fig2)],

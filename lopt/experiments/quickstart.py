@@ -10,10 +10,12 @@ from lopt.experiments.harness import (
     LRS,
     Report,
     adam_label,
-    cost,
+    COST_COLUMNS,
+    cost_cells,
     metric_values,
-    results_table,
+    metric_cells,
     stacked,
+    table,
     train_seeds,
     tuned_adam,
     verdict,
@@ -39,9 +41,9 @@ def run(b: dict, runs: str, out: str, progress: bool = True) -> Report:
     metrics = [("mean_normalized_train_loss", f"mean L_t/L_0 over {H} steps", ".4f"),
                ("final_train_loss", "final train loss", ".4f"), ("test_loss", "test loss", ".4f"),
                ("test_accuracy", "test accuracy", ".3f")]
-    extra = {"__header__": ["meta-train outer / inner steps", "meta-train s"],
-             "learned optimizer": cost(records), label: ["-", "-"]}
-    table = results_table({"learned optimizer": curves, label: [adam["curves"]]}, metrics, extra)
+    header = ["method", *(column for _, column, _ in metrics), *COST_COLUMNS]
+    results = table(header, {"learned optimizer": {**metric_cells(curves, metrics), **cost_cells(records)},
+                             label: metric_cells([adam["curves"]], metrics)})
     lo = metric_values(curves, "mean_normalized_train_loss")
     ad = metric_values([adam["curves"]], "mean_normalized_train_loss")[0]
     outcome = [verdict(lo, ad, "the learned optimizer", "tuned Adam") +
@@ -72,7 +74,7 @@ def run(b: dict, runs: str, out: str, progress: bool = True) -> Report:
                  "instances."),
         outcome=outcome,
         tables=[(f"Held-out instances, mean ± std over {n} instances x meta-seeds (Adam: over "
-                 "instances; its rate was tuned on other instances).", table)],
+                 "instances; its rate was tuned on other instances).", results)],
         figures=[("Training loss on the held-out instances (mean ± 1 std, trailing 10% "
                   "smoothing)", fig)],
         notes=[f"Adam's sweep (mean L_t/L_0 on the tuning instances): "
