@@ -39,8 +39,8 @@ BUDGETS: dict[str, dict] = {
                        "curriculum.min_periods": 1, "curriculum.valid_seeds": 2}),
     # CPU scale: MNIST 14x14 (the paper's 28x28 MNIST optimizee is 4x the coordinates the
     # coordinate-wise LSTM runs on), 4 particles, stages 20..160, a 160-outer-step budget,
-    # periods of T_period = 20 epochs (the config's 5 let stage 0 stop after 10 outer steps,
-    # before the LSTM had moved its validation loss off ln 10: see TRIED).
+    # periods of T_period = 20 epochs (the config's 5 stopped stage 0 too early:
+    # docs/results/chen2020.md, "What was tried before").
     "cpu": dict(meta_seeds=2, instances=16, lrs=LRS, factor=10, models=("lstm_dm",),
                 set={**_MNIST14, "num_outer_steps": 160, "unroll.num_particles": 4,
                      "curriculum.period": 20}),
@@ -137,8 +137,8 @@ def run(b: dict, runs: str, out: str, progress: bool = True) -> Report:
         tables=[(f"Unseen optimizees after {long} steps, mean ± std over {n} instances x "
                  "meta-seeds.", results)],
         figures=[("Training loss on unseen optimizees (mean ± 1 std, trailing 10% smoothing)", fig)],
-        notes=curricula + ["RNNprop runs in the gpu budget only (the cpu budget's 30 minutes fit "
-                           "one model)." if "rnnprop" not in b["models"] else ""],
+        notes=curricula + ([] if "rnnprop" in b["models"] else [
+            "RNNprop runs in the gpu budget only (the cpu budget's 30 minutes fit one model)."]),
         record=dict(configs=cfgs, runs=records, train_length=train_len, eval_length=long,
                     adam_best_lr=adam["best_lr"], adam_sweep=adam["sweep"],
                     results={k: [without_curves(r) for r in v] for k, v in rows.items()}),

@@ -461,41 +461,26 @@ def write_ablation(directory: str, caption: str, table_md: str, record: dict,
     print(f"  wall time: {wall_s:.0f} s")
 
 
-#: What was run at the cpu budget before the committed setting, with what it measured (held-out
-#: instances, same protocol), so a claim that does not reproduce says what was tried.
-TRIED: dict[str, list[str]] = {
-    "quickstart": [
-        "600 outer steps (the first quickstart): mean L_t/L_0 0.1245 ± 0.0089 against tuned "
-        "Adam's 0.0766 ± 0.0037, lost on every metric and meta-seed.",
-        "One meta-seed each: 3,000 outer steps 0.077 (level with Adam); 16 particles x 3,000 "
-        "steps 0.0786; 5,000 outer steps 0.0738, which is why the quickstart now runs 5,000 "
-        "(about 2.5 minutes).",
-    ],
-    "metz2019": [
-        "300 outer steps with truncations growing 10 -> 50: test loss 0.161 ± 0.021 against "
-        "tuned Adam's 0.113 ± 0.021 (lr 0.0316), the meta-loss still falling at the end; "
-        "es_share about 0 at every T from 5 to 160 for both the initial and the trained "
-        "meta-params, hence 500 outer steps now and the step-scale probe (larger steps are "
-        "where the paper saw the reparameterization gradient's variance explode).",
-    ],
-    "chen2020": [
-        "T_period = 5 epochs (the config's): CL+IL's final training loss at 1600 steps 2.3174 ± "
-        "0.0258 against naive's 0.3074 ± 0.1324 and tuned Adam's 0.0465 ± 0.0083 (lr 0.0316). "
-        "Meta-seed 1's curriculum stopped at stage 0 after 10 outer steps (2 periods of 5 "
-        "epochs, validations 2.3028 and 2.3024 against the initial 2.3018) and exported the initial "
-        "meta-params; meta-seed 0 reached stage 2 (N_train 80) in 160 outer steps.",
-    ],
-    "elo": [
-        "Nothing before it: this is the first cpu-budget run of the experiment. Not tried at "
-        "this budget: longer meta-training than 600 outer steps, H beyond 20, "
-        "and ELO's own tasks (MLP and ResNet-18 on ImageNet 32x32, GPT-2 mini); the buffer "
-        "settings (M = 64, P_th = 0.2) were not tuned.",
-    ],
-}
+#: A report's hand-written section, from this heading to the end of its markdown: what was
+#: tried before the committed setting and what it measured. Regenerating the report keeps it.
+NOTES_HEADING = "## What was tried before"
+
+
+def kept_notes(path: str) -> str:
+    """The hand-written section of the report at ``path``, or "" (no file, no section)."""
+    if not os.path.isfile(path):
+        return ""
+    with open(path) as f:
+        lines = f.read().split("\n")
+    starts = [i for i, line in enumerate(lines) if line.strip() == NOTES_HEADING]
+    return "\n".join(lines[starts[0]:]) if starts else ""
 
 
 @dataclasses.dataclass
 class Report:
+    """A claim's report: what the paper says, our setting, the computed outcome, tables, figures
+    (files in the output directory) and notes; ``record`` goes to the JSON beside it."""
+
     name: str
     title: str
     claim: str
@@ -507,6 +492,8 @@ class Report:
     record: dict
 
     def write(self, out: str, command: str, wall_s: float, budget: str) -> str:
+        """``out/NAME.md`` (keeping its hand-written section, :func:`kept_notes`) and
+        ``out/NAME.json``; returns the markdown's path."""
         lines = [f"# {self.title}", "", f"**Claim.** {self.claim}", "",
                  f"**Our setting ({budget} budget).** {self.setting}", "", "**Outcome.**", ""]
         lines += [f"- {o}" for o in self.outcome] + [""]
@@ -516,14 +503,12 @@ class Report:
             lines += [f"![{caption}]({fname})", "", f"*{caption}*", ""]
         if self.notes:
             lines += ["**Notes.**", ""] + [f"- {n}" for n in self.notes] + [""]
-        if budget == "cpu" and TRIED.get(self.name):
-            lines += ["**Tried before this setting.**", ""] + [f"- {t}" for t in TRIED[self.name]]
-            lines += [""]
         lines += [f"Command: `{command}`", "",
                   f"Wall time {wall_s:.0f} s on {machine()}, {time.strftime('%Y-%m-%d')}.", ""]
         path = os.path.join(out, f"{self.name}.md")
+        notes = kept_notes(path)
         with open(path, "w") as f:
-            f.write("\n".join(lines))
+            f.write("\n".join(lines) + ("\n" + notes if notes else ""))
         record = dict(self.record, command=command, wall_s=wall_s, machine=machine(), budget=budget,
                       outcome=self.outcome)
         write_json(os.path.join(out, f"{self.name}.json"), record)

@@ -40,9 +40,8 @@ BUDGETS: dict[str, dict] = {
                        "unroll.trunc_length": 4, "unroll.trunc_schedule.start": 4, "unroll.trunc_schedule.end": 4,
                        "unroll.trunc_schedule.steps": 2, "unroll.horizon.length": 8}),
     # CPU scale: 16 particles (8 antithetic pairs), truncations growing 10 -> 40 (+-20%)
-    # over 500 outer steps, 200-step trajectories (the paper: 128 workers, 50 -> 10k, 10k).
-    # Measured: 300 outer steps (10 -> 50) left the meta-loss still falling (test loss
-    # 0.161 vs tuned Adam's 0.113).
+    # over 500 outer steps, 200-step trajectories (the paper: 128 workers, 50 -> 10k, 10k);
+    # shorter settings tried: docs/results/metz2019.md, "What was tried before".
     "cpu": dict(meta_seeds=3, instances=16, lrs=LRS, probe_lengths=(5, 10, 20, 40, 80, 160),
                 probe_reps=4, probe_step_scales=(10, 100),
                 set={"num_outer_steps": 500, "unroll.num_particles": 16, "unroll.trunc_length": 48,

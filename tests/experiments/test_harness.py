@@ -41,3 +41,29 @@ def test_final_mean_skips_missing_and_null_values():
     rows = [{"meta_loss": 4.0}, {"inner_loss": 1.0}, {"meta_loss": None}, {"meta_loss": 2.0}]
     assert harness.final_mean(rows, "meta_loss") == 2.0  # the last 10% of 2 values: 1 value
     assert harness.final_mean([{"inner_loss": 1.0}], "meta_loss") is None
+
+
+def test_report_keeps_its_hand_written_section(tmp_path, monkeypatch):
+    """Regenerating a report rewrites everything but its "What was tried before" section, which
+    is hand-written in docs/results/<experiment>.md (the lab notes are not code)."""
+    monkeypatch.setattr(harness, "machine", lambda: "a test machine")
+    notes = "## What was tried before\n\n- 600 outer steps: lost on every metric.\n"
+    path = tmp_path / "quickstart.md"
+    path.write_text("# An old report\n\n**Outcome.**\n\n- stale outcome\n\n" + notes)
+    report = harness.Report(name="quickstart", title="Quickstart", claim="c", setting="s",
+                            outcome=["first outcome"], tables=[], figures=[], notes=[],
+                            record={"x": float("nan")})
+
+    for outcome in ("first outcome", "second outcome"):
+        report.outcome = [outcome]
+        report.write(str(tmp_path), "python scripts/reproduce.py", 1.0, "cpu")
+        text = path.read_text()
+        assert text.startswith("# Quickstart\n") and f"- {outcome}\n" in text
+        assert "stale" not in text and ("first" in text) == (outcome == "first outcome")
+        assert text.endswith("\n\n" + notes) and text.count(harness.NOTES_HEADING) == 1
+    assert json.loads((tmp_path / "quickstart.json").read_text())["x"] is None
+
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    report.write(str(fresh), "python scripts/reproduce.py", 1.0, "smoke")
+    assert harness.NOTES_HEADING not in (fresh / "quickstart.md").read_text()
