@@ -65,7 +65,10 @@ def test_no_module_imports_a_higher_layer():
 
 def test_the_import_graph_is_a_dag():
     modules = _modules()
-    graph = {m: {d for d in _imports(p, modules) if d != m} for m, p in modules.items()}
+    # A submodule importing a name from its own package (``from tasks import catalogue`` in
+    # tasks.data) imports nothing the package's import of it has not started: no edge.
+    graph = {m: {d for d in _imports(p, modules) if d != m and not m.startswith(d + ".")}
+             for m, p in modules.items()}
     # A package's __init__ importing its own submodules (registration) is not a cycle of
     # concern, but a submodule importing back a sibling that imports it is.
     state: dict[str, int] = {}
