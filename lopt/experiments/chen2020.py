@@ -9,19 +9,19 @@ import copy
 import os
 
 from lopt.experiments.harness import (
+    COST_COLUMNS,
     EVAL_SEED_OFFSET,
     LRS,
     Report,
     adam_label,
     configured,
-    COST_COLUMNS,
     cost_cells,
     ensure_mnist,
     keys,
     lo_curves,
     meta_train,
-    metric_values,
     metric_cells,
+    metric_values,
     stacked,
     table,
     task_of,

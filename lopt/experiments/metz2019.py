@@ -13,16 +13,16 @@ import math
 import os
 
 from lopt.experiments.harness import (
+    COST_COLUMNS,
     LRS,
     TINY_MLP,
     Report,
     UsageError,
     adam_label,
-    COST_COLUMNS,
     cost_cells,
+    metric_cells,
     metric_values,
     pm,
-    metric_cells,
     stacked,
     stats,
     table,

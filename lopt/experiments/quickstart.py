@@ -6,14 +6,15 @@ from __future__ import annotations
 import os
 
 from lopt.experiments.harness import (
-    TINY_MLP,
+    COST_COLUMNS,
     LRS,
+    TINY_MLP,
     Report,
     adam_label,
-    COST_COLUMNS,
     cost_cells,
-    metric_values,
+    estimator_name,
     metric_cells,
+    metric_values,
     stacked,
     table,
     train_seeds,
@@ -63,8 +64,8 @@ def run(b: dict, runs: str, out: str, progress: bool = True) -> Report:
     return Report(
         name="quickstart",
         title="Quickstart: the learned optimizer against Adam tuned for its own objective",
-        claim=("The quickstart's learned optimizer (the Metz et al. 2019 MLP optimizer, PES, "
-               "configs/quickstart.py) minimises the objective it was meta-trained for better "
+        claim=("The quickstart's learned optimizer (the Metz et al. 2019 MLP optimizer, "
+               f"{estimator_name(config)}, configs/quickstart.py) minimises the objective it was meta-trained for better "
                "than Adam tuned for that same objective: the mean, over the horizon, of the "
                "training loss normalised by the initial loss."),
         setting=(f"configs/quickstart.py with {b['set'] or 'no overrides'}; {b['meta_seeds']} "
@@ -77,7 +78,7 @@ def run(b: dict, runs: str, out: str, progress: bool = True) -> Report:
                  "instances; its rate was tuned on other instances).", results)],
         figures=[("Training loss on the held-out instances (mean ± 1 std, trailing 10% "
                   "smoothing)", fig)],
-        notes=[f"Adam's sweep (mean L_t/L_0 on the tuning instances): "
+        notes=["Adam's sweep (mean L_t/L_0 on the tuning instances): "
                + ", ".join(f"{lr:.3g}: {v:.4f}" for lr, v in adam["sweep"].items())],
         record=dict(config=config.to_dict(), runs=records, adam_best_lr=adam["best_lr"],
                     adam_sweep=adam["sweep"], horizon=H,
