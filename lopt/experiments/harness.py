@@ -1,7 +1,6 @@
-"""What every experiment shares: configs with a budget's overrides, meta-training runs that are
-reused when finished, Adam tuned on instances separate from the evaluation's, paired verdicts
-with their statistics, the one results-table formatter and the report writer (markdown, JSON and
-plots, as in ``docs/results/``).
+"""What every experiment shares: configs with a budget's overrides, meta-training runs reused
+when finished, Adam tuned on instances separate from the evaluation's, paired verdicts with their
+statistics, the one results-table formatter and the report writer (``docs/results/``).
 
 Honesty rules every experiment follows through it: Adam's learning rate is tuned (over ``LRS``,
 a log grid) on task instances ``PRNGKey(TUNE_SEED_OFFSET + i)``, separate from the evaluation
@@ -59,9 +58,8 @@ def load_module(path: str, name: str) -> Any:
 def config_file(path: str) -> str:
     """``path`` as given when it exists, else relative to the checkout (so a budget's
     ``configs/elo.py`` works from any working directory)."""
-    if os.path.isabs(path) or os.path.isfile(path):
-        return path
-    return os.path.join(CHECKOUT, path) if os.path.isfile(os.path.join(CHECKOUT, path)) else path
+    in_checkout = os.path.join(CHECKOUT, path)
+    return in_checkout if not os.path.isfile(path) and os.path.isfile(in_checkout) else path
 
 
 def load_config(name: str):
@@ -97,11 +95,6 @@ def override(config, items: Iterable[tuple[str, Any]], *, where: str = "--set",
 def configured(name: str, overrides: dict) -> Any:
     """``configs/<name>.py`` with a budget's overrides."""
     return override(load_config(name), overrides.items(), where="budget override", new_keys=True)
-
-
-def estimator_name(config) -> str:
-    """How a report names the config's estimator (``pes`` -> PES)."""
-    return str(config.estimator.name).upper()
 
 
 def keys(offset: int, n: int):
@@ -155,13 +148,10 @@ def final_mean(rows: list[dict], key: str) -> float | None:
 
 
 def finished_export(run_dir: str, num_outer_steps: int, *, stops_early: bool = False) -> str | None:
-    """The export of a run in ``run_dir`` that already finished, else None.
-
-    Finished means its latest checkpoint is at ``num_outer_steps`` (or, with ``stops_early``,
-    the run ended before that: a curriculum that stopped writes its export and a final
-    checkpoint). ``lopt.training.train`` resumes an unfinished run by itself, but on a finished
-    one it saves the final checkpoint again, which orbax refuses (StepAlreadyExistsError); a
-    finished run is therefore not passed to it again."""
+    """The export of a run in ``run_dir`` that finished: its latest checkpoint is at
+    ``num_outer_steps`` (or, with ``stops_early``, before it, a curriculum having stopped). Else
+    None. A finished run must not go to ``lopt.training.train`` again: it would save its final
+    checkpoint again, which orbax refuses (StepAlreadyExistsError)."""
     from absl import logging
 
     from lopt.training import checkpoint as ckpt_lib
@@ -202,8 +192,7 @@ def meta_train(config, run_dir: str, progress: bool = True) -> dict:
     if not reused:
         export = loop.train(config, run_dir, progress=progress)["export"]
     rows = loop.read_metrics(os.path.join(run_dir, "metrics.jsonl"))
-    logged = [r for r in rows if "inner_steps_total" in r]  # curriculum decision rows have none
-    last = logged[-1] if logged else {}
+    last = ([r for r in rows if "inner_steps_total" in r] or [{}])[-1]  # not a decision row
     record = dict(
         workdir=os.path.abspath(run_dir), export=export, seed=int(config.seed), reused=reused,
         outer_steps=int(last.get("step", 0)), inner_steps=int(last.get("inner_steps_total", 0)),
@@ -213,9 +202,8 @@ def meta_train(config, run_dir: str, progress: bool = True) -> dict:
         train_wall_s=last.get("wall_time"),
         call_wall_s=None if reused else time.perf_counter() - t0,  # with compiles, validations
     )
-    decisions = [r for r in rows if "decision" in r]
-    if decisions:
-        record["curriculum"] = [{k: r.get(k) for k in DECISION_KEYS} for r in decisions]
+    if any("decision" in r for r in rows):
+        record["curriculum"] = [{k: r.get(k) for k in DECISION_KEYS} for r in rows if "decision" in r]
     return record
 
 
@@ -266,14 +254,6 @@ CRITERIA: dict[str, Callable[[dict], Any]] = {
 }
 
 
-def _score(values) -> float:
-    import numpy as np
-
-    with np.errstate(invalid="ignore", over="ignore"):
-        m = float(np.mean(np.asarray(values, np.float64)))
-    return math.inf if not math.isfinite(m) else m
-
-
 def tuned_adam(task, num_steps: int, lrs, n: int, criterion: str) -> dict:
     """Adam's rate tuned for ``criterion`` on the tuning instances, then run on the evaluation
     instances; returns the evaluation curves, the chosen rate and the sweep."""
@@ -282,7 +262,8 @@ def tuned_adam(task, num_steps: int, lrs, n: int, criterion: str) -> dict:
     from lopt.training import evaluation
 
     _, per_lr = evaluation.tune_adam(task, keys(TUNE_SEED_OFFSET, n), num_steps, lrs)
-    sweep = {lr: _score(CRITERIA[criterion](per_lr[lr])) for lr in lrs}
+    means = {lr: stats(CRITERIA[criterion](per_lr[lr]))["mean"] for lr in lrs}
+    sweep = {lr: m if math.isfinite(m) else math.inf for lr, m in means.items()}
     best = min(lrs, key=lambda lr: sweep[lr])
     curves = evaluation.train_curves(task, optax.adam(best), keys(EVAL_SEED_OFFSET, n), num_steps)
     return dict(curves=curves, best_lr=best, sweep=sweep, at_edge=best in (min(lrs), max(lrs)))

@@ -12,7 +12,6 @@ from lopt.experiments.harness import (
     Report,
     adam_label,
     cost_cells,
-    estimator_name,
     metric_cells,
     metric_values,
     stacked,
@@ -65,7 +64,7 @@ def run(b: dict, runs: str, out: str, progress: bool = True) -> Report:
         name="quickstart",
         title="Quickstart: the learned optimizer against Adam tuned for its own objective",
         claim=("The quickstart's learned optimizer (the Metz et al. 2019 MLP optimizer, "
-               f"{estimator_name(config)}, configs/quickstart.py) minimises the objective it was meta-trained for better "
+               f"{config.estimator.name.upper()}, configs/quickstart.py) minimises the objective it was meta-trained for better "
                "than Adam tuned for that same objective: the mean, over the horizon, of the "
                "training loss normalised by the initial loss."),
         setting=(f"configs/quickstart.py with {b['set'] or 'no overrides'}; {b['meta_seeds']} "
