@@ -3,57 +3,29 @@
     python scripts/ablate_estimators.py --config=configs/ablate_estimators.py \
         --workdir=runs/ablate_estimators
 
-For every estimator of ``--estimators`` (default: all sections of the config file's
-``get_ablation().estimators``) the script copies the base experiment (``get_config()``), puts
-that estimator's section in ``config.estimator``, and sets ``num_outer_steps`` so that the run
-takes ``--inner_steps`` inner steps (summed over particles). The cost of an outer step is
-computed from the config: ``num_particles * trajectory length`` for ``full_es`` (the expected
-length under the horizon schedule), ``num_particles * truncation length`` for the truncated
-estimators (the exact per-step lengths when there is a truncation schedule). Each run is
-``lopt.training.train`` in ``WORKDIR/<estimator>``, so rerunning resumes it from its checkpoint.
-
-The exported optimizer is then evaluated on held-out task instances (keys
-``PRNGKey(eval_seed_offset + i)``, i < --eval_seeds, the same for every estimator) for
---eval_steps steps; the mean final test loss is the held-out evaluation loss. Tuned Adam on the
-same instances is a reference row (--adam_baseline).
-
-Outputs in --workdir: ``table.md`` (also printed), ``results.json`` and ``meta_loss.png``
-(meta-loss against cumulative inner steps, one line per estimator).
+Every estimator of ``--estimators`` (default: all sections of the config file's
+``get_ablation().estimators``) meta-trains the config's experiment for ``--inner_steps`` inner
+steps and is evaluated on the same held-out instances (``lopt/experiments/estimators.py`` says
+how). Rerunning resumes each run from its checkpoint. Outputs in --workdir: ``table.md`` (also
+printed), ``results.json`` and ``meta_loss.png`` (meta-loss against cumulative inner steps, one
+line per estimator).
 """
 
 from __future__ import annotations
 
-import copy
-import json
 import os
 import sys
-import time
-from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags, logging  # noqa: E402
-from ml_collections import ConfigDict, config_flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
-from lopt.cli.common import (  # noqa: E402
-    FINAL_FRACTION,
-    UsageError,
-    final_mean,
-    finished_export,
-    fmt,
-    load_module,
-    markdown_table,
-    pm,
-    read_rows,
-    stats,
-    write_report,
-)
-
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_DEFAULT_CONFIG = os.path.join(_REPO, "configs", "ablate_estimators.py")
+from lopt.experiments import estimators  # noqa: E402
+from lopt.experiments.harness import UsageError  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", _DEFAULT_CONFIG, "Experiment config file with get_config() and get_ablation()."
+    "config", estimators.DEFAULT_CONFIG, "Experiment config file with get_config() and get_ablation()."
 )
 _WORKDIR = flags.DEFINE_string("workdir", "runs/ablate_estimators", "Output directory.")
 _INNER_STEPS = flags.DEFINE_integer(
@@ -69,227 +41,6 @@ _SEED = flags.DEFINE_integer("seed", None, "Meta-training seed, shared by every 
 _ADAM = flags.DEFINE_bool("adam_baseline", True, "Add tuned Adam on the held-out instances.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar per estimator.")
 
-# --- the inner-step budget ---------------------------------------------------------------------
-
-
-def _mean_length(schedule: Any, num_outer_steps: int, samples: int = 64) -> float:
-    """Expected length drawn from ``schedule`` over outer steps ``[0, num_outer_steps)``.
-
-    Exact for a constant schedule; otherwise a Monte-Carlo mean over ``samples`` keys at 32
-    outer steps spread over the run (the schedules are cheap pure functions)."""
-    from estimators import schedules
-
-    if isinstance(schedule, schedules.Constant):
-        return float(schedule.length)
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    steps = jnp.asarray(np.linspace(0, max(num_outer_steps - 1, 0), 32).round(), jnp.int32)
-    keys = jax.random.split(jax.random.PRNGKey(0), samples)
-    draw = jax.vmap(jax.vmap(lambda k, s: schedule(k, s), (0, None)), (None, 0))
-    lengths = jnp.clip(draw(keys, steps), 1, schedule.max_length)
-    return float(jnp.mean(lengths.astype(jnp.float32)))
-
-
-def outer_steps_for_budget(config: ConfigDict, inner_steps: int) -> tuple[int, float]:
-    """``(num_outer_steps, inner steps per outer step)`` for a budget of ``inner_steps``.
-
-    ``full_es`` runs every particle through one whole trajectory per outer step; the other
-    estimators run every particle through one truncation. The number of outer steps is the one
-    whose total is nearest the budget (at least 1)."""
-    from lopt.training import config as config_lib
-
-    trainer = config_lib.build(config)
-    particles = trainer.unroller.num_particles
-    if config.estimator.name == "full_es":
-        n = max(1, round(inner_steps / (particles * trainer.horizon.max_length)))
-        for _ in range(5):  # the mean of a growing schedule depends on the run's length
-            per_step = particles * _mean_length(trainer.horizon, n)
-            n = max(1, round(inner_steps / per_step))
-        return n, per_step
-    unroller = trainer.unroller
-    if unroller.trunc_schedule is None:
-        per_step = float(particles * unroller.trunc_length)
-        return max(1, round(inner_steps / per_step)), per_step
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    # Truncation lengths are drawn from the run's key stream: budget with their expectation
-    # (the mean of 64 draws per outer step).
-    most = inner_steps // particles + 1
-    steps = jnp.arange(most, dtype=jnp.int32)
-    keys = jax.random.split(jax.random.PRNGKey(12345), 64)
-    draws = jax.vmap(lambda k: jax.vmap(unroller.truncation_length, in_axes=(None, 0))(k, steps))(keys)
-    lengths = np.asarray(draws, np.float64).mean(0)
-    totals = particles * np.cumsum(lengths)
-    n = int(np.argmin(np.abs(totals - inner_steps))) + 1
-    return n, float(totals[n - 1] / n)
-
-
-# --- reporting ---------------------------------------------------------------------------------
-
-
-def format_table(results: dict[str, dict], adam: dict | None = None) -> str:
-    """A markdown table, one row per estimator (and tuned Adam as a reference row)."""
-    header = ["estimator", "outer steps", "inner steps", "final meta-loss",
-              "held-out eval loss", "held-out test acc", "inner steps/s"]
-    body = []
-    for name, r in results.items():
-        if r.get("error"):
-            body.append([name, "-", "-", "failed (error in results.json)", "-", "-", "-"])
-            continue
-        body.append([
-            name,
-            str(r["outer_steps"]),
-            f"{r['inner_steps']:,}",
-            fmt(r["final_meta_loss"]),
-            pm(r["eval"]["test_loss"]),
-            pm(r["eval"]["test_accuracy"], ".3f"),
-            fmt(r["inner_steps_per_sec"], ",.0f"),
-        ])
-    if adam is not None:
-        body.append([f"adam (lr={adam['best_lr']:.3g}, reference)", "-", "-", "-",
-                     pm(adam["test_loss"]), pm(adam["test_accuracy"], ".3f"), "-"])
-    return markdown_table(header, body)
-
-
-def plot_meta_loss(results: dict[str, dict], path: str) -> str:
-    """Meta-loss against cumulative inner steps, one line per estimator (raw rows faint, a
-    moving average over ~5% of the rows solid)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, r in results.items():
-        curve = r.get("curve")
-        if not curve or not curve["inner_steps"]:
-            continue
-        x = np.asarray(curve["inner_steps"], np.float64)
-        y = np.asarray([np.nan if v is None else v for v in curve["meta_loss"]], np.float64)
-        (ln,) = ax.plot(x, y, lw=0.8, alpha=0.3)
-        w = max(1, len(y) // 20)
-        if w > 1:
-            smooth = np.convolve(y, np.ones(w) / w, mode="valid")
-            ax.plot(x[w - 1:], smooth, lw=1.8, color=ln.get_color(), label=name)
-        else:
-            ln.set_alpha(1.0)
-            ln.set_linewidth(1.8)
-            ln.set_label(name)
-    ax.set_xlabel("inner steps (cumulative, all particles)")
-    ax.set_ylabel("meta-loss (normalised)")
-    ax.set_title("meta-training with each gradient estimator")
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend()
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-# --- the ablation ------------------------------------------------------------------------------
-
-
-def _load_ablation(config_flag: str) -> ConfigDict:
-    """``get_ablation()`` of the --config file, or of the default file if it has none."""
-    path = config_flag.split(":", 1)[0]
-    for candidate in (path, _DEFAULT_CONFIG):
-        if not os.path.isfile(candidate):
-            continue
-        module = load_module(candidate, "_ablation_config")
-        if hasattr(module, "get_ablation"):
-            return module.get_ablation()
-    raise UsageError(f"{path} has no get_ablation() and neither has {_DEFAULT_CONFIG}")
-
-
-def _settings(ablation: ConfigDict) -> dict:
-    names = [n for n in (ablation.get("order") or ()) if n in ablation.estimators]
-    names += [n for n in ablation.estimators.keys() if n not in names]
-    if _ESTIMATORS.value:
-        chosen = [s.strip() for s in _ESTIMATORS.value.split(",") if s.strip()]
-        unknown = [s for s in chosen if s not in ablation.estimators]
-        if unknown or not chosen:
-            raise UsageError(f"--estimators: unknown {', '.join(unknown) or '(none given)'}; "
-                             f"choose from {', '.join(names)}")
-        names = chosen
-    inner = _INNER_STEPS.value if _INNER_STEPS.value is not None else int(ablation.inner_steps)
-    steps = _EVAL_STEPS.value if _EVAL_STEPS.value is not None else int(ablation.eval_steps)
-    seeds = _EVAL_SEEDS.value if _EVAL_SEEDS.value is not None else int(ablation.eval_seeds)
-    for flag, v in (("inner_steps", inner), ("eval_steps", steps), ("eval_seeds", seeds)):
-        if v < 1:
-            raise UsageError(f"--{flag} must be >= 1, got {v}")
-    offset = int(ablation.get("eval_seed_offset", 1_000_000))
-    return dict(names=names, inner_steps=inner, eval_steps=steps, eval_seeds=seeds,
-                eval_seed_offset=offset)
-
-
-def run_estimator(base: ConfigDict, section: ConfigDict, name: str, s: dict, eval_keys: Any,
-                  workdir: str, index: str) -> dict:
-    """Meta-train with one estimator on the shared budget, then evaluate its export."""
-    import numpy as np
-
-    import tasks
-    from lopt import export
-    from lopt.training import evaluation, loop
-
-    config = copy.deepcopy(base)
-    config.estimator = copy.deepcopy(section)
-    num_outer, per_step = outer_steps_for_budget(config, s["inner_steps"])
-    config.num_outer_steps = num_outer
-    run_dir = os.path.join(workdir, name)
-    print(f"[{index}] {name}: {num_outer} outer steps x {per_step:,.0f} inner steps "
-          f"(budget {s['inner_steps']:,}) -> {run_dir}", flush=True)
-    t0 = time.perf_counter()
-    export_path = finished_export(run_dir, num_outer)
-    if export_path is None:
-        export_path = loop.train(config, run_dir, progress=_PROGRESS.value)["export"]
-    else:
-        print(f"    already trained: reusing {export_path}", flush=True)
-    train_wall = time.perf_counter() - t0
-
-    rows = read_rows(os.path.join(run_dir, "metrics.jsonl"))
-    last = rows[-1] if rows else {}
-    t1 = time.perf_counter()
-    learned_opt, meta_params = export.load(export_path)
-    task_opts = config.task.to_dict()
-    task = tasks.get(task_opts.pop("name"), **task_opts)
-    curves = evaluation.train_curves(task, learned_opt.optimizer(meta_params), eval_keys,
-                                     s["eval_steps"])
-    eval_wall = time.perf_counter() - t1
-    result = {
-        "estimator": section.to_dict(),
-        "workdir": os.path.abspath(run_dir),
-        "export": export_path,
-        "outer_steps": int(last.get("step", 0)),
-        "inner_steps": int(last.get("inner_steps_total", 0)),
-        "inner_steps_per_outer_step": per_step,
-        "final_meta_loss": final_mean(rows, "meta_loss"),
-        "final_inner_loss": final_mean(rows, "inner_loss"),
-        "inner_steps_per_sec": last.get("inner_steps_per_sec"),
-        "skipped_outer_steps": last.get("num_skipped"),
-        "train_wall_s": train_wall,
-        "eval_wall_s": eval_wall,
-        "eval": {k: stats(curves.get(k)) for k in ("final_train_loss", "test_loss", "test_accuracy")},
-        "eval_train_loss_curve_mean": np.nanmean(np.asarray(curves["train_loss"], np.float64), 0).tolist(),
-        "curve": {
-            "step": [r["step"] for r in rows],
-            "inner_steps": [r.get("inner_steps_total") for r in rows],
-            "meta_loss": [r.get("meta_loss") for r in rows],
-        },
-    }
-    if any("es_share" in r for r in rows):
-        result["final_es_share"] = final_mean(rows, "es_share")
-    print(f"    meta-loss {fmt(result['final_meta_loss'])}, held-out test loss "
-          f"{pm(result['eval']['test_loss'])}, {fmt(result['inner_steps_per_sec'], ',.0f')} "
-          f"inner steps/s, {train_wall:.0f} s training + {eval_wall:.0f} s evaluation", flush=True)
-    return result
-
 
 def main(argv) -> int:
     if not flags.FLAGS["verbosity"].present:
@@ -297,75 +48,22 @@ def main(argv) -> int:
     if len(argv) > 1:
         print(f"error: unexpected arguments {' '.join(argv[1:])}", file=sys.stderr)
         return 2
+    from tasks.registry import ConfigError
+
     try:
-        ablation = _load_ablation(config_flags.get_config_filename(flags.FLAGS["config"]))
-        s = _settings(ablation)
+        ablation = estimators.load_ablation(config_flags.get_config_filename(flags.FLAGS["config"]))
+        s = estimators.settings(ablation, _ESTIMATORS.value, _INNER_STEPS.value, _EVAL_STEPS.value,
+                                _EVAL_SEEDS.value)
+        base = _CONFIG.value
+        if _SEED.value is not None:
+            base.seed = _SEED.value
+        _, failed = estimators.ablate(base, ablation, s, _WORKDIR.value, _ADAM.value, _PROGRESS.value)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-
-    import jax
-    import jax.numpy as jnp
-
-    from lopt.training import evaluation
-    from tasks.registry import ConfigError
-
-    base = _CONFIG.value
-    if _SEED.value is not None:
-        base.seed = _SEED.value
-    workdir = _WORKDIR.value
-    os.makedirs(workdir, exist_ok=True)
-    seeds = [s["eval_seed_offset"] + i for i in range(s["eval_seeds"])]
-    eval_keys = jnp.stack([jax.random.PRNGKey(x) for x in seeds])
-    print(f"ablating {', '.join(s['names'])}: {s['inner_steps']:,} inner steps each, seed "
-          f"{base.seed}; held-out evaluation on {len(seeds)} instances x {s['eval_steps']} steps",
-          flush=True)
-
-    t_start = time.perf_counter()
-    results: dict[str, dict] = {}
-    failed = False
-    for i, name in enumerate(s["names"]):
-        try:
-            results[name] = run_estimator(base, ablation.estimators[name], name, s, eval_keys,
-                                          workdir, f"{i + 1}/{len(s['names'])}")
-        except ConfigError as e:
-            print(f"config error ({name}): {e}", file=sys.stderr)
-            return 2
-        except Exception as e:  # noqa: BLE001  one estimator failing must not lose the others
-            logging.exception("estimator %s failed", name)
-            print(f"    {name} FAILED: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-            results[name] = {"estimator": ablation.estimators[name].to_dict(),
-                             "error": f"{type(e).__name__}: {e}"}
-            failed = True
-
-    adam = None
-    if _ADAM.value:
-        task_opts = base.task.to_dict()
-        import tasks
-
-        task = tasks.get(task_opts.pop("name"), **task_opts)
-        best_lr, per_lr = evaluation.tune_adam(task, eval_keys, s["eval_steps"])
-        adam = {"best_lr": best_lr,
-                **{k: stats(per_lr[best_lr].get(k))
-                   for k in ("final_train_loss", "test_loss", "test_accuracy")}}
-
-    table = format_table(results, adam)
-    caption = (f"Estimator ablation: {s['inner_steps']:,} inner steps per estimator, held-out "
-               f"evaluation on {len(seeds)} task instances x {s['eval_steps']} steps (eval loss: "
-               "final test loss, mean ± std over instances).")
-    plot_path = plot_meta_loss(results, os.path.join(workdir, "meta_loss.png"))
-    total = time.perf_counter() - t_start
-    out = {
-        "base_config": json.loads(base.to_json_best_effort()),
-        "inner_steps_budget": s["inner_steps"],
-        "eval": {"steps": s["eval_steps"], "seeds": seeds},
-        "final_fraction": FINAL_FRACTION,
-        "estimators": results,
-        "adam_reference": adam,
-        "total_wall_s": total,
-        "table": table,
-    }
-    write_report(workdir, caption, table, out, plot_path, total)
+    except ConfigError as e:
+        print(f"config error {e}", file=sys.stderr)
+        return 2
     return 1 if failed else 0
 
 

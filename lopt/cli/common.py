@@ -1,25 +1,15 @@
 """What the command-line programs share: running an absl program with one-line errors and a
-``--help`` that succeeds (:func:`run_app`), and, for the ablations, reading a run's
-``metrics.jsonl``, reusing a finished run, per-seed statistics, JSON-safe results and markdown
-tables. Imports nothing heavy at module level, so the programs check their flags before JAX
-starts.
+``--help`` that succeeds (:func:`run_app`), and reading ``--lrs``. Imports nothing heavy at
+module level, so the programs check their flags before JAX starts.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import math
-import os
 import sys
 from typing import Any
 
-#: A run's final meta-loss is the mean over this fraction of its last logged rows.
-FINAL_FRACTION = 0.1
-
-
-class UsageError(Exception):
-    """A bad command-line input: reported in one line, exit code 2."""
+from lopt.experiments.harness import UsageError  # noqa: F401  (the programs' one-line errors)
 
 
 def _one_line(text: str) -> str:
@@ -110,132 +100,3 @@ def parse_lrs(text: str | None) -> list[float] | None:
     if not lrs or any(not (math.isfinite(lr) and lr > 0) for lr in lrs):
         raise UsageError(f"--lrs must be positive finite numbers, got {text!r}")
     return lrs
-
-
-def load_module(path: str, name: str) -> Any:
-    """Execute the Python file ``path`` (a config file) as module ``name``."""
-    if not os.path.isfile(path):
-        raise UsageError(f"config file not found: {path}")
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-# --- reading runs ------------------------------------------------------------------------------
-
-
-def read_rows(path: str) -> list[dict]:
-    """The rows of a ``metrics.jsonl`` (empty if there is none yet)."""
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def final_mean(rows: list[dict], key: str) -> float | None:
-    """Mean of ``key`` over the last ``FINAL_FRACTION`` of the rows that have it."""
-    vals = [r[key] for r in rows if r.get(key) is not None]
-    if not vals:
-        return None
-    k = max(1, math.ceil(FINAL_FRACTION * len(vals)))
-    return float(sum(vals[-k:]) / k)
-
-
-def finished_export(run_dir: str, num_outer_steps: int, *, stops_early: bool = False) -> str | None:
-    """The export of a run in ``run_dir`` that already finished, else None.
-
-    Finished means its latest checkpoint is at ``num_outer_steps`` (or, with ``stops_early``,
-    the run ended before that: a curriculum that stopped writes its export and a final
-    checkpoint). ``lopt.training.train`` resumes an unfinished run by itself, but on a finished
-    one it saves the final checkpoint again, which orbax refuses (StepAlreadyExistsError); a
-    finished run is therefore not passed to it again."""
-    from absl import logging
-
-    from lopt.training import checkpoint as ckpt_lib
-
-    export_path = os.path.join(run_dir, "export", "optimizer.safetensors")
-    ckpt_dir = os.path.join(run_dir, "checkpoints")
-    if not (os.path.isfile(export_path) and os.path.isdir(ckpt_dir)):
-        return None
-    checkpointer = ckpt_lib.Checkpointer(ckpt_dir)
-    latest = checkpointer.latest_step()
-    checkpointer.close()
-    rows = read_rows(os.path.join(run_dir, "metrics.jsonl"))
-    if latest is None or not rows or max(r["step"] for r in rows) < latest:
-        return None
-    if latest < num_outer_steps:
-        stopped = any(r.get("decision") == "stop" for r in rows)
-        if not (stops_early and stopped):
-            return None
-    if latest > num_outer_steps:
-        logging.warning("%s ran %d outer steps, more than the %d of this budget; reusing it",
-                        run_dir, latest, num_outer_steps)
-    return export_path
-
-
-# --- numbers -----------------------------------------------------------------------------------
-
-
-def stats(x: Any) -> dict | None:
-    """``{"mean", "std", "per_seed"}`` of per-seed values (NaN/inf kept: diverged seeds)."""
-    import numpy as np
-
-    if x is None:
-        return None
-    v = np.asarray(x, np.float64)
-    with np.errstate(invalid="ignore", over="ignore"):
-        return {"mean": float(np.mean(v)), "std": float(np.std(v)), "per_seed": v.tolist()}
-
-
-def clean(obj: Any) -> Any:
-    """JSON-safe: non-finite floats become null."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [clean(v) for v in obj]
-    return obj
-
-
-def fmt(x: float | None, spec: str = ".4f") -> str:
-    return "-" if x is None or not math.isfinite(x) else format(x, spec)
-
-
-def pm(s: dict | None, spec: str = ".4f") -> str:
-    """``mean ± std`` of a :func:`stats` dict, ``-`` when missing or not finite."""
-    if s is None or not math.isfinite(s["mean"]):
-        return "-"
-    return f"{s['mean']:{spec}} ± {s['std']:{spec}}"
-
-
-def markdown_table(header: list[str], body: list[list[str]]) -> str:
-    """A markdown table: first column left-aligned, the others right-aligned."""
-    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
-
-    def line(cells):
-        out = [cells[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(cells[1:], widths[1:])]
-        return "| " + " | ".join(out) + " |"
-
-    rule = "|" + "|".join(["-" * (widths[0] + 2)] + ["-" * (w + 1) + ":" for w in widths[1:]]) + "|"
-    return "\n".join([line(header), rule, *(line(r) for r in body)])
-
-
-def write_report(directory: str, caption: str, table: str, record: dict, plot_path: str | None,
-                 wall_s: float) -> None:
-    """Print ``table``; write ``table.md`` (caption + table) and ``results.json`` (``record``,
-    non-finite numbers as null) into ``directory``; print where everything went."""
-    print()
-    print(table)
-    table_path = os.path.join(directory, "table.md")
-    with open(table_path, "w") as f:
-        f.write(f"{caption}\n\n{table}\n")
-    results_path = os.path.join(directory, "results.json")
-    with open(results_path, "w") as f:
-        json.dump(clean(record), f, indent=1)
-        f.write("\n")
-    print(f"  table:   {table_path}")
-    print(f"  results: {results_path}")
-    print(f"  plot:    {plot_path}")
-    print(f"  wall time: {wall_s:.0f} s")

@@ -85,7 +85,7 @@ def test_step_scale_probe_scales_every_update():
     import numpy as np
 
     import lopt
-    from lopt.cli.reproduce import scale_steps
+    from lopt.experiments.metz2019 import scale_steps
 
     learned_opt = lopt.get("mlp")
     meta = jax.tree.map(lambda x: x + 0.3, learned_opt.init(jax.random.PRNGKey(0)))
