@@ -20,6 +20,7 @@ def names() -> list[str]:
 from tasks import quadratic as _quadratic  # noqa: E402,F401
 from tasks import digits as _digits  # noqa: E402,F401
 from tasks import image as _image  # noqa: E402,F401
+from tasks import conv as _conv  # noqa: E402,F401
 from tasks import text as _text  # noqa: E402,F401
 
 __all__ = ["ConfigError", "SPLITS", "TaskFamily", "get", "names", "register"]
