@@ -63,7 +63,7 @@ def get_ablation() -> ConfigDict:
             es=ConfigDict(dict(name="es", std=0.01)),
             pes=ConfigDict(dict(name="pes", std=0.01)),
             merged=ConfigDict(dict(name="merged", std=0.01, first_order=False)),
-            full_es=ConfigDict(dict(name="full_es", std=0.01, loss_type="avg")),
+            full_es=ConfigDict(dict(name="full_es", std=0.01)),
         )
     )
     # Inner steps per estimator (summed over particles). 8 particles x 100-step trajectories,

@@ -213,3 +213,33 @@ class ESOptions:
         """Per-pair weights c_i with  g = sum_i c_i eps_i = 1/(2 sigma^2 N) sum_i dL_i eps_i
         (the antithetic ES estimator, Salimans et al. 2017 / Vicol et al. 2021 eq. 3)."""
         return diff / (2.0 * self.std**2 * diff.shape[0])
+
+
+def unroll_metrics(unroller: Unroller, out: UnrollOutput) -> dict[str, jax.Array]:
+    """Metrics every estimator reports about its unroll (means over this device's particles;
+    the trainer combines devices: counts summed, ``position_max`` maxed, the rest averaged).
+
+    ``inner_loss``: mean training-batch loss over the steps that ran; ``inner_steps``: steps
+    run (all particles); ``trajectories_done``: trajectories that ended (per pair when
+    ``unroller.pairs``); ``position_mean``/``position_max``: the inner step the particles
+    reached at the end of the truncation (the effective unroll length); ``restored_share``:
+    particles that started from a stored state; ``clipped_share``: meta-loss terms at the clip
+    or non-finite (no gradient); ``nonfinite_share``: training losses that are NaN/inf (a
+    diverged inner run); ``unnormalized_share``: with ``normalize="initial"``, terms left
+    unnormalised because the trajectory's initial loss was ~0."""
+    done = out.done[0::2] if unroller.pairs else out.done
+    ran = out.mask.astype(jnp.float32)
+    n_ran = jnp.maximum(ran.sum(), 1.0)
+    share = lambda flags: (flags.astype(jnp.float32) * ran).sum() / n_ran  # noqa: E731
+    return {
+        "inner_loss": out.step_mean(out.raw_losses).mean(),
+        "inner_steps": out.mask.sum(),
+        "trajectories_done": done.sum(),
+        "position_mean": out.position.astype(jnp.float32).mean(),
+        "position_max": out.position.max().astype(jnp.float32),
+        "restored_share": out.info.restored.astype(jnp.float32).mean(),
+        "clipped_share": share(unroller.meta_loss.at_bound(out.losses)),
+        "nonfinite_share": share(~jnp.isfinite(out.raw_losses)),
+        "unnormalized_share": share(out.unnormalized),
+        **out.extras,
+    }

@@ -22,15 +22,16 @@ import jax
 import estimators
 from estimators.base import (
     ESOptions,
-    check_unroll,
     antithetic,
     antithetic_unroll,
+    check_unroll,
     keep_positive,
     split_signs,
+    unroll_metrics,
     unroll_partition,
     weighted_sum,
 )
-from estimators.unroll import Unroller, UnrollState, unroll_metrics
+from estimators.unroll import Unroller, UnrollState
 from lopt.base import MetaParams
 
 

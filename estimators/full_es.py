@@ -24,14 +24,15 @@ import jax.numpy as jnp
 import estimators
 from estimators.base import (
     ESOptions,
-    check_unroll,
     antithetic,
     antithetic_params,
+    check_unroll,
     sample_perturbation,
     split_signs,
+    unroll_metrics,
     weighted_sum,
 )
-from estimators.unroll import Unroller, unroll_metrics
+from estimators.unroll import Unroller
 from lopt.base import MetaParams
 
 

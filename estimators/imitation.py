@@ -70,7 +70,8 @@ import optax
 
 from estimators import keys as keys_lib
 from estimators.base import Estimator, at_stage as _at_stage, per_device
-from estimators.unroll import Unroller, checkpointed_scan, tree_where
+from estimators.scan import checkpointed_scan, plain_scan
+from estimators.unroll import Unroller, tree_where
 from lopt import teachers as teachers_lib
 from lopt.base import MetaParams
 from lopt.wrappers import sq_norm, unwrap
@@ -235,7 +236,7 @@ class Imitation:
             t_state = ep.teacher_states[teacher_index]
             carry = unroller.vary((ep.params, jax.lax.stop_gradient(ep.lo_state), t_state))
             xs = (jax.random.split(k, trunc), ran)
-            scan = checkpointed_scan if self.checkpoint else lambda b, c, x, n: jax.lax.scan(b, c, x)
+            scan = checkpointed_scan if self.checkpoint else plain_scan
             (params, lo_state, t_state), (d, n) = scan(body, carry, xs, trunc)
             states = tuple(t_state if i == teacher_index else s for i, s in enumerate(ep.teacher_states))
             return Episode(ep.spec, params, lo_state, states), d, n

@@ -38,18 +38,18 @@ import jax.numpy as jnp
 import estimators
 from estimators.base import (
     ESOptions,
-    check_unroll,
     antithetic,
-    antithetic_params,
+    check_unroll,
     from_pairs,
     keep_positive,
     pair_mean,
     per_device,
     sample_perturbation,
     to_pairs,
+    unroll_metrics,
     unroll_partition,
 )
-from estimators.unroll import Truncation, Unroller, UnrollState, unroll_metrics
+from estimators.unroll import Truncation, Unroller, UnrollState
 from lopt.base import MetaParams
 
 

@@ -35,14 +35,15 @@ import jax.numpy as jnp
 import estimators
 from estimators.base import (
     ESOptions,
-    check_unroll,
     antithetic,
     antithetic_unroll,
+    check_unroll,
     split_signs,
+    unroll_metrics,
     unroll_partition,
     weighted_sum,
 )
-from estimators.unroll import Unroller, UnrollState, unroll_metrics
+from estimators.unroll import Unroller, UnrollState
 from lopt.base import MetaParams
 
 

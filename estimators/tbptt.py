@@ -15,8 +15,8 @@ from typing import NamedTuple
 import jax
 
 import estimators
-from estimators.base import per_device, unroll_partition
-from estimators.unroll import Unroller, UnrollState, unroll_metrics
+from estimators.base import per_device, unroll_metrics, unroll_partition
+from estimators.unroll import Unroller, UnrollState
 from lopt.base import MetaParams
 
 

@@ -40,8 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -50,6 +49,7 @@ import optax
 from estimators import keys as keys_lib
 from estimators.meta_loss import NORMALIZER_FLOOR, MetaLoss
 from estimators.resets import FreshReset
+from estimators.scan import checkpointed_scan, plain_scan
 from estimators.schedules import Schedule, power_of_two_buckets
 from lopt.base import MetaParams
 from lopt.wrappers import meta_term
@@ -157,32 +157,6 @@ def step_keys(key: jax.Array) -> jax.Array:
 def _where_particles(cond: jax.Array, a: Any, b: Any) -> Any:
     """Per particle: ``a`` where ``cond`` [P] holds, else ``b`` (leaves with a leading P axis)."""
     return jax.tree.map(lambda x, y: jnp.where(cond.reshape(cond.shape + (1,) * (x.ndim - 1)), x, y), a, b)
-
-
-def checkpointed_scan(body: Callable, carry: Any, xs: Any, length: int) -> tuple[Any, Any]:
-    """``lax.scan`` whose backward pass stores O(sqrt(T)) carries instead of O(T).
-
-    The T steps run as an outer scan over chunks of ~sqrt(T) steps; each chunk is wrapped in
-    ``jax.checkpoint``, so only chunk-boundary carries are saved and a chunk's internals are
-    recomputed during backprop (Griewank-style two-level checkpointing).
-    """
-    chunk = max(d for d in range(1, math.isqrt(length) + 1) if length % d == 0)
-    if chunk == 1:
-        return jax.lax.scan(jax.checkpoint(body), carry, xs)
-
-    def run_chunk(c, xs_chunk):
-        return jax.lax.scan(body, c, xs_chunk)
-
-    xs = jax.tree.map(lambda x: x.reshape((length // chunk, chunk) + x.shape[1:]), xs)
-    carry, ys = jax.lax.scan(jax.checkpoint(run_chunk), carry, xs)
-    ys = jax.tree.map(lambda y: y.reshape((length,) + y.shape[2:]), ys)
-    return carry, ys
-
-
-def plain_scan(body: Callable, carry: Any, xs: Any, length: int) -> tuple[Any, Any]:
-    """``lax.scan`` with :func:`checkpointed_scan`'s signature."""
-    del length
-    return jax.lax.scan(body, carry, xs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -514,35 +488,5 @@ class Unroller:
         return UnrollOutput(*steps, info=info, position=end.step, extras=extras)
 
 
-def unroll_metrics(unroller: Unroller, out: UnrollOutput) -> dict[str, jax.Array]:
-    """Metrics every estimator reports about its unroll (means over this device's particles;
-    the trainer combines devices: counts summed, ``position_max`` maxed, the rest averaged).
-
-    ``inner_loss``: mean training-batch loss over the steps that ran; ``inner_steps``: steps
-    run (all particles); ``trajectories_done``: trajectories that ended (per pair when
-    ``unroller.pairs``); ``position_mean``/``position_max``: the inner step the particles
-    reached at the end of the truncation (the effective unroll length); ``restored_share``:
-    particles that started from a stored state; ``clipped_share``: meta-loss terms at the clip
-    or non-finite (no gradient); ``nonfinite_share``: training losses that are NaN/inf (a
-    diverged inner run); ``unnormalized_share``: with ``normalize="initial"``, terms left
-    unnormalised because the trajectory's initial loss was ~0."""
-    done = out.done[0::2] if unroller.pairs else out.done
-    ran = out.mask.astype(jnp.float32)
-    n_ran = jnp.maximum(ran.sum(), 1.0)
-    share = lambda flags: (flags.astype(jnp.float32) * ran).sum() / n_ran  # noqa: E731
-    return {
-        "inner_loss": out.step_mean(out.raw_losses).mean(),
-        "inner_steps": out.mask.sum(),
-        "trajectories_done": done.sum(),
-        "position_mean": out.position.astype(jnp.float32).mean(),
-        "position_max": out.position.max().astype(jnp.float32),
-        "restored_share": out.info.restored.astype(jnp.float32).mean(),
-        "clipped_share": share(unroller.meta_loss.at_bound(out.losses)),
-        "nonfinite_share": share(~jnp.isfinite(out.raw_losses)),
-        "unnormalized_share": share(out.unnormalized),
-        **out.extras,
-    }
-
-
 __all__ = ["MetaLoss", "ParticleState", "ResetInfo", "Truncation", "UnrollOutput", "UnrollState",
-           "Unroller", "checkpointed_scan", "plain_scan", "step_keys", "tree_where", "unroll_metrics"]
+           "Unroller", "step_keys", "tree_where"]

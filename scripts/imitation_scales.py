@@ -1,6 +1,6 @@
 """Gradient and update scales of Chen et al. 2020's two objectives in one CL+IL run.
 
-    python scripts/imitation_scales.py --outer_steps=160 [--shared_meta_state]
+    python scripts/imitation_scales.py --outer_steps=200 [--shared_meta_state] [--normalize=teacher]
 
 Meta-trains ``configs/chen2020_dm_cl_il.py`` on MNIST 14x14 (``../shared/data``, as the chen2020
 experiment's cpu budget) with one log row per outer step, and prints, per objective, the median
@@ -26,18 +26,24 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _STEPS = flags.DEFINE_integer("outer_steps", 160, "Outer steps of the CL+IL run.")
 _SEED = flags.DEFINE_integer("seed", 0, "Meta-seed.")
 _SHARED = flags.DEFINE_bool("shared_meta_state", False, "One meta-optimizer state for both objectives.")
+_NORMALIZE = flags.DEFINE_enum("normalize", "none", ["none", "teacher"],
+                               "imitation.normalize (the first implementation's default was teacher).")
+_PROB = flags.DEFINE_float("prob", 0.3, "r at every curriculum stage (the config's stage 0 has "
+                           "r = 0, so a short run would see no imitation step).")
 
 
 def main(argv) -> None:
     del argv
     from estimators.imitation import Imitation
-    from lopt.cli.reproduce import configured, ensure_mnist
+    from lopt.experiments.harness import configured, ensure_mnist
     from lopt.training import loop
 
     if _SHARED.value:  # the trainer then keeps one state and applies every gradient with it
         Imitation.objectives = ("meta_loss",)
     config = configured("chen2020_dm_cl_il", {"task.dataset": "mnist", "task.resize": 14,
                                               "unroll.num_particles": 4, "curriculum.period": 20})
+    config.imitation.normalize = _NORMALIZE.value
+    config.imitation.prob = (_PROB.value,)  # every stage (the last value repeats)
     config.num_outer_steps = _STEPS.value
     config.log_every = 1
     config.seed = _SEED.value
@@ -49,7 +55,7 @@ def main(argv) -> None:
     kinds = {"meta-loss": [r for r in rows if r.get("imitation", 0.0) == 0.0],
              "imitation": [r for r in rows if r.get("imitation", 0.0) == 1.0]}
     state = "one shared meta-optimizer state" if _SHARED.value else "one meta-optimizer state per objective"
-    print(f"{state}; {len(rows)} outer steps, seed {_SEED.value}")
+    print(f"{state}, imitation.normalize={_NORMALIZE.value}; {len(rows)} outer steps, seed {_SEED.value}")
     for name, rs in kinds.items():
         if not rs:
             print(f"  {name}: no steps")

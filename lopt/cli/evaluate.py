@@ -19,9 +19,9 @@ import os
 import re
 import sys
 
-from absl import app, flags, logging  # noqa: E402
+from absl import flags, logging  # noqa: E402
 
-from lopt.cli.common import UsageError, parse_flags, parse_lrs  # noqa: E402
+from lopt.cli.common import UsageError, parse_lrs  # noqa: E402
 
 _EXPORT = flags.DEFINE_string("export", None,
                               "Path of the exported learned optimizer (.safetensors).")

@@ -16,7 +16,7 @@ import os
 import sys
 
 import jax  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
+from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from lopt.training import distributed, loop  # noqa: E402

@@ -9,9 +9,10 @@ Methods (the table keeps this order):
   instances ``PRNGKey(tune_seed_offset + i)``, separately at each evaluation length (the best
   mean final training loss, ``lopt.training.evaluation.tune_adam``), then run on the evaluation
   instances: nothing is tuned on the instances the table reports.
-* ``naive``: the naive config (``configs/naive.py``), the Metz et al. 2019 MLP optimizer
-  meta-trained with the config's estimator on segments of N = ``trunc_length`` steps, every one
-  a fresh trajectory (horizon H = N, no buffer, no behaviour cloning).
+* ``naive``: the naive config (``configs/naive.py``), the per-parameter MLP optimizer (Metz et
+  al. 2019's, with the config's layers and timescales) meta-trained with the config's estimator
+  (the same as ELO's) on segments of N = ``trunc_length`` steps, each one a fresh trajectory of
+  exactly N steps (horizon H = N, no stagger, no buffer, no behaviour cloning).
 * ``curriculum``: the naive run with Chen et al. 2020's unroll-length curriculum (Algorithm 1,
   ``lopt.training.curriculum``) over the trajectory length: stages ``cl_stages`` (default H/4,
   H/2, H), validated every ``cl_period`` epochs at the next stage's length; training stops when

@@ -63,8 +63,8 @@ def run(b: dict, runs: str, out: str, progress: bool = True) -> Report:
     return Report(
         name="quickstart",
         title="Quickstart: the learned optimizer against Adam tuned for its own objective",
-        claim=("The quickstart's learned optimizer (the Metz et al. 2019 MLP optimizer, "
-               f"{config.estimator.name.upper()}, configs/quickstart.py) minimises the objective it was meta-trained for better "
+        claim=("The quickstart's learned optimizer (a per-parameter MLP optimizer after Metz "
+               f"et al. 2019, {config.estimator.name.upper()}, configs/quickstart.py) minimises the objective it was meta-trained for better "
                "than Adam tuned for that same objective: the mean, over the horizon, of the "
                "training loss normalised by the initial loss."),
         setting=(f"configs/quickstart.py with {b['set'] or 'no overrides'}; {b['meta_seeds']} "
