@@ -21,11 +21,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from lopt.cli.common import define_config, parse_flags  # noqa: E402
 from lopt.experiments import estimators  # noqa: E402
 from lopt.experiments.harness import UsageError  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", estimators.DEFAULT_CONFIG, "Experiment config file with get_config() and get_ablation()."
+_CONFIG = define_config(
+    "config", estimators.DEFAULT_CONFIG, "Experiment config with get_config() and get_ablation(): "
+    "a file's path or a shipped config's name."
 )
 _WORKDIR = flags.DEFINE_string("workdir", "runs/ablate_estimators", "Output directory.")
 _INNER_STEPS = flags.DEFINE_integer(
@@ -68,4 +70,4 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)))
+    app.run(lambda argv: sys.exit(main(argv)), flags_parser=parse_flags)

@@ -69,28 +69,62 @@ def test_bad_value_is_one_line_before_anything_runs(override, message, tmp_path)
     assert not workdir.exists() and os.listdir(tmp_path) == []
 
 
-BAD_FILES = [
-    (None, "no such config file"),
-    ("def get_config(:\n", "SyntaxError: invalid syntax (line 1)"),
-    ("def get_config():\n    raise ValueError('boom')\n", "get_config() raised ValueError: boom"),
-]
+BAD_FILES = {
+    "missing": (None, "no such config file", ()),
+    "missing+override": (None, "no such config file", ("--config.seed=1",)),
+    "syntax": ("def get_config(:\n", "SyntaxError: invalid syntax (line 1)", ()),
+    "raises": ("def get_config():\n    raise ValueError('boom')\n",
+               "get_config() raised ValueError: boom", ()),
+    "raises-other": ("def get_config():\n    raise RuntimeError('boom')\n",
+                     "RuntimeError: boom", ()),
+    "bad-import": ("import no_such_module_anywhere\n",
+                   "ModuleNotFoundError: No module named 'no_such_module_anywhere'", ()),
+    # ml_collections defers an OSError of get_config() to the config's first use.
+    "oserror+override": ("def get_config():\n    open('/no/such/file')\n",
+                         "FileNotFoundError: [Errno 2]", ("--config.seed=1",)),
+}
 
 
-@pytest.mark.parametrize("text,message", BAD_FILES, ids=["missing", "syntax", "raises"])
-def test_bad_config_file_is_one_line(text, message, tmp_path):
+@pytest.mark.parametrize("name", list(BAD_FILES))
+def test_bad_config_file_is_one_line(name, tmp_path):
     """ml_collections defers a config file's load failure to first use or wraps it in a
     traceback; the user sees one line naming the file."""
+    text, message, args = BAD_FILES[name]
     path = tmp_path / "my_config.py"
     if text is not None:
         path.write_text(text)
     workdir = tmp_path / "run"
-    proc = subprocess.run([sys.executable, SCRIPT, f"--config={path}", f"--workdir={workdir}"],
+    proc = subprocess.run([sys.executable, SCRIPT, f"--config={path}", f"--workdir={workdir}", *args],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("config error: --config"), proc.stderr[-2000:]
     assert message in lines[0] and ("my_config.py" in lines[0]), lines[0]
     assert not workdir.exists()
+
+
+@pytest.mark.parametrize("value", ["quickstart", "configs/quickstart.py"])
+def test_a_shipped_config_by_name_from_any_directory(value, tmp_path):
+    """Run where there is no configs/ (as from an installed package): the shipped config
+    loads, its override applies (and is rejected: nothing trains)."""
+    workdir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, SCRIPT, f"--config={value}", f"--workdir={workdir}",
+                           "--config.seed=-1"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip() == "config error: config.seed: must be an integer >= 0, got -1"
+
+
+def test_an_unknown_config_name_lists_the_shipped_ones(tmp_path):
+    proc = subprocess.run([sys.executable, SCRIPT, "--config=quickstrat", "--config.seed=1",
+                           f"--workdir={tmp_path / 'run'}"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr[-2000:]
+    assert lines[0].startswith("config error: --config: no shipped config named 'quickstrat' "
+                               "(shipped: ablate_estimators, chen2020_cl, "), lines[0]
+    assert "quickstart" in lines[0] and os.listdir(tmp_path) == []
 
 
 @pytest.mark.parametrize("how", ["xla_flags", "cpu_devices"])

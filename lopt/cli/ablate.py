@@ -14,29 +14,26 @@ over 10 H steps; the horizon marked).
 from __future__ import annotations
 
 import ast
-import os
 import sys
 from typing import Any
 
 from absl import flags, logging
 
-from lopt.cli.common import parse_lrs
+from lopt.cli.common import make_dir, parse_lrs
 from lopt.experiments import elo
-from lopt.experiments.harness import CONFIGS, UsageError
+from lopt.experiments.harness import UsageError
 
-# The checkout's configs/ when run from one (scripts/ablate.py, an editable install), else
-# configs/ under the working directory.
-_CONFIGS = CONFIGS if os.path.isdir(CONFIGS) else "configs"
 _DEFAULTS = elo.Options()
 
 _OUT = flags.DEFINE_string("out", "runs/ablate", "Output directory (runs, table, results, plot).")
 _METHODS = flags.DEFINE_string("methods", ",".join(elo.METHODS),
                                f"Comma-separated subset of {elo.METHODS}.")
 _NAIVE_CONFIG = flags.DEFINE_string(
-    "naive_config", os.path.join(_CONFIGS, "naive.py"),
-    "Config file of the naive learned optimizer (also the base of the curriculum run).")
+    "naive_config", _DEFAULTS.naive_config, "Config of the naive learned optimizer (also the "
+    "base of the curriculum run): a shipped config's name or a config file's path.")
 _ELO_CONFIG = flags.DEFINE_string(
-    "elo_config", os.path.join(_CONFIGS, "elo.py"), "Config file of the ELO run.")
+    "elo_config", _DEFAULTS.elo_config, "Config of the ELO run: a shipped config's name or a "
+    "config file's path.")
 _SET = flags.DEFINE_multi_string(
     "set", [], "key=value applied to every learned-optimizer config, e.g. "
     "--set unroll.num_particles=4 (value parsed as a Python literal, else a string).")
@@ -109,6 +106,7 @@ def main(argv) -> int:
 
     try:
         s = elo.settings(options())
+        make_dir(_OUT.value, "--out")
         _, failed = elo.ablate(s, _OUT.value, ["scripts/ablate.py", *sys.argv[1:]], _PROGRESS.value)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,5 +1,6 @@
 """What the command-line programs share: running an absl program with one-line errors and a
-``--help`` that succeeds (:func:`run_app`), and reading ``--lrs``. Imports nothing heavy at
+``--help`` that succeeds (:func:`run_app`), a ``--config`` flag that takes a shipped config's
+name or a file's path (:func:`define_config`), and reading ``--lrs``. Imports nothing heavy at
 module level, so the programs check their flags before JAX starts.
 """
 
@@ -9,7 +10,62 @@ import math
 import sys
 from typing import Any
 
-from lopt.experiments.harness import UsageError  # noqa: F401  (the programs' one-line errors)
+from absl import flags
+from ml_collections import config_flags
+
+from lopt.experiments.inputs import UsageError, config_path
+
+# The flags define_config defines are the calling program's own (its --help lists them).
+flags.disclaim_key_flags()
+
+
+class ConfigFlagError(ValueError):
+    """A config flag's value names no config file, or the file fails to load. absl reports a
+    parser's ValueError as ``flag --config=VALUE: ...``; :func:`parse_flags` prints this one
+    as the config error it is."""
+
+
+class ConfigParser(flags.ArgumentParser):
+    """ml_collections' config-file parser (``inner``), given a shipped config's name
+    (``quickstart``) or a file's path (:func:`lopt.experiments.inputs.config_path`). A missing
+    file, or one whose import or ``get_config()`` raises what ml_collections would let escape as
+    a traceback or defer to the config's first use (an OSError), is a :class:`ConfigFlagError`
+    at once. ml_collections words syntax errors and a ValueError or TypeError of
+    ``get_config()`` itself, which :func:`parse_flags` shortens to one line."""
+
+    def __init__(self, name: str, inner: Any):
+        self.name, self.inner = name, inner
+
+    def parse(self, value):
+        file, colon, argument = value.partition(":")
+        try:
+            path = config_path(file, f"--{self.name}")
+        except UsageError as e:
+            raise ConfigFlagError(str(e)) from None
+        try:
+            config = self.inner.parse(path + colon + argument)
+            getattr(config, "keys", None)  # the stand-in for a deferred OSError raises here
+        except (SyntaxError, ValueError, TypeError):
+            raise
+        except Exception as e:  # noqa: BLE001  whatever the file raised, in one line
+            cause = e.__cause__ or e
+            why = " ".join(str(cause).split()) or type(cause).__name__
+            raise ConfigFlagError(f"--{self.name}: cannot load {path}: "
+                                  f"{type(cause).__name__}: {why}") from None
+        return config
+
+    def flag_type(self) -> str:
+        return self.inner.flag_type()
+
+
+def define_config(name: str, default: str, help_string: str):
+    """``config_flags.DEFINE_config_file`` whose value (``default`` too) may be a shipped
+    config's name: ``--config=quickstart`` works from any directory, installed or not, and
+    ``--config.<key>=value`` overrides it as usual."""
+    holder = config_flags.DEFINE_config_file(name, None, help_string)
+    flags.FLAGS[name].parser = ConfigParser(name, flags.FLAGS[name].parser)
+    flags.FLAGS.set_default(name, default)
+    return holder
 
 
 def _one_line(text: str) -> str:
@@ -38,8 +94,6 @@ def _override_error(argv: list[str], e: BaseException) -> str:
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, but a bad or missing flag, or a bad ``--config.<key>=`` override, is
     a one-line error with exit code 2 (a config override's begins with ``config error:``)."""
-    from absl import flags
-
     try:
         return flags.FLAGS(argv)
     except SyntaxError as e:  # a config file that does not parse (raised while flags parse)
@@ -47,6 +101,9 @@ def parse_flags(argv: list[str]) -> list[str]:
               f"{e.lineno})", file=sys.stderr)
         sys.exit(2)
     except flags.Error as e:
+        if isinstance(e.__context__, ConfigFlagError):  # raised by ConfigParser, recast by absl
+            print(f"config error: {e.__context__}", file=sys.stderr)
+            sys.exit(2)
         line = " ".join(str(e).split())
         if "Error whilst parsing config file" in line:  # get_config raised: its last line
             last = [x for x in str(e).strip().splitlines() if x.strip()][-1].strip()
@@ -73,7 +130,7 @@ def run_app(main: Any, doc: str, module: str, argv: list[str] | None = None) -> 
     """Run ``main(argv) -> exit code`` as an absl program whose flags live in ``module``:
     ``--help`` prints ``doc`` and those flags and exits 0 (absl's exits 1); bad flags are one
     line with exit code 2 (:func:`parse_flags`)."""
-    from absl import app, flags
+    from absl import app
 
     import warnings
 
@@ -87,6 +144,16 @@ def run_app(main: Any, doc: str, module: str, argv: list[str] | None = None) -> 
             print(f"  --{flag.name}: {flag.help} (default: {flag.default_as_str or 'none'})")
         sys.exit(0)
     app.run(lambda a: sys.exit(main(a)), argv=argv, flags_parser=parse_flags)
+
+
+def make_dir(path: str, flag: str) -> None:
+    """Create the output directory ``path`` given by ``flag``; a UsageError if it cannot be."""
+    import os
+
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"{flag}: cannot create {path}: {e.strerror or e}") from None
 
 
 def parse_lrs(text: str | None) -> list[float] | None:

@@ -16,9 +16,13 @@ step of an experiment on tiny shapes (the test suite runs it: it checks the pipe
 claim); ``cpu`` is the committed scale (a 2-core CPU, at most ~30 minutes an experiment);
 ``gpu`` the same experiments at a larger scale for a machine with an accelerator.
 
-Meta-training runs live in ``--runs`` (``runs/reproduce/<budget>/<experiment>/<method>/seed<k>``):
-a rerun reuses finished runs and resumes unfinished ones. MNIST experiments read the prepared
-``mnist`` dataset and prepare it from ``../shared/data`` (the checkout's sibling) when missing.
+Everything is written under the current directory unless asked otherwise, in a checkout and
+installed alike: meta-training runs in ``--runs`` (default ``runs/reproduce/<budget>``, as
+``<experiment>/<method>/seed<k>``; a rerun reuses finished runs and resumes unfinished ones),
+reports in ``--out`` (default ``runs/reproduce/<budget>/results``; ``--out=docs/results``
+regenerates a checkout's committed reports). MNIST experiments read the prepared ``mnist``
+dataset and prepare it when missing from ``$LOPT_MNIST_SOURCE`` (a directory of MNIST's IDX
+files; in a checkout, else ``../shared/data``).
 """
 
 from __future__ import annotations
@@ -30,19 +34,19 @@ import time
 
 from absl import flags, logging
 
-from lopt.experiments.harness import CHECKOUT, UsageError
+from lopt.cli.common import make_dir
+from lopt.experiments.harness import UsageError
 
 EXPERIMENTS = ("quickstart", "metz2019", "chen2020", "elo")
 BUDGETS = ("smoke", "cpu", "gpu")
-#: Where reports go by default, per budget (relative to the checkout).
-DEFAULT_OUT = {"cpu": "docs/results", "gpu": "docs/results/gpu", "smoke": "runs/reproduce/smoke/results"}
 
 _EXPERIMENT = flags.DEFINE_string("experiment", None, f"One of {', '.join(EXPERIMENTS)}, or all.")
 _BUDGET = flags.DEFINE_enum("budget", "cpu", list(BUDGETS), "Scale of the experiment.")
 _OUT = flags.DEFINE_string("out", None, "Where NAME.md, NAME.json and the PNGs go (default: "
-                           "docs/results for cpu, docs/results/gpu for gpu, "
-                           "runs/reproduce/smoke/results for smoke).")
-_RUNS = flags.DEFINE_string("runs", None, "Meta-training workdirs (default runs/reproduce/<budget>).")
+                           "runs/reproduce/<budget>/results under the current directory; "
+                           "docs/results in a checkout regenerates the committed reports).")
+_RUNS = flags.DEFINE_string("runs", None, "Meta-training workdirs (default: runs/reproduce/<budget> "
+                            "under the current directory).")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Progress bars on meta-training runs.")
 
 
@@ -70,9 +74,13 @@ def main(argv) -> int:
               file=sys.stderr)
         return 2
     budget = _BUDGET.value
-    out = _OUT.value or os.path.join(CHECKOUT, DEFAULT_OUT[budget])
-    runs_root = _RUNS.value or os.path.join(CHECKOUT, "runs", "reproduce", budget)
-    os.makedirs(out, exist_ok=True)
+    runs_root = _RUNS.value or os.path.join("runs", "reproduce", budget)
+    out = _OUT.value or os.path.join("runs", "reproduce", budget, "results")
+    try:
+        make_dir(out, "--out")
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     from tasks.registry import ConfigError
 
     for exp in EXPERIMENTS if name == "all" else (name,):

@@ -3,28 +3,30 @@
     python scripts/meta_train.py --config=configs/quickstart.py --workdir=runs/quickstart \
         --config.estimator.std=0.01
 
-Rerunning with the same workdir resumes from the latest checkpoint. Particles are sharded over
-every visible device (``--config.num_devices`` to limit; on a CPU, ``--cpu_devices=4`` runs the
-CPU as four devices, README "Speed on a CPU"); ``--multihost`` joins a multi-process run first
-(see README, "Several devices and hosts"). Outputs: config.json, metrics.jsonl, checkpoints/,
+``--config`` is a config file's path or the name of a config shipped with lopt (``quickstart``,
+``elo``, ...: the repository's ``configs/``), which works from any directory. Rerunning with
+the same workdir resumes from the latest checkpoint. Particles are sharded over every visible
+device (``--config.num_devices`` to limit; on a CPU, ``--cpu_devices=4`` runs the CPU as four
+devices, README "Speed on a CPU"); ``--multihost`` joins a multi-process run first (see README,
+"Several devices and hosts"). Outputs: config.json, metrics.jsonl, checkpoints/,
 export/optimizer.safetensors and plots/meta_loss.png in the workdir.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 
 import jax  # noqa: E402
 from absl import flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
+from lopt.cli.common import define_config  # noqa: E402
 from lopt.training import distributed, loop  # noqa: E402
 from lopt.training.checkpoint import CheckpointError  # noqa: E402
 from lopt.training.workdir import WorkdirInUseError  # noqa: E402
 from tasks.registry import ConfigError  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/quickstart.py", "Experiment config file.")
+_CONFIG = define_config("config", "quickstart", "Experiment config: a file's path or a shipped "
+                        "config's name.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/quickstart", "Directory for outputs and checkpoints.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
 _MULTIHOST = flags.DEFINE_bool(
@@ -44,26 +46,6 @@ _CPU_DEVICES = flags.DEFINE_integer(
 )
 
 
-def _load_config():
-    """The --config file's config, or None after a one-line error: ml_collections defers a
-    config file's load failure (missing file, syntax error, an exception in get_config) to the
-    config's first use, where it would surface as a traceback."""
-    path = str(flags.FLAGS["config"].config_filename or "")
-    if not os.path.isfile(path.split(":", 1)[0]):
-        print(f"config error: --config: no such config file: {path}", file=sys.stderr)
-        return None
-    try:
-        config = _CONFIG.value
-        config.keys()
-    except Exception as e:  # noqa: BLE001  whatever the file raised, in one line
-        cause = e.__cause__ or e
-        why = " ".join(str(cause).split()) or type(cause).__name__
-        print(f"config error: --config: cannot load {path}: {type(cause).__name__}: {why}",
-              file=sys.stderr)
-        return None
-    return config
-
-
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
@@ -74,11 +56,8 @@ def main(argv):
         return 2
     if _MULTIHOST.value:
         distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    config = _load_config()
-    if config is None:
-        return 2
-    try:
-        summary = loop.train(config, _WORKDIR.value, progress=_PROGRESS.value)
+    try:  # the config loaded while flags parsed (lopt.cli.common.ConfigParser)
+        summary = loop.train(_CONFIG.value, _WORKDIR.value, progress=_PROGRESS.value)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

@@ -45,11 +45,9 @@ from lopt.experiments.harness import (
     TUNE_SEED_OFFSET,
     Report,
     UsageError,
-    config_file,
     cost_cells,
     ensure_mnist,
     fmt,
-    load_module,
     meta_train,
     override,
     pm,
@@ -60,6 +58,7 @@ from lopt.experiments.harness import (
     verdict,
     write_ablation,
 )
+from lopt.experiments.inputs import load_config
 
 #: Every method, in table order, and its row label.
 LABELS = {"adamw": "AdamW (tuned lr)", "naive": "LO naive", "curriculum": "LO + curriculum",
@@ -73,8 +72,8 @@ DEFAULT_LRS = (1e-4, 3.16e-4, 1e-3, 3.16e-3, 1e-2, 3.16e-2, 1e-1)
 class Options:
     """The ablation's inputs; ``lopt-ablate``'s flags of the same names (``overrides``: ``--set``)."""
 
-    elo_config: str = "configs/elo.py"
-    naive_config: str = "configs/naive.py"
+    elo_config: str = "elo"  # a shipped config's name or a config file's path
+    naive_config: str = "naive"
     methods: tuple[str, ...] = METHODS
     meta_seeds: int = 1
     seeds: int = 5
@@ -94,15 +93,15 @@ class Options:
 #: Per budget, the ablation's options (``overrides`` as a dict); the report prints them as the
 #: ``lopt-ablate`` flags that run the same.
 BUDGETS: dict[str, dict] = {
-    "smoke": dict(elo_config="configs/elo.py", naive_config="configs/naive.py", outer_steps=2,
+    "smoke": dict(elo_config="elo", naive_config="naive", outer_steps=2,
                   seeds=2, factor=2, lrs=(1e-3, 1e-2), meta_seeds=1, cl_period=1, cl_max_periods=2,
                   overrides={"task.hidden_sizes": (4,), "task.batch_size": 8, "lopt.hidden_size": 4,
                              "lopt.hidden_layers": 1, "unroll.num_particles": 2,
                              "unroll.trunc_length": 4, "unroll.replay.capacity": 2,
                              "unroll.behaviour_cloning.schedule.steps": 2}),
-    "cpu": dict(elo_config="configs/elo_mnist.py", naive_config="configs/naive_mnist.py",
+    "cpu": dict(elo_config="elo_mnist", naive_config="naive_mnist",
                 meta_seeds=3, seeds=16, factor=10, lrs=LRS),
-    "gpu": dict(elo_config="configs/elo_mnist.py", naive_config="configs/naive_mnist.py",
+    "gpu": dict(elo_config="elo_mnist", naive_config="naive_mnist",
                 meta_seeds=5, seeds=64, factor=10, outer_steps=3000,
                 overrides={"unroll.num_particles": 32}, lrs=LRS),
 }
@@ -167,8 +166,8 @@ def settings(o: Options) -> dict:
     if o.weight_decay < 0:
         raise UsageError(f"--weight_decay must be >= 0, got {o.weight_decay}")
 
-    elo = override(load_module(config_file(o.elo_config), "_ablate_elo").get_config(), o.overrides)
-    naive = override(load_module(config_file(o.naive_config), "_ablate_naive").get_config(), o.overrides)
+    elo = override(load_config(o.elo_config, "--elo_config"), o.overrides)
+    naive = override(load_config(o.naive_config, "--naive_config"), o.overrides)
     if "unroll.horizon.length" not in dict(o.overrides):
         naive.unroll.horizon.length = naive.unroll.trunc_length  # naive: H = N, whatever N is
     if o.outer_steps is not None:
@@ -304,6 +303,7 @@ def ablate(s: dict, out: str, command: list[str], progress: bool = True) -> tupl
     from tasks.registry import ConfigError
 
     o = s["options"]
+    ensure_mnist(s["configs"]["elo"])  # the configs share their task (settings checks)
     os.makedirs(out, exist_ok=True)
     H, long = s["horizon"], s["long"]
     lengths = (H, long)
@@ -386,7 +386,6 @@ def run(b: dict, runs: str, out: str, progress: bool = True) -> Report:
     import numpy as np
 
     s = settings(budget_options(b))
-    ensure_mnist(s["configs"]["elo"])
     workdir = os.path.join(runs, "ablate")
     command = ["scripts/ablate.py", f"--out={workdir}", *budget_flags(b)]
     print(f"[elo] {' '.join(command)}", flush=True)

@@ -25,13 +25,11 @@ import time
 from typing import Any
 
 from lopt.experiments.harness import (
-    CONFIGS,
     FINAL_FRACTION,
     UsageError,
     final_mean,
     fmt,
     lo_curves,
-    load_module,
     meta_train,
     pm,
     stats,
@@ -39,8 +37,10 @@ from lopt.experiments.harness import (
     task_of,
     write_ablation,
 )
+from lopt.experiments.inputs import config_path, load_module
 
-DEFAULT_CONFIG = os.path.join(CONFIGS, "ablate_estimators.py")
+#: The shipped config of the ablation (``configs/ablate_estimators.py``).
+DEFAULT_CONFIG = "ablate_estimators"
 
 
 # --- the inner-step budget ----------------------------------------------------------------------
@@ -102,16 +102,15 @@ def outer_steps_for_budget(config, inner_steps: int) -> tuple[int, float]:
     return n, float(totals[n - 1] / n)
 
 
-def load_ablation(config_path: str):
-    """``get_ablation()`` of the config file, or of the default file if it has none."""
-    path = config_path.split(":", 1)[0]
-    for candidate in (path, DEFAULT_CONFIG):
-        if not os.path.isfile(candidate):
-            continue
+def load_ablation(config: str):
+    """``get_ablation()`` of the config file (a path or a shipped config's name, optionally
+    with ml_collections' ``:argument``), or of the default config if it has none."""
+    path = config_path(config.split(":", 1)[0])
+    for candidate in (path, config_path(DEFAULT_CONFIG)):
         module = load_module(candidate, "_ablation_config")
         if hasattr(module, "get_ablation"):
             return module.get_ablation()
-    raise UsageError(f"{path} has no get_ablation() and neither has {DEFAULT_CONFIG}")
+    raise UsageError(f"{path} has no get_ablation() and neither has {config_path(DEFAULT_CONFIG)}")
 
 
 def settings(ablation, estimators: str | None = None, inner_steps: int | None = None,

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -21,9 +20,7 @@ import platform
 import time
 from typing import Any, Callable, Iterable
 
-CHECKOUT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CONFIGS = os.path.join(CHECKOUT, "configs")
-SHARED_DATA = os.path.join(os.path.dirname(CHECKOUT), "shared", "data")
+from lopt.experiments.inputs import UsageError, ensure_mnist, load_config
 
 EVAL_SEED_OFFSET = 1_000_000
 TUNE_SEED_OFFSET = 3_000_000
@@ -38,32 +35,7 @@ TINY_MLP = {"task.hidden_sizes": (4,), "task.batch_size": 16, "lopt.hidden_size"
 COST_COLUMNS = ["meta-train outer / inner steps", "meta-train s"]
 
 
-class UsageError(Exception):
-    """A bad input to a program or an experiment: reported in one line, exit code 2."""
-
-
 # --- configs ------------------------------------------------------------------------------------
-
-
-def load_module(path: str, name: str) -> Any:
-    """Execute the Python file ``path`` (a config file) as module ``name``."""
-    if not os.path.isfile(path):
-        raise UsageError(f"config file not found: {path}")
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def config_file(path: str) -> str:
-    """``path`` as given when it exists, else relative to the checkout (so a budget's
-    ``configs/elo.py`` works from any working directory)."""
-    in_checkout = os.path.join(CHECKOUT, path)
-    return in_checkout if not os.path.isfile(path) and os.path.isfile(in_checkout) else path
-
-
-def load_config(name: str):
-    return load_module(os.path.join(CONFIGS, f"{name}.py"), f"_experiment_{name}").get_config()
 
 
 def override(config, items: Iterable[tuple[str, Any]], *, where: str = "--set",
@@ -93,7 +65,7 @@ def override(config, items: Iterable[tuple[str, Any]], *, where: str = "--set",
 
 
 def configured(name: str, overrides: dict) -> Any:
-    """``configs/<name>.py`` with a budget's overrides."""
+    """The shipped config ``name`` (``configs/<name>.py``) with a budget's overrides."""
     return override(load_config(name), overrides.items(), where="budget override", new_keys=True)
 
 
@@ -109,25 +81,6 @@ def task_of(config):
 
     options = config.task.to_dict()
     return tasks.get(options.pop("name"), **options)
-
-
-def ensure_mnist(config) -> None:
-    """Prepare the ``mnist`` dataset from ``../shared/data`` if a config needs it and it is
-    missing (the experiments use MNIST where the papers did)."""
-    if config.task.get("dataset") != "mnist":
-        return
-    from tasks import data, prepare
-
-    try:
-        data.load("mnist")
-        return
-    except Exception:  # noqa: BLE001  not prepared (or unreadable): prepare it below
-        pass
-    if not os.path.isdir(SHARED_DATA):
-        raise UsageError(f"the mnist dataset is not prepared and {SHARED_DATA} is missing; run "
-                         "scripts/prepare_data.py --dataset=mnist --source=DIR_WITH_IDX_FILES")
-    print(f"preparing mnist from {SHARED_DATA}", flush=True)
-    prepare.prepare("mnist", SHARED_DATA, progress=False)
 
 
 # --- meta-training runs -------------------------------------------------------------------------

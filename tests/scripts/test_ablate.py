@@ -123,6 +123,8 @@ def test_rerun_reuses_finished_runs(tiny):
         (["--seeds=0"], "--seeds must be >= 1"),
         (["--tune_seed_offset=1000001"], "overlapping instances"),
         (["--nonsense=1"], "nonsense"),
+        (["--elo_config=elo_mnistt"], "--elo_config: no shipped config named 'elo_mnistt' (shipped: "),
+        (["--naive_config=nowhere/naive.py"], "--naive_config: no such config file: nowhere/naive.py"),
     ],
 )
 def test_bad_flags_are_one_line_errors(tmp_path, args, needle):
@@ -130,3 +132,23 @@ def test_bad_flags_are_one_line_errors(tmp_path, args, needle):
     assert proc.returncode == 2, proc.stderr
     assert needle in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
     assert not os.listdir(tmp_path)  # nothing ran
+
+
+def test_an_out_that_cannot_be_created_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("")
+    proc = _run([f"--out={tmp_path / 'file' / 'out'}"], timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: --out: cannot create ") and proc.stderr.count("\n") == 1
+
+
+def test_mnist_configs_without_mnist_say_how_to_provide_it(tmp_path):
+    """The MNIST configs prepare ``mnist`` from $LOPT_MNIST_SOURCE; a source that is not there
+    is one line naming the variable, before anything trains."""
+    env = dict(ENV, LOPT_DATA_DIR=str(tmp_path / "data"), LOPT_MNIST_SOURCE=str(tmp_path / "raw"))
+    proc = subprocess.run([sys.executable, SCRIPT, "--elo_config=elo_mnist", "--naive_config="
+                           "naive_mnist", f"--out={tmp_path / 'out'}"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: the mnist dataset is "
+                                                                   "not prepared"), proc.stderr
+    assert f"$LOPT_MNIST_SOURCE ({tmp_path / 'raw'}) is not a directory" in proc.stderr

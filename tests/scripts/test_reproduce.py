@@ -24,8 +24,8 @@ FIGURES = {
 }
 
 
-def _run(args, timeout=600):
-    return subprocess.run([sys.executable, SCRIPT, *args], cwd=REPO, env=ENV, capture_output=True,
+def _run(args, timeout=600, cwd=REPO):
+    return subprocess.run([sys.executable, SCRIPT, *args], cwd=cwd, env=ENV, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -40,10 +40,12 @@ FAST_SMOKE = {"quickstart"}
 @pytest.mark.parametrize("experiment", [
     e if e in FAST_SMOKE else pytest.param(e, marks=pytest.mark.slow) for e in sorted(FIGURES)])
 def test_smoke_budget_writes_the_report(tmp_path, experiment):
-    out, runs = tmp_path / "out", tmp_path / "runs"
-    proc = _run([f"--experiment={experiment}", "--budget=smoke", f"--out={out}", f"--runs={runs}",
-                 "--noprogress"])
+    """Run from another directory with the default --runs and --out: everything goes under the
+    working directory (runs/reproduce/smoke), nothing into the checkout."""
+    proc = _run([f"--experiment={experiment}", "--budget=smoke", "--noprogress"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    out = tmp_path / "runs" / "reproduce" / "smoke" / "results"
+    assert (tmp_path / "runs" / "reproduce" / "smoke" / experiment).is_dir()
     report = (out / f"{experiment}.md").read_text()
     for needle in ("**Claim.**", "**Our setting (smoke budget).**", "**Outcome.**",
                    f"Command: `python scripts/reproduce.py --experiment={experiment} --budget=smoke`",
@@ -74,6 +76,13 @@ def test_bad_flags_are_one_line_errors(tmp_path, args, needle):
     assert proc.returncode == 2, proc.stderr
     assert needle in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_an_out_that_cannot_be_created_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("")
+    proc = _run(["--experiment=quickstart", f"--out={tmp_path / 'file' / 'out'}"], timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: --out: cannot create ") and proc.stderr.count("\n") == 1
 
 
 def test_step_scale_probe_scales_every_update():
