@@ -43,6 +43,8 @@ def get_config() -> ConfigDict:
     c.num_outer_steps = 600
     c.log_every = 10
     c.checkpoint_every = 100
+    c.checkpoint_keep = 2  # the newest checkpoints, and every 300th step (lopt-export --step=300)
+    c.checkpoint_keep_every = 300
     c.task = ConfigDict(
         dict(name="digits_mlp", hidden_sizes=(32,), activation="relu", batch_size=64,
              permute_classes=True)

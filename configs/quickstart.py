@@ -28,6 +28,8 @@ def get_config() -> ConfigDict:
     c.num_outer_steps = 5000
     c.log_every = 10
     c.checkpoint_every = 500
+    c.checkpoint_keep = 2  # the newest checkpoints kept
+    c.checkpoint_keep_every = 0  # K > 0: also keep every K-th step (for lopt-export --step)
     # Inner problem: a one-hidden-layer MLP on sklearn's 8x8 digits; every task instance has its
     # own init seed and a random relabelling of the classes.
     c.task = ConfigDict(

@@ -42,6 +42,8 @@ CASES = [
     ("log_every=0", "config.log_every: must be an integer >= 1"),
     ("checkpoint_every=-5", "config.checkpoint_every: must be an integer >= 1"),
     ("seed=-1", "config.seed: must be an integer >= 0"),
+    ("checkpoint_keep=0", "config.checkpoint_keep: must be an integer >= 1"),
+    ("checkpoint_keep_every=-3", "config.checkpoint_keep_every: must be an integer >= 0"),
     ("num_devices=5", "config.num_devices: num_devices=5 but only 1 devices are visible"),
 ]
 

@@ -5,6 +5,9 @@ rest of its keys as that component's options:
 
     seed: int                   num_outer_steps: int
     log_every: int              checkpoint_every: int
+    checkpoint_keep: int (optional, 2): the newest checkpoints kept
+    checkpoint_keep_every: int (optional, 0 = off): also keep every checkpoint whose step is a
+                        multiple of this (so ``lopt-export --step`` finds it later)
     num_devices: int (optional; 0 = shard particles over every visible device)
     task:           {name: "digits_mlp", hidden_sizes: (32,), ...}      -> tasks.get
     lopt:           {name: "mlp", hidden_size: 32, ...}                 -> lopt.get
@@ -64,6 +67,8 @@ OPTIONAL = {
     "curriculum": None,  # Curriculum options plus `enabled` (see curriculum())
     "imitation": None,  # estimators.imitation.Imitation options plus `enabled` (Chen et al. 2020)
     "health": None,  # lopt.training.loop.Health options
+    "checkpoint_keep": 2,  # the newest checkpoints kept (lopt.training.checkpoint.Checkpointer)
+    "checkpoint_keep_every": 0,  # also keep steps that are multiples of this (0: none)
 }
 UNROLL_KEYS = {
     "num_particles", "trunc_length", "horizon", "meta_loss", "stagger", "trunc_schedule",
@@ -183,6 +188,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _integer(config[key], key, 1)
     _integer(config.seed, "seed", 0)
     _integer(config.get("num_devices", 0), "num_devices", 0)
+    _integer(config.get("checkpoint_keep", OPTIONAL["checkpoint_keep"]), "checkpoint_keep", 1)
+    _integer(config.get("checkpoint_keep_every", 0), "checkpoint_keep_every", 0)
     unroll = as_dict(config.unroll, "unroll")
     for key in ("num_particles", "trunc_length"):
         if key not in unroll:

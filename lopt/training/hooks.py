@@ -89,15 +89,18 @@ def read_metrics(path: str) -> list[dict]:
 
 
 class Checkpointing(Hook):
-    """Orbax checkpoints every ``every`` outer steps and at the end; the newest intact one is
-    restored before anything else starts. Other hooks add their own items."""
+    """Orbax checkpoints every ``every`` outer steps and at the end, keeping the newest ``keep``
+    and every ``keep_every``-th step (0: none); the newest intact one is restored before
+    anything else starts. Other hooks add their own items."""
 
-    def __init__(self, every: int, hooks: list[Hook]):
+    def __init__(self, every: int, hooks: list[Hook], keep: int = 2, keep_every: int = 0):
         self.every = int(every)
         self.hooks = hooks
+        self.keep = int(keep)
+        self.keep_every = int(keep_every)
 
     def restore(self, run: Run) -> None:
-        self.ckpt = ckpt_lib.Checkpointer(run.path("checkpoints"))
+        self.ckpt = ckpt_lib.Checkpointer(run.path("checkpoints"), self.keep, self.keep_every)
         like = self._pack(run)
         found = self.ckpt.restore_latest(like)
         if found is None:

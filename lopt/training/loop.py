@@ -101,7 +101,9 @@ def train(
         log_hook = MetricsLog(config.log_every, progress, cur_hook.due if cur_hook else None)
         user = list(hooks)
         middle: list[Hook] = [h for h in (cur_hook,) if h is not None]
-        ckpt_hook = Checkpointing(config.checkpoint_every, middle + user)
+        keep = {k: config.get(f"checkpoint_{k}", config_lib.OPTIONAL[f"checkpoint_{k}"])
+                for k in ("keep", "keep_every")}
+        ckpt_hook = Checkpointing(config.checkpoint_every, middle + user, **keep)
         health_hook = Health(health, config.log_every, ckpt_hook)
         all_hooks: list[Hook] = [log_hook, *middle, health_hook, *user, ckpt_hook, Exporter(), Plotter()]
         ckpt_hook.restore(run)
