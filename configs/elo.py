@@ -52,21 +52,22 @@ def get_config() -> ConfigDict:
     c.lopt = ConfigDict(dict(name="mlp", hidden_size=32, hidden_layers=2))
     c.estimator = ConfigDict(dict(name="es", std=0.01))  # ours: sigma = 0.01 (Metz 2019: sigma^2 = 0.01)
     c.meta_optimizer = ConfigDict(dict(name="adam", learning_rate=3e-3, clip_grad_norm=3.0))
-    c.unroll = ConfigDict(
+    c.unroll = ConfigDict(dict(num_particles=8, trunc_length=20))  # 4 antithetic pairs; N = 20
+    # Values derived from others are references, resolved when read: after command-line
+    # overrides, so --config.unroll.trunc_length=50 caps chains at 500 and a shorter
+    # --config.num_outer_steps shortens the ramp. Overriding a derived value itself still works.
+    n = c.unroll.get_ref("trunc_length")
+    c.unroll.horizon = ConfigDict(dict(name="constant", length=10 * n))  # caps a chain's position: 10 N
+    c.unroll.meta_loss = ConfigDict(dict(split="train", normalize="initial", clip=2.0))
+    c.unroll.replay = ConfigDict(dict(enabled=True, capacity=64, p_threshold=0.2))
+    c.unroll.behaviour_cloning = ConfigDict(
         dict(
-            num_particles=8,  # 4 antithetic pairs
-            trunc_length=20,  # N, the segment length
-            horizon=ConfigDict(dict(name="constant", length=200)),  # caps a chain's position: 10 N
-            meta_loss=ConfigDict(dict(split="train", normalize="initial", clip=2.0)),
-            replay=ConfigDict(dict(enabled=True, capacity=64, p_threshold=0.2)),
-            behaviour_cloning=ConfigDict(
-                dict(
-                    enabled=True,
-                    teacher=ConfigDict(dict(name="adam", learning_rate=1e-2)),
-                    # a_t: linear, cosine, step or constant; 0 -> 1 over `steps` outer steps
-                    schedule=ConfigDict(dict(kind="linear", steps=300, start=0, levels=1, value=1.0)),
-                )
-            ),
+            enabled=True,
+            teacher=ConfigDict(dict(name="adam", learning_rate=1e-2)),
+            # a_t: linear, cosine, step or constant; 0 -> 1 over `steps` outer steps, here the
+            # first half of meta-training
+            schedule=ConfigDict(dict(kind="linear", steps=c.get_ref("num_outer_steps") // 2, start=0,
+                                     levels=1, value=1.0)),
         )
     )
     return c
