@@ -29,12 +29,18 @@ trajectory's initial loss, clipped at 2, so task instances weigh alike). CPU sca
 layer MLPs on 8x8 digits with relabelled classes, 8 particles (4 antithetic pairs), N = 20;
 ELO's tasks are MLP/ResNet-18 on ImageNet 32x32 and GPT-2 mini.
 
+``eval`` runs the meta-params on held-out instances at N and 10 N every 50 outer steps
+(``eval/...`` rows in metrics.jsonl, ``plots/eval.png``): the meta-loss of a buffer run scores
+positions up to 10 N and cannot be compared with the naive run's; this can.
+
 ``configs/naive.py`` is the "LO naive" row of ELO's Table 1: the same N-step segments, each one a
 fresh trajectory of exactly N steps (horizon N, no stagger, no buffer), no behaviour cloning.
 Ablate one technique per command line, e.g. ``--config.unroll.replay.enabled=False`` or ``--config.unroll.behaviour_cloning.enabled=False``.
 """
 
 from ml_collections import ConfigDict
+
+from lopt.training.config import tuple_ref
 
 
 def get_config() -> ConfigDict:
@@ -70,4 +76,9 @@ def get_config() -> ConfigDict:
                                      levels=1, value=1.0)),
         )
     )
+    # Held-out evaluation during meta-training (lopt.training.continuous_eval): the meta-params
+    # train 8 fresh instances of the training task for H = N and 10 N steps (ELO Table 1's 1x
+    # and 10x horizon) every 50 outer steps, against Adam tuned once at the start.
+    c.eval = ConfigDict(dict(enabled=True, every=50, lengths=tuple_ref(n, 10 * n), seeds=8,
+                             tasks=None, baseline="adam"))
     return c

@@ -71,6 +71,22 @@ def test_bad_value_is_one_line_before_anything_runs(override, message, tmp_path)
     assert not workdir.exists() and os.listdir(tmp_path) == []
 
 
+EVAL_CASES = [
+    ("eval.every=0", "config.eval: every must be an int >= 1"),
+    ("eval.baseline=sgd", "config.eval: baseline must be one of ('adam', 'none')"),
+    ("eval.lengths=(200,0)", "config.eval: lengths must be distinct ints >= 1"),
+]
+
+
+@pytest.mark.parametrize("override,message", EVAL_CASES, ids=[c[0] for c in EVAL_CASES])
+def test_bad_eval_value_is_one_line_before_anything_runs(override, message, tmp_path):
+    proc, _, workdir = _run(override, tmp_path, args=["--config.eval.enabled=True"])
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
+    assert not workdir.exists()
+
+
 BAD_FILES = [
     (None, "no such config file"),
     ("def get_config(:\n", "SyntaxError: invalid syntax (line 1)"),

@@ -66,3 +66,18 @@ def test_a_derived_value_can_still_be_overridden_alone():
     assert written["unroll"]["behaviour_cloning"]["schedule"]["steps"] == 7
     naive = plain(parse("naive", "unroll.horizon.length=40"))
     assert naive["unroll"]["trunc_length"] == 20 and naive["unroll"]["horizon"]["length"] == 40
+
+
+@pytest.mark.parametrize("name", ["elo", "naive"])
+def test_evaluation_lengths_are_h_and_10_h_after_overrides(name):
+    assert plain(parse(name))["eval"]["lengths"] == [20, 200]
+    config = parse(name, "unroll.trunc_length=50")
+    assert plain(config)["eval"]["lengths"] == [50, 500]
+    assert config_lib.eval_options(config).lengths == (50, 500)
+    assert plain(parse(name, "eval.lengths=(30,300,3000)"))["eval"]["lengths"] == [30, 300, 3000]
+
+
+def test_quickstart_evaluation_is_off_and_follows_its_horizon():
+    assert config_lib.eval_options(parse("quickstart")) is None
+    config = parse("quickstart", "eval.enabled=True", "unroll.horizon.length=100")
+    assert config_lib.eval_options(config).lengths == (100, 1000)
