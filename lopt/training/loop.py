@@ -81,8 +81,9 @@ def train(
     Returns a summary: final state, paths of the metrics, checkpoints, export and plot, the
     measured throughput (inner steps per second, compile, validation and evaluation excluded),
     with a curriculum ``curriculum`` and ``best_meta_params``, and with an evaluation ``eval``
-    (its count, seconds and share of the run's time, and its plot). Raises :class:`TrainingStopped` when a
-    health check stopped the run (its final checkpoint is still written).
+    (its count, seconds and share of the run's time, and its plot). Raises
+    :class:`TrainingStopped` when a health check stopped the run (its final checkpoint is still
+    written).
     """
     config_lib.validate(config)
     try:
