@@ -78,16 +78,19 @@ class EvalOptions:
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
         n = self.lengths
-        if not n or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in n) or len(set(n)) < len(n):
+        ints = all(not isinstance(x, bool) and isinstance(x, int) and x >= 1 for x in n)
+        if not n or not ints or len(set(n)) < len(n):
             raise ValueError(f"lengths must be distinct ints >= 1, e.g. (20, 200), got {n!r}")
         if self.baseline not in BASELINES:
             raise ValueError(f"baseline must be one of {BASELINES}, got {self.baseline!r}")
         if self.tasks is not None:
             if not isinstance(self.tasks, dict) or not self.tasks:
-                raise ValueError(f"tasks must be None or a section {{label: task section}}, got {self.tasks!r}")
+                raise ValueError(f"tasks must be None or a section {{label: task section}}, "
+                                 f"got {self.tasks!r}")
             for label, section in self.tasks.items():
                 if "/" in label or not isinstance(section, dict) or "name" not in section:
-                    raise ValueError(f"tasks.{label} must be a task section with a 'name' (and a label without '/')")
+                    raise ValueError(f"tasks.{label} must be a task section with a 'name' (and a "
+                                     "label without '/')")
 
     def instances(self) -> range:
         return range(self.seed_offset, self.seed_offset + self.seeds)
