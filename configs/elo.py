@@ -29,12 +29,18 @@ trajectory's initial loss, clipped at 2, so task instances weigh alike). CPU sca
 layer MLPs on 8x8 digits with relabelled classes, 8 particles (4 antithetic pairs), N = 20;
 ELO's tasks are MLP/ResNet-18 on ImageNet 32x32 and GPT-2 mini.
 
+``eval`` runs the meta-params on held-out instances at N and 10 N every 50 outer steps
+(``eval/...`` rows in metrics.jsonl, ``plots/eval.png``): the meta-loss of a buffer run scores
+positions up to 10 N and cannot be compared with the naive run's; this can.
+
 ``configs/naive.py`` is the "LO naive" row of ELO's Table 1: the same N-step segments, each one a
 fresh trajectory of exactly N steps (horizon N, no stagger, no buffer), no behaviour cloning.
 Ablate one technique per command line, e.g. ``--config.unroll.replay.enabled=False`` or ``--config.unroll.behaviour_cloning.enabled=False``.
 """
 
 from ml_collections import ConfigDict
+
+from lopt.training.config import tuple_ref
 
 
 def get_config() -> ConfigDict:
@@ -43,6 +49,8 @@ def get_config() -> ConfigDict:
     c.num_outer_steps = 600
     c.log_every = 10
     c.checkpoint_every = 100
+    c.checkpoint_keep = 2  # the newest checkpoints, and every 300th step (lopt-export --step=300)
+    c.checkpoint_keep_every = 300
     c.task = ConfigDict(
         dict(name="digits_mlp", hidden_sizes=(32,), activation="relu", batch_size=64,
              permute_classes=True)
@@ -50,21 +58,27 @@ def get_config() -> ConfigDict:
     c.lopt = ConfigDict(dict(name="mlp", hidden_size=32, hidden_layers=2))
     c.estimator = ConfigDict(dict(name="es", std=0.01))  # ours: sigma = 0.01 (Metz 2019: sigma^2 = 0.01)
     c.meta_optimizer = ConfigDict(dict(name="adam", learning_rate=3e-3, clip_grad_norm=3.0))
-    c.unroll = ConfigDict(
+    c.unroll = ConfigDict(dict(num_particles=8, trunc_length=20))  # 4 antithetic pairs; N = 20
+    # Values derived from others are references, resolved when read: after command-line
+    # overrides, so --config.unroll.trunc_length=50 caps chains at 500 and a shorter
+    # --config.num_outer_steps shortens the ramp. Overriding a derived value itself still works.
+    n = c.unroll.get_ref("trunc_length")
+    c.unroll.horizon = ConfigDict(dict(name="constant", length=10 * n))  # caps a chain's position: 10 N
+    c.unroll.meta_loss = ConfigDict(dict(split="train", normalize="initial", clip=2.0))
+    c.unroll.replay = ConfigDict(dict(enabled=True, capacity=64, p_threshold=0.2))
+    c.unroll.behaviour_cloning = ConfigDict(
         dict(
-            num_particles=8,  # 4 antithetic pairs
-            trunc_length=20,  # N, the segment length
-            horizon=ConfigDict(dict(name="constant", length=200)),  # caps a chain's position: 10 N
-            meta_loss=ConfigDict(dict(split="train", normalize="initial", clip=2.0)),
-            replay=ConfigDict(dict(enabled=True, capacity=64, p_threshold=0.2)),
-            behaviour_cloning=ConfigDict(
-                dict(
-                    enabled=True,
-                    teacher=ConfigDict(dict(name="adam", learning_rate=1e-2)),
-                    # a_t: linear, cosine, step or constant; 0 -> 1 over `steps` outer steps
-                    schedule=ConfigDict(dict(kind="linear", steps=300, start=0, levels=1, value=1.0)),
-                )
-            ),
+            enabled=True,
+            teacher=ConfigDict(dict(name="adam", learning_rate=1e-2)),
+            # a_t: linear, cosine, step or constant; 0 -> 1 over `steps` outer steps, here the
+            # first half of meta-training
+            schedule=ConfigDict(dict(kind="linear", steps=c.get_ref("num_outer_steps") // 2, start=0,
+                                     levels=1, value=1.0)),
         )
     )
+    # Held-out evaluation during meta-training (lopt.training.continuous_eval): the meta-params
+    # train 8 fresh instances of the training task for H = N and 10 N steps (ELO Table 1's 1x
+    # and 10x horizon) every 50 outer steps, against Adam tuned once at the start.
+    c.eval = ConfigDict(dict(enabled=True, every=50, lengths=tuple_ref(n, 10 * n), seeds=8,
+                             tasks=None, baseline="adam"))
     return c

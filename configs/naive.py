@@ -28,6 +28,6 @@ def get_config() -> ConfigDict:
     c = elo.get_config()
     c.unroll.replay.enabled = False
     c.unroll.behaviour_cloning.enabled = False
-    c.unroll.horizon.length = c.unroll.trunc_length
+    c.unroll.horizon.length = c.unroll.get_oneway_ref("trunc_length")  # H = N after overrides too
     c.unroll.stagger = False  # the first trajectories too are N steps, aligned with truncations
     return c

@@ -19,6 +19,6 @@ def get_config() -> ConfigDict:
     c = _load("elo_mnist").get_config()
     c.unroll.replay.enabled = False
     c.unroll.behaviour_cloning.enabled = False
-    c.unroll.horizon.length = c.unroll.trunc_length
+    c.unroll.horizon.length = c.unroll.get_oneway_ref("trunc_length")  # H = N after overrides too
     c.unroll.stagger = False  # every trajectory exactly one N-step segment (configs/naive.py)
     return c

@@ -42,6 +42,8 @@ CASES = [
     ("log_every=0", "config.log_every: must be an integer >= 1"),
     ("checkpoint_every=-5", "config.checkpoint_every: must be an integer >= 1"),
     ("seed=-1", "config.seed: must be an integer >= 0"),
+    ("checkpoint_keep=0", "config.checkpoint_keep: must be an integer >= 1"),
+    ("checkpoint_keep_every=-3", "config.checkpoint_keep_every: must be an integer >= 0"),
     ("num_devices=5", "config.num_devices: num_devices=5 but only 1 devices are visible"),
 ]
 
@@ -67,6 +69,22 @@ def test_bad_value_is_one_line_before_anything_runs(override, message, tmp_path)
     assert len(lines) == 1 and lines[0].startswith("config error: "), proc.stderr[-2000:]
     assert message in lines[0], lines[0]
     assert not workdir.exists() and os.listdir(tmp_path) == []
+
+
+EVAL_CASES = [
+    ("eval.every=0", "config.eval: every must be an int >= 1"),
+    ("eval.baseline=sgd", "config.eval: baseline must be one of ('adam', 'none')"),
+    ("eval.lengths=(200,0)", "config.eval: lengths must be distinct ints >= 1"),
+]
+
+
+@pytest.mark.parametrize("override,message", EVAL_CASES, ids=[c[0] for c in EVAL_CASES])
+def test_bad_eval_value_is_one_line_before_anything_runs(override, message, tmp_path):
+    proc, _, workdir = _run(override, tmp_path, args=["--config.eval.enabled=True"])
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
+    assert not workdir.exists()
 
 
 BAD_FILES = {

@@ -64,8 +64,10 @@ def export_checkpoint(workdir: str, out: str | None = None, step: int | None = N
     if step is None:
         step = steps[-1]
     elif step not in steps:
-        raise ExportScriptError(f"{ckpt_dir} has no checkpoint for step {step}; available: {steps}")
-    checkpointer = ckpt_lib.Checkpointer(ckpt_dir)
+        raise ExportScriptError(
+            f"{ckpt_dir} has no checkpoint for step {step}; available: {steps} (a run keeps "
+            "config.checkpoint_keep newest and every config.checkpoint_keep_every-th step)")
+    checkpointer = ckpt_lib.Checkpointer(ckpt_dir, keep=None)  # reads only: deletes nothing
     try:
         # The state's structure, shapes and dtypes, traced but not computed or compiled.
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])

@@ -77,6 +77,11 @@ def main(argv):
     print(f"  health:     {int(m.get('num_skipped', 0))} outer steps skipped (non-finite "
           f"meta-gradient); last log: {100 * m.get('clipped_share', 0.0):.0f}% of meta-loss terms "
           f"at the clip, {100 * m.get('nonfinite_share', 0.0):.0f}% of inner losses non-finite")
+    if summary.get("eval"):
+        e = summary["eval"]
+        share = f", {100 * e['share']:.0f}% of the run's time" if e.get("share") is not None else ""
+        print(f"  eval:       {e['evaluations']} held-out evaluations, {e['seconds']:.1f} s (tuned Adam "
+              f"{e['baseline_seconds']:.1f} s of it){share}; plot {e['plot']}")
     print(f"  workdir:    {summary['workdir']}")
     print(f"  metrics:    {summary['metrics']}")
     print(f"  checkpoint: {summary['checkpoints']}")

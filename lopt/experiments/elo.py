@@ -172,6 +172,9 @@ def settings(o: Options) -> dict:
         naive.unroll.horizon.length = naive.unroll.trunc_length  # naive: H = N, whatever N is
     if o.outer_steps is not None:
         elo.num_outer_steps = naive.num_outer_steps = o.outer_steps
+    for c in (elo, naive):  # the table evaluates each export at H and 10 H itself (below)
+        if "eval" in c and "eval.enabled" not in dict(o.overrides):
+            c.eval.enabled = False
     horizon = horizon_of(naive)
     n = int(naive.unroll.trunc_length)
     if horizon != n or int(elo.unroll.trunc_length) != n or elo.task.to_dict() != naive.task.to_dict():

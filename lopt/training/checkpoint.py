@@ -94,13 +94,23 @@ def _first_line(e: BaseException) -> str:
 
 
 class Checkpointer:
-    """Keeps the newest ``max_to_keep`` checkpoints in ``directory``."""
+    """Checkpoints in ``directory``: the newest ``keep`` (None: all) and, with ``keep_every`` =
+    K > 0, also every one whose step is a multiple of K (``config.checkpoint_keep`` and
+    ``config.checkpoint_keep_every``). Older ones are deleted as new ones are written; a
+    Checkpointer that only reads deletes nothing."""
 
-    def __init__(self, directory: str, max_to_keep: int = 2):
+    def __init__(self, directory: str, keep: int | None = 2, keep_every: int = 0):
         self.directory = os.path.abspath(directory)
+        # orbax's preservation policies (what its deprecated max_to_keep / keep_period build).
+        policies = ocp.checkpoint_managers
+        keepers = [policies.LatestN(n=keep)]
+        if keep_every:
+            keepers.append(policies.EveryNSteps(keep_every))
         self._manager = ocp.CheckpointManager(
             self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+            options=ocp.CheckpointManagerOptions(
+                create=True, preservation_policy=policies.AnyPreservationPolicy(keepers)
+            ),
         )
 
     def latest_step(self) -> int | None:

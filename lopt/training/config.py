@@ -5,6 +5,9 @@ rest of its keys as that component's options:
 
     seed: int                   num_outer_steps: int
     log_every: int              checkpoint_every: int
+    checkpoint_keep: int (optional, 2): the newest checkpoints kept
+    checkpoint_keep_every: int (optional, 0 = off): also keep every checkpoint whose step is a
+                        multiple of this (so ``lopt-export --step`` finds it later)
     num_devices: int (optional; 0 = shard particles over every visible device)
     task:           {name: "digits_mlp", hidden_sizes: (32,), ...}      -> tasks.get
     lopt:           {name: "mlp", hidden_size: 32, ...}                 -> lopt.get
@@ -21,11 +24,17 @@ rest of its keys as that component's options:
     curriculum:     optional {stages, period, min_periods, max_periods, valid_seeds, ...}
                      -> lopt.training.curriculum.Curriculum (Chen et al. 2020, Algorithm 1)
     imitation:      optional {prob, teachers, length, ...} -> estimators.imitation.Imitation
-    health:         optional {max_skipped, max_clipped_logs}  (lopt.training.loop)
+    health:         optional {max_skipped, max_clipped_logs, max_nonfinite_share}  (lopt.training.loop)
+    eval:           optional {every, lengths, seeds, tasks, baseline, seed_offset}
+                     -> lopt.training.continuous_eval.EvalOptions (held-out evaluation during the run)
 
 An optional section is off when absent, None, empty or ``enabled: False``. ``build`` checks
 every key and value before constructing anything, so a mistake fails at once with a message
 naming the key, long before the first compile.
+
+A value a config file derives from another is an ``ml_collections`` reference, resolved when
+read, i.e. after command-line overrides (``c.unroll.get_ref("trunc_length") * 10``; a tuple of
+them: :func:`tuple_ref`), so ``to_dict``, ``config.json`` and everything here see plain values.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ from typing import Any
 
 import ml_collections
 import optax
+from ml_collections import FieldReference
 
 import estimators
 import lopt
@@ -64,11 +74,33 @@ OPTIONAL = {
     "curriculum": None,  # Curriculum options plus `enabled` (see curriculum())
     "imitation": None,  # estimators.imitation.Imitation options plus `enabled` (Chen et al. 2020)
     "health": None,  # lopt.training.loop.Health options
+    "checkpoint_keep": 2,  # the newest checkpoints kept (lopt.training.checkpoint.Checkpointer)
+    "checkpoint_keep_every": 0,  # also keep steps that are multiples of this (0: none)
+    "eval": None,  # lopt.training.continuous_eval.EvalOptions plus `enabled`
 }
 UNROLL_KEYS = {
     "num_particles", "trunc_length", "horizon", "meta_loss", "stagger", "trunc_schedule",
     "replay", "behaviour_cloning", "self_improving",
 }
+
+
+class _TupleReference(FieldReference):
+    """A tuple-valued reference whose items may be references, each resolved when read."""
+
+    def get(self):
+        value = super().get()
+        if value is None:
+            return None
+        return tuple(x.get() if isinstance(x, FieldReference) else x for x in value)
+
+
+def tuple_ref(*items: Any) -> FieldReference:
+    """A tuple for a config field whose items may be references to other fields, resolved when
+    the field is read (after command-line overrides), e.g. evaluation lengths H and 10 H:
+    ``c.eval.lengths = tuple_ref(n, 10 * n)`` with ``n = c.unroll.get_ref("trunc_length")``.
+    (ml_collections resolves a reference held directly in a field, not one inside a tuple.) An
+    override of the field itself (``--config.eval.lengths="(50,500)"``) replaces the tuple."""
+    return _TupleReference(tuple(items), field_type=tuple)
 
 
 def as_dict(section: Any, where: str) -> dict:
@@ -183,6 +215,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _integer(config[key], key, 1)
     _integer(config.seed, "seed", 0)
     _integer(config.get("num_devices", 0), "num_devices", 0)
+    _integer(config.get("checkpoint_keep", OPTIONAL["checkpoint_keep"]), "checkpoint_keep", 1)
+    _integer(config.get("checkpoint_keep_every", 0), "checkpoint_keep_every", 0)
     unroll = as_dict(config.unroll, "unroll")
     for key in ("num_particles", "trunc_length"):
         if key not in unroll:
@@ -191,6 +225,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if not isinstance(unroll.get("stagger", True), bool):
         raise ConfigError(f"config.unroll.stagger: must be True or False, got {unroll['stagger']!r}")
     curriculum(config)
+    eval_options(config)
 
 
 def _integer(value: Any, where: str, low: int) -> int:
@@ -212,6 +247,36 @@ def curriculum(config: ml_collections.ConfigDict):
     except (TypeError, ValueError) as e:
         message = str(e) if str(e).startswith("curriculum:") else f"curriculum: {e}"
         raise ConfigError(f"config.{message}") from None
+
+
+def eval_options(config: ml_collections.ConfigDict):
+    """The ``EvalOptions`` of ``config.eval``, or None when it is off; its instances must be
+    apart from the curriculum's validation instances."""
+    from lopt.training.continuous_eval import EvalOptions
+
+    options = section_options(config.get("eval"), "eval", EvalOptions)
+    if options is None:
+        return None
+    built = _build(EvalOptions, options, "eval")
+    cur = curriculum(config)
+    if cur is not None:
+        valid = range(cur.valid_seed_offset, cur.valid_seed_offset + cur.valid_seeds)
+        if set(valid) & set(built.instances()):
+            raise ConfigError(
+                f"config.eval.seed_offset: instances {built.seed_offset}.. overlap the curriculum's "
+                f"validation instances {cur.valid_seed_offset}..; keep them apart"
+            )
+    return built
+
+
+def eval_tasks(config: ml_collections.ConfigDict, training_task: Any) -> dict[str, Any]:
+    """``{label: task family}`` to evaluate on: ``config.eval.tasks`` built by ``tasks.get``, or
+    the training task under its name."""
+    options = eval_options(config)
+    if options is None or options.tasks is None:
+        return {as_dict(config.task, "task")["name"]: training_task}
+    return {label: _component(tasks.get, section, f"eval.tasks.{label}")
+            for label, section in options.tasks.items()}
 
 
 def inner_update(config: ml_collections.ConfigDict, learned_opt: Any) -> Any:

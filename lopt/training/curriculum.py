@@ -47,7 +47,7 @@ Two pieces, both host-side and deterministic:
   a JSON-able :class:`CurriculumState`; the training loop (``lopt.training.loop.CurriculumHook``)
   saves the state in each checkpoint's ``host`` dict, so a resumed run makes the same decisions.
 * :class:`Validator`: the validation loss of meta-params at a length, on held-out task instances,
-  one compiled program per length (the lengths are few).
+  one compiled program per length (the lengths are few; ``lopt.training.held_out``).
 
 Validation loss (``valid_metric``): by default ``"final_train_loss"``, the optimizee's training
 loss at the *end* of the ``N_valid``-step run (mean of its last ``lopt.evaluation.FINAL_WINDOW``
@@ -70,13 +70,12 @@ import math
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from estimators import schedules
 from lopt.base import LearnedOptimizer, MetaParams
-from lopt.training import evaluation
-from tasks.base import TaskFamily, bind_data, data_arrays
+from lopt.training import held_out
+from tasks.base import TaskFamily, data_arrays
 
 __all__ = [
     "ACTIONS",
@@ -346,25 +345,6 @@ class Curriculum:
 # --- validation ---------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=64)
-def _valid_program(task: TaskFamily, learned_opt: LearnedOptimizer, num_steps: int):
-    """One jitted program per (task, learned optimizer, length): the meta-params are an argument
-    (``lopt.evaluation.train_curves`` caches on the optimizer object, i.e. on the meta-params)."""
-
-    def run(meta_params, keys, arrays):
-        one = functools.partial(
-            evaluation._run_one, bind_data(task, arrays), learned_opt.optimizer(meta_params), num_steps
-        )
-        out = jax.vmap(one)(keys)
-        return {
-            "final_train_loss": out["final_train_loss"],
-            "mean_train_loss": jnp.mean(out["train_loss"], axis=1),
-            "test_loss": out["test_loss"],
-        }
-
-    return jax.jit(run)
-
-
 @dataclasses.dataclass(frozen=True)
 class Validator:
     """Validation loss of meta-params: ``valid_seeds`` held-out instances of ``task_family``
@@ -377,11 +357,10 @@ class Validator:
 
     @functools.cached_property
     def keys(self) -> jax.Array:
-        c = self.curriculum
-        return jnp.stack([jax.random.PRNGKey(c.valid_seed_offset + i) for i in range(c.valid_seeds)])
+        return held_out.instance_keys(self.curriculum.valid_seed_offset, self.curriculum.valid_seeds)
 
     def __call__(self, meta_params: MetaParams, length: int) -> float:
-        fn = _valid_program(self.task_family, self.learned_opt, int(length))
+        fn = held_out.program(self.task_family, self.learned_opt, int(length))
         out = fn(meta_params, self.keys, data_arrays(self.task_family))
         values = np.asarray(jax.device_get(out[self.curriculum.valid_metric]), np.float64)
         with np.errstate(invalid="ignore", over="ignore"):

@@ -2,11 +2,12 @@
 compiled outer step, one concern each, sharing one :class:`Run`.
 
 In the order ``lopt.training.loop.train`` runs them: ``MetricsLog`` (``metrics.jsonl``,
-TensorBoard event files, the progress bar; ``lopt.training.metrics_log``), :class:`CurriculumHook` (Chen et al. 2020,
-Algorithm 1, when configured), :class:`Health` (stops a run whose meta-gradients keep being
-skipped or whose meta-loss sits at its clip), :class:`Checkpointing` (orbax, newest intact
-checkpoint restored first), :class:`Exporter` and :class:`Plotter`. A hook implements any of
-``start``, ``after_step``, ``end`` and, to save state beside the train state,
+TensorBoard event files, the progress bar; ``lopt.training.metrics_log``),
+:class:`CurriculumHook` (Chen et al. 2020, Algorithm 1, when configured), :class:`Health`
+(stops a run whose meta-gradients keep being skipped, whose meta-loss sits at its clip or whose
+inner losses stay non-finite), :class:`Checkpointing` (orbax, newest intact checkpoint restored
+first), :class:`Exporter` and :class:`Plotter`. A hook implements any of ``start``,
+``after_step``, ``end`` and, to save state beside the train state,
 ``checkpoint_items``/``restore_items``.
 """
 
@@ -89,15 +90,18 @@ def read_metrics(path: str) -> list[dict]:
 
 
 class Checkpointing(Hook):
-    """Orbax checkpoints every ``every`` outer steps and at the end; the newest intact one is
-    restored before anything else starts. Other hooks add their own items."""
+    """Orbax checkpoints every ``every`` outer steps and at the end, keeping the newest ``keep``
+    and every ``keep_every``-th step (0: none); the newest intact one is restored before
+    anything else starts. Other hooks add their own items."""
 
-    def __init__(self, every: int, hooks: list[Hook]):
+    def __init__(self, every: int, hooks: list[Hook], keep: int = 2, keep_every: int = 0):
         self.every = int(every)
         self.hooks = hooks
+        self.keep = int(keep)
+        self.keep_every = int(keep_every)
 
     def restore(self, run: Run) -> None:
-        self.ckpt = ckpt_lib.Checkpointer(run.path("checkpoints"))
+        self.ckpt = ckpt_lib.Checkpointer(run.path("checkpoints"), self.keep, self.keep_every)
         like = self._pack(run)
         found = self.ckpt.restore_latest(like)
         if found is None:
@@ -144,17 +148,26 @@ class HealthOptions:
 
     max_skipped: consecutive outer steps whose meta-gradient was non-finite (not applied).
     max_clipped_logs: consecutive logged steps at which every meta-loss term sat at its clip
-      (or was non-finite): the meta-gradient is then ~0 and nothing is learnt.
+      (or was non-finite): the meta-gradient is then ~0 and nothing is learnt. Also how many
+      logged steps in a row the non-finite share may stay above ``max_nonfinite_share``.
+    max_nonfinite_share: the share of inner losses that are NaN/inf (``nonfinite_share``) above
+      which a logged step counts as dead. With a meta-loss clip a non-finite term becomes the
+      clip value, so ES/PES never skip a meta-gradient and ``max_skipped`` cannot fire; this
+      can. 1.0 turns it off.
     """
 
     max_skipped: int = 20
     max_clipped_logs: int = 5
+    max_nonfinite_share: float = 0.5
 
     def __post_init__(self):
         for name in ("max_skipped", "max_clipped_logs"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        v = self.max_nonfinite_share
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
+            raise ValueError(f"max_nonfinite_share must be a number in [0, 1], got {v!r}")
 
 
 class Health(Hook):
@@ -167,16 +180,22 @@ class Health(Hook):
         self.log_every = int(log_every)
         self.checkpointing = checkpointing
         self.clipped_logs = 0
+        self.nonfinite_logs = 0
 
     def after_step(self, run: Run, metrics: dict) -> None:
         if run.step % self.log_every and run.step != run.total:
             return
-        host = distributed.to_host({k: metrics[k] for k in ("consecutive_skipped", "clipped_share") if k in metrics})
+        keys = ("consecutive_skipped", "clipped_share", "nonfinite_share")
+        host = distributed.to_host({k: metrics[k] for k in keys if k in metrics})
         skipped_run = int(host["consecutive_skipped"])
         clipped = float(host.get("clipped_share", 0.0))
-        if not math.isnan(clipped):  # NaN: a step of another objective (imitation) has no clip
-            self.clipped_logs = self.clipped_logs + 1 if clipped >= 1.0 else 0
+        nonfinite = float(host.get("nonfinite_share", 0.0))
         o = self.options
+        # NaN: a step of another objective (imitation) has neither; the counts stand.
+        if not math.isnan(clipped):
+            self.clipped_logs = self.clipped_logs + 1 if clipped >= 1.0 else 0
+        if not math.isnan(nonfinite):
+            self.nonfinite_logs = self.nonfinite_logs + 1 if nonfinite > o.max_nonfinite_share else 0
         cause = None
         if skipped_run >= o.max_skipped:
             cause = (f"the last {skipped_run} meta-gradients were non-finite and skipped (likely "
@@ -186,6 +205,11 @@ class Health(Hook):
             cause = (f"every meta-loss term sat at its clip for {self.clipped_logs} logged steps "
                      "in a row, so the meta-gradient is zero (likely cause: the inner runs diverge; "
                      "lower meta_optimizer.learning_rate)")
+        elif self.nonfinite_logs >= o.max_clipped_logs:
+            cause = (f"the non-finite share of inner losses stayed above health.max_nonfinite_share="
+                     f"{o.max_nonfinite_share:g} for {self.nonfinite_logs} logged steps in a row "
+                     f"(now {100 * nonfinite:.0f}%; likely cause: the learned optimizer's updates "
+                     "diverge the inner runs; lower meta_optimizer.learning_rate)")
         if cause is not None:
             last = self.checkpointing.ckpt.latest_step()
             where = f"the last good checkpoint is step {last}" if last is not None else "no checkpoint was written"

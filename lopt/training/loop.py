@@ -13,7 +13,8 @@ Device values are read on the host only when a hook needs them (at log steps); t
 donated to each step and never copied otherwise.
 
 The hooks live in ``lopt.training.hooks`` (metrics and TensorBoard, the curriculum, health
-checks, checkpoints, the export, plots). A workdir is locked while a run writes it
+checks, checkpoints, the export, plots) and ``lopt.training.continuous_eval`` (the held-out
+evaluation of ``config.eval``). A workdir is locked while a run writes it
 (``lopt.training.workdir``).
 """
 
@@ -30,6 +31,7 @@ import ml_collections
 from lopt.training import config as config_lib
 from lopt.training import distributed
 from lopt.training import workdir as workdir_lib
+from lopt.training.continuous_eval import ContinuousEval
 from lopt.training.hooks import (  # noqa: F401  (re-exported: the loop's public names)
     EXPORT_NAME,
     Checkpointing,
@@ -72,12 +74,16 @@ def train(
     an enabled ``config.curriculum`` (Chen et al. 2020, Algorithm 1) each stage trains at its
     own constant horizon, the meta-params are validated at every period's end, decisions are
     logged in ``metrics.jsonl`` (rows with ``decision``) and the export holds the *best*
-    validated meta-params. ``hooks`` are added after the built-in ones.
+    validated meta-params. With ``config.eval`` the meta-params are evaluated on held-out
+    instances every ``eval.every`` outer steps (``eval/...`` rows, ``plots/eval.png``).
+    ``hooks`` are added after the built-in ones.
 
     Returns a summary: final state, paths of the metrics, checkpoints, export and plot, the
-    measured throughput (inner steps per second, compile and validation excluded), and with a
-    curriculum ``curriculum`` and ``best_meta_params``. Raises :class:`TrainingStopped` when a
-    health check stopped the run (its final checkpoint is still written).
+    measured throughput (inner steps per second, compile, validation and evaluation excluded),
+    with a curriculum ``curriculum`` and ``best_meta_params``, and with an evaluation ``eval``
+    (its count, seconds and share of the run's time, and its plot). Raises
+    :class:`TrainingStopped` when a health check stopped the run (its final checkpoint is still
+    written).
     """
     config_lib.validate(config)
     try:
@@ -86,6 +92,8 @@ def train(
         raise ConfigError(f"config.num_devices: {e}") from None
     trainer = config_lib.build(config, mesh=mesh)  # fails on bad keys/values before anything else
     curriculum = config_lib.curriculum(config)
+    evaluation = config_lib.eval_options(config)
+    eval_tasks = config_lib.eval_tasks(config, trainer.task_family) if evaluation else None
     health = health_options(config)
     primary = distributed.is_primary()
     run = Run(config, os.path.abspath(workdir), trainer, primary, total=int(config.num_outer_steps))
@@ -101,9 +109,15 @@ def train(
         log_hook = MetricsLog(config.log_every, progress, cur_hook.due if cur_hook else None)
         user = list(hooks)
         middle: list[Hook] = [h for h in (cur_hook,) if h is not None]
-        ckpt_hook = Checkpointing(config.checkpoint_every, middle + user)
+        late: list[Hook] = []  # after the health check: a run it stops is not evaluated
+        if evaluation is not None:
+            late.append(ContinuousEval(evaluation, eval_tasks, trainer.learned_opt))
+        keep = {k: config.get(f"checkpoint_{k}", config_lib.OPTIONAL[f"checkpoint_{k}"])
+                for k in ("keep", "keep_every")}
+        ckpt_hook = Checkpointing(config.checkpoint_every, middle + late + user, **keep)
         health_hook = Health(health, config.log_every, ckpt_hook)
-        all_hooks: list[Hook] = [log_hook, *middle, health_hook, *user, ckpt_hook, Exporter(), Plotter()]
+        all_hooks: list[Hook] = [log_hook, *middle, health_hook, *late, *user, ckpt_hook, Exporter(),
+                                 Plotter()]
         ckpt_hook.restore(run)
         for hook in all_hooks:
             hook.start(run)

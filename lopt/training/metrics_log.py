@@ -75,7 +75,8 @@ class MetricsLog(Hook):
     metrics of the steps since the previous row (:func:`window_row`: means, sums of counts) plus
     ``inner_steps_total``, ``wall_time`` and ``inner_steps_per_sec`` (compile and validation
     time excluded) goes to ``metrics.jsonl`` and the TensorBoard event files under
-    ``tensorboard/``; the progress bar shows the meta-loss and the health figures. The window's
+    ``tensorboard/``; the progress bar shows the meta-loss and beside it the non-finite and
+    clipped shares (:func:`_postfix`). The window's
     device arrays are fetched only when the row is written, so the steps between rows never
     wait for the host."""
 
@@ -161,12 +162,15 @@ class MetricsLog(Hook):
 
 
 def _postfix(row: dict) -> dict:
+    """The progress bar's figures: the meta-loss and, beside it always, the run's stability:
+    ``nonfinite`` (``nonfinite_share``, inner losses that were NaN/inf) and ``clipped``
+    (``clipped_share``, meta-loss terms at the clip). With a meta-loss clip a non-finite term
+    becomes the clip value, so ES/PES never skip a step (``skipped``, shown once non-zero) and
+    these shares are the signal."""
     out = {"meta_loss": f"{row.get('meta_loss', float('nan')):.4g}"}
+    for name, key in (("nonfinite", "nonfinite_share"), ("clipped", "clipped_share")):
+        if row.get(key) is not None:  # absent in a window of imitation steps only
+            out[name] = f"{100 * row[key]:.0f}%"
     if row.get("num_skipped"):
         out["skipped"] = int(row["num_skipped"])
-    clipped = row.get("clipped_share")
-    if clipped:
-        out["at_clip"] = f"{100 * clipped:.0f}%"
-    if row.get("nonfinite_share"):
-        out["nan_loss"] = f"{100 * row['nonfinite_share']:.0f}%"
     return out

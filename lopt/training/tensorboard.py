@@ -2,7 +2,9 @@
 
 Every row a run logs to ``metrics.jsonl`` is also written under ``WORKDIR/tensorboard/``:
 numbers as scalars at the row's outer step (``meta/...`` for the outer step's metrics,
-``curriculum/...`` for curriculum decisions, whose text goes in as a text summary), so
+``curriculum/...`` for curriculum decisions, whose text goes in as a text summary; a key that
+names its own group, such as the held-out evaluation's ``eval/<task>/<length>/<metric>``, is
+its tag), so
 
     tensorboard --logdir runs/quickstart/tensorboard
 
@@ -36,7 +38,7 @@ class Writer:
             if isinstance(value, bool):
                 value = float(value)
             if isinstance(value, numbers.Real) and math.isfinite(float(value)):
-                self._writer.add_scalar(f"{group}/{key}", float(value), step)
+                self._writer.add_scalar(key if "/" in key else f"{group}/{key}", float(value), step)
         if group == "curriculum":
             text = f"{row.get('validation')}: {row.get('decision')} ({row.get('reason')})"
             self._writer.add_text("curriculum/decision", text, step)

@@ -97,3 +97,21 @@ def test_command_line(workdir, tmp_path):
         [sys.executable, SCRIPT, f"--workdir={tmp_path}"], capture_output=True, text=True, cwd=REPO
     )
     assert bad.returncode == 2 and "config.json" in bad.stderr
+
+
+def test_kept_checkpoints_export_and_others_are_named(tmp_path):
+    """checkpoint_keep newest plus every checkpoint_keep_every-th step survive (orbax's
+    preservation policies); an earlier step is a one-line error listing the kept ones."""
+    c = _tiny_config()
+    c.num_outer_steps, c.checkpoint_every = 7, 1
+    c.checkpoint_keep, c.checkpoint_keep_every = 2, 3
+    path = str(tmp_path / "run")
+    train(c, path, progress=False)
+    kept = sorted(int(d) for d in os.listdir(os.path.join(path, "checkpoints")) if d.isdigit())
+    assert kept == [3, 6, 7]
+    script = _load_script()
+    out = script.export_checkpoint(path, out=str(tmp_path / "three.safetensors"), step=3)
+    assert export.read_metadata(out)["metadata"]["outer_step"] == 3
+    with pytest.raises(script.ExportScriptError) as e:
+        script.export_checkpoint(path, step=4)
+    assert "\n" not in str(e.value) and "step 4; available: [3, 6, 7]" in str(e.value)

@@ -111,3 +111,16 @@ def test_a_metric_is_averaged_over_the_steps_it_applies_to():
     assert row["inner_steps"] == 12 and row["position_max"] == 5.0
     assert row["imitation"] == pytest.approx(1 / 3)
     assert "imitation_loss" not in window_row([window[0], window[2]])
+
+
+def test_the_progress_bar_shows_stability_beside_the_meta_loss():
+    """With a meta-loss clip ES/PES never skip a step, so the non-finite and clipped shares are
+    the stability signal: the bar shows both beside the meta-loss, zeros included; a window of
+    imitation steps (no shares) shows neither."""
+    from lopt.training.metrics_log import _postfix
+
+    bar = _postfix({"meta_loss": 0.5, "nonfinite_share": 0.0, "clipped_share": 0.25, "num_skipped": 0})
+    assert bar == {"meta_loss": "0.5", "nonfinite": "0%", "clipped": "25%"}
+    assert list(_postfix({"meta_loss": 0.5, "nonfinite_share": 0.5, "clipped_share": 1.0}))[:3] == \
+        ["meta_loss", "nonfinite", "clipped"]
+    assert _postfix({"imitation_loss": 1.0, "num_skipped": 2}) == {"meta_loss": "nan", "skipped": 2}

@@ -147,6 +147,61 @@ def test_a_run_stuck_at_the_clip_stops(tmp_path):
     assert _rows(str(tmp_path))[-1]["clipped_share"] == 1.0
 
 
+class _Checkpoints:
+    """Checkpointing's checkpointer, as far as Health asks it."""
+
+    class ckpt:  # noqa: N801
+        @staticmethod
+        def latest_step():
+            return 40
+
+
+def _health_run(options, shares):
+    """Feed Health logged steps whose metrics have the given (clipped, nonfinite) shares; the
+    run it stopped, or None."""
+    from lopt.training.hooks import Health, Run
+
+    health = Health(options, log_every=10, checkpointing=_Checkpoints())
+    run = Run(config=None, workdir="/nonexistent", trainer=None, primary=True, total=1000)
+    for i, (clipped, nonfinite) in enumerate(shares):
+        run.step = 10 * (i + 1)
+        health.after_step(run, {"consecutive_skipped": np.int32(0), "clipped_share": np.float32(clipped),
+                                "nonfinite_share": np.float32(nonfinite)})
+        if run.stop is not None:
+            return run
+    return None
+
+
+def test_a_run_whose_inner_losses_stay_non_finite_stops():
+    """With a meta-loss clip a non-finite term becomes the clip value: ES/PES skip nothing, and
+    a run whose inner losses stay non-finite while some terms are below the clip would never
+    stop. health.max_nonfinite_share stops it after max_clipped_logs logged steps above it,
+    with one line naming the option and the last good checkpoint; a step below resets the
+    count, and an imitation step (NaN shares) leaves it as it was."""
+    from lopt.training.hooks import HealthOptions
+
+    options = HealthOptions(max_clipped_logs=3, max_nonfinite_share=0.5)
+    run = _health_run(options, [(0.6, 0.8), (0.6, 0.9), (0.7, 0.7)])
+    assert run is not None and run.failure == run.stop
+    assert "\n" not in run.failure
+    assert run.failure.startswith("training stopped at outer step 30: the non-finite share of inner "
+                                  "losses stayed above health.max_nonfinite_share=0.5 for 3 logged")
+    assert run.failure.endswith("the last good checkpoint is step 40")
+    assert _health_run(options, [(0.6, 0.8), (0.6, 0.9), (0.6, 0.4), (0.6, 0.8), (0.6, 0.8)]) is None
+    nan = float("nan")
+    assert _health_run(options, [(0.6, 0.8), (nan, nan), (0.6, 0.9), (0.6, 0.9)]).step == 40
+    assert _health_run(HealthOptions(max_clipped_logs=3, max_nonfinite_share=1.0), [(0.6, 1.0)] * 5) is None
+
+
+def test_max_nonfinite_share_is_checked():
+    from lopt.training.loop import health_options
+    from tasks.registry import ConfigError
+
+    assert health_options(config(health=ConfigDict(dict(max_nonfinite_share=0.2)))).max_nonfinite_share == 0.2
+    with pytest.raises(ConfigError, match=r"config.health: max_nonfinite_share must be a number in \[0, 1\]"):
+        health_options(config(health=ConfigDict(dict(max_nonfinite_share=1.5))))
+
+
 _HOLDER = """
 import sys, time
 from lopt.training.workdir import lock
