@@ -41,7 +41,7 @@ BUDGETS: dict[str, dict] = {
     # coordinate-wise LSTM runs on), 4 particles, stages 20..160, a 160-outer-step budget,
     # periods of T_period = 20 epochs (the config's 5 stopped stage 0 too early:
     # docs/results/chen2020.md, "What was tried before").
-    "cpu": dict(meta_seeds=2, instances=16, lrs=LRS, factor=10, models=("lstm_dm",),
+    "cpu": dict(meta_seeds=3, instances=16, lrs=LRS, factor=10, models=("lstm_dm",),
                 set={**_MNIST14, "num_outer_steps": 160, "unroll.num_particles": 4,
                      "curriculum.period": 20}),
     "gpu": dict(meta_seeds=3, instances=64, lrs=LRS, factor=10, models=("lstm_dm", "rnnprop"),
