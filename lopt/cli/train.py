@@ -10,6 +10,10 @@ device (``--config.num_devices`` to limit; on a CPU, ``--cpu_devices=4`` runs th
 devices, README "Speed on a CPU"); ``--multihost`` joins a multi-process run first (see README,
 "Several devices and hosts"). Outputs: config.json, metrics.jsonl, checkpoints/,
 export/optimizer.safetensors and plots/meta_loss.png in the workdir.
+
+Every way a run can end early is one line on stderr and an exit code: a config error, a
+workdir in use, no intact checkpoint or a failed write (full disk, permissions) 2; a health
+stop 1; SIGTERM or SIGINT 143 or 130 (after a checkpoint of the step reached).
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from absl import flags, logging  # noqa: E402
 from lopt.cli.common import define_config  # noqa: E402
 from lopt.training import distributed, loop  # noqa: E402
 from lopt.training.checkpoint import CheckpointError  # noqa: E402
+from lopt.training.faults import WriteFailed  # noqa: E402
+from lopt.training.preemption import Interrupted  # noqa: E402
 from lopt.training.workdir import WorkdirInUseError  # noqa: E402
 from tasks.registry import ConfigError  # noqa: E402
 
@@ -56,17 +62,24 @@ def main(argv):
         return 2
     if _MULTIHOST.value:
         distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    return _train()
+
+
+def _train() -> int:
     try:  # the config loaded while flags parsed (lopt.cli.common.ConfigParser)
         summary = loop.train(_CONFIG.value, _WORKDIR.value, progress=_PROGRESS.value)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    except (WorkdirInUseError, CheckpointError) as e:
+    except (WorkdirInUseError, CheckpointError, WriteFailed) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except loop.TrainingStopped as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except Interrupted as e:
+        print(e, file=sys.stderr)
+        return e.exit_code
     if not distributed.is_primary():
         return 0
     m = summary["last_metrics"]
