@@ -135,7 +135,8 @@ class MetricsLog(Hook):
                 self.log.flush()
                 os.fsync(self.log.fileno())
             self.tb.flush()
-        window = [{k: np.asarray(v).tolist() for k, v in distributed.to_host(m).items()} for m in self.pending]
+        window = [{k: np.asarray(v).tolist() for k, v in distributed.to_host(m).items()}
+                  for m in self.pending]
         return {}, {"metrics_window": window}
 
     def restore_items(self, run: Run, items: dict, host: dict) -> None:

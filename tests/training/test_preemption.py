@@ -122,7 +122,8 @@ def test_sigint_and_a_second_signal_during_the_save(tmp_path, monkeypatch):
     with pytest.raises(Interrupted) as e:
         train(config(num_outer_steps=6), workdir, progress=False, hooks=(_Signal(3, signal.SIGINT),))
     assert seen == [3]
-    assert str(e.value) == "stopped by SIGINT at outer step 3; checkpoint 3 saved; rerun the same command to resume"
+    assert str(e.value) == ("stopped by SIGINT at outer step 3; checkpoint 3 saved; rerun the same "
+                            "command to resume")
     assert e.value.exit_code == 130
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
     monkeypatch.undo()
