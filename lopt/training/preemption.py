@@ -76,6 +76,8 @@ class StopSignals:
         for signum in HANDLED:
             if self.agreed and signum == signal.SIGTERM:
                 continue  # JAX's preemption notifier owns it
+            if signal.getsignal(signum) is signal.SIG_IGN:
+                continue  # ignored on purpose (a shell's background job ignores SIGINT)
             self._previous[signum] = signal.signal(signum, self._handle)
         return self
 

@@ -92,6 +92,15 @@ def test_sigterm_at_a_random_outer_step_saves_it_and_the_resume_is_exact(tmp_pat
     _same_run(workdir, str(tmp_path / "reference"), out, ref)
 
 
+@pytest.fixture
+def sigint_handled():
+    """Python's own SIGINT handler for the test (a shell's background job, as CI may run
+    pytest, starts with SIGINT ignored, and a run leaves an ignored signal ignored)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 class _Signal(Hook):
     """Sends ``signals`` to this process after outer step ``step``."""
 
@@ -104,7 +113,7 @@ class _Signal(Hook):
                 os.kill(os.getpid(), s)
 
 
-def test_sigint_and_a_second_signal_during_the_save(tmp_path, monkeypatch):
+def test_sigint_and_a_second_signal_during_the_save(tmp_path, monkeypatch, sigint_handled):
     """Ctrl-C after step 3 (checkpoints every 2): step 3 is saved and the exit code is 130; a
     SIGTERM that arrives while that checkpoint is written waits for it, so it is intact and the
     resume equals an uninterrupted run."""
@@ -132,7 +141,7 @@ def test_sigint_and_a_second_signal_during_the_save(tmp_path, monkeypatch):
     _same_run(workdir, str(tmp_path / "reference"), out, ref)
 
 
-def test_a_second_signal_outside_a_save_stops_at_once(tmp_path):
+def test_a_second_signal_outside_a_save_stops_at_once(tmp_path, sigint_handled):
     workdir = str(tmp_path / "run")
     with pytest.raises(Interrupted) as e:
         train(config(num_outer_steps=6), workdir, progress=False,
