@@ -10,10 +10,16 @@ device (``--config.num_devices`` to limit; on a CPU, ``--cpu_devices=4`` runs th
 devices, README "Speed on a CPU"); ``--multihost`` joins a multi-process run first (see README,
 "Several devices and hosts"). Outputs: config.json, metrics.jsonl, checkpoints/,
 export/optimizer.safetensors and plots/meta_loss.png in the workdir.
+
+Every way a run can end early is one line on stderr and an exit code: a config error, a
+workdir in use, no intact checkpoint or a failed write (full disk, permissions) 2; a health
+stop 1; SIGTERM or SIGINT 143 or 130 (after a checkpoint of the step reached); a lost process
+of a multi-process run 75 (EX_TEMPFAIL: restart every process to resume).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 import jax  # noqa: E402
@@ -21,7 +27,9 @@ from absl import flags, logging  # noqa: E402
 
 from lopt.cli.common import define_config  # noqa: E402
 from lopt.training import distributed, loop  # noqa: E402
-from lopt.training.checkpoint import CheckpointError  # noqa: E402
+from lopt.training.checkpoint import CheckpointError, describe_latest  # noqa: E402
+from lopt.training.faults import WriteFailed  # noqa: E402
+from lopt.training.preemption import Interrupted  # noqa: E402
 from lopt.training.workdir import WorkdirInUseError  # noqa: E402
 from tasks.registry import ConfigError  # noqa: E402
 
@@ -37,6 +45,12 @@ _COORDINATOR = flags.DEFINE_string(
 )
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (else from env).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (else from env).")
+_HEARTBEAT = flags.DEFINE_integer(
+    "heartbeat_timeout", distributed.HEARTBEAT_TIMEOUT,
+    "--multihost: seconds without a heartbeat after which JAX's coordination service declares a "
+    "process dead and ends the others; a lost process is reported (one line, exit 75) after "
+    "half of it (docs/distributed.md, 'Preemption and lost hosts').", lower_bound=2,
+)
 _CPU_DEVICES = flags.DEFINE_integer(
     "cpu_devices", 1,
     "CPU runs: present the CPU as this many devices and shard the particles over them (on 2 "
@@ -44,6 +58,22 @@ _CPU_DEVICES = flags.DEFINE_integer(
     "num_particles must split over them. 1: JAX's default. No effect on GPU/TPU runs.",
     lower_bound=1,
 )
+
+#: Exit code of the processes left when one of a multi-process run is lost (EX_TEMPFAIL).
+LOST_PROCESS_EXIT = 75
+
+
+def _lost(workdir: str, newline: bool, processes: list[int], why: str) -> None:
+    """HostWatch's verdict: one line, then exit at once (the main thread may be blocked in a
+    collective, and JAX's own shutdown would wait for the lost process)."""
+    names = ", ".join(str(p) for p in processes)
+    line = (f"error: lost process {names} of {jax.process_count()} ({why}); "
+            f"{describe_latest(os.path.join(workdir, 'checkpoints'))}; restart every process "
+            "with the same command to resume from it")
+    sys.stdout.flush()
+    sys.stderr.write(("\n" if newline else "") + line + "\n")
+    sys.stderr.flush()
+    os._exit(LOST_PROCESS_EXIT)
 
 
 def main(argv):
@@ -54,19 +84,40 @@ def main(argv):
     except ValueError as e:
         print(f"error: --cpu_devices: {e}", file=sys.stderr)
         return 2
+    watch = None
     if _MULTIHOST.value:
-        distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+        distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                               heartbeat_timeout=_HEARTBEAT.value)
+        newline = _PROGRESS.value and distributed.is_primary()
+        watch = distributed.HostWatch(
+            _HEARTBEAT.value / 2, lambda p, why: _lost(os.path.abspath(_WORKDIR.value), newline, p, why)
+        ).start()
+    try:
+        code = _train()
+    except Exception:
+        if watch is not None:  # a collective failed: if a process was lost, the watch says so
+            watch.wait()  # (and ends this process)
+        raise
+    if watch is not None:  # an end every process comes to: no longer watched, nor watching
+        watch.finished()
+    return code
+
+
+def _train() -> int:
     try:  # the config loaded while flags parsed (lopt.cli.common.ConfigParser)
         summary = loop.train(_CONFIG.value, _WORKDIR.value, progress=_PROGRESS.value)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    except (WorkdirInUseError, CheckpointError) as e:
+    except (WorkdirInUseError, CheckpointError, WriteFailed) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except loop.TrainingStopped as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except Interrupted as e:
+        print(e, file=sys.stderr)
+        return e.exit_code
     if not distributed.is_primary():
         return 0
     m = summary["last_metrics"]

@@ -16,6 +16,11 @@ orbax reads anything; or orbax fails; or the restored arrays do not match their 
 differs from this config's (another task or optimizer size) is not corrupt but foreign: that is
 an error naming the first differing leaf. When no intact checkpoint remains,
 :class:`CheckpointError` says so in one line.
+
+A save that fails for want of space or permission (:mod:`lopt.training.faults`) removes its
+half-written temporary directory and raises ``WriteFailed``; the checkpoints before it stay
+intact (orbax renames a checkpoint into place only once it is complete), and orbax also clears
+temporary directories a killed run left when the next run opens the directory (``owner``).
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ import hashlib
 import json
 import logging
 import os
+import shutil
+import sys
 import warnings
 from typing import Any
 
@@ -33,6 +40,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from lopt.training import faults
 from tasks.registry import ConfigError
 
 
@@ -88,6 +96,31 @@ def _quiet():
             logging.getLogger(n).setLevel(level)
 
 
+def _closed_loop(exc: BaseException | None) -> bool:
+    return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+
+def _drop_closed_loop_reports() -> None:
+    """After a failed save, TensorStore's writes still in flight complete into orbax's event
+    loop, closed by then, and TensorStore prints each "Event loop is closed" as a traceback
+    (through ``sys.excepthook``): dozens for one full disk. Those, and only those, go unsaid
+    from now on; the run is ending with its own line."""
+    if getattr(sys.excepthook, "lopt_drops_closed_loop", False):
+        return
+    previous_hook, previous_unraisable = sys.excepthook, sys.unraisablehook
+
+    def hook(kind, exc, tb):
+        if not _closed_loop(exc):
+            previous_hook(kind, exc, tb)
+
+    def unraisable(report):
+        if not _closed_loop(report.exc_value):
+            previous_unraisable(report)
+
+    hook.lopt_drops_closed_loop = True
+    sys.excepthook, sys.unraisablehook = hook, unraisable
+
+
 def _first_line(e: BaseException) -> str:
     text = f"{type(e).__name__}: {e}".strip()
     return text.splitlines()[0][:300]
@@ -97,9 +130,10 @@ class Checkpointer:
     """Checkpoints in ``directory``: the newest ``keep`` (None: all) and, with ``keep_every`` =
     K > 0, also every one whose step is a multiple of K (``config.checkpoint_keep`` and
     ``config.checkpoint_keep_every``). Older ones are deleted as new ones are written; a
-    Checkpointer that only reads deletes nothing."""
+    Checkpointer that only reads deletes nothing. The ``owner`` (the run holding the workdir's
+    lock) also removes the temporary directories of a save a killed run left unfinished."""
 
-    def __init__(self, directory: str, keep: int | None = 2, keep_every: int = 0):
+    def __init__(self, directory: str, keep: int | None = 2, keep_every: int = 0, owner: bool = False):
         self.directory = os.path.abspath(directory)
         # orbax's preservation policies (what its deprecated max_to_keep / keep_period build).
         policies = ocp.checkpoint_managers
@@ -109,7 +143,8 @@ class Checkpointer:
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
-                create=True, preservation_policy=policies.AnyPreservationPolicy(keepers)
+                create=True, preservation_policy=policies.AnyPreservationPolicy(keepers),
+                cleanup_tmp_directories=owner,  # what a run killed mid-save left
             ),
         )
 
@@ -129,10 +164,32 @@ class Checkpointer:
         args = ocp.args.Composite(
             arrays=ocp.args.StandardSave(items), host=ocp.args.JsonSave(host)
         )
-        self._manager.save(step, args=args, force=True)
-        self._manager.wait_until_finished()
-        if jax.process_index() == 0:
-            self._write_manifest(step)
+        try:
+            with faults.writing(os.path.join(self.directory, str(step))), _quiet():
+                self._manager.save(step, args=args, force=True)
+                self._manager.wait_until_finished()
+                if jax.process_index() == 0:
+                    self._write_manifest(step)
+        except faults.WriteFailed as e:
+            removed = self._discard(step)
+            raise e.named(f"checkpoint {step}", *(["the half-written checkpoint was removed"]
+                                                  if removed else [])) from None
+
+    def _discard(self, step: int) -> bool:
+        """Remove what a failed save of ``step`` left (orbax's temporary directory, a
+        temporary file record); whether there was any."""
+        _drop_closed_loop_reports()
+        removed = False
+        if jax.process_index() == 0 and os.path.isdir(self.directory):
+            for name in os.listdir(self.directory):
+                path = os.path.join(self.directory, name)
+                if name.startswith(f"{step}{ocp.path.atomicity_types.TMP_DIR_SUFFIX}"):
+                    shutil.rmtree(path, ignore_errors=True)
+                    removed = True
+                elif name == f"{step}.files.json.tmp":
+                    os.remove(path)
+        self._manager.reload()
+        return removed
 
     def _manifest_path(self, step: int) -> str:
         return os.path.join(self.directory, f"{step}.files.json")
@@ -259,3 +316,13 @@ class Checkpointer:
 
     def close(self) -> None:
         self._manager.close()
+
+
+def describe_latest(directory: str) -> str:
+    """The newest complete checkpoint in ``directory`` in words, read from the directory alone
+    (orbax renames a checkpoint to its step only once it is complete), for one-line errors."""
+    steps = sorted(int(n) for n in (os.listdir(directory) if os.path.isdir(directory) else [])
+                   if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
+    if not steps:
+        return f"no checkpoint was written yet in {directory}"
+    return f"the last intact checkpoint is step {steps[-1]} ({os.path.join(directory, str(steps[-1]))})"

@@ -31,7 +31,7 @@ import jax
 import numpy as np
 
 from lopt.base import LearnedOptimizer
-from lopt.training import distributed, evaluation, held_out
+from lopt.training import distributed, evaluation, faults, held_out
 from lopt.training.hooks import Hook, Run, read_metrics
 from tasks.base import TaskFamily, data_arrays
 
@@ -170,8 +170,12 @@ class ContinuousEval(Hook):
             "seconds": spent,
             "baseline_seconds": self.baseline_seconds,
             "share": spent / total if total > 0 else None,
-            "plot": plot_eval(run.path("metrics.jsonl"), run.path("plots", "eval.png")),
+            "plot": None,
         }
+        if run.signal is None:  # a stopped run is to be resumed: its plot comes at the end
+            path = run.path("plots", "eval.png")
+            with faults.writing(path):
+                run.summary["eval"]["plot"] = plot_eval(run.path("metrics.jsonl"), path)
 
     # -- the work --------------------------------------------------------------------------------
 

@@ -6,25 +6,40 @@ the cluster scheduler: SLURM, Open MPI, ...), the particle axis is sharded over 
 *all* processes' devices, and JAX's collectives average the meta-gradient. Only process 0
 writes logs, plots and exports; orbax checkpoints are written cooperatively (each process its
 own shards, process 0 the metadata that makes a checkpoint complete).
+
+A lost process (its host died, it was killed) leaves the others waiting in a collective, or
+failing in one. JAX's coordination service declares a process dead after
+``heartbeat_timeout`` seconds without its heartbeat and then terminates the others itself;
+:class:`HostWatch` notices sooner (half that time) and lets the command say so in one line
+(docs/distributed.md, "Preemption and lost hosts").
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+import threading
+import time
+from typing import Any, Callable
 
 import jax
 import numpy as np
 from jax.sharding import Mesh
 
 
+#: Seconds without a heartbeat after which JAX's coordination service declares a process dead
+#: (JAX's default is 100); lopt's HostWatch reports it after half of this.
+HEARTBEAT_TIMEOUT = 60
+
+
 def initialize(
     coordinator_address: str | None = None,
     num_processes: int | None = None,
     process_id: int | None = None,
+    heartbeat_timeout: int = HEARTBEAT_TIMEOUT,
 ) -> None:
     """``jax.distributed.initialize`` with arguments, ``LOPT_COORDINATOR_ADDRESS``,
-    ``LOPT_NUM_PROCESSES`` and ``LOPT_PROCESS_ID``, or the scheduler's variables."""
+    ``LOPT_NUM_PROCESSES`` and ``LOPT_PROCESS_ID``, or the scheduler's variables; a process
+    silent for ``heartbeat_timeout`` seconds is dead to JAX's coordination service."""
     env = os.environ
     coordinator_address = coordinator_address or env.get("LOPT_COORDINATOR_ADDRESS")
     if num_processes is None and "LOPT_NUM_PROCESSES" in env:
@@ -32,7 +47,8 @@ def initialize(
     if process_id is None and "LOPT_PROCESS_ID" in env:
         process_id = int(env["LOPT_PROCESS_ID"])
     jax.distributed.initialize(
-        coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+        coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id,
+        heartbeat_timeout_seconds=int(heartbeat_timeout),
     )
 
 
@@ -84,3 +100,83 @@ def to_host(tree: Any) -> Any:
         return np.asarray(x)
 
     return jax.tree.map(one, tree)
+
+
+class HostWatch:
+    """Notices a lost process of a multi-process run, on a thread of its own.
+
+    Every ``interval`` seconds each process bumps its counter in the key-value store of JAX's
+    coordination service (``lopt/host_watch/beat/<process>``) and reads the others'. A process
+    whose counter has not moved for ``timeout`` seconds, and that did not say it finished
+    (:meth:`finished`), is lost; so is process 0 when the store, which runs there, does not
+    answer. Then ``on_lost(processes, why)`` is called (from the thread): the command prints
+    one line and exits, where the main thread may be blocked in a collective that never
+    returns. :meth:`wait` lets the main thread, whose collective failed, wait for the verdict.
+    """
+
+    PREFIX = "lopt/host_watch"
+
+    def __init__(self, timeout: float, on_lost: Callable[[list[int], str], None],
+                 interval: float | None = None):
+        from jax._src import distributed as jax_distributed  # the client initialize made
+
+        self.client = jax_distributed.global_state.client
+        if self.client is None:
+            raise RuntimeError("HostWatch needs jax.distributed.initialize() first")
+        self.timeout = float(timeout)
+        self.interval = float(interval or max(0.5, self.timeout / 10))
+        self.on_lost = on_lost
+        self.me, self.count = jax.process_index(), jax.process_count()
+        self._lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="lopt-host-watch", daemon=True)
+
+    def start(self) -> HostWatch:
+        self._thread.start()
+        return self
+
+    def finished(self) -> None:
+        """This process ends normally: the others stop watching it; stop watching them."""
+        self._stop.set()
+        try:
+            self.client.key_value_set(f"{self.PREFIX}/done/{self.me}", "1", allow_overwrite=True)
+        except Exception:  # noqa: BLE001  (the service may be gone already)
+            pass
+
+    def wait(self, seconds: float | None = None) -> None:
+        """Wait (by default ``timeout`` and two beats) for a lost process; when one is lost,
+        wait for ``on_lost`` to end (the command's never does: it ends the process)."""
+        if self._lost.wait(self.timeout + 2 * self.interval if seconds is None else seconds):
+            self._thread.join()
+
+    def _lose(self, processes: list[int], why: str) -> None:
+        self._lost.set()
+        self.on_lost(processes, why)
+
+    def _entries(self, kind: str) -> list[tuple[int, str]]:
+        """(process, value) of the keys ``PREFIX/kind/<process>``."""
+        found = self.client.key_value_dir_get(f"{self.PREFIX}/{kind}/")
+        return [(int(key.rsplit("/", 1)[1]), value) for key, value in found]
+
+    def _watch(self) -> None:
+        started = time.monotonic()
+        seen: dict[int, tuple[str, float]] = {}  # process -> (its counter, when it last moved)
+        while not self._stop.is_set():
+            try:
+                self.client.key_value_increment(f"{self.PREFIX}/beat/{self.me}", 1)
+                beats = dict(self._entries("beat"))
+                done = set(dict(self._entries("done")))
+            except Exception as e:  # noqa: BLE001  (the coordination service is unreachable)
+                if self._stop.is_set():
+                    return
+                why = " ".join(str(e).split())[:120]
+                return self._lose([0], f"its coordination service does not answer: {why}")
+            now = time.monotonic()
+            for p, value in beats.items():
+                if seen.get(p, (None,))[0] != value:
+                    seen[p] = (value, now)
+            lost = [p for p in range(self.count) if p != self.me and p not in done
+                    and now - seen.get(p, (None, started))[1] > self.timeout]
+            if lost:
+                return self._lose(lost, f"no heartbeat for {self.timeout:.0f} s")
+            self._stop.wait(self.interval)

@@ -13,6 +13,7 @@ first), :class:`Exporter` and :class:`Plotter`. A hook implements any of ``start
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -28,7 +29,7 @@ import numpy as np
 from lopt import export as export_lib
 from lopt.training import checkpoint as ckpt_lib
 from lopt.training import curriculum as curriculum_lib
-from lopt.training import distributed
+from lopt.training import distributed, faults
 from lopt.training.trainer import MetaTrainer, MetaTrainState
 from tasks.registry import ConfigError
 
@@ -47,9 +48,10 @@ class Run:
     state: MetaTrainState | None = None
     step: int = 0
     start_step: int = 0
-    stop: str | None = None  # why the loop should end early (curriculum done, health)
+    stop: str | None = None  # why the loop should end early (curriculum done, health, a signal)
     failure: str | None = None  # a health stop: the run did not work
-    busy: bool = False  # a hook is mid-update (no interrupt checkpoint now)
+    signal: str | None = None  # the signal that stopped the run (SIGTERM, SIGINT)
+    signals: Any = None  # the loop's lopt.training.preemption.StopSignals
     paused: float = 0.0  # seconds not spent meta-training (validation, recompiles)
     step_started: float = 0.0  # perf_counter() when the latest outer step was called
     recompiling: bool = False  # the next step compiles (a new curriculum stage)
@@ -83,10 +85,17 @@ class Hook:
 
 
 def read_metrics(path: str) -> list[dict]:
+    """The rows of ``metrics.jsonl``; a row cut short by a killed run is left out."""
     if not os.path.exists(path):
         return []
+    rows = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue
+    return rows
 
 
 class Checkpointing(Hook):
@@ -101,7 +110,7 @@ class Checkpointing(Hook):
         self.keep_every = int(keep_every)
 
     def restore(self, run: Run) -> None:
-        self.ckpt = ckpt_lib.Checkpointer(run.path("checkpoints"), self.keep, self.keep_every)
+        self.ckpt = ckpt_lib.Checkpointer(run.path("checkpoints"), self.keep, self.keep_every, owner=True)
         like = self._pack(run)
         found = self.ckpt.restore_latest(like)
         if found is None:
@@ -124,8 +133,10 @@ class Checkpointing(Hook):
     def save(self, run: Run) -> None:
         if self.ckpt.latest_step() == run.step:  # e.g. rerun on a finished workdir: same state
             return
-        items, host = self._pack(run)
-        self.ckpt.save(run.step, items, host)
+        # A second SIGTERM/SIGINT waits until the checkpoint is complete.
+        with run.signals.saving() if run.signals is not None else contextlib.nullcontext():
+            items, host = self._pack(run)
+            self.ckpt.save(run.step, items, host)
 
     def after_step(self, run: Run, metrics: dict) -> None:
         if run.step % self.every == 0 and run.step < run.total and run.stop is None:
@@ -136,10 +147,6 @@ class Checkpointing(Hook):
         self.ckpt.wait()
         self.ckpt.close()
         run.summary["checkpoints"] = self.ckpt.directory
-
-    def interrupted(self, run: Run) -> None:
-        self.save(run)
-        self.ckpt.wait()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,6 +188,14 @@ class Health(Hook):
         self.checkpointing = checkpointing
         self.clipped_logs = 0
         self.nonfinite_logs = 0
+
+    def checkpoint_items(self, run: Run) -> tuple[dict, dict]:
+        return {}, {"health": {"clipped_logs": self.clipped_logs, "nonfinite_logs": self.nonfinite_logs}}
+
+    def restore_items(self, run: Run, items: dict, host: dict) -> None:
+        counts = host.get("health") or {}
+        self.clipped_logs = int(counts.get("clipped_logs", 0))
+        self.nonfinite_logs = int(counts.get("nonfinite_logs", 0))
 
     def after_step(self, run: Run, metrics: dict) -> None:
         if run.step % self.log_every and run.step != run.total:
@@ -272,7 +287,6 @@ class CurriculumHook(Hook):
     def _validate(self, run: Run) -> None:
         if not self.due(run.step):
             return
-        run.busy = True
         t0 = time.perf_counter()
         c, step = self.curriculum, run.step
         params = distributed.to_host(run.state.meta_params)
@@ -293,7 +307,6 @@ class CurriculumHook(Hook):
             run.stop = "curriculum finished"
         if step > 0:
             run.paused += time.perf_counter() - t0
-        run.busy = False
 
     def _start_stage(self, run: Run) -> None:
         stage = self.state.stage
@@ -333,11 +346,12 @@ def _put_like(host_tree: Any, like: Any) -> Any:
 
 class Exporter(Hook):
     """Writes the trained optimizer (the final meta-params, or the curriculum's best) to
-    ``export/optimizer.safetensors``; a run stopped by a health check exports nothing."""
+    ``export/optimizer.safetensors``; a run stopped by a health check or a signal exports
+    nothing."""
 
     def end(self, run: Run) -> None:
         run.summary["export"] = None
-        if not run.primary or run.failure is not None:
+        if not run.primary or run.failure is not None or run.signal is not None:
             return
         config = run.config
         metadata = {
@@ -352,19 +366,21 @@ class Exporter(Hook):
         params = run.export_params
         if params is None:
             params = distributed.to_host(run.state.meta_params)
-        run.summary["export"] = export_lib.save(
-            run.path("export", EXPORT_NAME), run.trainer.learned_opt, params, metadata=metadata
-        )
+        path = run.path("export", EXPORT_NAME)
+        with faults.writing(path):
+            run.summary["export"] = export_lib.save(path, run.trainer.learned_opt, params, metadata=metadata)
 
 
 class Plotter(Hook):
-    """``plots/meta_loss.png``: the meta-loss against outer step, curriculum advances dotted."""
+    """``plots/meta_loss.png``: the meta-loss against outer step, curriculum advances dotted
+    (not when a signal stopped the run: it is to be resumed)."""
 
     def end(self, run: Run) -> None:
-        run.summary["plot"] = (
-            plot_metrics(run.path("metrics.jsonl"), run.path("plots", "meta_loss.png"))
-            if run.primary else None
-        )
+        run.summary["plot"] = None
+        if run.primary and run.signal is None:
+            path = run.path("plots", "meta_loss.png")
+            with faults.writing(path):
+                run.summary["plot"] = plot_metrics(run.path("metrics.jsonl"), path)
 
 
 def plot_metrics(metrics_path: str, out_path: str) -> str | None:

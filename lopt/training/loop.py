@@ -3,7 +3,7 @@
     state = trainer.init(key)
     restore from the newest intact checkpoint, if any
     every hook's start()                   (lock, logs, curriculum baseline, ...)
-    while step < num_outer_steps and nothing asked to stop:
+    while step < num_outer_steps and nothing asked to stop (a hook, SIGTERM, SIGINT):
         state, metrics = trainer.step(state)   # one compiled outer step
         every hook's after_step()         (log, validate, check health, checkpoint)
     every hook's end()                     (final checkpoint, export, plots)
@@ -15,12 +15,13 @@ donated to each step and never copied otherwise.
 The hooks live in ``lopt.training.hooks`` (metrics and TensorBoard, the curriculum, health
 checks, checkpoints, the export, plots) and ``lopt.training.continuous_eval`` (the held-out
 evaluation of ``config.eval``). A workdir is locked while a run writes it
-(``lopt.training.workdir``).
+(``lopt.training.workdir``). SIGTERM and SIGINT end the run after the step in flight, with a
+checkpoint (``lopt.training.preemption``); a failed write is one line naming the path and the
+last intact checkpoint (``lopt.training.faults``).
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from typing import Any
@@ -28,8 +29,9 @@ from typing import Any
 import jax
 import ml_collections
 
+from lopt.training import checkpoint as ckpt_lib
 from lopt.training import config as config_lib
-from lopt.training import distributed
+from lopt.training import distributed, faults, preemption
 from lopt.training import workdir as workdir_lib
 from lopt.training.continuous_eval import ContinuousEval
 from lopt.training.hooks import (  # noqa: F401  (re-exported: the loop's public names)
@@ -83,7 +85,10 @@ def train(
     with a curriculum ``curriculum`` and ``best_meta_params``, and with an evaluation ``eval``
     (its count, seconds and share of the run's time, and its plot). Raises
     :class:`TrainingStopped` when a health check stopped the run (its final checkpoint is still
-    written).
+    written); ``preemption.Interrupted`` when SIGTERM or SIGINT stopped it (after the step in
+    flight, with a checkpoint of it; metrics and TensorBoard flushed; no export or plots);
+    ``faults.WriteFailed`` when a write failed (half-written checkpoint removed). Each says
+    what happened in one line.
     """
     config_lib.validate(config)
     try:
@@ -97,10 +102,41 @@ def train(
     health = health_options(config)
     primary = distributed.is_primary()
     run = Run(config, os.path.abspath(workdir), trainer, primary, total=int(config.num_outer_steps))
-    lock = workdir_lib.lock(run.workdir) if primary else None
+    with preemption.StopSignals() as run.signals:
+        try:
+            _run(run, hooks, curriculum, evaluation, eval_tasks, health, progress)
+        except faults.WriteFailed as e:
+            raise e.then(f"the run stopped at outer step {run.step}",
+                         ckpt_lib.describe_latest(run.path("checkpoints")),
+                         f"{e.remedy()} and rerun the same command to resume from it") from None
+        except preemption.SecondSignal as e:
+            raise preemption.Interrupted(
+                f"stopped at once by a second {e} at outer step {run.step} (not saved); "
+                f"{ckpt_lib.describe_latest(run.path('checkpoints'))}; rerun the same command to "
+                "resume from it", e.signum, run.step) from None
+    run.summary.update(
+        state=run.state,
+        workdir=run.workdir,
+        metrics=run.path("metrics.jsonl"),
+        stopped=run.stop,
+    )
+    if run.failure is not None:
+        raise TrainingStopped(run.failure)
+    if run.signal is not None:
+        raise run.signals.stopped(run.step)
+    return run.summary
+
+
+def _run(run: Run, hooks: tuple[Hook, ...], curriculum, evaluation, eval_tasks, health: HealthOptions,
+         progress: bool) -> None:
+    """Build the hooks, restore, and drive the loop (:func:`train`)."""
+    config, trainer = run.config, run.trainer
+    with faults.writing(run.path(".lock")):
+        lock = workdir_lib.lock(run.workdir) if run.primary else None
+    log_hook = None
     try:
-        if primary:
-            with open(run.path("config.json"), "w") as f:
+        if run.primary:
+            with faults.writing(run.path("config.json")), open(run.path("config.json"), "w") as f:
                 f.write(config.to_json_best_effort(indent=2))
         cur_hook = CurriculumHook(curriculum, trainer) if curriculum else None
         if cur_hook is not None:  # stage 0 trains at its own length
@@ -114,43 +150,40 @@ def train(
             late.append(ContinuousEval(evaluation, eval_tasks, trainer.learned_opt))
         keep = {k: config.get(f"checkpoint_{k}", config_lib.OPTIONAL[f"checkpoint_{k}"])
                 for k in ("keep", "keep_every")}
-        ckpt_hook = Checkpointing(config.checkpoint_every, middle + late + user, **keep)
+        saved: list[Hook] = [log_hook, *middle, *late, *user]  # their state goes in the checkpoints
+        ckpt_hook = Checkpointing(config.checkpoint_every, saved, **keep)
         health_hook = Health(health, config.log_every, ckpt_hook)
+        saved.append(health_hook)
         all_hooks: list[Hook] = [log_hook, *middle, health_hook, *late, *user, ckpt_hook, Exporter(),
                                  Plotter()]
         ckpt_hook.restore(run)
         for hook in all_hooks:
             hook.start(run)
         log_hook.flush_rows(run)
-        try:
-            while run.step < run.total and run.stop is None:
-                run.step_started = time.perf_counter()
-                run.state, metrics = run.trainer.step(run.state)
-                run.step += 1
-                for hook in all_hooks:
-                    hook.after_step(run, metrics)
-        except KeyboardInterrupt:
-            log_hook.bar.close()
-            if run.busy:  # mid-validation: the curriculum and the train state may disagree
-                logging.warning("interrupted mid-validation; rerun to resume from the last checkpoint")
-            else:
-                try:  # the state is donated to each step: if the interrupt hit mid-step it is gone
-                    ckpt_hook.interrupted(run)
-                    logging.warning("interrupted at outer step %d; checkpoint saved, rerun to resume", run.step)
-                except Exception:  # noqa: BLE001
-                    logging.warning("interrupted mid-step; rerun to resume from the last checkpoint")
-            raise
+        _loop(run, all_hooks)
         for hook in all_hooks:
             hook.end(run)
+    except BaseException:
+        if log_hook is not None and hasattr(log_hook, "bar"):
+            log_hook.bar.close()  # the error's line starts on a line of its own
+        raise
     finally:
         if lock is not None:
             lock.release()
-    run.summary.update(
-        state=run.state,
-        workdir=run.workdir,
-        metrics=run.path("metrics.jsonl"),
-        stopped=run.stop,
-    )
-    if run.failure is not None:
-        raise TrainingStopped(run.failure)
-    return run.summary
+
+
+def _loop(run: Run, hooks: list[Hook]) -> None:
+    """Outer steps until the last, a hook's stop, or a signal (asked after every step, so
+    that on several processes the same step is agreed: lopt.training.preemption)."""
+    signals = run.signals
+    if signals.reached(run.step) and run.step < run.total:  # a signal while the run started
+        run.signal = run.stop = signals.name()
+        return
+    while run.step < run.total and run.stop is None:
+        run.step_started = time.perf_counter()
+        run.state, metrics = run.trainer.step(run.state)
+        run.step += 1
+        for hook in hooks:
+            hook.after_step(run, metrics)
+        if signals.reached(run.step) and run.step < run.total:  # (the last step ends anyway)
+            run.signal = run.stop = signals.name()

@@ -5,6 +5,13 @@ A row summarises every outer step since the previous row (:func:`window_row`), s
 shows one phase of the particles' trajectories as the run's, and each metric is averaged over
 the steps it applies to (an imitation step has no meta-loss, a meta-loss step no imitation
 loss).
+
+A resumed run reads as one run: ``metrics.jsonl`` is cut after the checkpoint's step (rows a
+killed or stopped run wrote after it, and a row cut short mid-write, go), TensorBoard discards
+the killed run's events after it (:class:`lopt.training.tensorboard.Writer`), and the steps
+since the checkpoint's last row travel in the checkpoint, so the next row averages the same
+steps as in a run never stopped. Everything logged up to a checkpoint is on disk before the
+checkpoint is.
 """
 
 from __future__ import annotations
@@ -14,8 +21,9 @@ import os
 import time
 
 import jax
+import numpy as np
 
-from lopt.training import distributed
+from lopt.training import distributed, faults
 from lopt.training import tensorboard as tb_lib
 from lopt.training.hooks import Hook, Run, read_metrics
 from lopt.training.trainer import COUNT_METRICS, MAX_METRICS
@@ -90,30 +98,49 @@ class MetricsLog(Hook):
         self.inner_total = 0
         self.inner_timed = 0
         self.last: dict = {}
+        self.log = self.tb = None  # opened at start
 
     def start(self, run: Run) -> None:
-        path = run.path("metrics.jsonl")
+        path = self.path = run.path("metrics.jsonl")
         if run.primary:
-            if run.start_step > 0:  # drop rows logged after the checkpoint we resume from
-                rows = [r for r in read_metrics(path) if r["step"] <= run.start_step]
-                with open(path, "w") as f:
-                    f.writelines(json.dumps(r) + "\n" for r in rows)
-            elif os.path.exists(path):
-                os.remove(path)
+            with faults.writing(path):
+                if run.start_step > 0:  # drop rows logged after the checkpoint we resume from
+                    keep_rows_through(path, run.start_step)
+                elif os.path.exists(path):
+                    os.remove(path)
         done = read_metrics(path) if run.primary else []
         self.inner_total = next((r["inner_steps_total"] for r in reversed(done) if "inner_steps_total" in r), 0)
-        self.log = open(path if run.primary else os.devnull, "a")
-        self.tb = tb_lib.Writer(run.path("tensorboard")) if run.primary else None
+        with faults.writing(path):
+            self.log = open(path if run.primary else os.devnull, "a")
+        # TensorBoard discards earlier events after the checkpoint's step (all of them afresh).
+        purge = run.start_step + 1 if run.start_step > 0 else 0
+        self.tb = tb_lib.Writer(run.path("tensorboard"), purge_step=purge) if run.primary else None
         from tqdm.auto import tqdm
 
         self.bar = tqdm(total=run.total, initial=run.start_step, desc="meta-train",
                         disable=not (self.progress and run.primary), dynamic_ncols=True)
 
     def _write(self, run: Run, row: dict) -> None:
-        self.log.write(json.dumps(row) + "\n")
-        self.log.flush()
+        with faults.writing(self.path):
+            self.log.write(json.dumps(row) + "\n")
+            self.log.flush()
         if self.tb is not None:
             self.tb.row(row)
+
+    def checkpoint_items(self, run: Run) -> tuple[dict, dict]:
+        """The steps since the last row (their metrics, exactly: float32 values are exact in
+        JSON's doubles); and, first, the rows so far are flushed to disk."""
+        if run.primary and self.log is not None and not self.log.closed:  # (open after start, till end)
+            with faults.writing(self.path):
+                self.log.flush()
+                os.fsync(self.log.fileno())
+            self.tb.flush()
+        window = [{k: np.asarray(v).tolist() for k, v in distributed.to_host(m).items()}
+                  for m in self.pending]
+        return {}, {"metrics_window": window}
+
+    def restore_items(self, run: Run, items: dict, host: dict) -> None:
+        self.pending = [{k: np.asarray(v) for k, v in m.items()} for m in host.get("metrics_window", [])]
 
     def flush_rows(self, run: Run) -> None:
         for row in run.rows:
@@ -154,11 +181,30 @@ class MetricsLog(Hook):
     def end(self, run: Run) -> None:
         self.flush_rows(run)
         self.bar.close()
-        self.log.close()
+        with faults.writing(self.path):
+            self.log.close()
         if self.tb is not None:
             self.tb.close()
         run.summary["last_metrics"] = self.last
         run.summary["inner_steps_per_sec"] = self.last.get("inner_steps_per_sec")
+
+
+def keep_rows_through(path: str, step: int) -> None:
+    """Cut ``metrics.jsonl`` before its first row after outer step ``step`` or its first row
+    cut short (rows are in step order). In place, with one truncate: it needs no free space."""
+    if not os.path.exists(path):
+        return
+    keep = 0
+    with open(path, "rb") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                break
+            if not line.endswith(b"\n") or row.get("step", 0) > step:
+                break
+            keep += len(line)
+    os.truncate(path, keep)
 
 
 def _postfix(row: dict) -> dict:

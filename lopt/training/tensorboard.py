@@ -9,27 +9,61 @@ its tag), so
     tensorboard --logdir runs/quickstart/tensorboard
 
 shows the meta-loss, gradient norm, skipped steps, es_share, inner steps/s, positions and the
-curriculum's validations. ``metrics.jsonl`` stays the record of the run.
+curriculum's validations. ``metrics.jsonl`` stays the record of the run. A resumed run's
+file begins by discarding what a killed run wrote after the checkpoint (:class:`Writer`).
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+import os
+import time
+
+from lopt.training import faults
 
 #: Row keys that are bookkeeping, not plotted.
 _SKIP = frozenset({"step"})
 
 
 class Writer:
-    """Scalars (and curriculum text) of metrics rows into event files in ``logdir``."""
+    """Scalars (and curriculum text) of metrics rows into a new event file in ``logdir``.
 
-    def __init__(self, logdir: str):
-        from tensorboardX import SummaryWriter
+    Events are written in the caller's thread (tensorboardX's ``EventsWriter``; its
+    ``SummaryWriter`` writes from a thread of its own, where a failed write goes unseen and
+    then blocks the queue) and flushed every ``flush_secs``, at :meth:`flush` (each checkpoint)
+    and at :meth:`close`; a failed write is :class:`lopt.training.faults.WriteFailed`.
+    With ``purge_step`` the file starts with a SessionLog START at that step, what
+    ``SummaryWriter(purge_step=...)`` writes: TensorBoard then discards the events of earlier
+    files at that step or later, so a run resumed from a checkpoint, with rows of a killed run
+    after it, reads as one run (:func:`read_scalars` does the same)."""
 
-        self._writer = SummaryWriter(logdir=logdir, flush_secs=30)
+    def __init__(self, logdir: str, purge_step: int | None = None, flush_secs: float = 30.0):
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+        self._event = Event
+        self.flush_secs = flush_secs
+        with faults.writing(logdir):
+            os.makedirs(logdir, exist_ok=True)
+            # A suffix of its own: two writers started in the same second get two files.
+            self._events = EventsWriter(os.path.join(logdir, "events"), f".{os.getpid()}.{time.time_ns()}")
+        self.path = getattr(self._events, "_file_name", logdir)  # for messages
+        if purge_step is not None:
+            self._write(Event(wall_time=time.time(), step=int(purge_step),
+                              session_log=SessionLog(status=SessionLog.START)))
+        self.flush()
+
+    def _write(self, event) -> None:
+        with faults.writing(self.path):
+            self._events.write_event(event)
+
+    def _add(self, summary, step: int) -> None:
+        self._write(self._event(wall_time=time.time(), step=int(step), summary=summary))
 
     def row(self, row: dict) -> None:
+        from tensorboardX.summary import scalar, text
+
         step = int(row["step"])
         group = "curriculum" if "decision" in row else "meta"
         for key, value in row.items():
@@ -38,27 +72,39 @@ class Writer:
             if isinstance(value, bool):
                 value = float(value)
             if isinstance(value, numbers.Real) and math.isfinite(float(value)):
-                self._writer.add_scalar(key if "/" in key else f"{group}/{key}", float(value), step)
+                self._add(scalar(key if "/" in key else f"{group}/{key}", float(value)), step)
         if group == "curriculum":
-            text = f"{row.get('validation')}: {row.get('decision')} ({row.get('reason')})"
-            self._writer.add_text("curriculum/decision", text, step)
+            message = f"{row.get('validation')}: {row.get('decision')} ({row.get('reason')})"
+            self._add(text("curriculum/decision", message), step)
+        if time.monotonic() - self._flushed > self.flush_secs:
+            self.flush()
 
     def scalars(self, tag: str, values, start: int = 0) -> None:
         """A curve (e.g. an evaluation's mean loss per inner step) as scalars at steps
         ``start``, ``start + 1``, ..."""
+        from tensorboardX.summary import scalar
+
         for i, v in enumerate(values):
             if math.isfinite(float(v)):
-                self._writer.add_scalar(tag, float(v), start + i)
+                self._add(scalar(tag, float(v)), start + i)
+
+    def flush(self) -> None:
+        """Everything written so far is on disk (flushed and fsynced)."""
+        with faults.writing(self.path):
+            self._events.flush()
+        self._flushed = time.monotonic()
 
     def close(self) -> None:
-        self._writer.flush()
-        self._writer.close()
+        with faults.writing(self.path):
+            self._events.close()
 
 
 def read_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
-    """{tag: [(step, value), ...]} of every scalar in the event files under ``logdir``: a plain
-    reader of the TFRecord framing and tensorboardX's ``Event`` protos, for tests and scripts."""
-    import os
+    """{tag: [(step, value), ...]} of every scalar in the event files under ``logdir``, as
+    TensorBoard shows them: a plain reader of the TFRecord framing and tensorboardX's ``Event``
+    protos, for tests and scripts. Files are read in name (time) order; a SessionLog START at
+    step s discards the scalars read so far at step s or later (TensorBoard's purge of orphaned
+    data); a record cut short by a killed writer ends its file."""
     import struct
 
     from tensorboardX.proto import event_pb2
@@ -73,11 +119,15 @@ def read_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
             pos = 0
             while pos + 12 <= len(data):
                 (length,) = struct.unpack("<Q", data[pos : pos + 8])
+                if pos + 12 + length + 4 > len(data):
+                    break  # half-written
                 record = data[pos + 12 : pos + 12 + length]
                 pos += 12 + length + 4
                 event = event_pb2.Event()
                 event.ParseFromString(record)
+                if event.HasField("session_log") and event.session_log.status == event_pb2.SessionLog.START:
+                    out = {tag: [(s, v) for s, v in series if s < event.step] for tag, series in out.items()}
                 for value in event.summary.value:
                     if value.HasField("simple_value"):
                         out.setdefault(value.tag, []).append((event.step, value.simple_value))
-    return out
+    return {tag: series for tag, series in out.items() if series}
