@@ -131,6 +131,14 @@ def _setup():
         data_arrays(task)
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(f"cannot load the data of task {_TASK.value!r}: {e}") from None
+    from lopt.contract import check_learned_optimizer
+    from tasks.contract import ContractError, check_task_family, example_params
+
+    try:  # a user's task or optimizer that breaks its contract: one line, before compiling
+        check_task_family(task)
+        check_learned_optimizer(learned_opt, example_params(task))
+    except ContractError as e:
+        raise UsageError(str(e)) from None
     seeds = [_SEED_OFFSET.value + i for i in range(_SEEDS.value)]
     keys = jax.numpy.stack([jax.random.PRNGKey(s) for s in seeds])
     return task, learned_opt, meta_params, lrs, keys
