@@ -34,7 +34,7 @@ def import_user_modules(extra=()) -> tuple[str, ...]:
     from tasks import user_code
 
     return user_code.merge(user_code.import_modules(MODULES.value, "--module"),
-                           user_code.import_modules(extra, "recorded module"))
+                           user_code.import_modules(extra, "the run's recorded module"))
 
 
 class ConfigFlagError(ValueError):

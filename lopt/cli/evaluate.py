@@ -109,13 +109,13 @@ def _setup():
     from tasks.registry import ConfigError
 
     try:  # --module, then the modules the export's training run recorded
+        import_user_modules()
         recorded = export.read_metadata(path).get("metadata", {}).get("modules") or ()
-    except (export.ExportError, OSError) as e:
-        raise UsageError(f"cannot load export {path}: {e}") from None
-    try:
         import_user_modules(recorded)
     except ConfigError as e:
         raise UsageError(str(e)) from None
+    except (export.ExportError, OSError) as e:
+        raise UsageError(f"cannot load export {path}: {e}") from None
 
     if lrs is None:
         lrs = list(evaluation.DEFAULT_LRS)
