@@ -56,17 +56,18 @@ def check_kwargs(what: str, factory: Callable[..., Any], kwargs: dict[str, Any])
 
 def same_definition(a: Any, b: Any) -> bool:
     """Whether ``a`` and ``b`` are one definition: the same object, or the same qualified name
-    from the same module or the same source file (a module imported again, or a file imported
-    both by path and by module name, defines new objects from the same code)."""
+    from the same source file (a module imported again, or a file imported both by path and by
+    module name, defines new objects from the same code); from the same module when a file is
+    unknown. (Config files load under one module name, so the name alone would not do.)"""
     if a is b:
         return True
     qualname = getattr(a, "__qualname__", None)
     if qualname is None or qualname != getattr(b, "__qualname__", None):
         return False
-    if getattr(a, "__module__", None) == getattr(b, "__module__", None):
-        return True
     files = [_source_file(x) for x in (a, b)]
-    return files[0] is not None and files[0] == files[1]
+    if None not in files:
+        return files[0] == files[1]
+    return getattr(a, "__module__", None) == getattr(b, "__module__", None)
 
 
 def _source_file(obj: Any) -> str | None:

@@ -57,9 +57,9 @@ from estimators import resets, schedules
 from estimators.base import UnrollMismatch
 from estimators.imitation import Imitation
 from estimators.resets import ELOReplay, FreshReset
-from tasks import user_code
 from estimators.meta_loss import MetaLoss
 from lopt.wrappers import BehaviourCloning, SelfImproving
+from tasks import user_code
 from tasks.registry import ConfigError, check_kwargs
 
 TOP_LEVEL = {
@@ -221,7 +221,8 @@ def _named_sections(config: ml_collections.ConfigDict) -> list[tuple[str, Any, A
            ("unroll.trunc_schedule", unroll.get("trunc_schedule"), schedules.REGISTRY),
            ("unroll.reset", unroll.get("reset"), resets.REGISTRY)]
     evaluation = config.get("eval")
-    eval_tasks = evaluation.get("tasks") if isinstance(evaluation, (dict, ml_collections.ConfigDict)) else None
+    sections = (dict, ml_collections.ConfigDict)
+    eval_tasks = evaluation.get("tasks") if isinstance(evaluation, sections) else None
     for label, section in (as_dict(eval_tasks, "eval.tasks") if eval_tasks else {}).items():
         out.append((f"eval.tasks.{label}", section, tasks.REGISTRY))
     return out
