@@ -154,3 +154,21 @@ def test_the_current_directory_is_searched_after_sys_path(tmp_path, monkeypatch)
         assert sys.path[-1] == os.getcwd()
     finally:
         sys.modules.pop("cwd_only_tasks", None)
+
+
+def test_a_reset_policy_is_named_in_config_unroll_reset():
+    from estimators.resets import ELOReplay
+    from lopt.experiments.inputs import load_config
+
+    config = load_config("quickstart")
+    config.unroll.reset = ConfigDict(dict(name="elo_replay", capacity=4))
+    config.estimator.name = "es"
+    assert config_lib.build(config).unroller.reset == ELOReplay(capacity=4)
+    config.unroll.reset.name = "elo_replai"
+    with pytest.raises(ConfigError, match=r"^config.unroll.reset: unknown reset policy "
+                                          r"'elo_replai'. Did you mean 'elo_replay'"):
+        config_lib.build(config)
+    config.unroll.reset.name = "elo_replay"
+    config.unroll.replay = ConfigDict(dict(capacity=4))
+    with pytest.raises(ConfigError, match="replay and reset both choose the reset policy"):
+        config_lib.build(config)
