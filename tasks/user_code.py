@@ -74,6 +74,9 @@ def import_module(entry: str, where: str = "--module") -> str:
             raise
         raise ConfigError(f"{where} {entry!r}: {e}") from None
     except ModuleNotFoundError as e:
+        if e.name and entry != e.name and not entry.startswith(e.name + "."):
+            raise ConfigError(f"{where} {entry!r}: importing it raised {_where(e)}"  # its import
+                              f"ModuleNotFoundError: {e}") from None
         raise ConfigError(
             f"{where} {entry!r}: cannot import it: {e} (searched sys.path, then the current "
             "directory; add its directory to PYTHONPATH or give the file's path)") from None
@@ -86,10 +89,13 @@ def _where(e: BaseException) -> str:
     """``file:line: `` of the innermost frame of ``e``'s traceback (or of a SyntaxError)."""
     if isinstance(e, SyntaxError) and e.filename:
         return f"{e.filename}:{e.lineno}: "
-    tb = e.__traceback__
-    while tb is not None and tb.tb_next is not None:
+    tb, where = e.__traceback__, ""
+    while tb is not None:  # the innermost frame of real code (not importlib's frozen frames)
+        file = tb.tb_frame.f_code.co_filename
+        if not file.startswith("<"):
+            where = f"{file}:{tb.tb_lineno}: "
         tb = tb.tb_next
-    return f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}: " if tb is not None else ""
+    return where
 
 
 def import_modules(entries: Iterable[str], where: str = "--module") -> tuple[str, ...]:

@@ -109,10 +109,12 @@ def test_a_registry_tells_a_different_function_from_the_same():
                      "ZeroDivisionError: division by zero"),
     ("bad_syntax", "--module 'bad_syntax': importing it raised {dir}/bad_syntax.py:1: "
                    "SyntaxError: invalid syntax"),
+    ("needs_missing", "--module 'needs_missing': importing it raised "),  # not "cannot import it"
 ])
 def test_a_module_that_cannot_be_imported_is_one_line(user_dir, entry, message):
     (user_dir / "broken_tasks.py").write_text("import os\n1 / 0\n")
     (user_dir / "bad_syntax.py").write_text("def (:\n")
+    (user_dir / "needs_missing.py").write_text("import no_such_dependency_of_it\n")
     with pytest.raises(ConfigError) as e:
         user_code.import_module(entry)
     assert str(e.value).startswith(message.format(dir=user_dir)) and "\n" not in str(e.value)
