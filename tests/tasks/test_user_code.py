@@ -4,9 +4,11 @@ different definitions under one name are a one-line ConfigError naming both."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import textwrap
+from typing import ClassVar
 
 import pytest
 from ml_collections import ConfigDict
@@ -174,3 +176,24 @@ def test_a_reset_policy_is_named_in_config_unroll_reset():
     config.unroll.replay = ConfigDict(dict(capacity=4))
     with pytest.raises(ConfigError, match="replay and reset both choose the reset policy"):
         config_lib.build(config)
+
+
+def test_loading_an_export_of_an_unimported_optimizer_names_the_recorded_modules(tmp_path):
+    """lopt.export.load imports nothing; its error says which modules the run recorded."""
+    import lopt
+    from lopt import export
+    from lopt.hyper import HyperAdam
+
+    @dataclasses.dataclass(frozen=True)
+    class Mine(HyperAdam):
+        name: ClassVar[str] = "user_mine"
+
+    lopt.register("user_mine")(Mine)
+    path = str(tmp_path / "mine.safetensors")
+    try:
+        export.save(path, Mine(), Mine().init(None), metadata={"modules": ["my_pkg.mine"]})
+    finally:
+        del lopt.REGISTRY._factories["user_mine"], lopt.REGISTRY._origins["user_mine"]
+    with pytest.raises(export.ExportError, match=r"unknown learned optimizer 'user_mine'.* \(the "
+                       r"run that wrote it imported my_pkg.mine: import them first\)"):
+        export.load(path)
