@@ -21,7 +21,9 @@ Estimators never see buffer slots: the unroll reports a typed
 which position).
 
 Two policies: :class:`FreshReset` (the default: a particle continues its trajectory until it
-ends, then starts fresh) and :class:`ELOReplay` (ELO's replay buffer).
+ends, then starts fresh) and :class:`ELOReplay` (ELO's replay buffer). Both are in
+:data:`REGISTRY` (``fresh``, ``elo_replay``), where a policy of one's own is registered with
+:func:`register` and named in a config's ``unroll.reset`` (docs/extending.md).
 """
 
 from __future__ import annotations
@@ -33,8 +35,13 @@ import jax
 import jax.numpy as jnp
 
 from estimators import keys as keys_lib
+from tasks.registry import Registry
+
+REGISTRY: Registry[Any] = Registry("reset policy")
+register = REGISTRY.register
 
 
+@register("fresh")
 @dataclasses.dataclass(frozen=True)
 class FreshReset:
     """A particle continues its trajectory across truncations until it reaches its length, then
@@ -68,6 +75,7 @@ class ReplayState(NamedTuple):
     pushes: jax.Array  # int32: states enqueued so far
 
 
+@register("elo_replay")
 @dataclasses.dataclass(frozen=True)
 class ELOReplay:
     """ELO's replay buffer of optimizee states (ELO, Algorithm 1, the green lines):
@@ -196,6 +204,9 @@ def gather_replicated(tree: Any, axis: str, num_shards: int) -> Any:
     return jax.tree.map(one, tree)
 
 
-POLICIES = {"fresh": FreshReset, "elo_replay": ELOReplay}
+def get(name: str, **overrides: Any) -> Any:
+    """Build the reset policy registered as ``name`` with ``overrides`` of its options."""
+    return REGISTRY.get(name, **overrides)
 
-__all__ = ["ELOReplay", "FreshReset", "POLICIES", "ReplayState"]
+
+__all__ = ["ELOReplay", "FreshReset", "REGISTRY", "ReplayState", "get", "register"]

@@ -238,17 +238,22 @@ def read_metadata(path: str | os.PathLike) -> dict:
     return _read(os.fspath(path), arrays=False)[0]
 
 
-def _architecture(arch: dict, learned_opt: LearnedOptimizer | None, path: str) -> LearnedOptimizer:
+def _architecture(arch: dict, learned_opt: LearnedOptimizer | None, path: str,
+                  modules: list | None = None) -> LearnedOptimizer:
     """The file's architecture ``{"name", "config"}`` rebuilt with ``lopt.get``; or
     ``learned_opt`` if it is the same one. Execution options (:data:`lopt.base.EXECUTION_OPTION`,
-    e.g. mlp's ``fused``) are not compared: an export loads into either."""
+    e.g. mlp's ``fused``) are not compared: an export loads into either. Loading imports
+    nothing: an architecture of the user's own is found once its module (``modules``, recorded
+    by the run that wrote the export) is imported."""
     name, config = arch["name"], arch["config"]
     if learned_opt is None:
         try:
             return lopt.get(name, **config)
         except Exception as e:  # unknown name, unknown option, invalid value
+            hint = (f" (the run that wrote it imported {', '.join(map(str, modules))}: import "
+                    "them first)" if modules and name not in lopt.names() else "")
             raise ExportError(f"cannot rebuild the architecture {_describe(name, config)} of "
-                              f"{path} with this lopt: {e}") from e
+                              f"{path} with this lopt: {e}{hint}") from e
     req_name, req_config = learned_opt.name, _arch_config(learned_opt, architecture_only=True)
     mismatch = (f"export {path} holds {_describe(name, config)} but "
                 f"{_describe(req_name, req_config)} was requested")
@@ -279,7 +284,8 @@ def load(path: str | os.PathLike,
     digest, recorded = tensors_sha256(tensors), header["tensors_sha256"]
     if digest != recorded:
         raise _corrupt(path, f"tensors sha256 {digest} differs from the metadata's {recorded}")
-    learned_opt = _architecture(header["architecture"], learned_opt, path)
+    modules = (header.get("metadata") or {}).get("modules")
+    learned_opt = _architecture(header["architecture"], learned_opt, path, modules)
     template = jax.eval_shape(learned_opt.init, jax.random.PRNGKey(0))  # shapes, dtypes
     arrays = {tuple(name.split("/")): a for name, a in tensors.items()}
     _check_leaves(arrays, _leaves(template), "the export's meta-params",

@@ -14,7 +14,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
-from typing import Any, Callable, Generic, TypeVar
+import os
+import sys
+from typing import Any, Callable, Generic, NamedTuple, TypeVar
 
 T = TypeVar("T")
 
@@ -52,18 +54,62 @@ def check_kwargs(what: str, factory: Callable[..., Any], kwargs: dict[str, Any])
             )
 
 
+def same_definition(a: Any, b: Any) -> bool:
+    """Whether ``a`` and ``b`` are one definition: the same object, or the same qualified name
+    from the same source file (a module imported again, or a file imported both by path and by
+    module name, defines new objects from the same code); from the same module when a file is
+    unknown. (Config files load under one module name, so the name alone would not do.)"""
+    if a is b:
+        return True
+    qualname = getattr(a, "__qualname__", None)
+    if qualname is None or qualname != getattr(b, "__qualname__", None):
+        return False
+    files = [_source_file(x) for x in (a, b)]
+    if None not in files:
+        return files[0] == files[1]
+    return getattr(a, "__module__", None) == getattr(b, "__module__", None)
+
+
+def _source_file(obj: Any) -> str | None:
+    try:
+        path = inspect.getsourcefile(obj)
+    except TypeError:
+        return None
+    return os.path.realpath(path) if path else None
+
+
+class Origin(NamedTuple):
+    """Where a name was registered: the module whose code called ``register`` and its file."""
+
+    module: str
+    file: str | None
+
+
 class Registry(Generic[T]):
-    """Maps names to factories; ``get`` validates overrides before building."""
+    """Maps names to factories; ``get`` validates overrides before building.
+
+    A name registered again by the same definition (:func:`same_definition`: a user's module
+    imported twice, by name and by path) takes the newer object; a name registered by two
+    different definitions is a :class:`ConfigError` naming both. ``origin(name)`` is the module
+    that registered it, so a run can record which of the user's modules it needs."""
 
     def __init__(self, kind: str):
         self.kind = kind
         self._factories: dict[str, Callable[..., T]] = {}
+        self._origins: dict[str, Origin] = {}
 
     def register(self, name: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
+        caller = sys._getframe(1).f_globals  # the module registering (its top level or a function)
+        origin = Origin(caller.get("__name__", "?"), caller.get("__file__"))
+
         def deco(factory: Callable[..., T]) -> Callable[..., T]:
-            if name in self._factories:
-                raise ValueError(f"{self.kind} '{name}' is registered twice")
+            old = self._factories.get(name)
+            if old is not None and not same_definition(old, factory):
+                raise ConfigError(
+                    f"{self.kind} '{name}' is registered twice, by {_describe(old)} and by "
+                    f"{_describe(factory)}; register one of them under another name")
             self._factories[name] = factory
+            self._origins[name] = origin
             return factory
 
         return deco
@@ -71,12 +117,18 @@ class Registry(Generic[T]):
     def names(self) -> list[str]:
         return list(self._factories)
 
+    def origin(self, name: str) -> Origin | None:
+        """The module that registered ``name`` (None for an unknown name)."""
+        return self._origins.get(name)
+
     def factory(self, name: str) -> Callable[..., T]:
         if name not in self._factories:
             close = difflib.get_close_matches(name, self._factories, n=1)
             hint = f" Did you mean '{close[0]}'?" if close else ""
             raise ConfigError(
                 f"unknown {self.kind} '{name}'.{hint} Registered: {', '.join(self._factories)}."
+                " A component of your own is registered when its module is imported: pass "
+                "--module=your.module (or list it in config.modules)."
             )
         return self._factories[name]
 
@@ -84,3 +136,10 @@ class Registry(Generic[T]):
         factory = self.factory(name)
         check_kwargs(f"{self.kind} '{name}'", factory, overrides)
         return factory(**overrides)
+
+
+def _describe(obj: Any) -> str:
+    """``module.QualName (file)`` of a registered factory."""
+    where = f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
+    path = _source_file(obj)
+    return f"{where} ({path})" if path else where

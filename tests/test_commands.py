@@ -33,5 +33,6 @@ def test_help_exits_zero(name):
                           env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert OWN_FLAG[name] in proc.stdout + proc.stderr
+    assert "--module:" in proc.stdout  # every command loads the user's code (docs/extending.md)
     # Exports are safetensors files (lopt.export format 2); no help may still call them .lopt.
     assert not re.search(r"\.lopt\b", proc.stdout + proc.stderr)

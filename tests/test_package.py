@@ -131,3 +131,38 @@ def test_installed_train_and_reproduce_run_from_an_empty_directory(site, tmp_pat
     report = tmp_path / "runs" / "reproduce" / "smoke" / "results" / "quickstart.md"
     assert "**Outcome.**" in report.read_text()
     assert _files(site, "**/*") == before
+
+
+ISSUE_CONFIG = """
+import my_tasks  # registers rosenbrock2d: the user's module, imported by the user's config
+from ml_collections import ConfigDict
+
+from lopt.experiments.inputs import load_config
+
+
+def get_config():
+    c = load_config("quickstart")
+    c.task = ConfigDict(dict(name="rosenbrock2d"))
+    c.lopt.hidden_size, c.lopt.hidden_layers = 4, 1
+    c.unroll.num_particles, c.unroll.trunc_length = 2, 4
+    c.unroll.horizon.length = 8
+    c.num_outer_steps = 2
+    return c
+"""
+
+
+@pytest.mark.slow
+def test_installed_commands_train_and_evaluate_a_task_of_the_user_s_own(site, tmp_path):
+    """Issue 29 as reported, installed: a task registered in the user's module (the
+    docs/examples task), imported by the user's config file; lopt-train meta-trains on it and
+    exports, then lopt-eval of the export finds the task with no flag (the run recorded it)."""
+    shutil.copy(os.path.join(ROOT, "docs", "examples", "rosenbrock.py"), tmp_path / "my_tasks.py")
+    (tmp_path / "my_config.py").write_text(ISSUE_CONFIG)
+    proc = _run(site, "lopt-train", "--config=my_config.py", "--workdir=run", "--noprogress",
+                cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    proc = _run(site, "lopt-eval", "--export=run/export/optimizer.safetensors",
+                "--task=rosenbrock2d", "--steps=8", "--seeds=2", "--lrs=0.01,0.1", "--out=eval",
+                cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "adam (lr=" in proc.stdout and (tmp_path / "eval" / "results.json").is_file()

@@ -8,12 +8,14 @@ The methods, what they share and how they are evaluated: ``lopt/experiments/elo.
 meta-training run is ``lopt.training.train`` in ``OUT/<method>/seed<k>``, so rerunning resumes
 unfinished runs and reuses finished ones. Outputs in ``--out``: ``table.md`` (also printed),
 ``results.json`` (every number, per seed, the command line) and ``curves.png`` (training loss
-over 10 H steps; the horizon marked).
+over 10 H steps; the horizon marked). ``--module`` imports a module of your own first, so the
+configs may name the task or optimizer it registers (docs/extending.md).
 """
 
 from __future__ import annotations
 
 import ast
+import dataclasses
 import sys
 from typing import Any
 
@@ -102,10 +104,12 @@ def main(argv) -> int:
     if len(argv) > 1:
         print(f"error: unexpected arguments {' '.join(argv[1:])}", file=sys.stderr)
         return 2
+    from lopt.cli.common import import_user_modules
     from tasks.registry import ConfigError
 
     try:
-        s = elo.settings(options())
+        modules = import_user_modules()  # before the configs load: they may name its components
+        s = elo.settings(dataclasses.replace(options(), modules=modules))
         make_dir(_OUT.value, "--out")
         _, failed = elo.ablate(s, _OUT.value, ["scripts/ablate.py", *sys.argv[1:]], _PROGRESS.value)
     except UsageError as e:

@@ -1,6 +1,7 @@
 """What the command-line programs share: running an absl program with one-line errors and a
 ``--help`` that succeeds (:func:`run_app`), a ``--config`` flag that takes a shipped config's
-name or a file's path (:func:`define_config`), and reading ``--lrs``. Imports nothing heavy at
+name or a file's path (:func:`define_config`), ``--module`` (the user's own components:
+:func:`import_user_modules`) and reading ``--lrs``. Imports nothing heavy at
 module level, so the programs check their flags before JAX starts.
 """
 
@@ -17,6 +18,23 @@ from lopt.experiments.inputs import UsageError, config_path
 
 # The flags define_config defines are the calling program's own (its --help lists them).
 flags.disclaim_key_flags()
+
+#: Every command's ``--module``: the user's modules that register components of their own.
+MODULES = flags.DEFINE_multi_string(
+    "module", [], "A module of your own to import first, so the tasks, learned optimizers, "
+    "estimators, schedules and reset policies it registers can be named (a dotted name, found "
+    "on sys.path then in the current directory, or a .py file's path); repeatable. A training "
+    "run records it in config.json and its export, so resuming, exporting and evaluating the "
+    "run need it no more.")
+
+
+def import_user_modules(extra=()) -> tuple[str, ...]:
+    """Import ``--module``'s modules, then ``extra`` (e.g. an export's recorded ones), and
+    return them as recorded; a failure is one ConfigError line (tasks.user_code)."""
+    from tasks import user_code
+
+    return user_code.merge(user_code.import_modules(MODULES.value, "--module"),
+                           user_code.import_modules(extra, "the run's recorded module"))
 
 
 class ConfigFlagError(ValueError):
@@ -136,11 +154,17 @@ def run_app(main: Any, doc: str, module: str, argv: list[str] | None = None) -> 
 
     warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
     argv = list(sys.argv if argv is None else argv)
+    import os
+
+    if os.getcwd() not in sys.path:  # the user's modules beside the working directory, after
+        sys.path.append(os.getcwd())  # the installed ones (a config file may import them)
     if any(a in HELP_FLAGS for a in argv[1:]):
         paragraphs = [p for p in doc.strip().split("\n\n") if p.strip()]
         print("\n\n".join(paragraphs[:2]))  # what it does, and the example command
         print("\nflags:")
-        for flag in sorted(flags.FLAGS.get_key_flags_for_module(module), key=lambda f: f.name):
+        own = {f.name: f for f in flags.FLAGS.get_key_flags_for_module(module)}
+        own[MODULES.name] = flags.FLAGS[MODULES.name]
+        for flag in sorted(own.values(), key=lambda f: f.name):
             print(f"  --{flag.name}: {flag.help} (default: {flag.default_as_str or 'none'})")
         sys.exit(0)
     app.run(lambda a: sys.exit(main(a)), argv=argv, flags_parser=parse_flags)

@@ -8,8 +8,12 @@ Task instances come from the keys ``jax.random.PRNGKey(seed_offset + i)``, i < s
 offset (1,000,000) keeps them apart from the instances meta-training saw. Adam's learning rate
 is tuned (every rate of --lrs, best by mean final train loss) on as many separate instances,
 ``PRNGKey(tune_seed_offset + i)``, then Adam runs at that rate on the evaluation instances
-beside the learned optimizer: nothing reported was tuned on the instances it is reported on. Prints a table and writes results.json (all numbers, the best learning rate, the
-flags) and curves.png into --out.
+beside the learned optimizer: nothing reported was tuned on the instances it is reported on.
+Prints a table and writes results.json (all numbers, the best learning rate, the flags) and
+curves.png into --out.
+
+A task or learned optimizer of your own is found by importing its module: ``--module``
+(repeatable); the modules the export's training run recorded are imported without it.
 """
 
 from __future__ import annotations
@@ -99,8 +103,19 @@ def _setup():
 
     import tasks
     from lopt import export
+    from lopt.cli.common import import_user_modules
     from lopt.training import evaluation
     from tasks.base import data_arrays
+    from tasks.registry import ConfigError
+
+    try:  # --module, then the modules the export's training run recorded
+        import_user_modules()
+        recorded = export.read_metadata(path).get("metadata", {}).get("modules") or ()
+        import_user_modules(recorded)
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
+    except (export.ExportError, OSError) as e:
+        raise UsageError(f"cannot load export {path}: {e}") from None
 
     if lrs is None:
         lrs = list(evaluation.DEFAULT_LRS)
@@ -116,6 +131,14 @@ def _setup():
         data_arrays(task)
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(f"cannot load the data of task {_TASK.value!r}: {e}") from None
+    from lopt.contract import check_learned_optimizer
+    from tasks.contract import ContractError, check_task_family, example_params
+
+    try:  # a user's task or optimizer that breaks its contract: one line, before compiling
+        check_task_family(task)
+        check_learned_optimizer(learned_opt, example_params(task))
+    except ContractError as e:
+        raise UsageError(str(e)) from None
     seeds = [_SEED_OFFSET.value + i for i in range(_SEEDS.value)]
     keys = jax.numpy.stack([jax.random.PRNGKey(s) for s in seeds])
     return task, learned_opt, meta_params, lrs, keys

@@ -94,6 +94,7 @@ def export_checkpoint(workdir: str, out: str | None = None, step: int | None = N
             "workdir": os.path.abspath(workdir),
             "task": config.task.to_dict(),
             "estimator": config.estimator.to_dict(),
+            **({"modules": list(config.modules)} if config.get("modules") else {}),
         },
     )
 
@@ -105,9 +106,13 @@ def main(argv):
     if not FLAGS.workdir:
         raise app.UsageError("--workdir is required")
     logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
-    try:
+    from lopt.cli.common import import_user_modules
+    from tasks.registry import ConfigError
+
+    try:  # --module; config.json's modules are imported when its config is built
+        import_user_modules()
         path = export_checkpoint(FLAGS.workdir, FLAGS.out, FLAGS.step)
-    except ExportScriptError as e:
+    except (ExportScriptError, ConfigError) as e:
         print(f"export error: {e}", file=sys.stderr)
         return 2
     from lopt import export as export_lib

@@ -81,8 +81,14 @@ def main(argv) -> int:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from lopt.cli.common import import_user_modules
     from tasks.registry import ConfigError
 
+    try:
+        import_user_modules()
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
     for exp in EXPERIMENTS if name == "all" else (name,):
         try:
             reproduce(exp, budget, runs_root, out)

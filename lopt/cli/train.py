@@ -4,7 +4,9 @@
         --config.estimator.std=0.01
 
 ``--config`` is a config file's path or the name of a config shipped with lopt (``quickstart``,
-``elo``, ...: the repository's ``configs/``), which works from any directory. Rerunning with
+``elo``, ...: the repository's ``configs/``), which works from any directory. ``--module``
+imports a module of your own first (its registered task, optimizer, estimator, ...; or list it
+in ``config.modules``; docs/extending.md). Rerunning with
 the same workdir resumes from the latest checkpoint. Particles are sharded over every visible
 device (``--config.num_devices`` to limit; on a CPU, ``--cpu_devices=4`` runs the CPU as four
 devices, README "Speed on a CPU"); ``--multihost`` joins a multi-process run first (see README,
@@ -25,13 +27,15 @@ import sys
 import jax  # noqa: E402
 from absl import flags, logging  # noqa: E402
 
-from lopt.cli.common import define_config  # noqa: E402
+from lopt.cli.common import define_config, import_user_modules  # noqa: E402
+from lopt.training import config as config_lib  # noqa: E402
 from lopt.training import distributed, loop  # noqa: E402
 from lopt.training.checkpoint import CheckpointError, describe_latest  # noqa: E402
 from lopt.training.faults import WriteFailed  # noqa: E402
 from lopt.training.preemption import Interrupted  # noqa: E402
 from lopt.training.workdir import WorkdirInUseError  # noqa: E402
 from tasks.registry import ConfigError  # noqa: E402
+from tasks.user_code import merge  # noqa: E402
 
 _CONFIG = define_config("config", "quickstart", "Experiment config: a file's path or a shipped "
                         "config's name.")
@@ -105,7 +109,11 @@ def main(argv):
 
 def _train() -> int:
     try:  # the config loaded while flags parsed (lopt.cli.common.ConfigParser)
-        summary = loop.train(_CONFIG.value, _WORKDIR.value, progress=_PROGRESS.value)
+        config = _CONFIG.value
+        modules = import_user_modules()  # recorded in config.json with the config's own
+        if modules:
+            config = config_lib.with_modules(config, merge(config.get("modules") or (), modules))
+        summary = loop.train(config, _WORKDIR.value, progress=_PROGRESS.value)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

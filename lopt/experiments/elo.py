@@ -88,6 +88,7 @@ class Options:
     cl_period: int | None = None
     cl_min_periods: int = 2
     cl_max_periods: int = 3
+    modules: tuple[str, ...] = ()  # the user's modules (--module): every run's config lists them
 
 
 #: Per budget, the ablation's options (``overrides`` as a dict); the report prints them as the
@@ -170,6 +171,11 @@ def settings(o: Options) -> dict:
     naive = override(load_config(o.naive_config, "--naive_config"), o.overrides)
     if "unroll.horizon.length" not in dict(o.overrides):
         naive.unroll.horizon.length = naive.unroll.trunc_length  # naive: H = N, whatever N is
+    if o.modules:  # recorded in each run's config.json, so the runs resume and export alone
+        from lopt.training.config import with_modules
+        from tasks.user_code import merge
+
+        elo, naive = (with_modules(c, merge(c.get("modules") or (), o.modules)) for c in (elo, naive))
     if o.outer_steps is not None:
         elo.num_outer_steps = naive.num_outer_steps = o.outer_steps
     for c in (elo, naive):  # the table evaluates each export at H and 10 H itself (below)

@@ -3,6 +3,8 @@
 A config has these sections; every component section names a registry entry and passes the
 rest of its keys as that component's options:
 
+    modules: optional, the user's modules (dotted names or .py paths) imported before any name
+                        is looked up, so components of one's own resolve (tasks.user_code)
     seed: int                   num_outer_steps: int
     log_every: int              checkpoint_every: int
     checkpoint_keep: int (optional, 2): the newest checkpoints kept
@@ -18,6 +20,8 @@ rest of its keys as that component's options:
                      meta_loss: {split, normalize, clip},
                      trunc_schedule: None or {name: "log_uniform", low: 5, high: 50},
                      replay: optional {capacity, p_threshold}           -> estimators.resets.ELOReplay
+                     reset: optional {name: "fresh", ...}                -> estimators.resets.get
+                                 (a reset policy by name; replay is ELO's, the default fresh)
                      behaviour_cloning: optional {teacher, schedule}     -> lopt.wrappers.BehaviourCloning
                      self_improving: optional {teachers, schedule, initial_prob}
                                                                         -> lopt.wrappers.SelfImproving}
@@ -49,12 +53,13 @@ from ml_collections import FieldReference
 import estimators
 import lopt
 import tasks
-from estimators import schedules
+from estimators import resets, schedules
 from estimators.base import UnrollMismatch
 from estimators.imitation import Imitation
 from estimators.resets import ELOReplay, FreshReset
 from estimators.meta_loss import MetaLoss
 from lopt.wrappers import BehaviourCloning, SelfImproving
+from tasks import user_code
 from tasks.registry import ConfigError, check_kwargs
 
 TOP_LEVEL = {
@@ -70,6 +75,7 @@ TOP_LEVEL = {
 }
 # Optional top-level keys and their defaults.
 OPTIONAL = {
+    "modules": (),  # the user's modules that register components (tasks.user_code)
     "num_devices": 0,  # devices to shard particles over (0: all visible, all hosts)
     "curriculum": None,  # Curriculum options plus `enabled` (see curriculum())
     "imitation": None,  # estimators.imitation.Imitation options plus `enabled` (Chen et al. 2020)
@@ -80,7 +86,7 @@ OPTIONAL = {
 }
 UNROLL_KEYS = {
     "num_particles", "trunc_length", "horizon", "meta_loss", "stagger", "trunc_schedule",
-    "replay", "behaviour_cloning", "self_improving",
+    "replay", "reset", "behaviour_cloning", "self_improving",
 }
 
 
@@ -197,8 +203,65 @@ def meta_optimizer(section: Any) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(clip), opt) if clip else opt
 
 
+def load_modules(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """Import ``config.modules`` (the user's modules registering components) and return them
+    as recorded; a module that is missing or fails to import is a one-line ConfigError."""
+    entries = config.get("modules", ()) or ()
+    if isinstance(entries, str) or not isinstance(entries, (tuple, list)):
+        raise ConfigError(f"config.modules: a tuple of module names or .py paths, got {entries!r}")
+    return user_code.import_modules(entries, "config.modules")
+
+
+def _named_sections(config: ml_collections.ConfigDict) -> list[tuple[str, Any, Any]]:
+    """Where ``config`` names a registered component: (section path, section, registry)."""
+    unroll = as_dict(config.unroll, "unroll") if "unroll" in config else {}
+    out = [("task", config.get("task"), tasks.REGISTRY), ("lopt", config.get("lopt"), lopt.REGISTRY),
+           ("estimator", config.get("estimator"), estimators.REGISTRY),
+           ("unroll.horizon", unroll.get("horizon"), schedules.REGISTRY),
+           ("unroll.trunc_schedule", unroll.get("trunc_schedule"), schedules.REGISTRY),
+           ("unroll.reset", unroll.get("reset"), resets.REGISTRY)]
+    evaluation = config.get("eval")
+    sections = (dict, ml_collections.ConfigDict)
+    eval_tasks = evaluation.get("tasks") if isinstance(evaluation, sections) else None
+    for label, section in (as_dict(eval_tasks, "eval.tasks") if eval_tasks else {}).items():
+        out.append((f"eval.tasks.{label}", section, tasks.REGISTRY))
+    return out
+
+
+def user_modules(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """``config.modules`` and the modules that registered the components ``config`` names
+    (its task, learned optimizer, estimator, schedules, reset policy, evaluation tasks) when
+    they are not the package's own: what a run records in ``config.json`` so that resuming,
+    exporting and evaluating it import them again."""
+    found = []
+    for _, section, registry in _named_sections(config):
+        name = section.get("name") if isinstance(section, (dict, ml_collections.ConfigDict)) else None
+        origin = registry.origin(name) if isinstance(name, str) else None
+        entry = origin and user_code.entry_of(origin.module, origin.file)
+        if entry:
+            found.append(entry)
+    return user_code.merge(config.get("modules", ()) or (), found)
+
+
+def with_modules(config: ml_collections.ConfigDict, entries) -> ml_collections.ConfigDict:
+    """A copy of ``config`` whose ``modules`` are ``entries`` (a tuple), other keys unchanged."""
+    import copy
+
+    entries = tuple(entries)
+    if not entries and "modules" not in config:
+        return config
+    out = copy.deepcopy(config)
+    with out.unlocked():
+        if "modules" in out:
+            del out["modules"]
+        out.modules = tuple(entries)
+    return out
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
-    """Raise ConfigError for unknown or missing top-level keys and unknown unroll options."""
+    """Raise ConfigError for unknown or missing top-level keys and unknown unroll options
+    (after importing ``config.modules``, so the names they register resolve)."""
+    load_modules(config)
     for key in config.keys():
         if key not in TOP_LEVEL and key not in OPTIONAL:
             valid = ", ".join(sorted([*TOP_LEVEL, *OPTIONAL]))
@@ -301,9 +364,15 @@ def inner_update(config: ml_collections.ConfigDict, learned_opt: Any) -> Any:
 
 
 def reset_policy(config: ml_collections.ConfigDict) -> Any:
-    """``unroll.replay`` -> ELO's replay buffer, else fresh resets."""
+    """``unroll.reset`` -> the reset policy it names; ``unroll.replay`` -> ELO's replay buffer
+    (the shorthand the ELO configs use); else fresh resets."""
     unroll = as_dict(config.unroll, "unroll")
     options = section_options(unroll.get("replay"), "unroll.replay", ELOReplay)
+    if unroll.get("reset"):
+        if options is not None:
+            raise ConfigError("config.unroll: replay and reset both choose the reset policy; set "
+                              "one (replay is reset={name: 'elo_replay', ...})")
+        return _component(resets.get, unroll["reset"], "unroll.reset")
     return FreshReset() if options is None else _build(ELOReplay, options, "unroll.replay")
 
 
@@ -357,7 +426,8 @@ def build(config: ml_collections.ConfigDict, mesh=None):
         if isinstance(e, ConfigError):
             raise
         raise ConfigError(f"config.unroll: {e}") from None
-    try:  # what the estimator needs of the unroll (estimators.base.check_unroll)
+    try:  # what the estimator needs of the unroll (estimators.base.check_unroll), and the
+        # components' contracts (estimators.contract: traced with eval_shape, nothing compiles)
         return MetaTrainer(unroller, estimator(config), meta_optimizer(config.meta_optimizer), mesh)
     except UnrollMismatch as e:
         raise ConfigError(f"config.{e.key}: {e}") from None

@@ -363,6 +363,8 @@ class Exporter(Hook):
         }
         if "curriculum" in run.summary:
             metadata["curriculum"] = run.summary["curriculum"]
+        if config.get("modules"):  # the user's modules: lopt-eval imports them
+            metadata["modules"] = list(config.modules)
         params = run.export_params
         if params is None:
             params = distributed.to_host(run.state.meta_params)

@@ -48,6 +48,7 @@ from lopt.training.hooks import (  # noqa: F401  (re-exported: the loop's public
     read_metrics,
 )
 from lopt.training.metrics_log import MetricsLog, window_row  # noqa: F401
+from tasks import user_code
 from tasks.registry import ConfigError
 
 
@@ -90,12 +91,17 @@ def train(
     ``faults.WriteFailed`` when a write failed (half-written checkpoint removed). Each says
     what happened in one line.
     """
+    # A resumed run imports the user's modules its first run recorded (config.json), so
+    # rerunning it needs no --module; config.json then records every module the run needs.
+    config = config_lib.with_modules(config, user_code.merge(
+        config.get("modules", ()) or (), workdir_lib.recorded_modules(workdir)))
     config_lib.validate(config)
     try:
         mesh = distributed.particle_mesh(config.get("num_devices", 0))
     except ValueError as e:
         raise ConfigError(f"config.num_devices: {e}") from None
     trainer = config_lib.build(config, mesh=mesh)  # fails on bad keys/values before anything else
+    config = config_lib.with_modules(config, config_lib.user_modules(config))
     curriculum = config_lib.curriculum(config)
     evaluation = config_lib.eval_options(config)
     eval_tasks = config_lib.eval_tasks(config, trainer.task_family) if evaluation else None

@@ -13,6 +13,10 @@ gradient, reported as ``metrics["objective"]``, updates its own objective's stat
 objective whose gradients are orders of magnitude larger cannot take over the other's Adam
 moments (DESIGN.md, "Each objective keeps its own meta-optimizer state").
 
+Building a trainer checks, before anything is traced for real, what the estimator needs of the
+unroll (``estimators.base.check_unroll``) and every component against its contract
+(``estimators.contract.check_components``: traced with ``jax.eval_shape``), each failure one line.
+
 Particles are sharded over a 1-D mesh (one device: a mesh of one) with ``jax.shard_map``;
 each estimator declares which of its state leaves are per-particle (``Estimator.partition``),
 everything else is replicated. Meta-gradients are averaged with ``lax.pmean``.
@@ -34,6 +38,7 @@ from jax.sharding import PartitionSpec as P
 from estimators import keys as keys_lib
 from estimators import threefry
 from estimators.base import Estimator, at_stage, check_unroll
+from estimators.contract import check_components
 from estimators.schedules import Schedule
 from estimators.unroll import Unroller
 from lopt.wrappers import unwrap
@@ -121,6 +126,8 @@ class MetaTrainer:
                     f"MetaTrainer shards particles over a 1-D mesh; got axes {self.mesh.axis_names}"
                 )
         check_unroll(self.estimator, self.unroller, 1 if self.mesh is None else self.mesh.size)
+        # Every component against its contract, one line each (traced, never compiled).
+        check_components(self.unroller, self.estimator)
 
     @classmethod
     def create(

@@ -17,6 +17,7 @@ import logging
 import os
 import socket
 
+
 class WorkdirInUseError(RuntimeError):
     """Another run is writing this workdir (the message is one line)."""
 
@@ -74,3 +75,14 @@ def lock(workdir: str) -> WorkdirLock:
     }))
     handle.flush()
     return WorkdirLock(path, handle)
+
+
+def recorded_modules(workdir: str) -> tuple[str, ...]:
+    """The user's modules an earlier run in ``workdir`` recorded (``config.json``'s
+    ``modules``), or () when there is none or it cannot be read."""
+    try:
+        with open(os.path.join(workdir, "config.json")) as f:
+            modules = json.load(f).get("modules") or ()
+    except (OSError, ValueError, AttributeError):
+        return ()
+    return tuple(m for m in modules if isinstance(m, str))
