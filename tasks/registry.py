@@ -126,9 +126,8 @@ class Registry(Generic[T]):
             close = difflib.get_close_matches(name, self._factories, n=1)
             hint = f" Did you mean '{close[0]}'?" if close else ""
             raise ConfigError(
-                f"unknown {self.kind} '{name}'.{hint} Registered: {', '.join(self._factories)}."
-                " A component of your own is registered when its module is imported: pass "
-                "--module=your.module (or list it in config.modules)."
+                f"unknown {self.kind} '{name}'.{hint} Registered: {', '.join(self._factories)}"
+                " (one of your own: --module=your.module)."
             )
         return self._factories[name]
 
