@@ -145,10 +145,7 @@ def save(path: str | os.PathLike, learned_opt: LearnedOptimizer, meta_params: Me
     if len(tensors) != len(leaves) or "" in tensors:  # a root leaf, or keys that contain "/"
         raise ExportError("meta-params must be nested dicts/lists whose keys do not contain '/' "
                           f"(tensor names {sorted(map(_name, leaves))} are not unique)")
-    try:
-        lopt_version = importlib.metadata.version("lopt")
-    except importlib.metadata.PackageNotFoundError:
-        lopt_version = ""
+    lopt_version = next((d.version for d in importlib.metadata.distributions(name="lopt")), "")
     versions = {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
                 "numpy": np.__version__, "safetensors": safetensors.__version__}
     header = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION),
@@ -160,8 +157,7 @@ def save(path: str | os.PathLike, learned_opt: LearnedOptimizer, meta_params: Me
         data = safetensors.numpy.save(tensors, metadata=header)
     except Exception as e:  # e.g. a dtype safetensors cannot store
         raise ExportError(f"cannot write the meta-params as safetensors: {e}") from e
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
+    os.makedirs(directory := os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -264,11 +260,10 @@ def _architecture(arch: dict, learned_opt: LearnedOptimizer | None, path: str,
     except Exception:
         file_config = config
     if req_config != file_config:
-        u = "<unset>"
+        f, r = ({k: repr(c.get(k, "<unset>")) for k in set(file_config) | set(req_config)}
+                for c in (file_config, req_config))
         raise ArchitectureMismatchError(mismatch + "; options differ: " + ", ".join(
-            f"{k} ({file_config.get(k, u)!r} in the export, {req_config.get(k, u)!r} requested)"
-            for k in sorted(set(file_config) | set(req_config))
-            if file_config.get(k, u) != req_config.get(k, u)))
+            f"{k} ({f[k]} in the export, {r[k]} requested)" for k in sorted(f) if f[k] != r[k]))
     return learned_opt
 
 

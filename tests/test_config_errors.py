@@ -61,7 +61,15 @@ def _run(override: str, tmp_path, env=None, args=()):
     return proc, time.perf_counter() - t0, workdir
 
 
-@pytest.mark.parametrize("override,message", CASES, ids=[c[0] for c in CASES])
+def _every_third(cases, key=lambda c: c[0]):
+    """Each case is a subprocess of ~2 s (Python and JAX starting) that compiles nothing: every
+    third runs in the fast suite, the others with ``make test-slow`` (the same code path)."""
+    return [pytest.param(*(c if isinstance(c, tuple) else (c,)), id=key(c),
+                         marks=() if i % 3 == 0 else pytest.mark.slow)
+            for i, c in enumerate(cases)]
+
+
+@pytest.mark.parametrize("override,message", _every_third(CASES))
 def test_bad_value_is_one_line_before_anything_runs(override, message, tmp_path):
     proc, seconds, workdir = _run(override, tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
@@ -78,7 +86,7 @@ EVAL_CASES = [
 ]
 
 
-@pytest.mark.parametrize("override,message", EVAL_CASES, ids=[c[0] for c in EVAL_CASES])
+@pytest.mark.parametrize("override,message", _every_third(EVAL_CASES))
 def test_bad_eval_value_is_one_line_before_anything_runs(override, message, tmp_path):
     proc, _, workdir = _run(override, tmp_path, args=["--config.eval.enabled=True"])
     assert proc.returncode == 2, proc.stderr[-2000:]
@@ -103,7 +111,7 @@ BAD_FILES = {
 }
 
 
-@pytest.mark.parametrize("name", list(BAD_FILES))
+@pytest.mark.parametrize("name", _every_third(list(BAD_FILES), key=str))
 def test_bad_config_file_is_one_line(name, tmp_path):
     """ml_collections defers a config file's load failure to first use or wraps it in a
     traceback; the user sees one line naming the file."""

@@ -48,7 +48,9 @@ def test_the_page_s_code_is_the_examples_code_and_the_readme_links_it():
 
 
 @pytest.mark.parametrize("example, task, extra", [
-    ("rosenbrock", "rosenbrock2d", ["--config.lopt.hidden_size=4"]),
+    # rosenbrock.py also runs in the end-to-end user-module test below, in the fast suite.
+    pytest.param("rosenbrock", "rosenbrock2d", ["--config.lopt.hidden_size=4"],
+                 marks=pytest.mark.slow),
     ("momentum_lopt", "quadratic", []),
     ("vanilla_es", "quadratic", ["--config.lopt.hidden_size=4"]),
     ("latest_replay", "quadratic", ["--config.lopt.hidden_size=4"]),
@@ -103,7 +105,7 @@ ABLATE_TINY = ["--set=lopt.hidden_size=4", "--set=lopt.hidden_layers=1",
                "--outer_steps=2", "--seeds=2", "--factor=2", "--lrs=0.01,0.1", "--noprogress"]
 
 
-def test_a_user_module_task_trains_resumes_exports_evaluates_and_ablates(tmp_path):
+def test_a_user_module_task_trains_resumes_exports_and_evaluates(tmp_path):
     shutil.copy(os.path.join(EXAMPLES, "rosenbrock.py"), tmp_path / "my_tasks.py")
     (tmp_path / "my_config.py").write_text(MY_CONFIG)
 
@@ -123,6 +125,10 @@ def test_a_user_module_task_trains_resumes_exports_evaluates_and_ablates(tmp_pat
            "--out=eval", cwd=tmp_path)
     assert json.loads((tmp_path / "eval" / "results.json").read_text())["task"] == "rosenbrock2d"
 
+
+@pytest.mark.slow  # ~25 s: the ablation meta-trains and tunes again (the same --module path)
+def test_a_user_module_task_ablates(tmp_path):
+    shutil.copy(os.path.join(EXAMPLES, "rosenbrock.py"), tmp_path / "my_tasks.py")
     for name in ("naive", "elo"):
         (tmp_path / f"my_{name}.py").write_text(ABLATION_CONFIG.format(name=name))
     script("ablate", "--module=my_tasks", "--naive_config=my_naive.py", "--elo_config=my_elo.py",

@@ -117,6 +117,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == [step, f"{step}.files.json"]
 
 
+@pytest.mark.slow  # ~20 s, most of it the heartbeat wait
 def test_a_lost_process_is_one_line_on_the_survivor_within_the_heartbeat(tmp_path):
     """kill -9 process 1 mid-run: process 0 does not hang; within --heartbeat_timeout/2 (plus
     a beat) it names the lost process and the last intact checkpoint, and exits 75."""

@@ -108,23 +108,28 @@ def test_rerun_reuses_finished_runs(tiny):
         assert again[method]["eval"] == results["methods"][method]["eval"]  # same exports, same keys
 
 
+SLOW = pytest.mark.slow
+
+
+# Each case is a ~2 s subprocess that compiles nothing: every third runs in the fast suite,
+# the others with `make test-slow`.
 @pytest.mark.parametrize(
     "args, needle",
     [
         (["--methods=adamw,sgd"], "unknown sgd"),
-        (["--set=unroll.particles=4"], "no key unroll.particles"),
-        (["--set=optimizer.lr=1"], "no section optimizer"),
+        pytest.param(["--set=unroll.particles=4"], "no key unroll.particles", marks=SLOW),
+        pytest.param(["--set=optimizer.lr=1"], "no section optimizer", marks=SLOW),
         (["--set=seed"], "key=value"),
-        (["--set=unroll.num_particles=four"], "unroll.num_particles"),
-        (["--cl_stages=8,4"], "increasing"),
+        pytest.param(["--set=unroll.num_particles=four"], "unroll.num_particles", marks=SLOW),
+        pytest.param(["--cl_stages=8,4"], "increasing", marks=SLOW),
         (["--cl_period=0"], "--cl_period >= 1"),
-        (["--set=unroll.horizon.name=linear"], "constant meta-training horizon"),
-        (["--lrs=0.1,-1"], "positive"),
+        pytest.param(["--set=unroll.horizon.name=linear"], "constant meta-training horizon", marks=SLOW),
+        pytest.param(["--lrs=0.1,-1"], "positive", marks=SLOW),
         (["--seeds=0"], "--seeds must be >= 1"),
-        (["--tune_seed_offset=1000001"], "overlapping instances"),
-        (["--nonsense=1"], "nonsense"),
+        pytest.param(["--tune_seed_offset=1000001"], "overlapping instances", marks=SLOW),
+        pytest.param(["--nonsense=1"], "nonsense", marks=SLOW),
         (["--elo_config=elo_mnistt"], "--elo_config: no shipped config named 'elo_mnistt' (shipped: "),
-        (["--naive_config=nowhere/naive.py"], "--naive_config: no such config file: nowhere/naive.py"),
+        pytest.param(["--naive_config=nowhere/naive.py"], "--naive_config: no such config file: nowhere/naive.py", marks=SLOW),
     ],
 )
 def test_bad_flags_are_one_line_errors(tmp_path, args, needle):

@@ -95,6 +95,7 @@ def test_a_resumed_run_continues_the_same_series(reference, tmp_path, monkeypatc
     assert _eval_rows(workdir) == _eval_rows(reference[0])
 
 
+@pytest.mark.slow  # ~15 s; the resume path itself is test_a_resumed_run_continues_the_same_series
 def test_an_evaluation_lost_at_an_interrupt_is_made_up(reference, tmp_path):
     """A run killed after its step-4 checkpoint but before the step-4 eval row reached
     metrics.jsonl: the resumed run evaluates step 4 first (its state is the checkpoint's)."""

@@ -138,7 +138,11 @@ CASES = {  # injection, errno, the outer step it fails at, the last intact check
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
+# The checkpoint and metrics writes in the fast suite; the others, through the same fault path
+# (faults.WriteFailed), with `make test-slow`.
+@pytest.mark.parametrize("case", [
+    pytest.param(c, marks=() if c in ("checkpoint", "metrics") else pytest.mark.slow)
+    for c in CASES])
 def test_a_failed_write_is_one_line_and_the_run_resumes(case, tmp_path, monkeypatch, reference):
     """The write fails (checkpoints every 2 steps): train() raises one line naming the path,
     the errno, the free space and the last intact checkpoint, no temporary checkpoint is

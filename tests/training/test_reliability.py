@@ -73,7 +73,9 @@ def _remove(path):
     os.remove(path)
 
 
-@pytest.mark.parametrize("damage", ["overwrite", "truncate", "remove"])
+@pytest.mark.parametrize("damage", [  # one in the fast suite: the same fallback path
+    pytest.param("overwrite", marks=pytest.mark.slow), "truncate",
+    pytest.param("remove", marks=pytest.mark.slow)])
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(damage, tmp_path, reference):
     """Damage the step-4 checkpoint (array data overwritten, a data file cut in half, or a
     metadata file deleted): the restart names it, keeps it as 4.corrupt, resumes from step 2 and
