@@ -227,7 +227,7 @@ class Imitation:
                 (loss, _), grads = jax.value_and_grad(task.loss, argnums=1, has_aux=True)(
                     ep.spec, params, batch)
                 u_t, t_next = teacher.update(grads, t_state, params)
-                u_lo, lo_next = opt.update(grads, lo_state, params, loss=loss)
+                u_lo, lo_next = opt.update(grads, lo_state, params, value=loss)
                 u_t = jax.lax.stop_gradient(u_t)  # the label: eq. (1)'s dtheta^O_t
                 d = sq_norm(jax.tree.map(lambda a, b: jnp.asarray(a, jnp.float32) - b, u_lo, u_t))
                 new = (jax.lax.stop_gradient(optax.apply_updates(params, u_t)), lo_next, t_next)

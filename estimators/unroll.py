@@ -307,7 +307,7 @@ class Unroller:
             grads = jax.lax.stop_gradient(grads)
         opt = self.learned_opt.optimizer(meta_params)
         updates, opt_state = opt.update(
-            grads, ps.opt_state, ps.params, loss=loss, outer_step=outer_step, key=k_update
+            grads, ps.opt_state, ps.params, value=loss, outer_step=outer_step, key=k_update
         )
         params = optax.apply_updates(ps.params, updates)
         return ParticleState(ps.spec, params, opt_state, ps.step + 1, ps.length, ps.init_loss), loss

@@ -6,8 +6,12 @@ and behaviour cloning, and end users' training loops all use one code path:
 
     opt = learned_opt.optimizer(meta_params)
     state = opt.init(params)
-    updates, state = opt.update(grads, state, params, loss=loss)
+    updates, state = opt.update(grads, state, params, value=loss)
     params = optax.apply_updates(params, updates)
+
+The loss travels as ``value=``, optax's own name (``reduce_on_plateau``, the zoom line search),
+so one call also feeds optax's value-aware transformations chained with a learned optimizer;
+the inner loop adds ``outer_step=`` and ``key=``, which an update may ignore (``**extra_args``).
 """
 
 from __future__ import annotations

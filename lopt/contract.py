@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from tasks.contract import KEY, ContractError, check_arrays, check_static, describe, path_of
 
 #: The keyword arguments the inner loop passes to ``update`` (estimators.unroll.Unroller).
-UPDATE_KWARGS = ("loss", "outer_step", "key")
+UPDATE_KWARGS = ("value", "outer_step", "key")
 #: Params to check an optimizer on when no task gives its own: a dense layer.
 DEFAULT_PARAMS = {"b": jax.ShapeDtypeStruct((2,), jnp.float32),
                   "w": jax.ShapeDtypeStruct((3, 2), jnp.float32)}
@@ -67,14 +67,14 @@ def check_learned_optimizer(learned_opt: Any, params: Any = None, what: str | No
                                 "it must be an optax.GradientTransformationExtraArgs (init, update)")
         state = opt.init(params)
         grads = jax.tree.map(jnp.zeros_like, params)
-        extra = dict(loss=jnp.zeros([], jnp.float32), outer_step=jnp.zeros([], jnp.int32), key=key)
+        extra = dict(value=jnp.zeros([], jnp.float32), outer_step=jnp.zeros([], jnp.int32), key=key)
         try:
             out = opt.update(grads, state, params, **extra)
         except TypeError as e:
             if "argument" not in str(e):
                 raise
             raise ContractError(
-                f"{what}: update(grads, state, params, loss=, outer_step=, key=) raised "
+                f"{what}: update(grads, state, params, value=, outer_step=, key=) raised "
                 f"TypeError: {' '.join(str(e).split())}; the inner loop passes these keywords: "
                 "make it an optax.GradientTransformationExtraArgs whose update takes "
                 "**extra_args") from None

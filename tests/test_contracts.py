@@ -13,6 +13,7 @@ from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 
@@ -227,7 +228,7 @@ CASES = [
      "(tests.test_contracts.Sgd): update(...)'s new state.count is float32[] where init(params)'s "
      "state.count is int32[]; lax.scan carries the state"),
     ("extra args", dict(learned_opt=Sgd("no_extra_args")), "learned optimizer 'sgd' "
-     "(tests.test_contracts.Sgd): update(grads, state, params, loss=, outer_step=, key=) raised "
+     "(tests.test_contracts.Sgd): update(grads, state, params, value=, outer_step=, key=) raised "
      "TypeError"),
     ("meta-params", dict(learned_opt=Sgd("int_meta_params")), "learned optimizer 'sgd' "
      "(tests.test_contracts.Sgd): init(key)['log_lr'] has dtype int32, not a float"),
@@ -288,6 +289,42 @@ def test_the_package_s_own_components_meet_their_contracts():
         est = estimators.get(name)
         reset = resets.get("elo_replay", capacity=2) if name == "es" else resets.FreshReset()
         check_components(dataclasses.replace(trainer().unroller, num_particles=4, reset=reset), est)
+
+
+def _reads_value() -> optax.GradientTransformationExtraArgs:
+    """An optax-style transformation whose update requires the loss as ``value=``, as optax's
+    value-aware ones do (``reduce_on_plateau``, the zoom line search); it adds nothing."""
+
+    def update_fn(updates, state, params=None, *, value, **extra):
+        del params, extra
+        return jax.tree.map(lambda u: u + 0.0 * value, updates), state
+
+    return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update_fn)
+
+
+@dataclasses.dataclass(frozen=True)
+class SgdReadingValue(Sgd):
+    """:class:`Sgd` chained with a transformation that reads ``value=``."""
+
+    def optimizer(self, meta_params):
+        return optax.chain(super().optimizer(meta_params), _reads_value())
+
+
+def test_the_loss_reaches_optax_s_value_aware_transformations():
+    """DESIGN.md: the inner loop passes the loss as ``value=`` (optax's name), so a learned
+    optimizer chained with a value-aware optax transformation meta-trains; under another
+    keyword its update raises for the missing ``value`` (the contract check says so)."""
+    t = trainer(learned_opt=SgdReadingValue())
+    _, metrics = t.step(t.init(jax.random.key(0)))
+    assert np.isfinite(float(metrics["meta_loss"]))
+    # The same call drives optax's own reduce_on_plateau in a user's loop.
+    opt = optax.chain(Sgd().optimizer(Sgd().init(jax.random.key(0))),
+                      optax.contrib.reduce_on_plateau(patience=1, factor=0.5))
+    params = {"x": jnp.ones(2)}
+    opt_state = opt.init(params)
+    for loss in (1.0, 2.0, 3.0, 4.0):  # no improvement: the plateau halves the scale
+        _, opt_state = opt.update(params, opt_state, params, value=jnp.float32(loss))
+    assert float(opt_state[1].scale) < 1.0
 
 
 BROKEN_CONFIG = textwrap.dedent('''

@@ -104,7 +104,7 @@ def _run_one(
         batch = task.batch(spec, k, "train")
         (loss, _), grads = grad_fn(spec, params, batch)
         if extra_args:
-            updates, opt_state = optimizer.update(grads, opt_state, params, loss=loss)
+            updates, opt_state = optimizer.update(grads, opt_state, params, value=loss)
         else:
             updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)

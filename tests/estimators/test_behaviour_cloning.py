@@ -128,7 +128,7 @@ def _reference(alpha: float):
     for t in range(T):
         batch = TASK.batch(ps.spec, batch_keys[t], "train")
         loss, g = jax.value_and_grad(lambda p: TASK.loss(ps.spec, p, batch)[0])(params)
-        u_lo, lo_state = lo.update(g, lo_state, params, loss=loss)
+        u_lo, lo_state = lo.update(g, lo_state, params, value=loss)
         u_adam, adam_state = adam.update(g, adam_state, params)
         dist = sum(float(jnp.sum((a - b) ** 2)) for a, b in zip(jax.tree.leaves(u_lo), jax.tree.leaves(u_adam)))
         bc = np.log1p(dist / sum(float(jnp.sum(a**2)) for a in jax.tree.leaves(u_adam)))

@@ -109,7 +109,7 @@ def _jax_trajectory(path: str) -> np.ndarray:
     def step(carry, _):
         params, state = carry
         loss, grads = jax.value_and_grad(_jax_loss)(params, x, y)
-        updates, state = opt.update(grads, state, params, loss=loss)
+        updates, state = opt.update(grads, state, params, value=loss)
         params = optax.apply_updates(params, updates)
         return (params, state), jnp.concatenate([params[k].ravel() for k in NAMES])
 
