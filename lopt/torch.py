@@ -20,14 +20,23 @@ learned_optimization). Other architectures (``lstm_dm``, ``rnnprop``, ``hyper_ad
 Same numbers as JAX. Each class computes, per parameter tensor and in float32, exactly the
 update of its JAX module (``lopt/mlp.py``, ``lopt/adafac.py``, whose docstrings list the
 features): the same accumulators and decays, the features normalised by
-``x / sqrt(mean(x^2) + 1e-8)`` over the tensor's own elements, the time features
+``x / sqrt(mean(x^2) + norm_eps)`` over the tensor's own elements, the time features
 ``tanh(t / x - 1)`` of the number of steps taken before this one, adafac's reciprocal-sqrt
-epsilons (1e-6 for the second moment, 1e-8 for the factored accumulators) and its
-normalisation folded into the first layer, the ReLU MLP ``x @ w + b`` with the exported weights,
-and the update ``p <- p - d * exp(m * exp_mult) * lr`` with ``lr`` the export's ``step_mult``.
-Only float rounding differs (reduction order, library ``exp``/``tanh``/``rsqrt``);
-``tests/lopt/test_torch.py`` trains one model with both for 100 steps on the CPU and bounds the
-difference. (On accelerators, compare with full-float32 matmuls on both sides: a framework's
+epsilons (1e-6 for the second moment, 1e-8 for the factored accumulators), the ReLU MLP
+``x @ w + b`` with the exported weights, and the update ``p <- p - d * exp(m * exp_mult) * lr``
+with ``lr`` the export's ``step_mult``; also the options an import from learned_optimization
+sets (``lopt.importer``: ``norm_eps``, adafac's ``factored_order``, ``preconditioner``,
+``factored_grad_eps``, ``decay_param``). Only float rounding differs (reduction order, library
+``exp``/``tanh``/``rsqrt``); ``tests/lopt/test_torch.py`` trains one model with both for 100
+steps on the CPU and bounds the difference, ``tests/lopt/test_import.py`` compares an imported
+optimizer with learned_optimization's own steps.
+
+Speed (issue 25; ``scripts/benchmark_optimizers.py --framework=torch``). The normalisation and
+the time features are folded into the first layer's weights and bias; the MLP runs over
+:data:`CHUNK_ROWS` rows at a time with ``addmm`` and in-place ReLU into reused buffers, so its
+activations stay in cache, and its 2-wide output layer is computed transposed; adafac's 28
+features are written feature-major, a slab of :data:`SLAB_ROWS` entries at a time, with
+``out=`` arithmetic and no [numel, 39] matrix. (On accelerators, compare with full-float32 matmuls on both sides: a framework's
 default there may be a lower-precision mode such as TF32.)
 
 Layouts. The optimizer sees each parameter tensor with the shape it has; nothing is transposed.
@@ -232,43 +241,62 @@ class _LearnedOptimizerTorch(torch.optim.Optimizer):
 
 # --- the per-coordinate MLP over chunks of rows -------------------------------------------------
 
-#: Rows of features the MLP takes at a time: its activations ([rows, hidden] float32) then stay in
-#: the CPU's caches instead of making one [numel, hidden] round trip to memory per layer (which,
-#: with the bias add and ReLU as separate passes, was most of an update's time).
+#: Rows the MLP takes at a time: its activations ([rows, hidden] float32) then stay in the CPU's
+#: caches instead of making one [numel, hidden] round trip to memory per layer (which, with the
+#: bias add and ReLU as separate passes, was most of an update's time before).
 CHUNK_ROWS = 8192
+#: Entries of a tensor whose features adafac_mlp builds at once (28 x 131072 float32, 15 MB):
+#: few enough Python-level operations per entry, and small enough to be read back from cache.
+SLAB_ROWS = 1 << 17
 
 
 class _ChunkedMLP:
-    """Buffers for running one ReLU MLP over ``CHUNK_ROWS`` rows at a time: ``addmm`` (bias and
-    matmul in one pass) and in-place ReLU into preallocated activations, then the update
-    ``-d * exp(s * exp_mult) * lr`` of the two outputs (lopt/mlp.py, lopt/adafac.py)."""
+    """Buffers for one ReLU MLP: the features feature-major (``xt``: [n_in, rows], so writing
+    one feature of a tensor is a contiguous copy), and the activations of ``CHUNK_ROWS`` rows
+    at a time, computed with ``addmm`` (bias and matmul in one pass) and in-place ReLU; then the
+    update ``-d * exp(s * exp_mult) * lr`` of the two outputs (lopt/mlp.py, lopt/adafac.py)."""
 
     def __init__(self, layers: list[tuple[torch.Tensor, torch.Tensor]], n_in: int, device):
-        self.widths, self.n_in, self.device = [w.shape[1] for w, _ in layers], n_in, device
-        self.grow(CHUNK_ROWS)
+        self.n_in, self.device = n_in, device
+        self.h = [torch.empty((CHUNK_ROWS, w.shape[1]), dtype=torch.float32, device=device)
+                  for w, _ in layers[:-1]]
+        self.out = torch.empty((2, CHUNK_ROWS), dtype=torch.float32, device=device)
+        self.xt = torch.empty((n_in, 0), dtype=torch.float32, device=device)
 
-    def grow(self, rows: int) -> None:
-        """Make room for ``rows`` rows (a block can exceed ``CHUNK_ROWS`` when one line of a
-        tensor does)."""
-        if getattr(self, "x", None) is not None and self.x.shape[0] >= rows:
-            return
-        def empty(k):
-            return torch.empty((rows, k), dtype=torch.float32, device=self.device)
-        self.x = empty(self.n_in)
-        self.h = [empty(k) for k in self.widths]
+    def row_major(self, rows: int) -> torch.Tensor:
+        """A [rows, n_in] buffer (rows <= CHUNK_ROWS), for features copied from tensors that
+        are row-major already (mlp's momenta); ``__call__`` takes its transpose."""
+        if getattr(self, "x", None) is None:
+            self.x = torch.empty((CHUNK_ROWS, self.n_in), dtype=torch.float32, device=self.device)
+        return self.x[:rows]
 
-    def __call__(self, rows: int, layers, exp_mult: float, lr: float, out: torch.Tensor) -> None:
-        """``out`` (``rows`` entries) <- the update of the features in ``self.x[:rows]``;
-        ``layers[0]`` already holds the per-tensor normalisation and the time features."""
-        x = self.x[:rows]
-        for i, (w, b) in enumerate(layers):
-            h = self.h[i][:rows]
-            torch.addmm(b, x, w, out=h)
-            if i < len(layers) - 1:
+    def features(self, rows: int) -> torch.Tensor:
+        """The [n_in, rows] feature buffer (grown when a block needs more)."""
+        if self.xt.shape[1] < rows:
+            self.xt = torch.empty((self.n_in, rows), dtype=torch.float32, device=self.device)
+        return self.xt[:, :rows]
+
+    def __call__(self, xt: torch.Tensor, layers, exp_mult: float, lr: float,
+                 out: torch.Tensor) -> None:
+        """``out`` [rows] <- the update of the features ``xt`` [n_in, rows]; ``layers[0]``
+        already holds the per-tensor normalisation and the time features."""
+        rows = xt.shape[1]
+        (w_out, b_out), hidden = layers[-1], layers[:-1]
+        for i in range(0, rows, CHUNK_ROWS):
+            j = min(rows, i + CHUNK_ROWS)
+            x = xt[:, i:j].t()
+            for k, (w, b) in enumerate(hidden):
+                h = self.h[k][: j - i]
+                torch.addmm(b, x, w, out=h)
                 h.relu_()
-            x = h
-        direction, magnitude = x[:, 0], x[:, 1]
-        torch.mul(magnitude, exp_mult, out=out).exp_().mul_(direction).mul_(-lr)
+                x = h
+            # The 2-wide output layer as [2, rows] = W^T x^T: a [rows, 2] result is a GEMM shape
+            # BLAS runs ~6x slower per row. Its bias is added to each output row after, as
+            # x @ w + b adds it after the dot products.
+            o = self.out[:, : j - i]
+            torch.mm(w_out.t(), x.t(), out=o)
+            magnitude = o[1].add_(b_out[1]).mul_(exp_mult).exp_()
+            torch.add(o[0], b_out[0], out=out[i:j]).mul_(magnitude).mul_(-lr)
 
 
 def _first_layer(layers, scale: torch.Tensor, t_feats: torch.Tensor) -> list:
@@ -280,10 +308,10 @@ def _first_layer(layers, scale: torch.Tensor, t_feats: torch.Tensor) -> list:
     return [(scale[:, None] * w0[:n], t_feats @ w0[n:] + b0), *rest]
 
 
-def _sum_squares(x: torch.Tensor) -> torch.Tensor:
-    """Sum over the rows of x^2 per column of a [rows, n] chunk: squares rounded to float32 as
-    JAX rounds them, summed in float64 so that chunks add up without float32's loss."""
-    return x.square().sum(dim=0, dtype=torch.float64)
+def _sum_squares(xt: torch.Tensor) -> torch.Tensor:
+    """Sum of x^2 per feature of an [n, rows] block, in float64, so that blocks add up without
+    float32's loss; no [n, rows] temporary."""
+    return torch.linalg.vector_norm(xt, dim=1, dtype=torch.float64).square()
 
 
 def _rsqrt_mean(sum_sq: torch.Tensor, count: int, eps: float) -> torch.Tensor:
@@ -338,23 +366,28 @@ class MLPLOptTorch(_LearnedOptimizerTorch):
     def _update(self, p, grad, state, consts, lr):
         lo = self.learned_opt
         n = p.numel()
-        g = grad.to(torch.float32).reshape(n, 1)
-        w = p.to(torch.float32).reshape(n, 1)
+        g = grad.to(torch.float32).reshape(1, n)
+        w = p.to(torch.float32).reshape(1, n)
         k = len(lo.decays)
         m = state["momenta"].view(n, k)
-        m.mul_(consts["decays"]).add_(consts["one_minus_decays"] * g)
-        sum_sq = torch.cat([_sum_squares(g), _sum_squares(w), _sum_squares(m)])
+        m.mul_(consts["decays"]).add_(consts["one_minus_decays"] * g.view(n, 1))
+        sum_sq = torch.zeros(2 + k, dtype=torch.float64, device=p.device)
+        for i in range(0, n, SLAB_ROWS):  # squares of a slab at a time, summed in float64
+            j = min(n, i + SLAB_ROWS)
+            sum_sq[0:1] += g[:, i:j].square().sum(dim=1, dtype=torch.float64)
+            sum_sq[1:2] += w[:, i:j].square().sum(dim=1, dtype=torch.float64)
+            sum_sq[2:] += m[i:j].square().sum(dim=0, dtype=torch.float64)
         scale = _rsqrt_mean(sum_sq, n, lo.norm_eps)
         layers = _first_layer(consts["layers"], scale, self._time_features(state["step"], consts))
         mlp = self._mlp(consts, 2 + k, p.device)
         update = torch.empty(n, dtype=torch.float32, device=p.device)
         for i in range(0, n, CHUNK_ROWS):
             j = min(n, i + CHUNK_ROWS)
-            x = mlp.x[: j - i]
-            x[:, 0:1] = g[i:j]
-            x[:, 1:2] = w[i:j]
+            x = mlp.row_major(j - i)  # momenta are [n, k] row-major: copy rows, not columns
+            x[:, 0] = g[0, i:j]
+            x[:, 1] = w[0, i:j]
             x[:, 2:] = m[i:j]
-            mlp(j - i, layers, lo.exp_mult, lr, update[i:j])
+            mlp(x.t(), layers, lo.exp_mult, lr, update[i:j])
         return update.view(p.shape)
 
 
@@ -379,16 +412,17 @@ def _as_layout(x: torch.Tensor, pair, lam: tuple[int, int, int]) -> torch.Tensor
     return moved.reshape(-1, *moved.shape[-3:])
 
 
-def _blocks(lam: tuple[int, int, int]):
-    """(l0, l1, a0, a1): slices of the (L, A0, A1) layout of about ``CHUNK_ROWS`` entries each."""
+def _blocks(lam: tuple[int, int, int], size: int):
+    """(l0, l1, a0, a1): slices of the (L, A0, A1) layout of about ``size`` entries each (more
+    when one line of A1 entries is longer)."""
     big_l, a0_size, a1_size = lam
     per_l = a0_size * a1_size
-    if per_l <= CHUNK_ROWS:
-        step = max(1, CHUNK_ROWS // max(per_l, 1))
+    if per_l <= size:
+        step = max(1, size // max(per_l, 1))
         for l0 in range(0, big_l, step):
             yield l0, min(big_l, l0 + step), 0, a0_size
     else:
-        step = max(1, CHUNK_ROWS // max(a1_size, 1))
+        step = max(1, size // max(a1_size, 1))
         for l0 in range(big_l):
             for a0 in range(0, a0_size, step):
                 yield l0, l0 + 1, a0, min(a0_size, a0 + step)
@@ -416,8 +450,9 @@ class AdafacMLPLOptTorch(_LearnedOptimizerTorch):
     (``norm_eps``, ``factored_order``, ``preconditioner``, ``factored_grad_eps``,
     ``decay_param``) mean what they mean there.
 
-    The features are built twice, a block of about :data:`CHUNK_ROWS` entries at a time: once to
-    sum their squares (the normalisation), once to run the MLP, so no [numel, 28] matrix is
+    The features are written feature-major ([28, entries]), a block of at most
+    :data:`SLAB_ROWS` entries at a time; a tensor larger than that has them built twice, once to
+    sum their squares (the normalisation) and once to run the MLP, so no [numel, 28] matrix is
     ever held.
 
     State per parameter: ``step`` (int64), ``m``, ``rms`` and either ``row`` and ``col`` (the
@@ -529,71 +564,77 @@ class AdafacMLPLOptTorch(_LearnedOptimizerTorch):
         return axes
 
     def _factors(self, state, axes, pair, lam):
-        """The broadcast features' sources in the (L, A0, A1, nf) layout: (row, col, 1/sqrt(row),
-        1/sqrt(col), the two preconditioner factors whose product multiplies g and m (None when
-        the preconditioner is not separable and is built per block))."""
+        """What the features broadcast over a tensor, each in the (L, A0, A1, nf) layout: row,
+        col, 1/sqrt(row + 1e-8), 1/sqrt(col + 1e-8) and the preconditioner's pieces: the row
+        mean (Adafactor's v_hat, built per block), or learned_optimization's two factors."""
         lo = self.learned_opt
         lopt_style = lo.preconditioner == "learned_optimization"
         if axes is None:
-            v = _as_layout(state["v"], pair, lam)
-            row = col = v
-            if lopt_style:
-                g_pre = torch.rsqrt(torch.clamp_min(v + 1e-9, 1e-9))
-                return row, col, v, g_pre, torch.rsqrt(v + 1e-6)
-            return row, col, v, None, None
+            v = state["v"]
+            rv = _as_layout(torch.rsqrt(v + _RSQRT_EPS_FACTORED), pair, lam)
+            v = _as_layout(v, pair, lam)
+            pre = None
+            if lopt_style:  # g and m have factors of their own under 2-D
+                pre = (_as_layout(torch.rsqrt(torch.clamp_min(state["v"] + 1e-9, 1e-9)), pair, lam),
+                       _as_layout(torch.rsqrt(state["v"] + 1e-6), pair, lam))
+            return v, v, rv, rv, pre
         r, _ = axes
-        row_mean = state["row"].mean(dim=r, keepdim=True)
-        row, col = _as_layout(state["row"], pair, lam), _as_layout(state["col"], pair, lam)
+        row, col = state["row"], state["col"]
+        row_mean = row.mean(dim=r, keepdim=True)
         if lopt_style:
-            row_f = torch.rsqrt(torch.clamp_min(state["row"] / (row_mean + 1e-9), 1e-9))
-            col_f = torch.rsqrt(torch.clamp_min(state["col"], 1e-9))
-            return row, col, row_mean, _as_layout(row_f, pair, lam), _as_layout(col_f, pair, lam)
-        return row, col, _as_layout(row_mean, pair, lam), None, None
+            pre = (_as_layout(torch.rsqrt(torch.clamp_min(row / (row_mean + 1e-9), 1e-9)), pair, lam),
+                   _as_layout(torch.rsqrt(torch.clamp_min(col, 1e-9)), pair, lam))
+        else:
+            pre = _as_layout(row_mean + _RSQRT_EPS_FACTORED, pair, lam)
+        return (_as_layout(row, pair, lam), _as_layout(col, pair, lam),
+                _as_layout(torch.rsqrt(row + _RSQRT_EPS_FACTORED), pair, lam),
+                _as_layout(torch.rsqrt(col + _RSQRT_EPS_FACTORED), pair, lam), pre)
 
-    def _features(self, x, blk, src, factors, axes) -> None:
-        """Write the 28 features of one block (lopt/adafac.py's table, in its order) into the
-        rows ``x`` [entries, 28]."""
+    def _features(self, xt, blk, src, factors, axes) -> None:
+        """Write the 28 features of one block (lopt/adafac.py's table, in its order) into
+        ``xt`` [28, entries], each with the arithmetic of lopt/adafac.py's ``features``."""
         lo = self.learned_opt
         nm, nr, nf = len(lo.momentum_decays), len(lo.rms_decays), len(lo.factored_decays)
-        g, w, m, rms = (_block(t, *blk) for t in src)
-        row_l, col_l, extra, f1, f2 = factors
-        row, col = _block(row_l, *blk), _block(col_l, *blk)
-        shape = g.shape[:3]
-        xv = x.view(*shape, x.shape[-1])
-        rsqrt_rms = torch.rsqrt(rms + _RSQRT_EPS_RMS)
-        if f1 is not None and axes is None:  # lopt-style, unfactored: two different factors
-            g_pre, m_pre = g * _block(f1, *blk), m * _block(f2, *blk)
-        elif f1 is not None:  # lopt-style, factored: rsqrt(row / mean) * rsqrt(col)
-            pre = _block(f1, *blk) * _block(f2, *blk)
-            g_pre, m_pre = g * pre, m * pre
-        else:  # Adafactor's v_hat = row col / mean(row)
-            v_hat = row if axes is None else row * col / (_block(extra, *blk) + _RSQRT_EPS_FACTORED)
-            pre = torch.rsqrt(v_hat + _RSQRT_EPS_FACTORED)
-            g_pre, m_pre = g * pre, m * pre
+        g, w, m, rms = (_block(t, *blk).movedim(-1, 0) for t in src)  # [k, block...]
+        row, col, rrow, rcol, pre = factors
+        row, col, rrow, rcol = (_block(t, *blk).movedim(-1, 0) for t in (row, col, rrow, rcol))
+        shape = g.shape[1:]
+
+        def slot(i: int, width: int) -> torch.Tensor:
+            return xt[i : i + width].view(width, *shape)
+
         i = 0
         for part, width in ((g, 1), (w, 1), (m, nm), (rms, nr)):
-            xv[..., i : i + width] = part
+            slot(i, width).copy_(part)
             i += width
-        xv[..., i : i + nm * nr].view(*shape, nm, nr).copy_(
-            m[..., :, None] * rsqrt_rms[..., None, :]
-        )
-        i += nm * nr
-        for part, width in (
-            (rsqrt_rms, nr),
-            (g_pre, nf),
-            (m_pre, nf),
-            (row, nf),
-            (col, nf),
-            (torch.rsqrt(row + _RSQRT_EPS_FACTORED), nf),
-            (torch.rsqrt(col + _RSQRT_EPS_FACTORED), nf),
-        ):
-            xv[..., i : i + width] = part
-            i += width
+        m_div_rms, i = slot(i, nm * nr).view(nm, nr, *shape), i + nm * nr
+        rsqrt_rms, i = slot(i, nr), i + nr
+        torch.add(rms, _RSQRT_EPS_RMS, out=rsqrt_rms).rsqrt_()
+        torch.mul(m[:, None], rsqrt_rms[None], out=m_div_rms)
+        g_pre, m_pre, i = slot(i, nf), slot(i + nf, nf), i + 2 * nf
+        if isinstance(pre, tuple) and axes is None:  # learned_optimization's, under 2-D
+            torch.mul(g, _block(pre[0], *blk).movedim(-1, 0), out=g_pre)
+            torch.mul(m, _block(pre[1], *blk).movedim(-1, 0), out=m_pre)
+        elif isinstance(pre, tuple):  # learned_optimization's: g * rsqrt(row / mean) * rsqrt(col)
+            f_row, f_col = (_block(t, *blk).movedim(-1, 0) for t in pre)
+            torch.mul(g, f_row, out=g_pre).mul_(f_col)
+            torch.mul(m, f_row, out=m_pre).mul_(f_col)
+        else:  # Adafactor's: x / sqrt(v_hat + 1e-8), v_hat = row col / (mean(row) + 1e-8)
+            if axes is None:
+                torch.add(row, _RSQRT_EPS_FACTORED, out=m_pre)
+            else:
+                torch.mul(row, col, out=m_pre).div_(_block(pre, *blk).movedim(-1, 0))
+                m_pre.add_(_RSQRT_EPS_FACTORED)
+            m_pre.rsqrt_()
+            torch.mul(g, m_pre, out=g_pre)
+            m_pre.mul_(m)
+        for part in (row, col, rrow, rcol):
+            slot(i, nf).copy_(part)
+            i += nf
 
     def _update(self, p, grad, state, consts, lr):
         lo = self.learned_opt
         full = tuple(p.shape)
-        n_el = p.numel()
         g = grad.to(torch.float32)[..., None]
         w = p.to(torch.float32)[..., None]
         axes = self._accumulate(g, state, consts)
@@ -602,24 +643,22 @@ class AdafacMLPLOptTorch(_LearnedOptimizerTorch):
         factors = self._factors(state, axes, pair, lam)
         n = self._layers[0][0].shape[0] - len(lo.timescales)
         mlp = self._mlp(consts, n, p.device)
-        blocks = list(_blocks(lam))
-        mlp.grow(max((b[1] - b[0]) * (b[3] - b[2]) * lam[2] for b in blocks))
-        # Pass 1: the per-feature sums of squares over the tensor (the normalisation).
+        blocks = [(blk, (blk[1] - blk[0]) * (blk[3] - blk[2]) * lam[2])
+                  for blk in _blocks(lam, SLAB_ROWS)]
+        # The per-feature sums of squares over the tensor (the normalisation)...
         sum_sq = torch.zeros(n, dtype=torch.float64, device=p.device)
-        for blk in blocks:
-            rows = (blk[1] - blk[0]) * (blk[3] - blk[2]) * lam[2]
-            self._features(mlp.x[:rows], blk, src, factors, axes)
-            sum_sq += _sum_squares(mlp.x[:rows])
-        scale = _rsqrt_mean(sum_sq, n_el, lo.norm_eps)
+        for blk, rows in blocks:
+            self._features(mlp.features(rows), blk, src, factors, axes)
+            sum_sq += _sum_squares(mlp.features(rows))
+        scale = _rsqrt_mean(sum_sq, p.numel(), lo.norm_eps)
         layers = _first_layer(consts["layers"], scale, self._time_features(state["step"], consts))
-        # Pass 2: the MLP, into the update in the (L, A0, A1) layout.
+        # ... then the MLP, into the update in the (L, A0, A1) layout.
         update = torch.empty(lam, dtype=torch.float32, device=p.device)
-        for k, blk in enumerate(blocks):
-            l0, l1, a0, a1 = blk
-            rows = (l1 - l0) * (a1 - a0) * lam[2]
+        for blk, rows in blocks:
             if len(blocks) > 1:  # one block: its features are still in the buffer
-                self._features(mlp.x[:rows], blk, src, factors, axes)
-            mlp(rows, layers, lo.exp_mult, lr, update[l0:l1, a0:a1].view(-1))  # contiguous
+                self._features(mlp.features(rows), blk, src, factors, axes)
+            l0, l1, a0, a1 = blk
+            mlp(mlp.features(rows), layers, lo.exp_mult, lr, update[l0:l1, a0:a1].view(-1))
         if pair is None:
             return update.view(full)
         moved = [d for i, d in enumerate(full) if i not in pair] + [full[pair[0]], full[pair[1]]]
