@@ -75,6 +75,26 @@ is the same function with less memory traffic. The update is
 (the output parameterisation of Metz et al. 2019, App. D.1, kept by Metz et al. 2022).
 
 With ``learnable_decays=True`` the decays become meta-params too, as sigmoid(logit).
+
+Options for optimizers meta-trained elsewhere (``lopt.importer``; defaults are the above, so
+existing exports keep their numbers). learned_optimization's ``AdafacMLPLOpt`` is
+``norm_eps=1e-5, factored_order="size", preconditioner="learned_optimization",
+factored_grad_eps=1e-30, learnable_decays=True, decay_param="log1m"``:
+
+* ``norm_eps``: the epsilon of the per-tensor feature normalisation.
+* ``factored_order="size"``: the row accumulator averages over the larger of the two factored
+  axes (its ``factored_dims``), not over the later one; this swaps row and column features of a
+  tensor whose larger axis comes first.
+* ``preconditioner="learned_optimization"``: features 7 and 8 use
+  ``rsqrt(max(r / (mean(r) + 1e-9), 1e-9)) * rsqrt(max(c, 1e-9))``; under 2-D, g uses
+  ``rsqrt(max(v + 1e-9, 1e-9))`` and m ``rsqrt(v + 1e-6)``.
+* ``factored_grad_eps``: added to g^2 before it enters the factored accumulators.
+* ``decay_param="log1m"``: a learnable decay is ``1 - exp(10 (log(1 - b0) / 10 + o))`` with
+  the offset ``o`` the meta-param (``decay_offsets``, zero at init) and ``b0`` the option's
+  decay; the rms and factored decays are clipped to [0, 1].
+
+The order of the features in the MLP's input is this module's; an importer permutes the first
+layer's rows.
 """
 
 from __future__ import annotations
@@ -100,6 +120,9 @@ _RSQRT_EPS_RMS = 1e-6
 _RSQRT_EPS_FACTORED = 1e-8
 # Added to mean(x^2) in the per-tensor feature normalisation (module docstring).
 _NORM_EPS = 1e-8
+FACTORED_ORDERS = ("axis", "size")
+PRECONDITIONERS = ("adafactor", "learned_optimization")
+DECAY_PARAMS = ("sigmoid", "log1m")
 
 
 class AdafacMLPState(NamedTuple):
@@ -107,17 +130,20 @@ class AdafacMLPState(NamedTuple):
     step: jax.Array  # int32 scalar: updates taken so far
 
 
-def factored_axes(shape: tuple[int, ...]) -> tuple[int, int] | None:
+def factored_axes(shape: tuple[int, ...], order: str = "axis") -> tuple[int, int] | None:
     """(row axis, column axis) of a factored accumulator: the two largest axes in axis order
-    (ties: the later axis counts as larger), or None under 2-D.
+    (ties: the later axis counts as larger), or None under 2-D. The row accumulator averages
+    over the column axis and the column accumulator over the row axis.
 
     With flax's layouts these are (in, out) of a dense kernel, the (in, out) channels of an HWIO
     conv kernel with at least 3 of each and (vocabulary, features) of an embedding table.
+    ``order="size"`` gives them as (second largest, largest), learned_optimization's
+    ``factored_dims`` (a stable argsort of the sizes).
     """
     if len(shape) < 2:
         return None
     by_size = sorted(range(len(shape)), key=lambda axis: (shape[axis], axis))
-    row, col = sorted(by_size[-2:])
+    row, col = by_size[-2:] if order == "size" else sorted(by_size[-2:])
     return row, col
 
 
@@ -146,6 +172,11 @@ class AdafacMLPLOpt:
     step_mult: float = 1e-3
     exp_mult: float = 1e-3
     learnable_decays: bool = False
+    norm_eps: float = _NORM_EPS
+    factored_order: str = "axis"
+    preconditioner: str = "adafactor"
+    factored_grad_eps: float = 0.0
+    decay_param: str = "sigmoid"
     name: ClassVar[str] = "adafac_mlp"
 
     def __post_init__(self):
@@ -163,6 +194,18 @@ class AdafacMLPLOpt:
             )
         if self.hidden_layers < 0 or self.hidden_size < 1:
             raise ValueError("adafac_mlp: hidden_size must be >= 1 and hidden_layers >= 0")
+        for field, allowed in (("factored_order", FACTORED_ORDERS),
+                               ("preconditioner", PRECONDITIONERS), ("decay_param", DECAY_PARAMS)):
+            if getattr(self, field) not in allowed:
+                raise ValueError(f"adafac_mlp: {field} must be one of {allowed}, got "
+                                 f"{getattr(self, field)!r}")
+        for field in ("norm_eps", "factored_grad_eps"):
+            object.__setattr__(self, field, float(getattr(self, field)))
+            if not getattr(self, field) >= 0.0:
+                raise ValueError(f"adafac_mlp: {field} must be >= 0, got {getattr(self, field)}")
+        if self.decay_param != "sigmoid" and not self.learnable_decays:
+            raise ValueError(f"adafac_mlp: decay_param={self.decay_param!r} parameterises "
+                             "learnable decays: it needs learnable_decays=True")
 
     @property
     def num_features(self) -> int:
@@ -173,7 +216,13 @@ class AdafacMLPLOpt:
     def init(self, key: jax.Array) -> dict:
         sizes = (self.num_features, *([self.hidden_size] * self.hidden_layers), 2)
         meta_params = {"mlp": dense_init(key, sizes)}
-        if self.learnable_decays:
+        if self.learnable_decays and self.decay_param == "log1m":
+            meta_params["decay_offsets"] = {
+                k: jnp.zeros([len(d)], jnp.float32)
+                for k, d in (("momentum", self.momentum_decays), ("rms", self.rms_decays),
+                             ("factored", self.factored_decays))
+            }
+        elif self.learnable_decays:
             meta_params["decay_logits"] = {
                 "momentum": jnp.asarray(_logit(self.momentum_decays), jnp.float32),
                 "rms": jnp.asarray(_logit(self.rms_decays), jnp.float32),
@@ -183,6 +232,15 @@ class AdafacMLPLOpt:
 
     def decays(self, meta_params: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
         """(momentum, rms, factored) decays the meta-params define."""
+        if self.learnable_decays and self.decay_param == "log1m":
+            offsets = meta_params["decay_offsets"]
+            out = []
+            for k, b0 in (("momentum", self.momentum_decays), ("rms", self.rms_decays),
+                          ("factored", self.factored_decays)):
+                base = jnp.log(1.0 - jnp.asarray(b0, jnp.float32)) / 10.0
+                b = 1.0 - jnp.exp((base + jnp.asarray(offsets[k], jnp.float32)) * 10.0)
+                out.append(b if k == "momentum" else jnp.clip(b, 0.0, 1.0))
+            return tuple(out)  # type: ignore[return-value]
         if self.learnable_decays:
             logits = meta_params["decay_logits"]
             return tuple(
@@ -203,7 +261,7 @@ class AdafacMLPLOpt:
                 "m": jnp.zeros(shape + (nm,), jnp.float32),
                 "rms": jnp.zeros(shape + (nr,), jnp.float32),
             }
-            axes = factored_axes(shape)
+            axes = factored_axes(shape, self.factored_order)
             if axes is None:
                 acc["v"] = jnp.zeros(shape + (nf,), jnp.float32)
             else:
@@ -218,50 +276,13 @@ class AdafacMLPLOpt:
             )
 
         def update_leaf(g, p, acc, decays, t_feats):
-            b_m, b_rms, b_fac = decays
-            g32 = jnp.asarray(g, jnp.float32)[..., None]
-            p32 = jnp.asarray(p, jnp.float32)[..., None]
-            g2 = jnp.square(g32)
-            m = b_m * acc["m"] + (1.0 - b_m) * g32
-            rms = b_rms * acc["rms"] + (1.0 - b_rms) * g2
-            axes = factored_axes(jnp.shape(g))
-            if axes is None:  # under 2-D: Adafactor's unfactored accumulator for vectors
-                v = b_fac * acc["v"] + (1.0 - b_fac) * g2
-                new_acc = {"m": m, "rms": rms, "v": v}
-                row = col = v_hat = v
-            else:  # Adafactor Sec. 3: R, C and V_hat = R C / 1^T R (as means)
-                r, c = axes
-                row = b_fac * acc["row"] + (1.0 - b_fac) * jnp.mean(g2, axis=c, keepdims=True)
-                col = b_fac * acc["col"] + (1.0 - b_fac) * jnp.mean(g2, axis=r, keepdims=True)
-                new_acc = {"m": m, "rms": rms, "row": row, "col": col}
-                v_hat = row * col / (jnp.mean(row, axis=r, keepdims=True) + _RSQRT_EPS_FACTORED)
-            full = jnp.shape(g32)[:-1]
-            rsqrt_rms = jax.lax.rsqrt(rms + _RSQRT_EPS_RMS)  # [..., nr]
-            rsqrt_v = jax.lax.rsqrt(v_hat + _RSQRT_EPS_FACTORED)  # [..., nf]
-            m_div_rms = (m[..., :, None] * rsqrt_rms[..., None, :]).reshape(full + (nm * nr,))
-            feats = jnp.concatenate(
-                [
-                    g32,
-                    p32,
-                    m,
-                    rms,
-                    m_div_rms,
-                    rsqrt_rms,
-                    g32 * rsqrt_v,
-                    m * rsqrt_v,
-                    jnp.broadcast_to(row, full + (nf,)),
-                    jnp.broadcast_to(col, full + (nf,)),
-                    jnp.broadcast_to(jax.lax.rsqrt(row + _RSQRT_EPS_FACTORED), full + (nf,)),
-                    jnp.broadcast_to(jax.lax.rsqrt(col + _RSQRT_EPS_FACTORED), full + (nf,)),
-                ],
-                axis=-1,
-            )
+            feats, new_acc = self.features(g, p, acc, decays)
             # Per-feature normalisation over the tensor (Metz et al. 2019, App. D.1) and the time
             # features (equal for every coordinate) are folded into the first layer, so neither
             # a normalised copy of the features nor a broadcast of the time features is built:
             #   norm(f) @ W[:n] + t @ W[n:] + b  =  f @ (s * W[:n]) + (t @ W[n:] + b).
-            axes = tuple(range(len(full)))
-            s = jax.lax.rsqrt(jnp.mean(jnp.square(feats), axis=axes) + _NORM_EPS)  # [n]
+            axes = tuple(range(feats.ndim - 1))
+            s = jax.lax.rsqrt(jnp.mean(jnp.square(feats), axis=axes) + self.norm_eps)  # [n]
             first, rest = meta_params["mlp"][0], meta_params["mlp"][1:]
             n = feats.shape[-1]
             layer0 = {"w": s[:, None] * first["w"][:n], "b": t_feats @ first["w"][n:] + first["b"]}
@@ -286,3 +307,63 @@ class AdafacMLPLOpt:
             return new_updates, AdafacMLPState(accumulators=new_accs, step=state.step + 1)
 
         return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+    def features(self, g, p, acc: dict, decays) -> tuple[jax.Array, dict]:
+        """(the 28 unnormalised features of the module docstring's table, leaf.shape + (28,),
+        with the defaults; the updated accumulators) of one leaf."""
+        b_m, b_rms, b_fac = decays
+        nm, nr = len(self.momentum_decays), len(self.rms_decays)
+        g32 = jnp.asarray(g, jnp.float32)[..., None]
+        p32 = jnp.asarray(p, jnp.float32)[..., None]
+        g2 = jnp.square(g32)
+        g2_fac = g2 + self.factored_grad_eps if self.factored_grad_eps else g2
+        m = b_m * acc["m"] + (1.0 - b_m) * g32
+        rms = b_rms * acc["rms"] + (1.0 - b_rms) * g2
+        axes = factored_axes(jnp.shape(g), self.factored_order)
+        lopt_style = self.preconditioner == "learned_optimization"
+        if axes is None:  # under 2-D: Adafactor's unfactored accumulator for vectors
+            v = b_fac * acc["v"] + (1.0 - b_fac) * g2_fac
+            new_acc = {"m": m, "rms": rms, "v": v}
+            row = col = v
+            if lopt_style:
+                g_pre = g32 * jax.lax.rsqrt(jnp.maximum(v + 1e-9, 1e-9))
+                m_pre = m * jax.lax.rsqrt(v + 1e-6)
+            else:
+                rsqrt_v = jax.lax.rsqrt(v + _RSQRT_EPS_FACTORED)
+                g_pre, m_pre = g32 * rsqrt_v, m * rsqrt_v
+        else:  # Adafactor Sec. 3: R, C and V_hat = R C / 1^T R (as means)
+            r, c = axes
+            row = b_fac * acc["row"] + (1.0 - b_fac) * jnp.mean(g2_fac, axis=c, keepdims=True)
+            col = b_fac * acc["col"] + (1.0 - b_fac) * jnp.mean(g2_fac, axis=r, keepdims=True)
+            new_acc = {"m": m, "rms": rms, "row": row, "col": col}
+            row_mean = jnp.mean(row, axis=r, keepdims=True)
+            if lopt_style:
+                row_f = jax.lax.rsqrt(jnp.maximum(row / (row_mean + 1e-9), 1e-9))
+                col_f = jax.lax.rsqrt(jnp.maximum(col, 1e-9))
+                g_pre, m_pre = g32 * row_f * col_f, m * row_f * col_f
+            else:
+                rsqrt_v = jax.lax.rsqrt(row * col / (row_mean + _RSQRT_EPS_FACTORED)
+                                        + _RSQRT_EPS_FACTORED)
+                g_pre, m_pre = g32 * rsqrt_v, m * rsqrt_v
+        full = jnp.shape(g32)[:-1]
+        nf = jnp.shape(row)[-1]
+        rsqrt_rms = jax.lax.rsqrt(rms + _RSQRT_EPS_RMS)  # [..., nr]
+        m_div_rms = (m[..., :, None] * rsqrt_rms[..., None, :]).reshape(full + (nm * nr,))
+        feats = jnp.concatenate(
+            [
+                g32,
+                p32,
+                m,
+                rms,
+                m_div_rms,
+                rsqrt_rms,
+                jnp.broadcast_to(g_pre, full + (nf,)),
+                jnp.broadcast_to(m_pre, full + (nf,)),
+                jnp.broadcast_to(row, full + (nf,)),
+                jnp.broadcast_to(col, full + (nf,)),
+                jnp.broadcast_to(jax.lax.rsqrt(row + _RSQRT_EPS_FACTORED), full + (nf,)),
+                jnp.broadcast_to(jax.lax.rsqrt(col + _RSQRT_EPS_FACTORED), full + (nf,)),
+            ],
+            axis=-1,
+        )
+        return feats, new_acc

@@ -15,7 +15,8 @@ Appendix D.1 ("Architecture"), which this module implements line by line:
   of learned_optimization's ``MLPLOpt`` (1, 3, 10, ..., 1e5), with the same tanh(t/eta - 1);
 * "All non-time features are normalized by the second moment with regard to other elements in
   the 'batch' dimension (the other weights of the weight tensor)": x / sqrt(mean(x^2) + 1e-8)
-  over the tensor;
+  over the tensor (``norm_eps``; learned_optimization's ``MLPLOpt`` uses 1e-5, and its six
+  decays 0.1, 0.5, ..., 0.9999 and two hidden layers: ``lopt.importer`` sets those options);
 * "the network produces two outputs, and we combine them in an exponential manner:
   exp(lambda_exp o_1) lambda_lin o_2 ... both set to 1e-3". With d = o_1 the direction and
   m = o_2 the log-magnitude:
@@ -83,6 +84,7 @@ class MLPLOpt:
     timescales: tuple[float, ...] | str = DEFAULT_TIMESCALES
     step_mult: float = 1e-3
     exp_mult: float = 1e-3
+    norm_eps: float = 1e-8
     fused: bool = dataclasses.field(default=False, metadata=EXECUTION_OPTION)
     bf16_hidden: bool = dataclasses.field(default=False, metadata=EXECUTION_OPTION)
     name: ClassVar[str] = "mlp"
@@ -106,6 +108,14 @@ class MLPLOpt:
             )
         if not all(x > 0 for x in self.timescales):
             raise ValueError(f"mlp: timescales must be positive, got {self.timescales}")
+        object.__setattr__(self, "norm_eps", float(self.norm_eps))
+        if not self.norm_eps >= 0.0:
+            raise ValueError(f"mlp: norm_eps must be >= 0, got {self.norm_eps}")
+        if self.fused and self.norm_eps != 1e-8:
+            raise ValueError(
+                f"mlp: the fused kernels normalise with norm_eps=1e-8, got {self.norm_eps}; "
+                "use fused=False"
+            )
         if not isinstance(self.fused, (bool, np.bool_)):
             raise ValueError(f"mlp: fused must be True or False, got {self.fused!r}")
         object.__setattr__(self, "fused", bool(self.fused))
@@ -186,9 +196,9 @@ class MLPLOpt:
             axes = tuple(range(g32.ndim))
             feats = jnp.concatenate(
                 [
-                    tensor_rms_normalize(g32[..., None], axes),
-                    tensor_rms_normalize(p32[..., None], axes),
-                    tensor_rms_normalize(m, axes),
+                    tensor_rms_normalize(g32[..., None], axes, self.norm_eps),
+                    tensor_rms_normalize(p32[..., None], axes, self.norm_eps),
+                    tensor_rms_normalize(m, axes, self.norm_eps),
                 ],
                 axis=-1,
             )

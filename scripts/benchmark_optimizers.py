@@ -5,6 +5,13 @@
     python scripts/benchmark_optimizers.py --sizes=1e6,1e8 --peak_gbs=3350   # e.g. an H100
     python scripts/benchmark_optimizers.py --optimizers=mlp --fused --sizes=1e7,1e8   # GPU
 
+``--framework=torch`` times ``lopt.torch`` instead: one ``optimizer.step()`` of ``mlp`` and
+``adafac_mlp`` (freshly initialised meta-params) against ``torch.optim.Adam``'s on the same
+tensors, on the CPU with ``--threads`` threads (default 1), after ``--warmup`` steps; the table
+shows the median time relative to Adam's and the absolute time:
+
+    python scripts/benchmark_optimizers.py --framework=torch --sizes=1e5,1e6,1e7
+
 ``--fused`` also times every selected optimizer that has a ``fused`` option (``mlp``: its
 Pallas kernel on a GPU, lopt/mlp_fused.py; its C++ kernel on a CPU, lopt/mlp_cpu.py) with
 ``fused=True``, in a row ``<name> fused`` below the unfused one.
@@ -31,7 +38,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from absl import app, flags
 
 _SIZES = flags.DEFINE_list("sizes", ["1e4", "1e5", "1e6", "1e7"], "Parameter counts.")
 _MAX_SIZE = flags.DEFINE_float("max_size", None, "Skip parameter counts above this.")
@@ -44,6 +51,11 @@ _FUSED = flags.DEFINE_bool(
     "fused", False,
     "Also time optimizers with a `fused` option (mlp) with fused=True, as '<name> fused'.",
 )
+_FRAMEWORK = flags.DEFINE_enum(
+    "framework", "jax", ["jax", "torch"],
+    "jax: optax updates, jitted; torch: lopt.torch's optimizers against torch.optim.Adam.",
+)
+_THREADS = flags.DEFINE_integer("threads", 1, "--framework=torch: torch.set_num_threads.")
 _PEAK_GBS = flags.DEFINE_float(
     "peak_gbs", None, "The device's peak memory bandwidth in GB/s, to report the fraction achieved."
 )
@@ -121,8 +133,67 @@ def variants(names: list[str], fused: bool) -> list[tuple[str, object]]:
     return out
 
 
+def time_torch_step(opt, params, reps: int, warmup: int) -> float:
+    """Median seconds of ``opt.step()`` on ``params`` (their ``.grad`` set)."""
+    for _ in range(warmup):
+        opt.step()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main_torch(sizes: list[int]) -> None:
+    """The ``--framework=torch`` table: lopt.torch's mlp and adafac_mlp against torch Adam."""
+    import jax
+    import numpy as np
+    import torch
+
+    import lopt
+    import lopt.torch as lopt_torch
+
+    torch.set_num_threads(_THREADS.value)
+    names = _OPTIMIZERS.value or ["mlp", "adafac_mlp"]
+    classes = {"mlp": lopt_torch.MLPLOptTorch, "adafac_mlp": lopt_torch.AdafacMLPLOptTorch}
+    unknown = [n for n in names if n not in classes]
+    if unknown:
+        raise app.UsageError(f"--framework=torch: lopt.torch has mlp and adafac_mlp, not "
+                             f"{', '.join(unknown)}")
+    rows: dict[str, dict[int, str]] = {"adam": {}}
+    counts = {}
+    for n in sizes:
+        jax_params, counts[n] = make_params(n)
+        params = [torch.from_numpy(np.array(p)).requires_grad_(True)
+                  for p in jax.tree.leaves(jax_params)]
+        for p in params:
+            p.grad = p.detach() * 0.5 + 1e-3
+        t_adam = time_torch_step(torch.optim.Adam(params, lr=1e-3), params, _REPS.value,
+                                 _WARMUP.value)
+        rows["adam"][n] = f"1.00x ({_fmt_time(t_adam)})"
+        print(f"{counts[n]:>12,} {'adam':12s} {_fmt_time(t_adam)}", file=sys.stderr, flush=True)
+        for name in names:
+            learned_opt = lopt.get(name)
+            meta_params = jax.tree.map(np.asarray, learned_opt.init(jax.random.PRNGKey(0)))
+            opt = classes[name](params, learned_opt, meta_params)
+            t = time_torch_step(opt, params, _REPS.value, _WARMUP.value)
+            rows.setdefault(name, {})[n] = f"{t / t_adam:.1f}x ({_fmt_time(t)})"
+            print(f"{counts[n]:>12,} {name:12s} {rows[name][n]}", file=sys.stderr, flush=True)
+            del opt
+    print(f"\nTime of one optimizer.step() relative to torch.optim.Adam (median of {_REPS.value}, "
+          f"{_WARMUP.value} warm-up steps) on the CPU, {torch.get_num_threads()} thread(s), "
+          f"torch {torch.__version__}")
+    _table(rows, sizes, counts)
+
+
 def main(argv):
     del argv
+    if _FRAMEWORK.value == "torch":
+        sizes = [int(float(s)) for s in _SIZES.value]
+        if _MAX_SIZE.value is not None:
+            sizes = [s for s in sizes if s <= _MAX_SIZE.value]
+        return main_torch(sizes)
     import jax
     import optax
 

@@ -17,7 +17,7 @@ with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
     SCRIPTS = tomllib.load(f)["project"]["scripts"]
 # One flag each command defines itself (absl's --help lists only the main module's flags).
 OWN_FLAG = {"lopt-train": "--config", "lopt-eval": "--export", "lopt-export": "--workdir",
-            "lopt-ablate": "--elo_config", "lopt-reproduce": "--experiment"}
+            "lopt-ablate": "--elo_config", "lopt-reproduce": "--experiment", "lopt-import": "--arch"}
 
 
 def test_every_command_has_a_flag_to_check():

@@ -74,7 +74,8 @@ def test_the_wheel_holds_every_module_and_the_configs_inside_lopt(site):
     assert _files(ROOT, "lopt/kernels/*.cc") <= _files(site, "lopt/kernels/*.cc")
     top = {name for name in os.listdir(site) if not name.endswith(".dist-info")}
     assert top == {*PACKAGES, "bin"}, top
-    for command in ("lopt-train", "lopt-eval", "lopt-export", "lopt-ablate", "lopt-reproduce"):
+    for command in ("lopt-train", "lopt-eval", "lopt-export", "lopt-ablate", "lopt-reproduce",
+                    "lopt-import"):
         assert os.access(os.path.join(site, "bin", command), os.X_OK), command
 
 
