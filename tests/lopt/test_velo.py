@@ -1,0 +1,150 @@
+"""VeLO (lopt/velo.py): the published configuration's size, and parity with Google's code.
+
+The fixture (tests/lopt/fixtures/velo_small: the peer's checkpoint format, ``params`` +
+``config.gin``, and ``trajectory.npz``) was recorded by ``scripts/peer/make_velo_fixture.py``
+with learned_optimization's ``HyperV2(lstm_hidden_size=32, param_inits=8,
+use_bugged_loss_features=False)`` and perturbed meta-params; no peer is needed here. Set
+``LOPT_VELO_FULL_FIXTURE=DIR`` to also check a fixture of the published sizes (512, 256).
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import serialization
+
+import lopt
+from lopt import velo
+
+FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "velo_small"
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+NAMES = ("a_tall", "b_wide", "c_conv", "d_bias")
+
+
+def load_fixture(path: pathlib.Path, **options):
+    raw = serialization.msgpack_restore((path / "params").read_bytes())
+    h = raw["params"]["lstm_init_state"]["hidden"].shape[-1]
+    k = raw["params"]["ff_mod_stack"]["~"]["b0"].shape[0]
+    lo = lopt.get("velo", lstm_hidden_size=h, param_inits=k, **options)
+    return lo, velo.from_google(lo, raw["params"]), dict(np.load(path / "trajectory.npz"))
+
+
+def replay(lo, mp, rec, jit=True):
+    """Our trajectory fed the peer's recorded gradients and losses: [steps + 1] per tensor."""
+    params = {n: jnp.asarray(rec[f"params_{n}"][0]) for n in NAMES}
+    opt = lo.optimizer(mp, num_steps=int(rec["num_steps"]))
+    state = opt.init(params)
+    update = jax.jit(opt.update) if jit else opt.update
+    out = {n: [np.asarray(params[n])] for n in NAMES}
+    for t in range(len(rec["losses"])):
+        g = {n: jnp.asarray(rec[f"grads_{n}"][t]) for n in NAMES}
+        u, state = update(g, state, params, value=jnp.asarray(rec["losses"][t]))
+        params = optax.apply_updates(params, u)
+        for n in NAMES:
+            out[n].append(np.asarray(params[n]))
+    return {n: np.stack(v) for n, v in out.items()}, state
+
+
+def relative_errors(ours, rec):
+    """Per tensor: max |ours - peer| over the trajectory / max |peer_t - peer_0| (how far it moved)."""
+    errs = {}
+    for n in NAMES:
+        peer = rec[f"params_{n}"]
+        moved = np.max(np.abs(peer - peer[0]))
+        errs[n] = float(np.max(np.abs(ours[n] - peer)) / moved)
+    return errs
+
+
+def test_published_configuration_has_googles_size():
+    mp = jax.eval_shape(lopt.get("velo").init, jax.random.PRNGKey(0))
+    assert velo.num_meta_params(mp) == (33, 2_320_385)
+    # The var_rms fix drops 2 LSTM inputs (28): a different architecture.
+    mp = jax.eval_shape(lopt.get("velo", var_rms_of_momentum_mean=False).init, jax.random.PRNGKey(0))
+    assert mp["mix"]["input"]["w"].shape == (28, 512)
+
+
+def parity_errors(path: pathlib.Path) -> dict:
+    """relative_errors of the fixture at ``path``, computed in a subprocess compiled as users'
+    programs are (the suite's conftest sets --xla_backend_optimization_level=0, which changes
+    float rounding: there the small fixture's figure is 6e-6 rather than 5e-7)."""
+    flags = os.environ.get("XLA_FLAGS", "").replace("--xla_backend_optimization_level=0", "")
+    env = dict(os.environ, XLA_FLAGS=flags.strip(), PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, __file__, str(path)], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_parity_with_googles_hyperv2():
+    errs = parity_errors(FIXTURE)
+    print("velo small fixture (optax), max |ours - peer| / max movement:", errs)
+    assert max(errs.values()) < 1e-5, errs
+    lo, mp, rec = load_fixture(FIXTURE)
+    # The trajectory moved, through the spikes: a no-op optimizer would be far off.
+    assert all(np.max(np.abs(rec[f"params_{n}"][-1] - rec[f"params_{n}"][0])) > 1e-2 for n in NAMES)
+    # In this process (-O0 rounding) it stays close too, and the state is what it should be.
+    ours, state = replay(lo, mp, rec)
+    assert max(relative_errors(ours, rec).values()) < 1e-4
+    assert int(state.iteration) == 50 and state.lstm_hidden.shape == (4, 32)
+
+
+@pytest.mark.skipif(not os.environ.get("LOPT_VELO_FULL_FIXTURE"), reason="LOPT_VELO_FULL_FIXTURE unset")
+def test_parity_published_sizes():
+    errs = parity_errors(pathlib.Path(os.environ["LOPT_VELO_FULL_FIXTURE"]))
+    print("velo published sizes (optax), max |ours - peer| / max movement:", errs)
+    assert max(errs.values()) < 1e-5, errs
+
+
+def test_each_quirk_changes_the_trajectory():
+    """The options are live: switching a quirk off (with the arrays it still fits) moves the
+    trajectory away from Google's, so the default is what the parity test pins."""
+    lo, mp, rec = load_fixture(FIXTURE)
+    lo_paper = lopt.get("velo", lstm_hidden_size=32, param_inits=8, paper_mixing=True)
+    mp_paper = jax.tree.map(lambda x: x, mp)
+    mp_paper["mix"]["second"]["w"] = jnp.zeros((32, 32)).at[:30].set(mp["mix"]["second"]["w"])
+    errs = relative_errors(replay(lo_paper, mp_paper, rec)[0], rec)
+    assert max(errs.values()) > 1e-3, errs
+    lo_var = lopt.get("velo", lstm_hidden_size=32, param_inits=8, var_rms_of_momentum_mean=False)
+    mp_var = jax.tree.map(lambda x: x, mp)
+    for layer in ("first", "second", "input"):  # the 30 inputs end with var_rms's 3; keep 1
+        mp_var["mix"][layer]["w"] = mp["mix"][layer]["w"][:28]
+    errs = relative_errors(replay(lo_var, mp_var, rec)[0], rec)
+    assert max(errs.values()) > 1e-3, errs
+
+
+def test_missing_loss_or_horizon_is_one_error():
+    lo = lopt.get("velo", lstm_hidden_size=8, param_inits=4)
+    mp = lo.init(jax.random.PRNGKey(0))
+    params = {"w": jnp.ones((3, 2))}
+    with pytest.raises(ValueError, match=r"num_steps=N") as e:
+        lo.optimizer(mp).init(params)
+    assert "\n" not in str(e.value)
+    opt = lo.optimizer(mp, num_steps=10)
+    state = opt.init(params)
+    with pytest.raises(ValueError, match=r"value=loss") as e:
+        opt.update(params, state, params)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="lstm_hidden_size must be a positive int"):
+        lopt.get("velo", lstm_hidden_size=0)
+
+
+def test_google_key_mapping_is_by_number():
+    assert velo.google_key("mlp_bank/w0/10") == "ff_mod_stack/~/w0__10"
+    assert velo.google_key("mix/first/w") == "rnn_params/linear/w"
+    lo = lopt.get("velo", lstm_hidden_size=32, param_inits=8)
+    raw = serialization.msgpack_restore((FIXTURE / "params").read_bytes())["params"]
+    del raw["rnn_params"]["step_size"]
+    with pytest.raises(ValueError, match="missing"):
+        velo.from_google(lo, raw)
+
+
+if __name__ == "__main__":  # parity_errors' subprocess
+    lo_, mp_, rec_ = load_fixture(pathlib.Path(sys.argv[1]))
+    print(json.dumps(relative_errors(replay(lo_, mp_, rec_)[0], rec_)))
