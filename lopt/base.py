@@ -47,9 +47,12 @@ def reads_num_steps(learned_opt: Any) -> bool:
         return False
 
 
-def build_optimizer(learned_opt: Any, meta_params: MetaParams, num_steps: Any = None):
+def build_optimizer(learned_opt: Any, meta_params: MetaParams, num_steps: Any = None, **options):
     """``learned_opt.optimizer(meta_params)``, given ``num_steps`` (the horizon, an int or a
-    traced int array) when it reads it (:func:`reads_num_steps`); other optimizers ignore it."""
+    traced int array) when it reads it (:func:`reads_num_steps`); other optimizers ignore it.
+    ``options`` (architecture-specific, e.g. velo's ``weight_decay``) are passed as they are."""
+    if options:
+        return learned_opt.optimizer(meta_params, num_steps=num_steps, **options)
     if num_steps is not None and reads_num_steps(learned_opt):
         return learned_opt.optimizer(meta_params, num_steps=num_steps)
     return learned_opt.optimizer(meta_params)

@@ -331,10 +331,27 @@ class Velo:
 
     # -- the optax transformation ------------------------------------------------------------
 
-    def optimizer(self, meta_params: dict, num_steps=None) -> optax.GradientTransformationExtraArgs:
+    def optimizer(self, meta_params: dict, num_steps=None, *, weight_decay: float = 0.0,
+                  max_training_steps: int | None = None) -> optax.GradientTransformationExtraArgs:
         """VeLO with these meta-params for a training of ``num_steps`` updates (the horizon:
         its loss-buffer half-lives and the fraction-of-training feature). ``update`` needs the
-        params and the loss as ``value=``."""
+        params and the loss as ``value=``.
+
+        What Google's prefab (``research/general_lopt/prefab.py``) adds, off by default here:
+        ``weight_decay`` adds ``weight_decay * p`` to the gradients and ``weight_decay *
+        sum(p^2)`` to the loss VeLO sees (prefab suggests 1e-6 for stability);
+        ``max_training_steps`` (prefab: 150_000) caps the horizon VeLO sees: a longer
+        training (an int ``num_steps``) averages the gradients and losses of k = ceil(num_steps
+        / max_training_steps) steps into one VeLO update on a horizon of num_steps // k (the
+        other k - 1 updates are zero)."""
+        if max_training_steps is not None and num_steps is not None and num_steps > max_training_steps:
+            k = int(np.ceil(int(num_steps) / int(max_training_steps)))
+            inner = accumulate(self.optimizer(meta_params, int(num_steps) // k), k)
+        else:
+            inner = self._optimizer(meta_params, num_steps)
+        return with_weight_decay(inner, weight_decay) if weight_decay else inner
+
+    def _optimizer(self, meta_params: dict, num_steps) -> optax.GradientTransformationExtraArgs:
 
         def init_fn(params):
             if num_steps is None:
@@ -431,6 +448,61 @@ def _factors(row, col, d1, d0):
     row_factor = _safe_rsqrt(row / (row_mean + 1e-9))
     col_factor = _safe_rsqrt(col)
     return jnp.expand_dims(row_factor, d0), jnp.expand_dims(col_factor, d1)
+
+
+# -- prefab's wrappers -------------------------------------------------------------------
+
+class AccumulateState(NamedTuple):
+    count: jax.Array
+    grads: optax.Params
+    loss: jax.Array
+    inner: optax.OptState
+
+
+def accumulate(inner: optax.GradientTransformationExtraArgs, k: int) -> optax.GradientTransformationExtraArgs:
+    """Every k-th update, ``inner`` on the mean gradient and mean loss of the last k (as
+    learned_optimization's ``GradientAccumulator``); zero updates in between."""
+
+    def init_fn(params):
+        zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
+        return AccumulateState(jnp.zeros([], jnp.int32), zeros, jnp.zeros([], jnp.float32),
+                               inner.init(params))
+
+    def update_fn(updates, state, params=None, value=None, **extra):
+        if value is None:
+            raise ValueError("velo's update needs the params and the loss: "
+                             "opt.update(grads, state, params, value=loss)")
+        grads = jax.tree.map(lambda a, g: a + g, state.grads, updates)
+        loss, count = state.loss + value, state.count + 1
+
+        def apply(_):
+            mean = jax.tree.map(lambda a: a / k, grads)
+            u, s = inner.update(mean, state.inner, params, value=loss / k, **extra)
+            return (jax.tree.map(lambda x, g: x.astype(jnp.result_type(g)), u, updates), s,
+                    jax.tree.map(jnp.zeros_like, grads), jnp.zeros_like(loss))
+
+        def wait(_):
+            return jax.tree.map(jnp.zeros_like, updates), state.inner, grads, loss
+
+        u, s, grads, loss = jax.lax.cond(count % k == 0, apply, wait, None)
+        return u, AccumulateState(count, grads, loss, s)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def with_weight_decay(inner: optax.GradientTransformationExtraArgs, weight_decay: float):
+    """``inner`` given grads + wd p and loss + wd sum(p^2) (learned_optimization's
+    ``WeightDecayWrapper``, as prefab uses it)."""
+
+    def update_fn(updates, state, params=None, value=None, **extra):
+        if params is None or value is None:
+            raise ValueError("velo's update needs the params and the loss: "
+                             "opt.update(grads, state, params, value=loss)")
+        value = value + sum(jnp.sum(jnp.square(p)) * weight_decay for p in jax.tree.leaves(params))
+        updates = jax.tree.map(lambda g, p: g + weight_decay * p, updates, params)
+        return inner.update(updates, state, params, value=value, **extra)
+
+    return optax.GradientTransformationExtraArgs(inner.init, update_fn)
 
 
 # -- Google's checkpoint layout ---------------------------------------------------------------

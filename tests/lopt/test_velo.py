@@ -148,3 +148,63 @@ def test_google_key_mapping_is_by_number():
 if __name__ == "__main__":  # parity_errors' subprocess
     lo_, mp_, rec_ = load_fixture(pathlib.Path(sys.argv[1]))
     print(json.dumps(relative_errors(replay(lo_, mp_, rec_)[0], rec_)))
+
+
+def small_velo():
+    lo = lopt.get("velo", lstm_hidden_size=8, param_inits=4)
+    return lo, lo.init(jax.random.PRNGKey(3))
+
+
+def test_export_round_trip_and_load_optimizer(tmp_path):
+    from lopt import export
+
+    lo, mp = small_velo()
+    path = tmp_path / "velo.safetensors"
+    export.save(path, lo, mp)
+    params = {"w": jnp.linspace(-1, 1, 12).reshape(4, 3), "b": jnp.ones((3,))}
+    grads = jax.tree.map(lambda p: 0.3 * p + 0.1, params)
+    opt = export.load_optimizer(path, num_steps=100)
+    u, _ = jax.jit(opt.update)(grads, opt.init(params), params, value=2.0)
+    ref = lo.optimizer(mp, num_steps=100)
+    u_ref, _ = jax.jit(ref.update)(grads, ref.init(params), params, value=2.0)
+    assert all(np.array_equal(u[k], u_ref[k]) for k in u) and np.abs(u["w"]).max() > 0
+    with pytest.raises(ValueError, match=r"load_optimizer\(path, num_steps=N\)"):
+        export.load_optimizer(path).init(params)
+
+
+def test_prefab_weight_decay_and_horizon_cap():
+    """weight_decay is grads + wd p and loss + wd sum p^2 fed to VeLO; max_training_steps
+    averages k = ceil(N / max) steps into one VeLO update on a horizon of N // k."""
+    lo, mp = small_velo()
+    params = {"w": jnp.linspace(-1, 1, 12).reshape(4, 3)}
+    g1, g2 = {"w": jnp.full((4, 3), 0.2)}, {"w": jnp.linspace(0, 1, 12).reshape(4, 3)}
+    wd = lo.optimizer(mp, num_steps=50, weight_decay=0.01)
+    plain = lo.optimizer(mp, num_steps=50)
+    u, _ = jax.jit(wd.update)(g1, wd.init(params), params, value=1.0)
+    loss = 1.0 + 0.01 * float(jnp.sum(params["w"] ** 2))
+    u_ref, _ = jax.jit(plain.update)({"w": g1["w"] + 0.01 * params["w"]}, plain.init(params), params, value=loss)
+    np.testing.assert_allclose(u["w"], u_ref["w"], rtol=1e-6)
+    capped = lo.optimizer(mp, num_steps=300, max_training_steps=150)  # k = 2, horizon 150
+    s = capped.init(params)
+    assert float(s.inner.num_steps) == 150.0
+    step = jax.jit(capped.update)
+    u1, s = step(g1, s, params, value=1.0)
+    u2, s = step(g2, s, params, value=3.0)
+    inner = lo.optimizer(mp, num_steps=150)
+    u_ref, _ = jax.jit(inner.update)({"w": (g1["w"] + g2["w"]) / 2}, inner.init(params), params, value=2.0)
+    assert float(jnp.abs(u1["w"]).max()) == 0.0
+    np.testing.assert_allclose(u2["w"], u_ref["w"], rtol=1e-6)
+    assert float(jnp.abs(u2["w"]).max()) > 0
+
+
+def test_unroller_gives_velo_each_trajectorys_horizon():
+    import estimators.schedules as schedules
+    import tasks
+    from estimators.unroll import Unroller
+
+    lo, mp = small_velo()
+    un = Unroller(tasks.get("quadratic"), lo, num_particles=1, trunc_length=4,
+                  horizon=schedules.get("log_uniform", low=30, high=60))
+    ps = un.fresh_particle(mp, jax.random.PRNGKey(0), jnp.zeros([], jnp.int32))
+    assert 30 <= int(ps.length) <= 60
+    assert float(ps.opt_state.num_steps) == float(ps.length)
