@@ -208,3 +208,77 @@ def test_unroller_gives_velo_each_trajectorys_horizon():
     ps = un.fresh_particle(mp, jax.random.PRNGKey(0), jnp.zeros([], jnp.int32))
     assert 30 <= int(ps.length) <= 60
     assert float(ps.opt_state.num_steps) == float(ps.length)
+
+
+def torch_replay(lo, mp, rec, steps=None):
+    torch = pytest.importorskip("torch")
+    from lopt.torch.velo import VeloTorch
+
+    params = [torch.nn.Parameter(torch.tensor(rec[f"params_{n}"][0])) for n in NAMES]
+    opt = VeloTorch(params, lo, jax.tree.map(np.asarray, mp), int(rec["num_steps"]))
+    out = {n: [rec[f"params_{n}"][0]] for n in NAMES}
+    for t in range(steps or len(rec["losses"])):
+        for n, p in zip(NAMES, params):
+            p.grad = torch.tensor(rec[f"grads_{n}"][t])
+        opt.step(loss=float(rec["losses"][t]))
+        for n, p in zip(NAMES, params):
+            out[n].append(p.detach().numpy().copy())
+    return {n: np.stack(v) for n, v in out.items()}, opt, params
+
+
+def test_torch_parity_with_googles_hyperv2():
+    lo, mp, rec = load_fixture(FIXTURE)
+    ours, _, _ = torch_replay(lo, mp, rec)
+    errs = relative_errors(ours, rec)
+    print("velo small fixture (torch), max |ours - peer| / max movement:", errs)
+    assert max(errs.values()) < 1e-4, errs
+
+
+@pytest.mark.skipif(not os.environ.get("LOPT_VELO_FULL_FIXTURE"), reason="LOPT_VELO_FULL_FIXTURE unset")
+def test_torch_parity_published_sizes():
+    lo, mp, rec = load_fixture(pathlib.Path(os.environ["LOPT_VELO_FULL_FIXTURE"]))
+    errs = relative_errors(torch_replay(lo, mp, rec)[0], rec)
+    print("velo published sizes (torch), max |ours - peer| / max movement:", errs)
+    assert max(errs.values()) < 1e-4, errs
+
+
+def test_torch_closure_state_dict_and_errors(tmp_path):
+    torch = pytest.importorskip("torch")
+    import lopt.torch as lt
+    from lopt import export
+
+    lo, mp = small_velo()
+    path = tmp_path / "velo.safetensors"
+    export.save(path, lo, mp)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    x, y = torch.randn(16, 4), torch.randn(16, 3)
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    opt = lt.load(path, model.parameters(), num_steps=20)
+    before = model.weight.detach().clone()
+    loss = opt.step(closure)
+    assert torch.is_tensor(loss) and not torch.equal(before, model.weight)
+    sd = opt.state_dict()
+    assert {"lstm_hidden", "lstm_cell", "loss_means", "loss_min", "iteration"} <= set(sd["state"]["velo"])
+    # Resuming from the state_dict continues exactly.
+    twin = torch.nn.Linear(4, 3)
+    twin.load_state_dict(model.state_dict())
+    opt2 = lt.load(path, twin.parameters(), num_steps=20)
+    opt2.load_state_dict(sd)
+    opt.step(closure)
+    loss2 = torch.nn.functional.mse_loss(twin(x), y)
+    twin.zero_grad()
+    loss2.backward()
+    opt2.step(loss=loss2)
+    assert torch.equal(model.weight, twin.weight) and torch.equal(model.bias, twin.bias)
+    with pytest.raises(ValueError, match=r"opt.step\(loss=loss\)") as e:
+        opt.step()
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="num_steps=N"):
+        lt.load(path, model.parameters())
