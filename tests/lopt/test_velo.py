@@ -282,3 +282,30 @@ def test_torch_closure_state_dict_and_errors(tmp_path):
     assert "\n" not in str(e.value)
     with pytest.raises(ValueError, match="num_steps=N"):
         lt.load(path, model.parameters())
+
+
+def test_lopt_import_velo_reads_config_gin(tmp_path):
+    """lopt-import --arch=velo: the fixture's checkpoint and config.gin become an export that
+    computes the parity fixture's trajectory; a configuration velo lacks is refused in one line."""
+    import shutil
+
+    from lopt import export, importer
+
+    out = importer.import_file("velo", FIXTURE / "params", tmp_path / "v.safetensors")
+    lo, mp = export.load(out)
+    assert (lo.lstm_hidden_size, lo.param_inits) == (32, 8)
+    meta = export.read_metadata(out)["metadata"]
+    assert meta["peer_config"]["use_bugged_loss_features"] is False
+    _, mp_ref, rec = load_fixture(FIXTURE)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(mp), jax.tree.leaves(mp_ref)))
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    shutil.copy(FIXTURE / "params", bad / "params")
+    (bad / "config.gin").write_text((FIXTURE / "config.gin").read_text().replace(
+        "use_bugged_loss_features = False", "use_bugged_loss_features = True"))
+    with pytest.raises(importer.ImportFailed, match="use_bugged_loss_features = True") as e:
+        importer.import_file("velo", bad / "params", tmp_path / "w.safetensors")
+    assert "\n" not in str(e.value)
+    (bad / "config.gin").write_text("run_train.lopt = @MLPLOpt()\n")
+    with pytest.raises(importer.ImportFailed, match="not HyperV2"):
+        importer.import_file("velo", bad / "params", tmp_path / "w.safetensors")
