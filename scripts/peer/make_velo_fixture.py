@@ -1,6 +1,6 @@
 """Record a VeLO parity fixture with Google's own code (run with the peer's venv).
 
-    /work/peer/venv/bin/python scripts/peer/make_velo_fixture.py --out=tests/lopt/fixtures/velo_small \
+    /work/peer/venv/bin/python scripts/peer/make_velo_fixture.py --out=tests/lopt/data/velo_small \
         --lstm_hidden_size=32 --param_inits=8
     /work/peer/venv/bin/python scripts/peer/make_velo_fixture.py --out=/tmp/velo_full   # published sizes
 

@@ -1,6 +1,6 @@
 """VeLO (lopt/velo.py): the published configuration's size, and parity with Google's code.
 
-The fixture (tests/lopt/fixtures/velo_small: the peer's checkpoint format, ``params`` +
+The fixture (tests/lopt/data/velo_small: the peer's checkpoint format, ``params`` +
 ``config.gin``, and ``trajectory.npz``) was recorded by ``scripts/peer/make_velo_fixture.py``
 with learned_optimization's ``HyperV2(lstm_hidden_size=32, param_inits=8,
 use_bugged_loss_features=False)`` and perturbed meta-params; no peer is needed here. Set
@@ -23,7 +23,7 @@ from flax import serialization
 import lopt
 from lopt import velo
 
-FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "velo_small"
+FIXTURE = pathlib.Path(__file__).parent / "data" / "velo_small"
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 NAMES = ("a_tall", "b_wide", "c_conv", "d_bias")
 
