@@ -313,21 +313,35 @@ class Velo:
                 jax.lax.rsqrt(col_feat + 1e-8), m_fac]
 
     def tensor_mlp(self, mp: dict, control, inputs: list[jax.Array]):
-        """The per-parameter MLP of one tensor: weights mixed by ``control`` [K], inputs
-        normalised per channel; returns the [..., 3] outputs."""
+        """The per-parameter MLP of one tensor: weights 100 mean_k(c_k W_k) mixed by
+        ``control`` [K], each input channel normalised by its second moment over the tensor;
+        returns the [..., 2] outputs the step uses (direction, log-magnitude).
+
+        Computed for speed, not in the code's order: the normalisation is folded into the first
+        layer's weights (x s @ W = x @ (s W), s per channel) and the network is written feature-
+        major (each of the 30 channels a leaf-shaped array, each unit a sum of their products
+        with scalars), so XLA fuses features, layers and step into elementwise loops over
+        contiguous coordinates, where the code's 14 small matmuls each write [N, 4] to memory
+        (1e6 parameters, 2-core CPU: 316 ms as the code orders it, 162 ms with the layers as
+        multiply-and-sum over a trailing axis, 52 ms feature-major). Same arithmetic up to float
+        rounding (parity test)."""
         bank = mp["mlp_bank"]
-        # 100 mean_k(c_k W_k), written as the code writes it (same float rounding).
+        # 100 mean_k(c_k W_k), written as the code writes it.
         mixw = lambda w: 100.0 * jnp.mean(w * control.reshape((-1,) + (1,) * (w.ndim - 1)), axis=0)
-        axes = tuple(range(inputs[0].ndim - 1))
-        o = 0.0
-        for x, w in zip(inputs, bank["w0"]):
-            x = x * jax.lax.rsqrt(1e-5 + jnp.mean(x * x, axis=axes, keepdims=True))
-            o = o + x @ mixw(w)
-        o = o + mixw(bank["b0"])
+        # Feature-major: every channel a leaf-shaped array, every unit a sum of products of
+        # them, so the whole network is elementwise over contiguous coordinates.
+        chans = [x[..., k] for x in inputs for k in range(x.shape[-1])]
+        w0 = jnp.concatenate([mixw(w) for w in bank["w0"]], axis=0)
+        w0 = w0 * jax.lax.rsqrt(1e-5 + jnp.stack([jnp.mean(c * c) for c in chans]))[:, None]
+        b0 = mixw(bank["b0"])
+        h = [sum(c * w0[i, j] for i, c in enumerate(chans)) + b0[j] for j in range(w0.shape[1])]
         n_layers = self.ff_hidden_layers + 1
         for i in range(1, n_layers):
-            o = jax.nn.relu(o) @ mixw(bank[f"w{i}"]) + mixw(bank[f"b{i}"])
-        return o
+            w, b = mixw(bank[f"w{i}"]), mixw(bank[f"b{i}"])
+            outs = 2 if i == n_layers - 1 else w.shape[1]  # direction, magnitude: the step's
+            h = [jax.nn.relu(x) for x in h]
+            h = [sum(x * w[a, j] for a, x in enumerate(h)) + b[j] for j in range(outs)]
+        return jnp.stack(h[:2], axis=-1)
 
     # -- the optax transformation ------------------------------------------------------------
 
