@@ -36,14 +36,15 @@ def load_fixture(path: pathlib.Path, **options):
     return lo, velo.from_google(lo, raw["params"]), dict(np.load(path / "trajectory.npz"))
 
 
-def replay(lo, mp, rec, jit=True):
-    """Our trajectory fed the peer's recorded gradients and losses: [steps + 1] per tensor."""
+def replay(lo, mp, rec, steps=None):
+    """Our trajectory fed the peer's recorded gradients and losses (the first ``steps``, default
+    all): [steps + 1] per tensor."""
     params = {n: jnp.asarray(rec[f"params_{n}"][0]) for n in NAMES}
     opt = lo.optimizer(mp, num_steps=int(rec["num_steps"]))
     state = opt.init(params)
-    update = jax.jit(opt.update) if jit else opt.update
+    update = jax.jit(opt.update)
     out = {n: [np.asarray(params[n])] for n in NAMES}
-    for t in range(len(rec["losses"])):
+    for t in range(steps or len(rec["losses"])):
         g = {n: jnp.asarray(rec[f"grads_{n}"][t]) for n in NAMES}
         u, state = update(g, state, params, value=jnp.asarray(rec["losses"][t]))
         params = optax.apply_updates(params, u)
@@ -53,10 +54,11 @@ def replay(lo, mp, rec, jit=True):
 
 
 def relative_errors(ours, rec):
-    """Per tensor: max |ours - peer| over the trajectory / max |peer_t - peer_0| (how far it moved)."""
+    """Per tensor: max |ours - peer| over the trajectory / max |peer_t - peer_0| (how far it
+    moved), over the steps ``ours`` has."""
     errs = {}
     for n in NAMES:
-        peer = rec[f"params_{n}"]
+        peer = rec[f"params_{n}"][: len(ours[n])]
         moved = np.max(np.abs(peer - peer[0]))
         errs[n] = float(np.max(np.abs(ours[n] - peer)) / moved)
     return errs
@@ -90,9 +92,9 @@ def test_parity_with_googles_hyperv2():
     # The trajectory moved, through the spikes: a no-op optimizer would be far off.
     assert all(np.max(np.abs(rec[f"params_{n}"][-1] - rec[f"params_{n}"][0])) > 1e-2 for n in NAMES)
     # In this process (-O0 rounding) it stays close too, and the state is what it should be.
-    ours, state = replay(lo, mp, rec)
+    ours, state = replay(lo, mp, rec, steps=12)
     assert max(relative_errors(ours, rec).values()) < 1e-4
-    assert int(state.iteration) == 50 and state.lstm_hidden.shape == (4, 32)
+    assert int(state.iteration) == 12 and state.lstm_hidden.shape == (4, 32)
 
 
 @pytest.mark.skipif(not os.environ.get("LOPT_VELO_FULL_FIXTURE"), reason="LOPT_VELO_FULL_FIXTURE unset")
@@ -109,13 +111,13 @@ def test_each_quirk_changes_the_trajectory():
     lo_paper = lopt.get("velo", lstm_hidden_size=32, param_inits=8, paper_mixing=True)
     mp_paper = jax.tree.map(lambda x: x, mp)
     mp_paper["mix"]["second"]["w"] = jnp.zeros((32, 32)).at[:30].set(mp["mix"]["second"]["w"])
-    errs = relative_errors(replay(lo_paper, mp_paper, rec)[0], rec)
+    errs = relative_errors(replay(lo_paper, mp_paper, rec, steps=12)[0], rec)
     assert max(errs.values()) > 1e-3, errs
     lo_var = lopt.get("velo", lstm_hidden_size=32, param_inits=8, var_rms_of_momentum_mean=False)
     mp_var = jax.tree.map(lambda x: x, mp)
     for layer in ("first", "second", "input"):  # the 30 inputs end with var_rms's 3; keep 1
         mp_var["mix"][layer]["w"] = mp["mix"][layer]["w"][:28]
-    errs = relative_errors(replay(lo_var, mp_var, rec)[0], rec)
+    errs = relative_errors(replay(lo_var, mp_var, rec, steps=12)[0], rec)
     assert max(errs.values()) > 1e-3, errs
 
 
@@ -309,3 +311,21 @@ def test_lopt_import_velo_reads_config_gin(tmp_path):
     (bad / "config.gin").write_text("run_train.lopt = @MLPLOpt()\n")
     with pytest.raises(importer.ImportFailed, match="not HyperV2"):
         importer.import_file("velo", bad / "params", tmp_path / "w.safetensors")
+
+
+def test_velo_small_config_builds_its_trainer():
+    """configs/velo_small.py: the quickstart with a small VeLO (meta-trained from the command
+    line with lopt-train --config=velo_small; a whole run is too slow for this suite)."""
+    import importlib.util
+
+    from lopt.training import config as config_lib
+
+    spec = importlib.util.spec_from_file_location("velo_small", ROOT / "configs" / "velo_small.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config()
+    options = {k: v for k, v in c.lopt.items() if k != "name"}
+    lo = lopt.get(c.lopt.name, **options)
+    assert velo.num_meta_params(jax.eval_shape(lo.init, jax.random.PRNGKey(0))) == (33, 12_929)
+    trainer = config_lib.build(c)  # validates, runs the contract checks (eval_shape)
+    assert trainer.unroller.learned_opt == lo
