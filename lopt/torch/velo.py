@@ -33,6 +33,10 @@ import torch
 from lopt import velo as velo_jax
 
 
+#: Coordinates whose features are built at once ([SLAB, 30] float32, 7.5 MB).
+SLAB = 1 << 16
+
+
 def _t(x) -> torch.Tensor:
     return torch.from_numpy(np.array(x, np.float32))
 
@@ -178,7 +182,9 @@ class VeloTorch(torch.optim.Optimizer):
         hidden = torch.sigmoid(o) * torch.tanh(cell)
         return lin(self._controls, hidden), lin(self._step_size, hidden)[:, 0], hidden, cell
 
-    def _accumulate(self, g, st):
+    def _accumulate(self, g, st) -> dict:
+        """Update the accumulators with ``g``; the Adafactor terms the features use, each with
+        the tensor's rank + 1 axes (size 1 where they broadcast)."""
         mom_d = torch.tensor(velo_jax.MOMENTUM_DECAYS, dtype=torch.float32)
         rms_d = torch.tensor(velo_jax.RMS_DECAYS, dtype=torch.float32)
         d = torch.tensor(velo_jax.FACTORED_DECAYS, dtype=torch.float32)
@@ -188,44 +194,70 @@ class VeloTorch(torch.optim.Optimizer):
         dims = velo_jax.factored_dims(tuple(g.shape))
         if dims is None:
             st["fac_full"] = d * st["fac_full"] + (1 - d) * sq
-            return g[..., None] * _safe_rsqrt(st["fac_full"] + 1e-9)
+            return {"full": st["fac_full"]}
         d1, d0 = dims
         st["fac_row"] = d * st["fac_row"] + (1 - d) * sq.mean(dim=d0)
         st["fac_col"] = d * st["fac_col"] + (1 - d) * sq.mean(dim=d1)
         row_f, col_f = _factors(st["fac_row"], st["fac_col"], d1, d0)
-        return g[..., None] * row_f * col_f
+        return {"row": st["fac_row"].unsqueeze(d0), "col": st["fac_col"].unsqueeze(d1),
+                "row_f": row_f, "col_f": col_f}
 
-    def _mlp_inputs(self, p, g, st, fac_g):
-        m, rms = st["mom"], st["rms"]
+    @staticmethod
+    def _slab_inputs(p, g, m, rms, fac, sl) -> torch.Tensor:
+        """The 30 input channels (``lopt.velo.FEATURE_GROUPS``) of the coordinates ``sl`` (a
+        slice of the tensor's first axis) as a [coordinates, 30] matrix."""
+        cut = lambda t: t if t.shape[0] == 1 else t[sl]
+        p, g, m, rms = p[sl], g[sl], m[sl], rms[sl]
         g1 = g[..., None]
         rsqrt = torch.rsqrt(rms + 1e-6)
-        dims = velo_jax.factored_dims(tuple(p.shape))
-        if dims is None:
-            row_feat = col_feat = st["fac_full"]
-            m_fac = m * st["fac_full"] ** -0.5
+        if "full" in fac:
+            full = fac["full"][sl]
+            row = col = full
+            fac_g, m_fac = g1 * _safe_rsqrt(full + 1e-9), m * full ** -0.5
         else:
-            d1, d0 = dims
-            row_feat = st["fac_row"].unsqueeze(d0).expand(m.shape)
-            col_feat = st["fac_col"].unsqueeze(d1).expand(m.shape)
-            row_f, col_f = _factors(st["fac_row"], st["fac_col"], d1, d0)
-            m_fac = m * row_f * col_f
-        return [g1, torch.clamp(g1, -0.1, 0.1), p[..., None], m, rms, m * rsqrt, rsqrt, fac_g,
-                g1 * rsqrt, row_feat, col_feat, torch.rsqrt(row_feat + 1e-8),
-                torch.rsqrt(col_feat + 1e-8), m_fac]
+            row, col = cut(fac["row"]).expand(m.shape), cut(fac["col"]).expand(m.shape)
+            row_f, col_f = cut(fac["row_f"]), cut(fac["col_f"])
+            fac_g, m_fac = g1 * row_f * col_f, m * row_f * col_f
+        groups = [g1, torch.clamp(g1, -0.1, 0.1), p[..., None], m, rms, m * rsqrt, rsqrt, fac_g,
+                  g1 * rsqrt, row, col, torch.rsqrt(row + 1e-8), torch.rsqrt(col + 1e-8), m_fac]
+        return torch.cat([x.reshape(-1, x.shape[-1]) for x in groups], dim=1)
 
     def _mixw(self, w, control):
         return 100.0 * (w * control.reshape((-1,) + (1,) * (w.dim() - 1))).mean(dim=0)
 
-    def _tensor_mlp(self, control, inputs):
-        axes = tuple(range(inputs[0].dim() - 1))
-        o = 0.0
-        for x, w in zip(inputs, self._w0):
-            x = x * torch.rsqrt(1e-5 + (x * x).mean(dim=axes, keepdim=True))
-            o = o + x @ self._mixw(w, control)
-        o = o + self._mixw(self._b0, control)
-        for w, b in self._layers:
-            o = torch.relu(o) @ self._mixw(w, control) + self._mixw(b, control)
-        return o
+    def _tensor_step(self, control, lr_mult, p, g, st, fac) -> torch.Tensor:
+        """The step of one tensor. The features are built a slab of ``SLAB`` coordinates at a
+        time (cache-resident) twice: once for their per-channel second moments, once for the
+        MLP, whose first layer has the normalisation folded into its weights; each layer is
+        one BLAS call per slab."""
+        shape = p.shape
+        if p.dim() == 0:  # as the code, a scalar runs as shape (1,)
+            p, g = p.reshape(1), g.reshape(1)
+            st = {"mom": st["mom"].reshape(1, -1), "rms": st["rms"].reshape(1, -1)}
+            fac = {"full": fac["full"].reshape(1, -1)}
+        per_row = max(1, int(np.prod(p.shape[1:])))
+        rows = max(1, SLAB // per_row)
+        slabs = [slice(a, min(a + rows, p.shape[0])) for a in range(0, p.shape[0], rows)]
+        sum_sq = 0.0
+        for sl in slabs:
+            x = self._slab_inputs(p, g, st["mom"], st["rms"], fac, sl)
+            sum_sq = sum_sq + torch.mm(torch.ones(1, x.shape[0]), x * x)[0]
+        scale = torch.rsqrt(1e-5 + sum_sq / p.numel())
+        w0 = torch.cat([self._mixw(w, control) for w in self._w0], dim=0) * scale[:, None]
+        b0 = self._mixw(self._b0, control)
+        layers = [(self._mixw(w, control), self._mixw(b, control)) for w, b in self._layers]
+        if layers:
+            layers[-1] = (layers[-1][0][:, :2], layers[-1][1][:2])
+        lo = self.learned_opt
+        p_scale = torch.sqrt((p * p).mean() + 1e-9)
+        out = torch.empty(p.shape, dtype=torch.float32)
+        for sl in slabs:
+            o = torch.addmm(b0, self._slab_inputs(p, g, st["mom"], st["rms"], fac, sl), w0)
+            for w, b in layers:
+                o = torch.addmm(b, torch.relu_(o), w)
+            step = o[:, 0] * (p_scale * torch.exp(o[:, 1] * lo.exp_mult)) * lo.step_mult
+            out[sl] = (lr_mult * step).reshape(out[sl].shape)
+        return out.reshape(shape)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, *, loss: Any = None) -> Any:
@@ -257,16 +289,8 @@ class VeloTorch(torch.optim.Optimizer):
         controls, lr_mult, hidden, cell = self._lstm_step(
             torch.stack(rows), gst["lstm_hidden"], gst["lstm_cell"])
         gst["lstm_hidden"], gst["lstm_cell"] = hidden, cell
-        lo = self.learned_opt
         for i, (param, p, g, st) in enumerate(zip(params, ps, gs, sts)):
-            fac_g = self._accumulate(g, st)
-            inputs = self._mlp_inputs(p, g, st, fac_g)
-            if p.dim() == 0:
-                inputs = [x[None] for x in inputs]
-            o = self._tensor_mlp(controls[i], inputs)
-            scale = torch.sqrt((p * p).mean() + 1e-9)
-            step = o[..., 0] * (scale * torch.exp(o[..., 1] * lo.exp_mult)) * lo.step_mult
-            step = (lr_mult[i] * step).reshape(p.shape)
-            param.sub_(step.to(param.dtype))
+            fac = self._accumulate(g, st)
+            param.sub_(self._tensor_step(controls[i], lr_mult[i], p, g, st, fac).to(param.dtype))
         gst["iteration"] = gst["iteration"] + 1
         return loss

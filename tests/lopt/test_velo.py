@@ -329,3 +329,32 @@ def test_velo_small_config_builds_its_trainer():
     assert velo.num_meta_params(jax.eval_shape(lo.init, jax.random.PRNGKey(0))) == (33, 12_929)
     trainer = config_lib.build(c)  # validates, runs the contract checks (eval_shape)
     assert trainer.unroller.learned_opt == lo
+
+
+def test_torch_matches_jax_across_slabs():
+    """Tensors larger than lopt.torch.velo.SLAB (features built a slab at a time), factored
+    over axis 0 or 1, and a long bias: torch's two steps follow JAX's."""
+    torch = pytest.importorskip("torch")
+    from lopt.torch.velo import SLAB, VeloTorch
+
+    lo, mp = small_velo()
+    rng = np.random.default_rng(0)
+    shapes = {"a": (700, 100), "b": (100, 700), "c": (SLAB + 5000,)}
+    params = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+    grads = [{k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()} for _ in range(2)]
+    opt = lo.optimizer(mp, num_steps=40)
+    state, p = opt.init(params), {k: jnp.asarray(v) for k, v in params.items()}
+    update = jax.jit(opt.update)
+    tp = [torch.nn.Parameter(torch.tensor(params[k])) for k in sorted(shapes)]
+    topt = VeloTorch(tp, lo, jax.tree.map(np.asarray, mp), 40)
+    for t, g in enumerate(grads):
+        u, state = update({k: jnp.asarray(v) for k, v in g.items()}, state, p, value=1.0 + t)
+        p = optax.apply_updates(p, u)
+        for k, q in zip(sorted(shapes), tp):
+            q.grad = torch.tensor(g[k])
+        topt.step(loss=1.0 + t)
+    for k, q in zip(sorted(shapes), tp):
+        moved = np.max(np.abs(np.asarray(p[k]) - params[k]))
+        assert moved > 0
+        err = np.max(np.abs(q.detach().numpy() - np.asarray(p[k])))
+        assert err < 1e-3 * moved, (k, err, moved)  # 1 ulp of p is 2e-4 of this movement
