@@ -51,7 +51,7 @@ from estimators.meta_loss import NORMALIZER_FLOOR, MetaLoss
 from estimators.resets import FreshReset
 from estimators.scan import checkpointed_scan, plain_scan
 from estimators.schedules import Schedule, power_of_two_buckets
-from lopt.base import MetaParams
+from lopt.base import MetaParams, build_optimizer
 from lopt.wrappers import meta_term
 from tasks.base import TaskFamily
 
@@ -259,12 +259,15 @@ class Unroller:
         if self.meta_loss.normalize == "initial":  # the normaliser: theta-independent by design
             batch = task.batch(spec, k_norm, self.meta_loss.split)
             init_loss = jax.lax.stop_gradient(task.loss(spec, params, batch)[0])
+        length = jnp.maximum(self.horizon(k_len, outer_step).astype(jnp.int32), 1)
+        # The trajectory's horizon reaches optimizers that read it (velo: num_steps).
+        opt = build_optimizer(self.learned_opt, meta_params, num_steps=length)
         return ParticleState(
             spec=spec,
             params=params,
-            opt_state=self.learned_opt.optimizer(meta_params).init(params),
+            opt_state=opt.init(params),
             step=jnp.zeros([], jnp.int32),
-            length=jnp.maximum(self.horizon(k_len, outer_step).astype(jnp.int32), 1),
+            length=length,
             init_loss=jnp.asarray(init_loss, jnp.float32),
         )
 

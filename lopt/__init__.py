@@ -20,5 +20,6 @@ from lopt import mlp as _mlp  # noqa: E402,F401
 from lopt import adafac as _adafac  # noqa: E402,F401
 from lopt import rnn as _rnn  # noqa: E402,F401
 from lopt import hyper as _hyper  # noqa: E402,F401
+from lopt import velo as _velo  # noqa: E402,F401
 
 __all__ = ["LearnedOptimizer", "MetaParams", "get", "names", "register"]

@@ -17,6 +17,7 @@ the inner loop adds ``outer_step=`` and ``key=``, which an update may ignore (``
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Any, Protocol, runtime_checkable
 
 import jax
@@ -35,6 +36,26 @@ class LearnedOptimizer(Protocol):
 
     def optimizer(self, meta_params: MetaParams) -> optax.GradientTransformationExtraArgs:
         """The inner optimizer these meta-params define."""
+
+
+def reads_num_steps(learned_opt: Any) -> bool:
+    """Whether ``learned_opt.optimizer`` takes the training horizon (``num_steps=``, e.g.
+    ``velo``: DESIGN.md's ``optimizer(meta_params, num_steps=None)``)."""
+    try:
+        return "num_steps" in inspect.signature(learned_opt.optimizer).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def build_optimizer(learned_opt: Any, meta_params: MetaParams, num_steps: Any = None, **options):
+    """``learned_opt.optimizer(meta_params)``, given ``num_steps`` (the horizon, an int or a
+    traced int array) when it reads it (:func:`reads_num_steps`); other optimizers ignore it.
+    ``options`` (architecture-specific, e.g. velo's ``weight_decay``) are passed as they are."""
+    if options:
+        return learned_opt.optimizer(meta_params, num_steps=num_steps, **options)
+    if num_steps is not None and reads_num_steps(learned_opt):
+        return learned_opt.optimizer(meta_params, num_steps=num_steps)
+    return learned_opt.optimizer(meta_params)
 
 
 #: ``dataclasses.field`` metadata of a constructor option that changes how an update is

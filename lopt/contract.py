@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from lopt.base import build_optimizer
 from tasks.contract import KEY, ContractError, check_arrays, check_static, describe, path_of
 
 #: The keyword arguments the inner loop passes to ``update`` (estimators.unroll.Unroller).
@@ -61,7 +62,7 @@ def check_learned_optimizer(learned_opt: Any, params: Any = None, what: str | No
         meta_params = learned_opt.init(key)
         check_arrays(meta_params, what, "init(key)", "meta-params are differentiated and "
                      "exported (float arrays)", floating=True)
-        opt = learned_opt.optimizer(meta_params)
+        opt = build_optimizer(learned_opt, meta_params, num_steps=100)
         if not (callable(getattr(opt, "init", None)) and callable(getattr(opt, "update", None))):
             raise ContractError(f"{what}: optimizer(meta_params) returned {type(opt).__name__}; "
                                 "it must be an optax.GradientTransformationExtraArgs (init, update)")

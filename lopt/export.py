@@ -23,7 +23,7 @@ import safetensors.numpy
 from safetensors import SafetensorError, safe_open
 
 import lopt
-from lopt.base import LearnedOptimizer, MetaParams, config_of
+from lopt.base import LearnedOptimizer, MetaParams, build_optimizer, config_of
 
 FORMAT_VERSION = 2
 FORMAT_NAME = "lopt.export"
@@ -292,9 +292,9 @@ def load(path: str | os.PathLike,
     return learned_opt, jax.tree.map(jnp.asarray, meta_params)
 
 
-def load_optimizer(path: str | os.PathLike) -> optax.GradientTransformationExtraArgs:
-    """The optax transformation an export defines, for an ordinary training loop:
-    ``opt = load_optimizer(path)``, ``state = opt.init(params)``, ``updates, state =
-    opt.update(grads, state, params)``, ``params = optax.apply_updates(params, updates)``."""
-    learned_opt, meta_params = load(path)
-    return learned_opt.optimizer(meta_params)
+def load_optimizer(path: str | os.PathLike, num_steps: int | None = None,
+                   **options) -> optax.GradientTransformationExtraArgs:
+    """The optax transformation of an export: ``update(grads, state, params, value=loss)``.
+    ``num_steps``: the horizon, for those that read it (``velo``); ``options`` go to its
+    ``optimizer`` (``velo``: ``weight_decay``, ``max_training_steps``)."""
+    return build_optimizer(*load(path), num_steps, **options)

@@ -31,7 +31,8 @@ __all__ = ["ARCHITECTURES", "ImportFailed", "convert", "import_file", "read_para
 
 #: ``--arch`` names: learned_optimization's module for each and the architecture here.
 ARCHITECTURES = {"mlp": ("mlp_lopt.MLPLOpt", "mlp"),
-                 "adafac_mlp": ("adafac_mlp_lopt.AdafacMLPLOpt", "adafac_mlp")}
+                 "adafac_mlp": ("adafac_mlp_lopt.AdafacMLPLOpt", "adafac_mlp"),
+                 "velo": ("research.general_lopt.hyper_v2.HyperV2", "velo")}
 # MLPLOpt's fixed constants (mlp_lopt.py): its momentum decays and its normaliser's epsilon.
 _MLP_DECAYS = (0.1, 0.5, 0.9, 0.99, 0.999, 0.9999)
 _PEER_NORM_EPS = 1e-5
@@ -216,19 +217,107 @@ def convert(arch: str, theta: dict, *, where: str = "meta-params", step_mult: fl
             raise ImportFailed(f"{where}: unknown AdafacMLPLOpt options {sorted(unknown)}")
         return _convert_adafac(theta, where, step_mult, exp_mult,
                                **{**ADAFAC_DEFAULTS, **adafac_options})
+    if arch == "velo":
+        return _convert_velo(theta, where, adafac_options.pop("gin", None) or {},
+                             step_mult=step_mult, exp_mult=exp_mult, **adafac_options)
     raise ImportFailed(f"unknown --arch {arch!r}: one of {', '.join(ARCHITECTURES)}")
 
 
 def import_file(arch: str, params_path: str | os.PathLike, out: str | os.PathLike,
                 **options) -> str:
     """Convert the learned_optimization meta-params in ``params_path`` (:func:`read_params`)
-    and write them as an export to ``out`` (:func:`lopt.export.save`); returns ``out``."""
+    and write them as an export to ``out`` (:func:`lopt.export.save`); returns ``out``. For
+    ``velo`` the ``config.gin`` beside ``params_path``, when present, gives the configuration
+    (:func:`read_gin`)."""
     params_path = os.fspath(params_path)
     theta, info = read_params(params_path)
+    if arch == "velo":
+        gin_path = os.path.join(os.path.dirname(os.path.abspath(params_path)), "config.gin")
+        if os.path.exists(gin_path):
+            options["gin"] = read_gin(gin_path)
+            info["config_gin"] = gin_path
     learned_opt, meta_params = convert(arch, theta, where=params_path, **options)
     metadata = {"imported_from": "learned_optimization",
                 "peer_architecture": ARCHITECTURES[arch][0],
                 "source": os.path.abspath(params_path),
                 "peer_options": {k: list(v) if isinstance(v, tuple) else v
-                                 for k, v in sorted(options.items())}, **info}
+                                 for k, v in sorted(options.items()) if k != "gin"},
+                **({"peer_config": {k: list(v) if isinstance(v, tuple) else v
+                                    for k, v in sorted(options["gin"].items())}}
+                   if "gin" in options else {}), **info}
     return export_lib.save(out, learned_opt, meta_params, metadata=metadata)
+
+
+# --- VeLO: learned_optimization's HyperV2 ------------------------------------------------------
+
+#: HyperV2 arguments that lopt's ``velo`` implements only at these values (its defaults, and
+#: ``use_bugged_loss_features=False`` as in the published checkpoint).
+_VELO_FIXED = {
+    "initial_momentum_decays": (0.9, 0.99, 0.999), "initial_rms_decays": (0.999,),
+    "initial_adafactor_decays": (0.9, 0.99, 0.999), "mix_layers": True,
+    "with_validation_feature_dim": False, "use_bugged_next_lstm_state": False,
+    "use_bugged_loss_features": False, "precondition_output": False, "rnn_state_decay": 0.0,
+    "adafactor_accumulator": True, "param_scale_mult": True, "constant_loss": False,
+    "clip_param_scale_amount": None,
+    **{f"with_{k}": True for k in ("g", "m", "m_feat", "rms", "rms_feat", "rms_norm_g",
+                                    "rsqrt_rms", "p", "fac_norm_g", "fac_rms", "fac_rsqrt",
+                                    "grad_clip_feat", "fac_mom_mult", "rms_only_norm_g")},
+}
+#: HyperV2 arguments that map onto velo's options, and ones that change no update.
+_VELO_OPTIONS = ("lstm_hidden_size", "param_inits", "ff_hidden_size", "ff_hidden_layers",
+                 "step_mult", "exp_mult")
+_VELO_INERT = ("validation_mode", "reparam_decay", "summarize_each_layer", "summarize_all_control")
+
+
+def read_gin(path: str) -> dict[str, Any]:
+    """The ``HyperV2.<arg> = <value>`` bindings of a learned_optimization ``config.gin`` (any
+    scope prefix), values as Python literals; ``ImportFailed`` when its ``run_train.lopt`` is
+    another learned optimizer."""
+    import ast
+
+    with open(path) as f:
+        text = f.read().replace("\\\n", "")
+    out: dict[str, Any] = {}
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if "=" not in line:
+            continue
+        key, value = (x.strip() for x in line.split("=", 1))
+        if key.split("/")[-1] == "run_train.lopt" and "HyperV2" not in value:
+            raise ImportFailed(f"{path}: run_train.lopt = {value}, not HyperV2 (VeLO)")
+        name = key.split("/")[-1]
+        if name.startswith("HyperV2."):
+            try:
+                out[name[len("HyperV2."):]] = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                raise ImportFailed(f"{path}: cannot read {key} = {value}") from None
+    return out
+
+
+def _convert_velo(theta: dict, where: str, gin: dict, step_mult: float = 1e-3,
+                  exp_mult: float = 1e-3):
+    from lopt import velo
+
+    for k, v in gin.items():
+        if k in _VELO_FIXED and (tuple(v) if isinstance(v, list) else v) != _VELO_FIXED[k]:
+            raise ImportFailed(f"{where}: config.gin sets HyperV2.{k} = {v!r}, which lopt's velo "
+                               f"does not implement (it implements {_VELO_FIXED[k]!r})")
+        if k not in _VELO_FIXED and k not in _VELO_OPTIONS and k not in _VELO_INERT:
+            raise ImportFailed(f"{where}: config.gin sets HyperV2.{k}, an argument lopt's velo "
+                               "does not know")
+    leaves = _flat(theta)
+    try:  # the sizes: config.gin's, else the arrays'
+        sizes = {"lstm_hidden_size": int(leaves["lstm_init_state/hidden"].shape[-1]),
+                 "param_inits": int(leaves["ff_mod_stack/~/b0"].shape[0]),
+                 "ff_hidden_size": int(leaves["ff_mod_stack/~/b0"].shape[1]),
+                 "ff_hidden_layers": sum(1 for k in leaves if k.startswith("ff_mod_stack/~/b")) - 1}
+    except KeyError as e:
+        raise ImportFailed(f"{where}: no leaf {e.args[0]!r}: not HyperV2 meta-params "
+                           f"(leaves {', '.join(sorted(leaves)[:4])})") from None
+    options = {**sizes, "step_mult": step_mult, "exp_mult": exp_mult,
+               **{k: gin[k] for k in _VELO_OPTIONS if k in gin}}
+    try:
+        learned_opt = lopt.get("velo", **options)
+        return learned_opt, velo.from_google(learned_opt, theta)
+    except ValueError as e:
+        raise ImportFailed(f"{where}: {' '.join(str(e).split())}") from None

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import optax
 
 from lopt import teachers as teachers_lib
-from lopt.base import LearnedOptimizer, MetaParams
+from lopt.base import LearnedOptimizer, MetaParams, build_optimizer
 from tasks.registry import ConfigError
 
 # --- alpha ramps over the run's outer steps, built from optax schedules ---------------------------
@@ -183,8 +183,8 @@ class BehaviourCloning:
     def alpha(self, outer_step: jax.Array) -> jax.Array:
         return self.schedule(outer_step)
 
-    def optimizer(self, meta_params: MetaParams) -> optax.GradientTransformationExtraArgs:
-        lo = self.learned_opt.optimizer(meta_params)
+    def optimizer(self, meta_params: MetaParams, num_steps=None) -> optax.GradientTransformationExtraArgs:
+        lo = build_optimizer(self.learned_opt, meta_params, num_steps)
         teacher = teachers_lib.build(self.teacher)
 
         def init_fn(params):
@@ -288,8 +288,8 @@ class SelfImproving:
         """``learned_share``: 1 where the last step took the learned optimizer's update."""
         return {"learned_share": (opt_state.choice == 0).astype(jnp.float32)}
 
-    def optimizer(self, meta_params: MetaParams) -> optax.GradientTransformationExtraArgs:
-        lo = self.learned_opt.optimizer(meta_params)
+    def optimizer(self, meta_params: MetaParams, num_steps=None) -> optax.GradientTransformationExtraArgs:
+        lo = build_optimizer(self.learned_opt, meta_params, num_steps)
         teachers = [teachers_lib.build(s) for s in self.teachers]
 
         def init_fn(params):

@@ -56,6 +56,12 @@ _FRAMEWORK = flags.DEFINE_enum(
     "jax: optax updates, jitted; torch: lopt.torch's optimizers against torch.optim.Adam.",
 )
 _THREADS = flags.DEFINE_integer("threads", 1, "--framework=torch: torch.set_num_threads.")
+_PEER_PYTHON = flags.DEFINE_string(
+    "peer_python", None,
+    "A Python with google/learned_optimization installed (e.g. /work/peer/venv/bin/python): "
+    "also time its own VeLO (scripts/peer/bench_velo_learned_optimization.py) in a subprocess "
+    "on the same sizes, as the row 'velo (learned_optimization)'.",
+)
 _PEAK_GBS = flags.DEFINE_float(
     "peak_gbs", None, "The device's peak memory bandwidth in GB/s, to report the fraction achieved."
 )
@@ -134,13 +140,15 @@ def variants(names: list[str], fused: bool) -> list[tuple[str, object]]:
 
 
 def time_torch_step(opt, params, reps: int, warmup: int) -> float:
-    """Median seconds of ``opt.step()`` on ``params`` (their ``.grad`` set)."""
+    """Median seconds of ``opt.step()`` on ``params`` (their ``.grad`` set; velo also gets a
+    loss)."""
+    kw = {"loss": 1.0} if getattr(opt, "architecture", "") == "velo" else {}
     for _ in range(warmup):
-        opt.step()
+        opt.step(**kw)
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
-        opt.step()
+        opt.step(**kw)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -156,10 +164,11 @@ def main_torch(sizes: list[int]) -> None:
 
     torch.set_num_threads(_THREADS.value)
     names = _OPTIMIZERS.value or ["mlp", "adafac_mlp"]
-    classes = {"mlp": lopt_torch.MLPLOptTorch, "adafac_mlp": lopt_torch.AdafacMLPLOptTorch}
+    classes = {"mlp": lopt_torch.MLPLOptTorch, "adafac_mlp": lopt_torch.AdafacMLPLOptTorch,
+               "velo": lambda ps, lo, mp: lopt_torch.VeloTorch(ps, lo, mp, num_steps=10_000)}
     unknown = [n for n in names if n not in classes]
     if unknown:
-        raise app.UsageError(f"--framework=torch: lopt.torch has mlp and adafac_mlp, not "
+        raise app.UsageError(f"--framework=torch: lopt.torch has mlp, adafac_mlp and velo, not "
                              f"{', '.join(unknown)}")
     rows: dict[str, dict[int, str]] = {"adam": {}}
     counts = {}
@@ -195,9 +204,11 @@ def main(argv):
             sizes = [s for s in sizes if s <= _MAX_SIZE.value]
         return main_torch(sizes)
     import jax
+    import jax.numpy as jnp
     import optax
 
     import lopt
+    from lopt.base import build_optimizer
 
     sizes = [int(float(s)) for s in _SIZES.value]
     if _MAX_SIZE.value is not None:
@@ -220,9 +231,10 @@ def main(argv):
         for name, learned_opt in to_time:
             meta_params = learned_opt.init(jax.random.PRNGKey(0))
             try:
-                t, b = time_update(
-                    lambda mp, p, lo=learned_opt: lo.optimizer(mp).init(p),
-                    lambda mp, g, s, p, lo=learned_opt: lo.optimizer(mp).update(g, s, p),
+                t, b = time_update(  # velo reads a horizon and the loss; the others ignore both
+                    lambda mp, p, lo=learned_opt: build_optimizer(lo, mp, 10_000).init(p),
+                    lambda mp, g, s, p, lo=learned_opt: build_optimizer(lo, mp, 10_000).update(
+                        g, s, p, value=jnp.float32(1.0)),
                     (meta_params,), params, grads, _REPS.value, _WARMUP.value,
                 )
             except Exception as e:  # e.g. out of memory at the largest sizes
@@ -233,6 +245,11 @@ def main(argv):
             rows.setdefault(name, {})[n] = f"{t / t_adam:.2f}x ({_fmt_time(t)})"
             bandwidth.setdefault(name, {})[n] = _fmt_bw(b, t)
             print(f"{counts[n]:>12,} {name:12s} {rows[name][n]}", file=sys.stderr, flush=True)
+
+    if _PEER_PYTHON.value:
+        peer = time_peer_velo(sizes)
+        rows["velo (learned_optimization)"] = {
+            n: f"{peer[n] / _parse_time(rows['adam'][n]):.2f}x ({_fmt_time(peer[n])})" for n in peer}
 
     flops_rows = {}
     for name, learned_opt in to_time:
@@ -265,6 +282,22 @@ def main(argv):
               "([N, fan_in] @ [fan_in, fan_out], relu between) on the same device; the percentage "
               "is the update's share of the matmul chain's rate")
         _table(flops_rows, sizes, counts)
+
+
+def time_peer_velo(sizes: list[int]) -> dict[int, float]:
+    """{size: median seconds} of learned_optimization's VeLO update, timed by
+    scripts/peer/bench_velo_learned_optimization.py under ``--peer_python``."""
+    import json
+    import subprocess
+
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peer",
+                          "bench_velo_learned_optimization.py")
+    out = subprocess.run([_PEER_PYTHON.value, script, f"--sizes={','.join(map(str, sizes))}",
+                          f"--reps={_REPS.value}", f"--warmup={_WARMUP.value}"],
+                         capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise app.UsageError(f"--peer_python: the peer benchmark failed: {out.stderr.strip()[-300:]}")
+    return {int(k): v for k, v in json.loads(out.stdout.strip().splitlines()[-1]).items()}
 
 
 def layer_shapes(meta_params) -> list[tuple[int, int]]:

@@ -156,13 +156,14 @@ def main(argv) -> int:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
 
+    from lopt.base import build_optimizer
     from lopt.training import evaluation
 
     steps = _STEPS.value
     lopt_name = f"learned ({learned_opt.name})"
     print(f"evaluating {lopt_name} vs adam on {_SEEDS.value} instances of {task.name}, "
           f"{steps} steps each", flush=True)
-    learned = evaluation.train_curves(task, learned_opt.optimizer(meta_params), keys, steps)
+    learned = evaluation.train_curves(task, build_optimizer(learned_opt, meta_params, steps), keys, steps)
     import jax
     import jax.numpy as jnp
     import optax

@@ -3,7 +3,11 @@
     lopt-import --from=learned_optimization --arch=adafac_mlp --params=params_5000 --out=lo.safetensors
 
 ``--arch=mlp`` is that library's ``MLPLOpt``, ``--arch=adafac_mlp`` its ``AdafacMLPLOpt`` (the
-small_fc_lopt of PyLO and Celo). ``--params`` is its meta-params as it saves them: a flax
+small_fc_lopt of PyLO and Celo), ``--arch=velo`` its ``HyperV2`` (VeLO, e.g. the published
+``.../pretrained_lopts/aug12_continue_on_bigger_2xbs_200kstep_bigproblem_v2_5620/params``), whose
+configuration comes from the ``config.gin`` beside the file when there is one (a setting lopt's
+``velo`` does not implement is refused in one line) and else from the arrays' shapes.
+``--params`` is its meta-params as it saves them: a flax
 msgpack file (``checkpoints.save_state``; the ``params_<step>`` files of ``outer_train``) or an
 orbax checkpoint directory. The constructor options its meta-params do not record are flags
 (``--step_mult``, ``--exp_mult``; for adafac_mlp its initial decays) with that library's
@@ -21,8 +25,9 @@ from absl import flags, logging
 
 def _define_flags() -> None:
     flags.DEFINE_enum("from", None, ["learned_optimization"], "The framework that wrote --params.")
-    flags.DEFINE_enum("arch", None, ["mlp", "adafac_mlp"],
-                      "mlp: learned_optimization's MLPLOpt; adafac_mlp: its AdafacMLPLOpt.")
+    flags.DEFINE_enum("arch", None, ["mlp", "adafac_mlp", "velo"],
+                      "mlp: learned_optimization's MLPLOpt; adafac_mlp: its AdafacMLPLOpt; "
+                      "velo: its HyperV2 (VeLO; reads config.gin beside --params).")
     flags.DEFINE_string("params", None, "Its meta-params: a msgpack file or orbax directory.")
     flags.DEFINE_string("out", None, "The export to write (a .safetensors file).")
     flags.DEFINE_float("step_mult", 1e-3, "The peer optimizer's step_mult.")

@@ -162,10 +162,11 @@ def meta_train(config, run_dir: str, progress: bool = True) -> dict:
 
 def lo_curves(export_path: str, task, eval_keys, num_steps: int) -> dict:
     from lopt import export
+    from lopt.base import build_optimizer
     from lopt.training import evaluation
 
     learned_opt, meta_params = export.load(export_path)
-    return evaluation.train_curves(task, learned_opt.optimizer(meta_params), eval_keys, num_steps)
+    return evaluation.train_curves(task, build_optimizer(learned_opt, meta_params, num_steps), eval_keys, num_steps)
 
 
 def train_seeds(name: str, b: dict, runs: str, subdir: str, progress: bool = True):

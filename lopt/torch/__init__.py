@@ -14,8 +14,9 @@ PyTorch model with the usual loop (``pip install 'lopt[torch]'``):
 correcting pathologies in the training of learned optimizers", App. D.1) or an
 :class:`AdafacMLPLOptTorch` (``adafac_mlp``: Metz et al. 2022, "Practical tradeoffs between
 memory, compute, and performance in learned optimizers", the small_fc_lopt architecture of
-learned_optimization). Other architectures (``lstm_dm``, ``rnnprop``, ``hyper_adam``) raise
-:class:`UnsupportedArchitectureError`.
+learned_optimization), or a :class:`VeloTorch` (``velo``: ``lopt/torch/velo.py``; it needs
+``num_steps`` and the loss at every step). Other architectures (``lstm_dm``, ``rnnprop``,
+``hyper_adam``) raise :class:`UnsupportedArchitectureError`.
 
 Same numbers as JAX. Each class computes, per parameter tensor and in float32, exactly the
 update of its JAX module (``lopt/mlp.py``, ``lopt/adafac.py``, whose docstrings list the
@@ -73,11 +74,13 @@ from lopt import export as export_lib
 from lopt.torch.adafac import AdafacMLPLOptTorch
 from lopt.torch.base import UnsupportedArchitectureError, _LearnedOptimizerTorch
 from lopt.torch.mlp import MLPLOptTorch
+from lopt.torch.velo import VeloTorch
 
 __all__ = [
     "AdafacMLPLOptTorch",
     "MLPLOptTorch",
     "UnsupportedArchitectureError",
+    "VeloTorch",
     "load",
 ]
 
@@ -89,21 +92,29 @@ _CLASSES: dict[str, type[_LearnedOptimizerTorch]] = {
 
 
 def load(
-    path: str | os.PathLike, params: Iterable, *, lr: float | None = None
-) -> MLPLOptTorch | AdafacMLPLOptTorch:
+    path: str | os.PathLike, params: Iterable, *, lr: float | None = None,
+    num_steps: int | None = None,
+) -> MLPLOptTorch | AdafacMLPLOptTorch | VeloTorch:
     """The torch optimizer an export defines, over ``params`` (tensors or param-group dicts).
 
     ``path`` is any export :func:`lopt.export.load` reads, with all its checks and errors. ``lr`` (default: the export's ``step_mult``) becomes the
-    param groups' default. Raises :class:`UnsupportedArchitectureError` for an architecture
-    other than ``mlp`` and ``adafac_mlp``.
+    param groups' default (``mlp``, ``adafac_mlp``). ``num_steps``: the training's horizon,
+    which ``velo`` needs (:class:`VeloTorch`; its ``step`` takes the loss). Raises
+    :class:`UnsupportedArchitectureError` for an architecture other than ``mlp``,
+    ``adafac_mlp`` and ``velo``.
     """
     path = os.fspath(path)
     name = export_lib.read_metadata(path)["architecture"]["name"]
-    if name not in _CLASSES:
+    if name not in _CLASSES and name != "velo":
         raise UnsupportedArchitectureError(
             f"export {path} holds a '{name}' learned optimizer, which lopt.torch does not "
-            f"implement (it has {', '.join(repr(k) for k in _CLASSES)}); use it from JAX with "
-            "lopt.export.load_optimizer"
+            f"implement (it has {', '.join(repr(k) for k in [*_CLASSES, 'velo'])}); use it from "
+            "JAX with lopt.export.load_optimizer"
         )
     learned_opt, meta_params = export_lib.load(path)
+    if name == "velo":
+        if lr is not None:
+            raise ValueError("velo takes no lr: its step size is learned (lopt.torch.load(path, "
+                             "params, num_steps=N))")
+        return VeloTorch(params, learned_opt, meta_params, num_steps)
     return _CLASSES[name](params, learned_opt, meta_params, lr=lr)

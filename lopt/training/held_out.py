@@ -17,7 +17,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from lopt.base import LearnedOptimizer
+from lopt.base import LearnedOptimizer, build_optimizer
 from lopt.training import evaluation
 from tasks.base import TaskFamily, bind_data
 
@@ -41,7 +41,7 @@ def program(task: TaskFamily, learned_opt: LearnedOptimizer, num_steps: int):
 
     def run(meta_params, keys, arrays):
         one = functools.partial(
-            evaluation._run_one, bind_data(task, arrays), learned_opt.optimizer(meta_params), num_steps
+            evaluation._run_one, bind_data(task, arrays), build_optimizer(learned_opt, meta_params, num_steps), num_steps
         )
         out = jax.vmap(one)(keys)
         result = {
