@@ -74,3 +74,31 @@ def test_auto_on_a_gpu_is_the_unfused_update_with_a_notice(monkeypatch):
     assert execution.kernel_platform(lopt.get("mlp", fused=False)) is None
     execution.notice.cache_clear()
 
+
+def test_a_default_train_run_uses_the_cores_and_the_kernel(tmp_path):
+    """``lopt-train`` with no speed flags: the CPU as one device per physical core as far as
+    the pairs split (``--cpu_devices=auto``; 2 pairs here), the update in the C++ kernel with
+    no notice of a fallback, and the run completes (the all-reduce wait of several CPU
+    devices included)."""
+    import os
+    import subprocess
+    import sys
+
+    from lopt.training import distributed
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=root,
+               XLA_FLAGS="--xla_backend_optimization_level=0")  # no forced device count
+    proc = subprocess.run(
+        [sys.executable, os.path.join(root, "scripts", "meta_train.py"), "--config=quickstart",
+         f"--workdir={tmp_path / 'run'}", "--noprogress", "--config.num_outer_steps=2",
+         "--config.unroll.num_particles=4", "--config.unroll.trunc_length=4",
+         "--config.unroll.horizon.length=8", "--config.lopt.hidden_size=16",
+         "--config.log_every=1"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    devices = distributed.auto_cpu_devices(4)
+    assert f"on {devices} cpu device(s)" in proc.stdout, proc.stdout[-2000:]
+    if mlp_cpu.available()[0]:
+        assert "not used" not in proc.stderr and "unfused" not in proc.stderr, proc.stderr[-2000:]
