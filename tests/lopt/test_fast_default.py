@@ -102,3 +102,15 @@ def test_a_default_train_run_uses_the_cores_and_the_kernel(tmp_path):
     assert f"on {devices} cpu device(s)" in proc.stdout, proc.stdout[-2000:]
     if mlp_cpu.available()[0]:
         assert "not used" not in proc.stderr and "unfused" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_an_architecture_the_kernel_does_not_take_is_unfused_with_its_reason():
+    """An imported learned_optimization MLPLOpt normalises with norm_eps=1e-5, not the
+    kernels' 1e-8: "auto" computes its update unfused and says why; True refuses it."""
+    execution.notice.cache_clear()
+    with pytest.warns(UserWarning, match="norm_eps=1e-05"):
+        hlo = _update_hlo(lopt.get("mlp", norm_eps=1e-5))
+    assert mlp_cpu.TARGET not in hlo
+    with pytest.raises(ValueError, match="norm_eps=1e-8"):
+        lopt.get("mlp", norm_eps=1e-5, fused=True)
+    execution.notice.cache_clear()
