@@ -13,8 +13,8 @@
 # and fused (mlp's Pallas kernel; adafac_mlp has no fused kernel yet) at 1e7 and 1e8 parameters.
 # The goal for the fused update on a GPU: <= 2x optax.adam at 1e7-1e8 (docs/performance.md).
 # --dry_run checks that every step's command runs (its flags, its imports, its output parsed
-# into the summary) on a CPU: about 45 s on 2 loaded cores with warm compile caches, 65 s
-# cold (six processes, each importing JAX and compiling); tests/test_gpu_check.py runs it.
+# into the summary) on a CPU: 45-116 s on 2 loaded cores, less with warm compile caches (six
+# processes, each importing JAX and compiling); tests/test_gpu_check.py runs it.
 # Exit status: 0 when every step passed, 1 when one failed, 2 for a bad argument or no GPU.
 set -u
 cd "$(dirname "$0")/.."
