@@ -37,7 +37,7 @@ def get_config() -> ConfigDict:
         dict(name="digits_mlp", hidden_sizes=(16,), activation="relu", batch_size=32,
              permute_classes=True)
     )
-    c.lopt = ConfigDict(dict(name="mlp", hidden_size=16, hidden_layers=2))
+    c.lopt = ConfigDict(dict(name="mlp", hidden_size=16, hidden_layers=2, fused="auto"))
     c.estimator = ConfigDict(dict(name="pes", std=0.01))  # replaced per estimator
     c.meta_optimizer = ConfigDict(dict(name="adam", learning_rate=3e-3, clip_grad_norm=3.0))
     c.unroll = ConfigDict(

@@ -55,7 +55,7 @@ def get_config() -> ConfigDict:
         dict(name="digits_mlp", hidden_sizes=(32,), activation="relu", batch_size=64,
              permute_classes=True)
     )
-    c.lopt = ConfigDict(dict(name="mlp", hidden_size=32, hidden_layers=2))
+    c.lopt = ConfigDict(dict(name="mlp", hidden_size=32, hidden_layers=2, fused="auto"))
     c.estimator = ConfigDict(dict(name="es", std=0.01))  # ours: sigma = 0.01 (Metz 2019: sigma^2 = 0.01)
     c.meta_optimizer = ConfigDict(dict(name="adam", learning_rate=3e-3, clip_grad_norm=3.0))
     c.unroll = ConfigDict(dict(num_particles=8, trunc_length=20))  # 4 antithetic pairs; N = 20

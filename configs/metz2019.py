@@ -46,7 +46,8 @@ def get_config() -> ConfigDict:
         dict(name="digits_mlp", hidden_sizes=(32,), activation="relu", batch_size=64,
              permute_classes=True)
     )
-    c.lopt = ConfigDict(dict(name="mlp", hidden_size=32, hidden_layers=1, timescales="metz2019"))
+    c.lopt = ConfigDict(dict(name="mlp", hidden_size=32, hidden_layers=1, timescales="metz2019",
+                             fused="auto"))
     c.estimator = ConfigDict(dict(name="merged", std=0.1))
     c.meta_optimizer = ConfigDict(dict(name="adam", learning_rate=3e-4, b1=0.5))
     c.unroll = ConfigDict(

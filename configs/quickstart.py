@@ -38,10 +38,12 @@ def get_config() -> ConfigDict:
         dict(name="digits_mlp", hidden_sizes=(32,), activation="relu", batch_size=64,
              permute_classes=True)
     )
-    # fused: an execution option (README, "Learned optimizers"); same numbers to float rounding.
-    # bf16_hidden (with fused, on a CPU with AVX512-BF16): the middle layer's products in
-    # bfloat16, an approximation within a stated bound (lopt/mlp_cpu.py), off here.
-    c.lopt = ConfigDict(dict(name="mlp", hidden_size=32, hidden_layers=2, fused=False,
+    # fused: an execution option (lopt/execution.py), same numbers to float rounding; "auto"
+    # runs the fused C++ kernel on a CPU (a one-line notice where it cannot be built), the
+    # unfused update on a GPU; True or False force it. bf16_hidden (with the CPU kernel and
+    # AVX512-BF16): the middle layer's products in bfloat16, an approximation within a stated
+    # bound (lopt/mlp_cpu.py), off here.
+    c.lopt = ConfigDict(dict(name="mlp", hidden_size=32, hidden_layers=2, fused="auto",
                              bf16_hidden=False))
     c.estimator = ConfigDict(dict(name="pes", std=0.01))
     c.meta_optimizer = ConfigDict(dict(name="adam", learning_rate=3e-3, clip_grad_norm=3.0))

@@ -26,13 +26,14 @@ Appendix D.1 ("Architecture"), which this module implements line by line:
   so a freshly initialised optimizer takes steps of about 1e-3 and meta-training starts from a
   stable point.
 
-``fused=True`` computes the same update with one fused kernel per update: the momenta,
-features and MLP of a block of coordinates in registers, the hidden activations never written to
-memory. On a GPU, a Pallas kernel compiled with Triton (``lopt/mlp_fused.py``); on a CPU, a C++
-XLA FFI kernel built on first use (``lopt/mlp_cpu.py``; W1 1.1-1.2x inner steps/s, README
-"Speed on a CPU"), falling back to the default path with a warning where it cannot be built. It
-is an execution option, not part of the architecture: same meta-params, same numbers up to float
-rounding, exports without it unchanged.
+``fused`` computes the same update with one fused kernel per update: the momenta, features
+and MLP of a block of coordinates in registers, the hidden activations never written to memory.
+On a CPU, a C++ XLA FFI kernel built on first use (``lopt/mlp_cpu.py``; W1 1.1-1.4x inner
+steps/s, docs/performance.md), on by default (``fused="auto"``) and replaced by the unfused
+update with a one-line notice where it cannot be built; on a GPU, a Pallas kernel compiled with
+Triton (``lopt/mlp_fused.py``), run only with ``fused=True`` until a GPU run has checked it
+(``lopt/execution.py``). It is an execution option, not part of the architecture: same
+meta-params, same numbers up to float rounding, exports without it.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ import numpy as np
 import optax
 
 import lopt
+from lopt import execution
 from lopt.base import EXECUTION_OPTION, dense_apply, dense_init, tensor_rms_normalize, time_features
 
 DEFAULT_DECAYS = (0.5, 0.9, 0.99, 0.999, 0.9999)
@@ -67,9 +69,10 @@ class MLPLOpt:
 
     ``timescales``: a tuple of timescales eta, or the name of a preset in ``TIMESCALE_PRESETS``
     (``"metz2019"``: the paper's 9). ``fused``: compute ``update`` with a fused kernel (GPU:
-    Pallas, ``lopt/mlp_fused.py``; CPU: C++, ``lopt/mlp_cpu.py``); same numbers up to float
-    rounding, and gradients through it are those of the default path. ``bf16_hidden`` (with
-    ``fused=True``, two or more hidden layers): the CPU kernel takes the middle hidden layers'
+    Pallas, ``lopt/mlp_fused.py``; CPU: C++, ``lopt/mlp_cpu.py``): ``"auto"`` (the default),
+    True or False as ``lopt/execution.py`` says; same numbers up to float rounding, and
+    gradients through it are those of the unfused path. ``bf16_hidden`` (with ``fused`` on,
+    two or more hidden layers): the CPU kernel takes the middle hidden layers'
     products in bfloat16 with float32 sums (AVX512-BF16; about 2x the multiply-add rate on the
     layer that holds most of the work), so the update differs from float32 by up to a bound of
     about 2^-8 of the layer's absolute terms, stated and tested in ``lopt/mlp_cpu.py``: an
@@ -85,7 +88,7 @@ class MLPLOpt:
     step_mult: float = 1e-3
     exp_mult: float = 1e-3
     norm_eps: float = 1e-8
-    fused: bool = dataclasses.field(default=False, metadata=EXECUTION_OPTION)
+    fused: bool | str = dataclasses.field(default=execution.AUTO, metadata=EXECUTION_OPTION)
     bf16_hidden: bool = dataclasses.field(default=False, metadata=EXECUTION_OPTION)
     name: ClassVar[str] = "mlp"
 
@@ -111,21 +114,19 @@ class MLPLOpt:
         object.__setattr__(self, "norm_eps", float(self.norm_eps))
         if not self.norm_eps >= 0.0:
             raise ValueError(f"mlp: norm_eps must be >= 0, got {self.norm_eps}")
-        if self.fused and self.norm_eps != 1e-8:
+        object.__setattr__(self, "fused", execution.fused_option("mlp", self.fused))
+        if self.fused is True and self.norm_eps != 1e-8:  # "auto" runs unfused, with a notice
             raise ValueError(
                 f"mlp: the fused kernels normalise with norm_eps=1e-8, got {self.norm_eps}; "
-                "use fused=False"
+                "use fused=False or 'auto'"
             )
-        if not isinstance(self.fused, (bool, np.bool_)):
-            raise ValueError(f"mlp: fused must be True or False, got {self.fused!r}")
-        object.__setattr__(self, "fused", bool(self.fused))
         if not isinstance(self.bf16_hidden, (bool, np.bool_)):
             raise ValueError(f"mlp: bf16_hidden must be True or False, got {self.bf16_hidden!r}")
         object.__setattr__(self, "bf16_hidden", bool(self.bf16_hidden))
-        if self.bf16_hidden and not (self.fused and int(self.hidden_layers) >= 2):
+        if self.bf16_hidden and (self.fused is False or int(self.hidden_layers) < 2):
             raise ValueError(
                 "mlp: bf16_hidden=True is an option of the fused kernel's middle hidden layers: "
-                f"it needs fused=True and hidden_layers >= 2, got fused={self.fused}, "
+                f"it needs fused=True or 'auto' and hidden_layers >= 2, got fused={self.fused}, "
                 f"hidden_layers={self.hidden_layers}"
             )
 
@@ -152,7 +153,7 @@ class MLPLOpt:
             leaves, treedef = jax.tree.flatten(updates)
             param_leaves = treedef.flatten_up_to(params)
             momenta_leaves = treedef.flatten_up_to(state.momenta)
-            if self.fused and sum(int(np.size(g)) for g in leaves) > 0:
+            if sum(int(np.size(g)) for g in leaves) > 0 and execution.kernel_platform(self):
                 from lopt import mlp_fused  # imports Pallas only when asked for
 
                 steps, momenta = mlp_fused.fused_leaf_updates(

@@ -52,6 +52,7 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 
+from lopt import execution
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "mlp_update_cpu.cc")
 TARGET = "lopt_mlp_update_cpu"
@@ -138,20 +139,17 @@ def unsupported(learned_opt) -> str:
         return f"{len(learned_opt.decays)} momenta (the kernel takes up to 62)"
     if learned_opt.hidden_layers > 17:
         return f"hidden_layers={learned_opt.hidden_layers} (the kernel takes up to 17)"
+    if getattr(learned_opt, "norm_eps", 1e-8) != 1e-8:
+        return f"norm_eps={learned_opt.norm_eps:g} (the kernel normalises with 1e-8)"
     return ""
 
 
-@functools.lru_cache(maxsize=None)
-def _warn_once(reason: str) -> None:
-    warnings.warn(f"mlp fused=True: the CPU kernel is not used ({reason}); computing the unfused "
-                  f"update instead, same numbers, no speed-up", stacklevel=4)
-
-
 def usable(learned_opt) -> bool:
-    """Whether ``fused=True`` runs this kernel here; warns once per reason when it does not."""
+    """Whether ``fused`` runs this kernel here; a one-line notice, once per reason, when not."""
     reason = unsupported(learned_opt) or available()[1]
     if reason:
-        _warn_once(reason)
+        execution.notice(f"mlp fused={learned_opt.fused!r}: the C++ CPU kernel is not used "
+                         f"({reason}); computing the unfused update instead (same numbers, slower)")
     elif learned_opt.bf16_hidden and not bf16_supported():
         _warn_bf16_once("this CPU has no AVX512-BF16 (avx512_bf16 in /proc/cpuinfo)")
     return not reason

@@ -70,8 +70,10 @@ flags.DEFINE_integer("host_devices", 1, "Run the CPU as this many devices (read 
 flags.DEFINE_integer("steps", 10, "Timed outer steps (after two untimed ones).")
 flags.DEFINE_integer("repeats", 3, "Measurements per row (min/median/max).")
 flags.DEFINE_string("lopt", "mlp", "Learned optimizer of W1 (e.g. hyper_adam to time the rest).")
-flags.DEFINE_bool("fused", False, "W1's mlp with fused=True: on a CPU its C++ kernel "
-                  "(lopt/mlp_cpu.py), on a GPU its Pallas kernel (lopt/mlp_fused.py).")
+flags.DEFINE_bool("fused", None, "W1's mlp with fused=True (on a CPU its C++ kernel, "
+                  "lopt/mlp_cpu.py; on a GPU its Pallas kernel, lopt/mlp_fused.py) or, with "
+                  "--nofused, fused=False; unset: the mlp's default, fused='auto' (the C++ "
+                  "kernel on a CPU, unfused on a GPU: lopt/execution.py).")
 flags.DEFINE_bool("bf16_hidden", False, "With --fused on a CPU: the mlp's middle hidden layer in "
                   "bfloat16 products with float32 sums (an approximation; lopt/mlp_cpu.py).")
 flags.DEFINE_integer("particles", 16, "Particles of W1 in `w1` and `profile` (W1 itself: 16).")
@@ -82,7 +84,8 @@ def w1_trainer(estimator: str = "pes", num_particles: int = 16, mesh: Mesh | str
                **lopt_kwargs) -> MetaTrainer:
     """W1's trainer; ``mesh="all"`` shards the particles over every device (``--host_devices=N``
     runs the CPU as N devices, as the train command's ``--cpu_devices``)."""
-    lo = (dict(hidden_size=32, hidden_layers=2, fused=FLAGS.fused, bf16_hidden=FLAGS.bf16_hidden)
+    fused = "auto" if FLAGS.fused is None else FLAGS.fused
+    lo = (dict(hidden_size=32, hidden_layers=2, fused=fused, bf16_hidden=FLAGS.bf16_hidden)
           if FLAGS.lopt == "mlp" else {})
     lo.update(lopt_kwargs)
     est = {} if estimator == "tbptt" else dict(std=0.01)

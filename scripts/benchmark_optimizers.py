@@ -120,8 +120,9 @@ def _fmt_time(t: float) -> str:
 
 
 def variants(names: list[str], fused: bool) -> list[tuple[str, object]]:
-    """(row label, learned optimizer) per optimizer to time: each registered default, and with
-    ``fused`` also ``fused=True`` for those that have that option."""
+    """(row label, learned optimizer) per optimizer to time: each registered default, unfused
+    (``fused=False``) for those with a ``fused`` option, whose default (``"auto"``) would run
+    the kernel on a CPU; with ``fused`` also ``fused=True`` for those."""
     import dataclasses
 
     import lopt
@@ -129,10 +130,11 @@ def variants(names: list[str], fused: bool) -> list[tuple[str, object]]:
     out = []
     for name in names:
         learned_opt = lopt.get(name)
-        out.append((name, learned_opt))
-        if fused and dataclasses.is_dataclass(learned_opt) and "fused" in {
+        has_option = dataclasses.is_dataclass(learned_opt) and "fused" in {
             f.name for f in dataclasses.fields(learned_opt)
-        }:
+        }
+        out.append((name, dataclasses.replace(learned_opt, fused=False) if has_option else learned_opt))
+        if fused and has_option:
             out.append((f"{name} fused", dataclasses.replace(learned_opt, fused=True)))
     if fused and len(out) == len(names):
         raise app.UsageError(f"--fused: none of {', '.join(names)} has a `fused` option (mlp has)")

@@ -8,9 +8,10 @@
 imports a module of your own first (its registered task, optimizer, estimator, ...; or list it
 in ``config.modules``; docs/extending.md). Rerunning with
 the same workdir resumes from the latest checkpoint. Particles are sharded over every visible
-device (``--config.num_devices`` to limit; on a CPU, ``--cpu_devices=4`` runs the CPU as four
-devices, README "Speed on a CPU"); ``--multihost`` joins a multi-process run first (see README,
-"Several devices and hosts"). Outputs: config.json, metrics.jsonl, checkpoints/,
+device (``--config.num_devices`` to limit); on a CPU, ``--cpu_devices=N`` runs the CPU as N
+devices, by default (``auto``) one per physical core as far as the particle pairs split
+(docs/performance.md, "Speed on a CPU"); ``--multihost`` joins a multi-process run first
+(see README, "Several devices and hosts"). Outputs: config.json, metrics.jsonl, checkpoints/,
 export/optimizer.safetensors and plots/meta_loss.png in the workdir.
 
 Every way a run can end early is one line on stderr and an exit code: a config error, a
@@ -55,12 +56,13 @@ _HEARTBEAT = flags.DEFINE_integer(
     "process dead and ends the others; a lost process is reported (one line, exit 75) after "
     "half of it (docs/distributed.md, 'Preemption and lost hosts').", lower_bound=2,
 )
-_CPU_DEVICES = flags.DEFINE_integer(
-    "cpu_devices", 1,
-    "CPU runs: present the CPU as this many devices and shard the particles over them (on 2 "
-    "cores, 4 devices trained TBPTT 1.6x faster than 1; README, 'Speed on a CPU'); "
-    "num_particles must split over them. 1: JAX's default. No effect on GPU/TPU runs.",
-    lower_bound=1,
+_CPU_DEVICES = flags.DEFINE_string(
+    "cpu_devices", "auto",
+    "CPU runs: present the CPU as this many devices and shard the particles over them (N >= 1; "
+    "docs/distributed.md). auto (the default): the physical cores, at most as many as there "
+    "are antithetic pairs and so that the particles split into whole pairs per device; 1 with "
+    "fewer than 2 pairs, with --multihost, or when XLA_FLAGS sets the device count. No effect "
+    "on GPU/TPU runs.",
 )
 
 #: Exit code of the processes left when one of a multi-process run is lost (EX_TEMPFAIL).
@@ -80,11 +82,33 @@ def _lost(workdir: str, newline: bool, processes: list[int], why: str) -> None:
     os._exit(LOST_PROCESS_EXIT)
 
 
+def _cpu_devices(value: str) -> int:
+    """``--cpu_devices`` as a device count: N as given, or ``auto`` resolved from the config's
+    particle count (:func:`lopt.training.distributed.auto_cpu_devices`), capped by its
+    ``num_devices``; 1 (JAX's default, so an ``XLA_FLAGS`` device count wins) under
+    ``--multihost`` (each process's devices are part of one mesh) or with that flag set."""
+    if value.strip().lower() != "auto":
+        try:
+            return int(value)
+        except ValueError:
+            raise ValueError(f"cpu_devices must be an integer >= 1 or 'auto', got {value!r}") from None
+    if _MULTIHOST.value or distributed.forced_host_devices():
+        return 1
+    try:  # a config error is reported by the run itself, in its own words
+        config = _CONFIG.value
+        particles = int(config.unroll.num_particles)
+        cap = int(config.get("num_devices", 0) or 0)
+    except Exception:  # noqa: BLE001
+        return 1
+    cores = distributed.physical_cores()
+    return distributed.auto_cpu_devices(particles, min(cores, cap) if cap > 0 else cores)
+
+
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     try:  # before anything starts JAX's backends
-        distributed.set_cpu_devices(_CPU_DEVICES.value)
+        distributed.set_cpu_devices(_cpu_devices(_CPU_DEVICES.value))
     except ValueError as e:
         print(f"error: --cpu_devices: {e}", file=sys.stderr)
         return 2

@@ -77,6 +77,64 @@ def set_cpu_devices(n: int) -> None:
         ) from None
 
 
+def physical_cores() -> int:
+    """Physical cores this process may run on: the distinct (physical id, core id) pairs of
+    /proc/cpuinfo among the CPUs of its affinity mask (hyperthreads share a core's FMA units),
+    at most the cgroup's CPU quota; where those are unknown, the CPUs it may run on."""
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    count = len(allowed) if allowed else (os.cpu_count() or 1)
+    try:
+        with open("/proc/cpuinfo") as f:
+            cores = cores_in_cpuinfo(f.read(), allowed)
+    except OSError:
+        cores = 0
+    if cores:
+        count = min(count, cores)
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            count = min(count, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, count)
+
+
+def cores_in_cpuinfo(text: str, allowed: set[int] | None = None) -> int:
+    """The distinct (physical id, core id) pairs of /proc/cpuinfo's ``text`` among the CPUs
+    ``allowed`` (all if None): the physical cores, two hyperthreads of one core counted once;
+    0 where the text names no core ids (some virtual machines, other architectures)."""
+    cores, cpu, package = set(), None, "0"
+    for line in text.splitlines():
+        key, _, value = (part.strip() for part in line.partition(":"))
+        if key == "processor":
+            cpu, package = int(value), "0"
+        elif key == "physical id":
+            package = value
+        elif key == "core id" and cpu is not None and (allowed is None or cpu in allowed):
+            cores.add((package, value))
+    return len(cores)
+
+
+def auto_cpu_devices(num_particles: int, cores: int | None = None) -> int:
+    """``--cpu_devices=auto``: the most CPU devices, at most the physical cores, over which
+    ``num_particles`` split into whole antithetic pairs (an even count splits by pairs, an odd
+    one by particles); 1 with fewer than two pairs. Each device then runs its particles'
+    program on its own, in parallel with the others, instead of one program whose every small
+    kernel XLA:CPU splits over the cores (docs/performance.md, "Speed on a CPU")."""
+    cores = physical_cores() if cores is None else int(cores)
+    n = int(num_particles)
+    units = n // 2 if n % 2 == 0 else n
+    if n < 4 or cores < 2:
+        return 1
+    return max(d for d in range(1, min(cores, units) + 1) if units % d == 0)
+
+
+def forced_host_devices() -> bool:
+    """Whether ``XLA_FLAGS`` already sets the CPU's device count."""
+    return "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")
+
+
 def is_primary() -> bool:
     """True on the process that writes logs, plots and exports."""
     return jax.process_index() == 0

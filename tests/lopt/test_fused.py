@@ -42,7 +42,7 @@ import numpy as np
 import pytest
 
 import lopt
-from lopt import export, mlp_cpu, mlp_fused
+from lopt import execution, export, mlp_cpu, mlp_fused
 from lopt.base import config_of
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -130,7 +130,7 @@ def _max_abs_grad(params, steps):
 
 
 def test_eager_steps_match_unfused():
-    ref_lo = lopt.get("mlp")
+    ref_lo = lopt.get("mlp", fused=False)
     fus_lo = dataclasses.replace(ref_lo, fused=True)
     meta_params = _meta_params(ref_lo)
     params = _params()
@@ -151,7 +151,7 @@ def test_jitted_steps_match_unfused(kernel, hidden_size, hidden_layers):
     middle layers, three 16-wide output groups in the CPU kernel). The CPU kernel serves
     multiples of 16: for 5 and 0 it falls back to the unfused update, so it must match that
     exactly."""
-    ref_lo = lopt.get("mlp", hidden_size=hidden_size, hidden_layers=hidden_layers)
+    ref_lo = lopt.get("mlp", hidden_size=hidden_size, hidden_layers=hidden_layers, fused=False)
     fus_lo = dataclasses.replace(ref_lo, fused=True)
     if kernel == "pallas" and hidden_layers == 3:
         pytest.skip("interpreting Pallas adds nothing here that (5, 2) does not test")
@@ -167,7 +167,7 @@ def test_jitted_steps_match_unfused(kernel, hidden_size, hidden_layers):
 
 
 def test_vmap_over_two_param_sets():
-    ref_lo = lopt.get("mlp")
+    ref_lo = lopt.get("mlp", fused=False)
     fus_lo = dataclasses.replace(ref_lo, fused=True)
     meta_params = _meta_params(ref_lo)
     p1, p2 = _params(), _params(jax.random.PRNGKey(5), scale=0.1)
@@ -190,7 +190,7 @@ def test_vmap_over_two_param_sets():
 
 def test_meta_gradient_is_the_unfused_one():
     """The custom VJP's backward pass is the unfused reference's: same meta-gradient."""
-    ref_lo = lopt.get("mlp")
+    ref_lo = lopt.get("mlp", fused=False)
     fus_lo = dataclasses.replace(ref_lo, fused=True)
     params = _params()
 
@@ -214,7 +214,7 @@ def test_cpu_kernel_is_what_runs(kernel):
     params = _params()
     hlo = _run_jit.lower(fus_lo, _meta_params(fus_lo), params, 1).as_text()
     assert len(jax.tree.leaves(params)) > 1 and hlo.count(mlp_cpu.TARGET) == 1
-    plain = lopt.get("mlp")
+    plain = lopt.get("mlp", fused=False)
     assert mlp_cpu.TARGET not in _run_jit.lower(plain, _meta_params(plain), params, 1).as_text()
 
 
@@ -225,7 +225,7 @@ def test_cpu_kernel_scales_span_segments(kernel):
     segment is dropped or counted twice (batch entries kept apart: the vmap test)."""
     if kernel != "cpu":
         pytest.skip("a property of the CPU kernel")
-    ref_lo = lopt.get("mlp")
+    ref_lo = lopt.get("mlp", fused=False)
     fus_lo = dataclasses.replace(ref_lo, fused=True)
     magnitude = jnp.repeat(jnp.asarray([1e-2, 1.0, 1e2, 3.0]), jnp.asarray([256, 256, 256, 232]),
                            total_repeat_length=1000)
@@ -343,8 +343,8 @@ def test_cpu_kernel_unavailable_falls_back_with_its_reason(kernel, monkeypatch, 
     path, why = mlp_cpu._build.__wrapped__()
     assert path is None and why.startswith("compiling ") and why.endswith("failed: (no output)")
     monkeypatch.setattr(mlp_cpu, "available", lambda: (False, why))
-    mlp_cpu._warn_once.cache_clear()
-    ref_lo = lopt.get("mlp")
+    execution.notice.cache_clear()
+    ref_lo = lopt.get("mlp", fused=False)
     fus_lo = dataclasses.replace(ref_lo, fused=True)
     meta_params, params = _meta_params(ref_lo), _params()
     ref, fus = ref_lo.optimizer(meta_params), fus_lo.optimizer(meta_params)
@@ -353,7 +353,7 @@ def test_cpu_kernel_unavailable_falls_back_with_its_reason(kernel, monkeypatch, 
     u_ref, _ = ref.update(_grads(params, 0), ref.init(params), params)
     for a, b in zip(jax.tree.leaves(u_ref), jax.tree.leaves(u_fus)):
         np.testing.assert_array_equal(a, b)
-    mlp_cpu._warn_once.cache_clear()
+    execution.notice.cache_clear()
 
 
 def test_gpu_path_lowers_to_triton(kernel):
@@ -377,7 +377,8 @@ def test_option_config_and_export(kernel, tmp_path):
     if kernel != "pallas":
         pytest.skip("runs no kernel")
     plain, fused = lopt.get("mlp"), lopt.get("mlp", fused=True)
-    assert plain.fused is False and fused.fused is True and plain != fused
+    assert plain.fused == "auto" and fused.fused is True and plain != fused
+    assert lopt.get("mlp", fused="False").fused is False  # a command-line override's string
     with pytest.raises(ValueError, match="fused"):
         lopt.get("mlp", fused="yes")
     # Left out of the config at its default (exports unchanged), written when set.
@@ -393,6 +394,8 @@ def test_option_config_and_export(kernel, tmp_path):
     assert export.load(path)[0] == plain
     # An export loads into the same architecture fused or not (not an architecture difference).
     assert export.load(path, fused)[0] is fused
+    unfused = lopt.get("mlp", fused=False)
+    assert config_of(unfused)["fused"] is False and export.load(path, unfused)[0] is unfused
     with pytest.raises(export.ArchitectureMismatchError, match="hidden_size"):
         export.load(path, lopt.get("mlp", hidden_size=8, fused=True))
 
