@@ -14,7 +14,7 @@
 # The goal for the fused update on a GPU: <= 2x optax.adam at 1e7-1e8 (docs/performance.md).
 # --dry_run checks that every step's command runs (its flags, its imports, its output parsed
 # into the summary) on a CPU: 45-116 s on 2 loaded cores, less with warm compile caches (six
-# processes, each importing JAX and compiling); tests/test_gpu_check.py runs it.
+# processes, each importing JAX and compiling); tests/test_gpu_check.py runs it (make test-slow).
 # Exit status: 0 when every step passed, 1 when one failed, 2 for a bad argument or no GPU.
 set -u
 cd "$(dirname "$0")/.."
