@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import os
 import subprocess
 import sys
@@ -100,25 +101,14 @@ def test_jax_matches_learned_optimization(exports, arch):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_torch_matches_learned_optimization(exports, arch):
-    torch = pytest.importorskip("torch")
-    import lopt.torch as lopt_torch
-
-    fix = _fixture(arch)
-    names = _leaves(arch)
-    # float64 parameters: the update (float32, computed from float32 copies of p and g, so the
-    # same numbers) is added without rounding, and p - p' is the step itself.
-    tensors = [torch.tensor(fix[f"p/{k}"][0], dtype=torch.float64) for k in names]
-    opt = lopt_torch.load(exports[arch], tensors)
-    steps: dict[str, list] = {k: [] for k in names}
-    for i in range(len(fix[f"p/{names[0]}"])):
-        with torch.no_grad():
-            for k, t in zip(names, tensors):
-                t.copy_(torch.from_numpy(np.asarray(fix[f"p/{k}"][i], np.float64)))
-                t.grad = torch.from_numpy(np.asarray(fix[f"g/{k}"][i], np.float64))
-            before = [t.detach().clone() for t in tensors]
-        opt.step()
-        for k, t, b in zip(names, tensors, before):
-            steps[k].append((b - t.detach()).numpy())
+    """The replay of scripts/peer/check_import_parity.py (the figures in docs/optimizers.md):
+    float64 parameters, so the float32 update is added without rounding and p - p' is the step."""
+    pytest.importorskip("torch")
+    spec = importlib.util.spec_from_file_location(
+        "check_import_parity", os.path.join(REPO, "scripts", "peer", "check_import_parity.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    steps = script.torch_steps(exports[arch], _fixture(arch), _leaves(arch))
     err = relative_error(steps, arch)
     assert err <= TOL, f"{arch}: lopt.torch differs from the peer's by {err:.3g}"
 
