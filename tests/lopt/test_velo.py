@@ -21,7 +21,7 @@ import pytest
 from flax import serialization
 
 import lopt
-from lopt import velo
+from lopt import export, velo
 
 FIXTURE = pathlib.Path(__file__).parent / "data" / "velo_small"
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -361,3 +361,27 @@ def test_torch_matches_jax_across_slabs(monkeypatch):
         assert moved > 0
         err = np.max(np.abs(q.detach().numpy() - np.asarray(p[k])))
         assert err < 1e-3 * moved, (k, err, moved)  # 1 ulp of p is 2e-4 of this movement
+
+
+@pytest.mark.slow  # ~30 s: a meta-training run through the command, as a user starts one
+def test_velo_small_meta_trains_from_the_command_line(tmp_path):
+    """``scripts/meta_train.py --config=velo_small`` (issue 32's done-when) at a tiny budget:
+    every row's meta-loss is finite and the export loads into optax with a horizon."""
+    import math
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run(
+        [sys.executable, os.path.join(root, "scripts", "meta_train.py"), "--config=velo_small",
+         f"--workdir={tmp_path / 'run'}", "--noprogress", "--config.num_outer_steps=3",
+         "--config.log_every=1", "--config.unroll.num_particles=2",
+         "--config.unroll.trunc_length=4", "--config.unroll.horizon.length=8"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["meta_loss"] for r in rows if "meta_loss" in r]
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses), losses
+    opt = export.load_optimizer(tmp_path / "run" / "export" / "optimizer.safetensors", num_steps=8)
+    params = {"w": jnp.ones((3, 2))}
+    updates, _ = opt.update(params, opt.init(params), params, value=jnp.float32(1.0))
+    assert np.all(np.isfinite(updates["w"])) and float(jnp.abs(updates["w"]).max()) > 0
