@@ -49,13 +49,12 @@ def differences(fix: dict, names: list[str], ours: dict) -> tuple[float, float]:
     return whole, elementwise
 
 
-def jax_steps(path: str, fix: dict, names: list[str]) -> dict:
+def jax_steps(opt, fix: dict, names: list[str]) -> dict:
+    """The steps the optax transformation ``opt`` takes on the fixture's (p, g), in one jitted
+    scan."""
     import jax
     import jax.numpy as jnp
 
-    from lopt import export
-
-    opt = export.load_optimizer(path)
     ps = {k: jnp.asarray(fix[f"p/{k}"]) for k in names}
     gs = {k: jnp.asarray(fix[f"g/{k}"]) for k in names}
 
@@ -95,7 +94,7 @@ def main() -> None:
     parser.add_argument("--data", default="tests/lopt/data",
                         help="the directory make_import_fixture.py wrote")
     args = parser.parse_args()
-    from lopt import importer
+    from lopt import export, importer
 
     print("| architecture | framework | max abs(d) / max abs(peer) | elementwise abs(d) / abs(peer) |")
     print("|---|---|---|---|")
@@ -106,7 +105,8 @@ def main() -> None:
                 continue
             path = importer.import_file(arch, params, os.path.join(tmp, f"{arch}.safetensors"))
             fix, names = load(args.data, arch)
-            runs = [("jax", jax_steps)]
+            runs = [("jax", lambda path, fix, names: jax_steps(
+                export.load_optimizer(path), fix, names))]
             try:
                 import torch  # noqa: F401
                 runs.append(("torch", torch_steps))

@@ -26,8 +26,6 @@ import os
 import subprocess
 import sys
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -73,24 +71,20 @@ def relative_error(ours: dict, arch: str) -> float:
     return worst
 
 
+@functools.lru_cache(maxsize=None)
+def _parity_script():
+    """scripts/peer/check_import_parity.py, whose replays give the figures in
+    docs/optimizers.md: the test checks with the same procedure."""
+    spec = importlib.util.spec_from_file_location(
+        "check_import_parity", os.path.join(REPO, "scripts", "peer", "check_import_parity.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
 def jax_steps(opt, arch: str) -> dict[str, np.ndarray]:
-    """The steps the optax transformation ``opt`` takes on the fixture's 100 (p, g), in one
-    jitted scan."""
-    fix = _fixture(arch)
-    names = _leaves(arch)
-    ps = {k: jnp.asarray(fix[f"p/{k}"]) for k in names}
-    gs = {k: jnp.asarray(fix[f"g/{k}"]) for k in names}
-
-    @jax.jit
-    def run(ps, gs):
-        def body(state, pg):
-            updates, state = opt.update(pg[1], state, pg[0])
-            return state, jax.tree.map(jnp.negative, updates)
-
-        state = opt.init(jax.tree.map(lambda x: x[0], ps))
-        return jax.lax.scan(body, state, (ps, gs))[1]
-
-    return jax.tree.map(np.asarray, run(ps, gs))
+    """The steps the optax transformation ``opt`` takes on the fixture's 100 (p, g)."""
+    return _parity_script().jax_steps(opt, _fixture(arch), _leaves(arch))
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -104,11 +98,7 @@ def test_torch_matches_learned_optimization(exports, arch):
     """The replay of scripts/peer/check_import_parity.py (the figures in docs/optimizers.md):
     float64 parameters, so the float32 update is added without rounding and p - p' is the step."""
     pytest.importorskip("torch")
-    spec = importlib.util.spec_from_file_location(
-        "check_import_parity", os.path.join(REPO, "scripts", "peer", "check_import_parity.py"))
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    steps = script.torch_steps(exports[arch], _fixture(arch), _leaves(arch))
+    steps = _parity_script().torch_steps(exports[arch], _fixture(arch), _leaves(arch))
     err = relative_error(steps, arch)
     assert err <= TOL, f"{arch}: lopt.torch differs from the peer's by {err:.3g}"
 
