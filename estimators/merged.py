@@ -24,7 +24,10 @@ a pair continue from the positive trajectory's state.
 
 A non-finite reparameterization sample gives its element an ES weight of 1: counted, per outer
 step, as ``rp_nonfinite_share`` (the share of elements where it happened), so a run that falls
-back to pure ES says so.
+back to pure ES says so. ``rp_variance`` and ``es_variance`` are the two variances eq. 1 weighs
+by, each the mean over elements of one pair's per-element variance (Metz et al. Fig. 4 plots
+them over meta-training: the reparameterization one grows by orders of magnitude while the ES
+one stays flat); the reparameterization mean skips the non-finite elements.
 """
 
 from __future__ import annotations
@@ -62,9 +65,11 @@ def inverse_variance_merge(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Metz et al. 2019 eq. 1 per element over the leading (pair) axis, across all shards.
 
-    Returns (merged mean, ES weight w_es = v_rp / (v_rp + v_es), rp non-finite flag). A
-    non-finite reparameterization sample or variance (an exploding unroll) gives that element
-    w_es = 1; two zero variances split the weight evenly."""
+    Returns (merged mean, ES weight w_es = v_rp / (v_rp + v_es), rp non-finite flag, v_rp,
+    v_es): the last two are the per-element variances of one pair's estimate (Bessel-corrected,
+    across all shards) that eq. 1 weighs by. A non-finite reparameterization sample or variance
+    (an exploding unroll) gives that element w_es = 1; two zero variances split the weight
+    evenly."""
     n_total = g_rp.shape[0] * unroller.num_shards
     rp_ok = pair_mean(unroller, jnp.isfinite(g_rp).astype(jnp.float32)) == 1.0
     g_rp = jnp.where(rp_ok, g_rp, 0.0)
@@ -76,7 +81,7 @@ def inverse_variance_merge(
     w_es = jnp.where(v_rp > 0, 1.0 / (1.0 + ratio), jnp.where(v_es > 0, 0.0, 0.5))
     bad = ~(rp_ok & jnp.isfinite(v_rp))
     w_es = jnp.where(bad, 1.0, w_es)
-    return (1.0 - w_es) * m_rp + w_es * m_es, w_es, bad
+    return (1.0 - w_es) * m_rp + w_es * m_es, w_es, bad, v_rp, v_es
 
 
 @estimators.register("merged")
@@ -134,7 +139,15 @@ class Merged(ESOptions):
         grad = jax.tree.map(lambda m: m[0], merged, is_leaf=is_triple)
         parts = jax.tree.leaves(merged, is_leaf=is_triple)
         es_share = jnp.concatenate([m[1].ravel() for m in parts]).mean()
-        rp_bad = jnp.concatenate([m[2].ravel().astype(jnp.float32) for m in parts]).mean()
+        flat = lambda i: jnp.concatenate([m[i].ravel() for m in parts])  # noqa: E731
+        rp_bad = flat(2).astype(jnp.float32).mean()
+        # Metz et al. 2019 Fig. 4: the two estimators' variances, the mean over elements of the
+        # per-element variance of one pair's estimate; the reparameterization one over the
+        # elements where it is finite (the others are counted by rp_nonfinite_share).
+        ok = ~flat(2)
+        rp_variance = jnp.where(ok, flat(3), 0.0).sum() / jnp.maximum(ok.sum(), 1)
+        rp_variance = jnp.where(ok.any(), rp_variance, jnp.nan)
+        es_variance = flat(4).mean()
 
         extras = {k: v.mean() for k, v in out.extras.items()}  # per pair -> over all
         end, offered, out = from_pairs((end, offered, out._replace(extras={})))
@@ -146,5 +159,7 @@ class Merged(ESOptions):
             **unroll_metrics(unroller, out),
             "es_share": es_share,
             "rp_nonfinite_share": rp_bad,
+            "rp_variance": rp_variance,
+            "es_variance": es_variance,
         }
         return grad, MergedState(unroll), metrics

@@ -114,6 +114,25 @@ def test_merged_gives_es_the_weight_when_the_unroll_is_chaotic():
     assert np.all(np.asarray(metrics["es_share"]) > 0.95), metrics["es_share"]
 
 
+def test_merged_logs_the_variances_it_weighs_and_rp_variance_explodes_with_the_unroll():
+    """Metz et al. 2019 Fig. 4's mechanism on the chaotic map above: the reparameterization
+    estimate's variance grows by orders of magnitude with the truncation length while ES's stays
+    within one. With one meta-param the ES weight is exactly v_rp / (v_rp + v_es), so the logged
+    variances must be the ones eq. 1 weighed by."""
+    lo = LearnedLR(dim=1, log_lr=1.8)
+    rp, es = [], []
+    for trunc in (5, 10, 20):
+        unroller = _unroller(Cosine(dim=4), lo, 16, trunc, 1000)
+        _, m = _replicas(estimators.get("merged", std=0.01), unroller, lo.init(None), replicas=4)
+        assert np.all(np.asarray(m["rp_nonfinite_share"]) == 0)
+        v_rp, v_es = (np.asarray(m[k], np.float64) for k in ("rp_variance", "es_variance"))
+        np.testing.assert_allclose(np.asarray(m["es_share"]), v_rp / (v_rp + v_es), rtol=1e-4)
+        rp.append(np.median(v_rp))
+        es.append(np.median(v_es))
+    assert rp[1] > 1e3 * rp[0] and rp[2] > 1e3 * rp[1], rp
+    assert max(es) < 10 * min(es), es
+
+
 def test_merged_gives_reparameterization_the_weight_on_smooth_high_dimensional_unrolls():
     """Per-coordinate learning rates (64 meta-params) on a smooth quadratic over 4 steps: ES's
     variance scales with the dimension, the reparameterization gradient barely varies."""
@@ -123,6 +142,7 @@ def test_merged_gives_reparameterization_the_weight_on_smooth_high_dimensional_u
     unroller = _unroller(task, lo, 16, 4, 1000)
     _, metrics = _replicas(estimators.get("merged", std=0.01), unroller, lo.init(None), replicas=4)
     assert np.all(np.asarray(metrics["es_share"]) < 0.05), metrics["es_share"]
+    assert np.all(np.asarray(metrics["es_variance"]) > 20 * np.asarray(metrics["rp_variance"]))
 
 
 def test_merged_mean_is_unbiased_on_the_closed_form_problem():
