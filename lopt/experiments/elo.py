@@ -33,7 +33,6 @@ import copy
 import dataclasses
 import json
 import os
-import shutil
 import sys
 import time
 from typing import Any
@@ -47,7 +46,6 @@ from lopt.experiments.harness import (
     UsageError,
     cost_cells,
     ensure_mnist,
-    fmt,
     meta_train,
     override,
     pm,
@@ -55,7 +53,6 @@ from lopt.experiments.harness import (
     table,
     task_of,
     to_json,
-    verdict,
     write_ablation,
 )
 from lopt.experiments.inputs import load_config
@@ -99,16 +96,24 @@ BUDGETS: dict[str, dict] = {
                   overrides={"task.hidden_sizes": (4,), "task.batch_size": 8, "lopt.hidden_size": 4,
                              "lopt.hidden_layers": 1, "unroll.num_particles": 2,
                              "unroll.trunc_length": 4, "unroll.replay.capacity": 2,
-                             "unroll.behaviour_cloning.schedule.steps": 2}),
+                             "unroll.behaviour_cloning.schedule.steps": 2},
+                  search_horizons=(2, 4)),
+    # search_horizons: the naive optimizer's H grid for the horizon search (elo_fig2.py); the
+    # table, Fig. 2 left and right then run at the H it picks.
     "cpu": dict(elo_config="elo_mnist", naive_config="naive_mnist",
-                meta_seeds=3, seeds=16, factor=10, lrs=LRS),
+                meta_seeds=3, seeds=16, factor=10, lrs=LRS, search_horizons=(5, 10, 20, 40)),
     "gpu": dict(elo_config="elo_mnist", naive_config="naive_mnist",
                 meta_seeds=5, seeds=64, factor=10, outer_steps=3000,
                 overrides={"unroll.num_particles": 32}, lrs=LRS),
 }
 
 
+#: Budget keys of the reproduction only (not ``lopt-ablate`` options).
+REPRODUCTION_KEYS = ("search_horizons",)
+
+
 def budget_options(b: dict) -> Options:
+    b = {k: v for k, v in b.items() if k not in REPRODUCTION_KEYS}
     return Options(**{**b, "overrides": tuple(b.get("overrides", {}).items())})
 
 
@@ -116,6 +121,8 @@ def budget_flags(b: dict) -> list[str]:
     """The ``lopt-ablate`` flags that run budget ``b``."""
     out = []
     for key, value in b.items():
+        if key in REPRODUCTION_KEYS:
+            continue
         if key == "overrides":
             out += [f"--set={k}={v!r}" for k, v in value.items()]
         elif isinstance(value, (tuple, list)):
@@ -390,50 +397,7 @@ def ablate(s: dict, out: str, command: list[str], progress: bool = True) -> tupl
 
 
 def run(b: dict, runs: str, out: str, progress: bool = True) -> Report:
-    """The ablation at budget ``b`` in ``runs/ablate`` (its own table, results and plot), and
-    the report: ELO-LO against LO naive at 10 H, each learned optimizer from H to 10 H."""
-    import numpy as np
+    """The reproduction at budget ``b`` (``lopt.experiments.elo_reproduce.run``)."""
+    from lopt.experiments import elo_reproduce
 
-    s = settings(budget_options(b))
-    workdir = os.path.join(runs, "ablate")
-    command = ["scripts/ablate.py", f"--out={workdir}", *budget_flags(b)]
-    print(f"[elo] {' '.join(command)}", flush=True)
-    res, failed = ablate(s, workdir, command, progress)
-    if failed:
-        raise RuntimeError(f"the ablation's {', '.join(failed)} failed (see {workdir}/results.json)")
-    shutil.copyfile(os.path.join(workdir, "curves.png"), os.path.join(out, "elo.png"))
-    H, long = res["horizon"], res["long_horizon"]
-    methods = res["methods"]
-    metric = "test_accuracy" if methods["adamw"]["eval"][str(H)].get("test_accuracy") else "test_loss"
-    outcome = []
-    for m in ("naive", "curriculum", "elo"):
-        e = methods.get(m, {}).get("eval")
-        if not e:
-            continue
-        h, l = e[str(H)][metric]["mean"], e[str(long)][metric]["mean"]
-        outcome.append(f"{m}: {metric} {fmt(h)} at H -> {fmt(l)} at {long // H}H ({l - h:+.4f}); "
-                       f"final train loss {fmt(e[str(H)]['final_train_loss']['mean'])} -> "
-                       f"{fmt(e[str(long)]['final_train_loss']['mean'])}")
-    if "elo" in methods and "naive" in methods:
-        k = len(res["meta_seeds"])
-        ours, theirs = (np.asarray(methods[m]["eval"][str(long)][metric]["per_seed"], np.float64)
-                        for m in ("elo", "naive"))
-        outcome.insert(0, f"at {long // H}H, {metric}: " + verdict(
-            ours.reshape(k, -1), theirs.reshape(k, -1), "ELO-LO", "LO naive",
-            lower_is_better=metric != "test_accuracy"))
-    return Report(
-        name="elo",
-        title="ELO Table 1 shape: AdamW, LO naive, LO + curriculum, ELO-LO at H and 10H",
-        claim=("ELO (Algorithm 1: a replay buffer of optimizee states and online behaviour "
-               "cloning) trains a learned optimizer that generalises to 10x the meta-training "
-               "horizon H, where the naively trained one degrades."),
-        setting=(f"scripts/ablate.py {' '.join(budget_flags(b))}: task {res['task']}, H={H}, "
-                 f"evaluated at H and {long} on {len(res['eval_seeds'])} held-out instances x "
-                 f"meta-seeds {res['meta_seeds']}; AdamW tuned per length on separate instances "
-                 f"(PRNGKey({res['adamw_tune_seeds'][0]}..))."),
-        outcome=outcome,
-        tables=[("Mean ± std over instances x meta-seeds.", res["table"])],
-        figures=[(f"Training loss over {long} steps on held-out instances, H marked", "elo.png")],
-        notes=[f"ablate's own outputs: {os.path.relpath(workdir)} (table.md, results.json)."],
-        record=res,
-    )
+    return elo_reproduce.run(b, runs, out, progress)
