@@ -18,9 +18,9 @@ ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimizatio
 
 FIGURES = {
     "quickstart": ["quickstart.png"],
-    "metz2019": ["metz2019.png", "metz2019_es_share.png"],
+    "metz2019": ["metz2019.png", "metz2019_es_share.png", "metz2019_variance.png", "metz2019_meta_loss.png"],
     "chen2020": ["chen2020.png"],
-    "elo": ["elo.png"],
+    "elo": ["elo.png", "elo_positions.png", "elo_stability.png"],
 }
 
 
