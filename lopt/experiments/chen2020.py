@@ -187,7 +187,7 @@ def run(b: dict, runs: str, out: str, progress: bool = True) -> Report:
                  "instances x meta-seeds; outer / inner steps are the mean over meta-seeds.", results)],
         figures=[("Training loss on unseen optimizees (mean ± 1 std, trailing 10% smoothing)", fig)],
         notes=curricula + ([] if "rnnprop" in b["models"] else [
-            "RNNprop runs in the gpu budget only (the cpu budget's 30 minutes fit one model)."]),
+            "RNNprop runs in the gpu budget only (the cpu budget's hours fit one model)."]),
         record=dict(configs=cfgs, runs=records, train_length=train_len, eval_length=long,
                     adam_best_lr=adam["best_lr"], adam_sweep=adam["sweep"],
                     results={k: [without_curves(r) for r in v] for k, v in rows.items()},
