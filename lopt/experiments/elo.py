@@ -42,7 +42,6 @@ from lopt.experiments.harness import (
     EVAL_SEED_OFFSET,
     LRS,
     TUNE_SEED_OFFSET,
-    Report,
     UsageError,
     cost_cells,
     ensure_mnist,
@@ -392,12 +391,3 @@ def ablate(s: dict, out: str, command: list[str], progress: bool = True) -> tupl
     write_ablation(out, caption, results_md, record, plot_path, total)
     return record, failed
 
-
-# --- the reproduction ---------------------------------------------------------------------------
-
-
-def run(b: dict, runs: str, out: str, progress: bool = True) -> Report:
-    """The reproduction at budget ``b`` (``lopt.experiments.elo_reproduce.run``)."""
-    from lopt.experiments import elo_reproduce
-
-    return elo_reproduce.run(b, runs, out, progress)

@@ -33,6 +33,15 @@ import dataclasses
 import os
 import shutil
 
+from lopt.experiments.elo import (
+    BUDGETS,
+    ablate,
+    budget_flags,
+    budget_options,
+    evaluate_adamw,
+    evaluate_export,
+    settings,
+)
 from lopt.experiments.harness import (
     Report,
     fmt,
@@ -43,6 +52,9 @@ from lopt.experiments.harness import (
     task_of,
     verdict,
 )
+
+#: What scripts/reproduce.py reads of an experiment's module (the budgets are the ablation's).
+__all__ = ["BUDGETS", "run", "horizon_search", "degradation", "position_summary", "stability"]
 
 #: "Degrades" thresholds (:func:`degradation`): the training loss's rise at 10 H above its best
 #: on the way, and the growth of the ratio to AdamW from H to 10 H.
@@ -88,7 +100,6 @@ def horizon_search(base_settings, horizons, factor: int, runs: str, progress: bo
     """The naive config at each H of ``horizons`` (``base_settings(H)``: ``elo.settings`` at that
     N), one meta-seed, evaluated at H and ``factor`` H; returns every H's degradation and the H
     chosen (see the module docstring)."""
-    from lopt.experiments import elo
 
     found = {}
     for H in horizons:
@@ -100,8 +111,8 @@ def horizon_search(base_settings, horizons, factor: int, runs: str, progress: bo
         lengths = (H, factor * H)
         print(f"[elo] horizon search: naive at H={H}", flush=True)
         record = meta_train(config, os.path.join(runs, f"H{H}", "seed0"), progress)
-        lo = elo.evaluate_export(record["export"], task, keys, lengths)
-        adamw = elo.evaluate_adamw(task, tune_keys, keys, lengths, list(s["options"].lrs),
+        lo = evaluate_export(record["export"], task, keys, lengths)
+        adamw = evaluate_adamw(task, tune_keys, keys, lengths, list(s["options"].lrs),
                                    s["options"].weight_decay)
         d = degradation(lo, adamw, H, factor * H)
         d["final_train_loss"] = {n: float(lo[n]["final_train_loss"].mean()) for n in lengths}
@@ -291,9 +302,6 @@ def run(b: dict, runs: str, out: str, progress: bool = True) -> Report:
     import numpy as np
 
     from lopt.training import loop
-
-    from lopt.experiments.elo import (ablate, budget_flags, budget_options, evaluate_export,
-                                      settings)
 
     outcome, tables, figures, extra = [], [], [], {}
     o = budget_options(b)
