@@ -107,21 +107,26 @@ struct Comp {
       for (int e = 0; e < kLanes; ++e) coord[j][e] = (kLanes * j + e) / C;
   }
   void Load(const float* src, int64_t r0, int k, vec* raw) const {
-    if (k == kLanes) {
-      std::memcpy(raw, src + r0 * C, sizeof(vec) * C);
+    if (k == kLanes) {  // constant sizes: vector loads, no library calls
+      for (int j = 0; j < C; ++j) std::memcpy(&raw[j], src + r0 * C + kLanes * j, sizeof(vec));
     } else {
       std::memset(raw, 0, sizeof(vec) * C);
       std::memcpy(raw, src + r0 * C, sizeof(float) * k * C);
     }
   }
   void Store(const vec* raw, int64_t r0, int k, float* dst) const {
-    std::memcpy(dst + r0 * C, raw, sizeof(float) * (k == kLanes ? kLanes : k) * C);
+    if (k == kLanes)
+      for (int j = 0; j < C; ++j) std::memcpy(dst + r0 * C + kLanes * j, &raw[j], sizeof(vec));
+    else
+      std::memcpy(dst + r0 * C, raw, sizeof(float) * k * C);
   }
   // raw <- b raw + (1 - b) x, per stored lane (b: the lane's decay).
   void Update(vec* raw, const vec* b, const vec* om, vec x) const {
+    if (C == 1) { raw[0] = b[0] * raw[0] + om[0] * x; return; }
     for (int j = 0; j < C; ++j) raw[j] = b[j] * raw[j] + om[j] * Permute(x, coord[j]);
   }
   vec Get(const vec* raw, int i) const {  // component i of the block's 16 coordinates
+    if (C == 1) return raw[0];
     return Gather(reinterpret_cast<const float*>(raw) + i, stride);
   }
 };
@@ -151,11 +156,21 @@ struct Leaf {
   bool factored, swap;
   int64_t A, X, B, Y, D, nX, nY, nM;
   int64_t g_off, st_off;  // offsets into the per-entry scratch (sums of pass 1, rmeps)
+  // Whole blocks within one run of Y (D = 1, Y >= 16) take the fast path of pass 3: the row and
+  // column features' part of the first layer precomputed per X-side entry ([nX, H], at
+  // part_off) and per Y-side entry ([H, nY], after it), a bias per block.
+  bool fast;
+  int64_t part_off;
   const float *g, *p, *m, *rms, *f0, *f1;  // f0, f1: row, col (factored) or v, null
   float *out, *m_out, *rms_out, *f0_out, *f1_out;
   int64_t nrow() const { return swap ? nY : nX; }
   int64_t ncol() const { return swap ? nX : nY; }
 };
+
+// Whether the block at q0 is whole and within one run of Y with D = 1 (Leaf::fast).
+inline bool FastBlock(const Leaf& l, int64_t q0) {
+  return l.fast && q0 + kLanes <= l.n && q0 % l.Y + kLanes <= l.Y;
+}
 
 struct Weights {  // one batch entry's MLP; w are [in, out] row-major; w0 scaled per leaf
   const float* b0;
@@ -227,7 +242,7 @@ struct BlockFeatures {
   vec mask;  // 1 on the block's coordinates, 0 past the leaf's end
 
   BlockFeatures(const Problem& pr, const Leaf& l, int64_t e, const LaneDecays* dec,
-                const float* rmeps, int64_t r0, bool update, int count, vec* x)
+                const float* rmeps, int64_t r0, bool update, bool fast, int count, vec* x)
       : k(static_cast<int>(std::min<int64_t>(kLanes, l.n - r0))) {
     const float* g = l.g + e * l.n;
     const float* p = l.p + e * l.n;
@@ -258,7 +273,20 @@ struct BlockFeatures {
     vec m[kMaxComp], rms[kMaxComp], R[kMaxComp], C[kMaxComp], rm[kMaxComp];
     for (int j = 0; j < pr.nm; ++j) m[j] = pr.cm.Get(mraw, j);
     for (int j = 0; j < pr.nr; ++j) rms[j] = pr.cr.Get(rraw, j);
-    if (l.factored) {
+    if (fast) {  // one X-side entry t, 16 consecutive Y-side entries from iy0 (FastBlock)
+      const int64_t t = r0 / l.Y, iy0 = (t / l.B / l.X * l.B + t % l.B) * l.Y + r0 % l.Y;
+      const float* xacc = (l.swap ? l.f1_out + e * l.ncol() * pr.nf
+                                  : l.f0_out + e * l.nrow() * pr.nf) + t * pr.nf;
+      const float* yacc = (l.swap ? l.f0_out + e * l.nrow() * pr.nf
+                                  : l.f1_out + e * l.ncol() * pr.nf) + iy0 * pr.nf;
+      const float* rmt = rmeps + (t / l.B / l.X * l.B + t % l.B) * pr.nf;
+      for (int f = 0; f < pr.nf; ++f) {
+        const vec xs = vec{} + xacc[f], ys = Gather(yacc + f, pr.cf.stride);
+        R[f] = l.swap ? ys : xs;
+        C[f] = l.swap ? xs : ys;
+        rm[f] = vec{} + rmt[f];
+      }
+    } else if (l.factored) {
       ivec ir, ic, im;
       Indices(l, pr.nf, r0, ir, ic, im);
       const float* row = l.f0_out + e * l.nrow() * pr.nf;
@@ -338,10 +366,13 @@ void Factored(const Problem& pr, const Leaf& l, int64_t e, const float* bf, doub
 }
 
 // Pass 3's network on one block's features: 2 outputs per coordinate stored at out.
-void Network(const Problem& pr, const Weights& w, const float* w0, const vec* x, int k,
-             float* out) {
-  const int H = pr.H, F = pr.F;
-  vec h[kMaxHidden], h2[kMaxHidden];
+// The first layer takes features x[0 .. F) and adds b0, or bias[] (a vector per hidden unit)
+// where given.
+void Network(const Problem& pr, const Weights& w, const float* w0, const vec* x, int F,
+             const vec* bias, int k, float* out) {
+  const int H = pr.H;
+  vec buf[2][kMaxHidden];
+  vec *h = buf[0], *h2 = buf[1];
   for (int c = 0; c < H; c += 16) {
     vec acc[16];
 #pragma GCC unroll 16
@@ -351,8 +382,13 @@ void Network(const Problem& pr, const Weights& w, const float* w0, const vec* x,
 #pragma GCC unroll 16
       for (int j = 0; j < 16; ++j) acc[j] += x[f] * row[j];
     }
+    if (bias != nullptr) {
 #pragma GCC unroll 16
-    for (int j = 0; j < 16; ++j) h[c + j] = relu(acc[j] + w.b0[c + j]);
+      for (int j = 0; j < 16; ++j) h[c + j] = relu(acc[j] + bias[c + j]);
+    } else {
+#pragma GCC unroll 16
+      for (int j = 0; j < 16; ++j) h[c + j] = relu(acc[j] + w.b0[c + j]);
+    }
   }
   for (int l = 0; l < pr.num_mid; ++l) {
     const float* wm = w.wm[l];
@@ -368,7 +404,7 @@ void Network(const Problem& pr, const Weights& w, const float* w0, const vec* x,
 #pragma GCC unroll 16
       for (int j = 0; j < 16; ++j) h2[c + j] = relu(acc[j] + w.bm[l][c + j]);
     }
-    std::memcpy(h, h2, sizeof(vec) * H);
+    std::swap(h, h2);
   }
   vec o[2][4];
   for (int u = 0; u < 4; ++u) { o[0][u] = h[u] * w.wl[2 * u]; o[1][u] = h[u] * w.wl[2 * u + 1]; }
@@ -478,7 +514,7 @@ ffi::Error Impl(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::RemainingRet
 
   std::vector<Leaf> leaves(K);
   std::vector<int64_t> seg_start(K + 1, 0), block_start(K + 1, 0);
-  int64_t scratch_d = 0, scratch_f = 0;
+  int64_t scratch_d = 0, scratch_f = 0, scratch_p = 0;
   for (size_t k = 0, s = 2 * K; k < K; ++k) {  // state operand s is result K + s - 2 K
     Leaf& l = leaves[k];
     const int64_t* geo = &geometry[7 * k];
@@ -503,10 +539,14 @@ ffi::Error Impl(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::RemainingRet
         return bad("factored accumulator shapes");
       l.g_off = scratch_d; scratch_d += l.nX + l.nY;
       l.st_off = scratch_f; scratch_f += l.nM * nf;
+      l.fast = l.D == 1 && l.Y >= kLanes;
+      l.part_off = scratch_p;
+      if (l.fast) scratch_p += (l.nX + l.nY) * H;
     } else {
       l.f1 = nullptr; l.f1_out = nullptr;
       if (asize[s - 1] != batch * l.n * nf) return bad("v shape");
-      l.g_off = l.st_off = 0;
+      l.g_off = l.st_off = l.part_off = 0;
+      l.fast = false;
     }
     seg_start[k + 1] = seg_start[k] + l.segments;
     block_start[k + 1] = block_start[k] + l.blocks;
@@ -529,6 +569,7 @@ ffi::Error Impl(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::RemainingRet
   std::vector<float> rmeps(batch * scratch_f);
   std::vector<double> sums(batch * segments * F);
   std::vector<float> w0s(batch * K * F * H);
+  std::vector<float> parts(batch * scratch_p);
 
   auto factored = [&](int64_t e, size_t k) {  // pass 1
     const Leaf& l = leaves[k];
@@ -544,7 +585,7 @@ ffi::Error Impl(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::RemainingRet
     const int64_t b1 = std::min(l.blocks, (c + 1) * kSegmentBlocks);
     for (int64_t b = c * kSegmentBlocks; b < b1; ++b) {
       BlockFeatures bf(pr, l, e, &dec[3 * e], &rmeps[e * scratch_f + l.st_off], b * kLanes,
-                       true, np, x);
+                       true, FastBlock(l, b * kLanes), np, x);
       for (int f = 0; f < np; ++f) acc[f] += bf.mask * (x[f] * x[f]);
     }
     double* out = &sums[(e * segments + seg_start[k] + c) * F];
@@ -585,6 +626,30 @@ ffi::Error Impl(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::RemainingRet
       const float s = static_cast<float>(1.0 / std::sqrt(t[f] / l.n + norm_eps));
       for (int h = 0; h < H; ++h) ws[f * H + h] = s * w0[f * H + h];
     }
+    if (!l.fast) return;
+    // Each side's features (its accumulator and 1 / sqrt(it + 1e-8)) times their scaled rows.
+    float* xpart = &parts[e * scratch_p + l.part_off];
+    float* ypart = xpart + l.nX * H;
+    for (int side = 0; side < 2; ++side) {  // 0: X side, 1: Y side
+      const bool is_row = (side == 0) != l.swap;
+      const float* acc = is_row ? l.f0_out + e * l.nrow() * nf : l.f1_out + e * l.ncol() * nf;
+      const int first = np + (is_row ? 0 : nf);  // the accumulator's features; rsqrt 2 nf on
+      const int64_t size = side ? l.nY : l.nX;
+      float z[kMaxHidden];
+      for (int64_t i = 0; i < size; ++i) {
+        std::fill(z, z + H, 0.0f);
+        for (int f = 0; f < nf; ++f) {
+          const float v = acc[i * nf + f], rs = 1.0f / std::sqrt(v + kEpsFac);
+          const float* wa = ws + (first + f) * H;
+          const float* wr = ws + (first + 2 * nf + f) * H;
+          for (int h = 0; h < H; ++h) z[h] += v * wa[h] + rs * wr[h];
+        }
+        if (side == 0)
+          std::memcpy(xpart + i * H, z, sizeof(float) * H);
+        else
+          for (int h = 0; h < H; ++h) ypart[h * l.nY + i] = z[h];
+      }
+    }
   };
   auto block = [&](int64_t e, size_t k, int64_t b) {  // pass 3, one block
     const float* wm[16];
@@ -597,9 +662,29 @@ ffi::Error Impl(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::RemainingRet
     const Weights w{W(1) + e * H, wm, bm, W(last) + e * H * 2, W(last + 1) + e * 2};
     const Leaf& l = leaves[k];
     vec x[kMaxFeatures];
-    BlockFeatures bf(pr, l, e, &dec[3 * e], &rmeps[e * scratch_f + l.st_off], b * kLanes, false,
+    const int64_t q0 = b * kLanes;
+    const float* ws = &w0s[(e * K + k) * F * H];
+    float* out = l.out + (e * l.n + q0) * 2;
+    if (FastBlock(l, q0)) {
+      // One X-side entry (q0 / Y) and 16 consecutive Y-side entries from iy0.
+      const int np = pr.num_pointwise(true);
+      BlockFeatures bf(pr, l, e, &dec[3 * e], &rmeps[e * scratch_f + l.st_off], q0, false, true,
+                       np, x);
+      const int64_t t = q0 / l.Y, iy0 = (t / l.B / l.X * l.B + t % l.B) * l.Y + q0 % l.Y;
+      const float* xpart = &parts[e * scratch_p + l.part_off] + t * H;
+      const float* ypart = &parts[e * scratch_p + l.part_off] + l.nX * H + iy0;
+      vec bias[kMaxHidden];
+      for (int h = 0; h < H; ++h) {
+        vec yv;
+        std::memcpy(&yv, ypart + h * l.nY, sizeof(vec));
+        bias[h] = yv + (xpart[h] + w.b0[h]);
+      }
+      Network(pr, w, ws, x, np, bias, kLanes, out);
+      return;
+    }
+    BlockFeatures bf(pr, l, e, &dec[3 * e], &rmeps[e * scratch_f + l.st_off], q0, false, false,
                      F, x);
-    Network(pr, w, &w0s[(e * K + k) * F * H], x, bf.k, l.out + (e * l.n + b * kLanes) * 2);
+    Network(pr, w, ws, x, F, nullptr, bf.k, out);
   };
   constexpr int64_t kMinBlocks = 16;
   if (batch >= 2 * pool.num_threads()) {  // many entries: each task an entry's three passes
