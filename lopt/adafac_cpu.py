@@ -162,9 +162,11 @@ def _leaves(learned_opt, layers, decays, grads, params, accs) -> tuple[list, lis
     for acc, gm in zip(accs, geo):
         names = ("m", "rms", "row", "col") if gm[0] else ("m", "rms", "v")
         for name in names:
+            # In the state's own shape (the kernel reads only sizes): a reshape here costs a
+            # copy of the whole state on each side of the call.
             x = jnp.asarray(acc[name], jnp.float32)
             shapes.append((name, jnp.shape(x)))
-            state.append(x.reshape(-1, x.shape[-1]))
+            state.append(x)
     weights = [jnp.asarray(x, jnp.float32) for layer in layers for x in (layer["w"], layer["b"])]
     k = len(grads)
     results = jax.ffi.ffi_call(

@@ -100,11 +100,20 @@ struct Comp {
   int C;
   ivec coord[kMaxComp];
   ivec stride;  // lane r: r * C
+  ivec within[kMaxComp];  // component i of lane r: element (r C + i) % 16 of vector (r C + i) / 16
+  uint16_t from[kMaxComp][kMaxComp];  // lanes of component i that vector j holds
   void Init(int c) {
     C = c;
     for (int r = 0; r < kLanes; ++r) stride[r] = r * C;
     for (int j = 0; j < C; ++j)
       for (int e = 0; e < kLanes; ++e) coord[j][e] = (kLanes * j + e) / C;
+    for (int i = 0; i < C; ++i) {
+      for (int j = 0; j < C; ++j) from[i][j] = 0;
+      for (int r = 0; r < kLanes; ++r) {
+        within[i][r] = (r * C + i) % kLanes;
+        from[i][(r * C + i) / kLanes] |= static_cast<uint16_t>(1u << r);
+      }
+    }
   }
   void Load(const float* src, int64_t r0, int k, vec* raw) const {
     if (k == kLanes) {  // constant sizes: vector loads, no library calls
@@ -127,7 +136,17 @@ struct Comp {
   }
   vec Get(const vec* raw, int i) const {  // component i of the block's 16 coordinates
     if (C == 1) return raw[0];
+#ifdef __AVX512F__
+    // Masked permutes of the vectors in registers (a gather from a block just stored would
+    // wait for the stores to reach the cache).
+    __m512 out = _mm512_setzero_ps();
+    for (int j = 0; j < C; ++j)
+      if (from[i][j])
+        out = _mm512_mask_permutexvar_ps(out, from[i][j], (__m512i)within[i], (__m512)raw[j]);
+    return (vec)out;
+#else
     return Gather(reinterpret_cast<const float*>(raw) + i, stride);
+#endif
   }
 };
 
@@ -277,11 +296,13 @@ struct BlockFeatures {
       const int64_t t = r0 / l.Y, iy0 = (t / l.B / l.X * l.B + t % l.B) * l.Y + r0 % l.Y;
       const float* xacc = (l.swap ? l.f1_out + e * l.ncol() * pr.nf
                                   : l.f0_out + e * l.nrow() * pr.nf) + t * pr.nf;
-      const float* yacc = (l.swap ? l.f0_out + e * l.nrow() * pr.nf
-                                  : l.f1_out + e * l.ncol() * pr.nf) + iy0 * pr.nf;
+      const float* yacc = l.swap ? l.f0_out + e * l.nrow() * pr.nf
+                                 : l.f1_out + e * l.ncol() * pr.nf;
+      vec yraw[kMaxComp];
+      pr.cf.Load(yacc, iy0, kLanes, yraw);
       const float* rmt = rmeps + (t / l.B / l.X * l.B + t % l.B) * pr.nf;
       for (int f = 0; f < pr.nf; ++f) {
-        const vec xs = vec{} + xacc[f], ys = Gather(yacc + f, pr.cf.stride);
+        const vec xs = vec{} + xacc[f], ys = pr.cf.Get(yraw, f);
         R[f] = l.swap ? ys : xs;
         C[f] = l.swap ? xs : ys;
         rm[f] = vec{} + rmt[f];
