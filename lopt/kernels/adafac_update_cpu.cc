@@ -30,6 +30,11 @@
 // Layout of a block: one 16-lane vector per feature or hidden unit, as lopt/kernels/
 // mlp_update_cpu.cc; leading (vmap) batch axes are flattened, each entry with its own decays
 // and weights; work is split over XLA's intra-op thread pool.
+// The block's state is copied between memory and small arrays of vectors in loops of runtime
+// length (the decay counts); GCC would turn each such loop into a library memcpy call.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-tree-loop-distribute-patterns")
+#endif
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -55,6 +60,10 @@ namespace {
 constexpr int kLanes = 16;
 typedef float vec __attribute__((vector_size(kLanes * sizeof(float))));
 typedef int32_t ivec __attribute__((vector_size(kLanes * sizeof(int32_t))));
+// An unaligned vector in memory: loads and stores through it are single instructions.
+typedef float uvec __attribute__((vector_size(kLanes * sizeof(float)), aligned(4), may_alias));
+inline vec LoadU(const float* p) { return *reinterpret_cast<const uvec*>(p); }
+inline void StoreU(float* p, vec v) { *reinterpret_cast<uvec*>(p) = v; }
 constexpr int kMaxComp = 8;       // decays per accumulator kind
 constexpr int kMaxFeatures = 64;
 constexpr int kMaxHidden = 256;
@@ -117,7 +126,7 @@ struct Comp {
   }
   void Load(const float* src, int64_t r0, int k, vec* raw) const {
     if (k == kLanes) {  // constant sizes: vector loads, no library calls
-      for (int j = 0; j < C; ++j) std::memcpy(&raw[j], src + r0 * C + kLanes * j, sizeof(vec));
+      for (int j = 0; j < C; ++j) raw[j] = LoadU(src + r0 * C + kLanes * j);
     } else {
       std::memset(raw, 0, sizeof(vec) * C);
       std::memcpy(raw, src + r0 * C, sizeof(float) * k * C);
@@ -125,7 +134,7 @@ struct Comp {
   }
   void Store(const vec* raw, int64_t r0, int k, float* dst) const {
     if (k == kLanes)
-      for (int j = 0; j < C; ++j) std::memcpy(dst + r0 * C + kLanes * j, &raw[j], sizeof(vec));
+      for (int j = 0; j < C; ++j) StoreU(dst + r0 * C + kLanes * j, raw[j]);
     else
       std::memcpy(dst + r0 * C, raw, sizeof(float) * k * C);
   }
@@ -267,8 +276,8 @@ struct BlockFeatures {
     const float* p = l.p + e * l.n;
     vec gv{}, pv{};
     if (k == kLanes) {  // constant sizes: vector loads, no library calls
-      std::memcpy(&gv, g + r0, sizeof(vec));
-      std::memcpy(&pv, p + r0, sizeof(vec));
+      gv = LoadU(g + r0);
+      pv = LoadU(p + r0);
     } else {
       std::memcpy(&gv, g + r0, sizeof(float) * k);
       std::memcpy(&pv, p + r0, sizeof(float) * k);
@@ -696,8 +705,7 @@ ffi::Error Impl(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::RemainingRet
       const float* ypart = &parts[e * scratch_p + l.part_off] + l.nX * H + iy0;
       vec bias[kMaxHidden];
       for (int h = 0; h < H; ++h) {
-        vec yv;
-        std::memcpy(&yv, ypart + h * l.nY, sizeof(vec));
+        const vec yv = LoadU(ypart + h * l.nY);
         bias[h] = yv + (xpart[h] + w.b0[h]);
       }
       Network(pr, w, ws, x, np, bias, kLanes, out);
