@@ -27,7 +27,8 @@ the unfused :meth:`AdafacMLPLOpt.leaf_updates` on the same inputs (recomputed), 
 update's. No forward-mode rule.
 
 Building: as ``lopt/mlp_cpu.py`` (its compiler, flags and cache directory), on first use, into
-``$LOPT_CACHE_DIR/adafac_update_cpu-<key>.so``. Where it cannot be built or does not take the
+``$LOPT_CACHE_DIR/adafac_update_cpu-<key>.so``, the key hashing the source and its header
+(``lopt/kernels/adafac_update_cpu.h``). Where it cannot be built or does not take the
 architecture (:func:`unsupported`), ``fused`` computes the unfused update with a one-line notice
 naming the reason.
 
@@ -55,6 +56,7 @@ from lopt import execution, mlp_cpu
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels",
                       "adafac_update_cpu.cc")
+HEADER = SOURCE[:-3] + ".h"  # included by SOURCE; part of the build key
 TARGET = "lopt_adafac_update_cpu"
 
 
@@ -66,8 +68,10 @@ def _build() -> tuple[str | None, str]:
     if cxx is None:
         env = os.environ.get("CXX")
         return None, f"no C++ compiler ({'$CXX=' + env + ' not found' if env else 'none of c++, g++, clang++ on the path'})"
-    with open(SOURCE, "rb") as f:
-        source = f.read()
+    source = b""
+    for name in (SOURCE, HEADER):
+        with open(name, "rb") as f:
+            source += f.read()
     key = hashlib.sha256(
         b"\0".join([source, cxx.encode(), " ".join(mlp_cpu.FLAGS).encode(),
                     jaxlib.__version__.encode(), mlp_cpu._cpu_flags().encode()])
