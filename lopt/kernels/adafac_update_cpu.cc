@@ -47,31 +47,34 @@
 namespace {
 
 // The block's features x[0 .. count) (count: all F, or pass 2's pointwise ones).
+template <int NM, int NR, int NF>
 void Features(const Problem& pr, vec g, vec p, const vec* m, const vec* rms, const vec* R,
               const vec* C, const vec* rmeps, bool factored, int count, vec* x) {
+  const int nm_ = NM ? NM : pr.nm, nr_ = NR ? NR : pr.nr, nf_ = NF ? NF : pr.nf;
   int i = 0;
   x[i++] = g;
   x[i++] = p;
-  for (int j = 0; j < pr.nm; ++j) x[i++] = m[j];
+  for (int j = 0; j < nm_; ++j) x[i++] = m[j];
   vec rr[kMaxComp];
-  for (int j = 0; j < pr.nr; ++j) { x[i++] = rms[j]; rr[j] = Rsqrt(rms[j] + kEpsRms); }
-  for (int a = 0; a < pr.nm; ++a)
-    for (int b = 0; b < pr.nr; ++b) x[i++] = m[a] * rr[b];
-  for (int b = 0; b < pr.nr; ++b) x[i++] = rr[b];
+  for (int j = 0; j < nr_; ++j) { x[i++] = rms[j]; rr[j] = Rsqrt(rms[j] + kEpsRms); }
+  for (int a = 0; a < nm_; ++a)
+    for (int b = 0; b < nr_; ++b) x[i++] = m[a] * rr[b];
+  for (int b = 0; b < nr_; ++b) x[i++] = rr[b];
   vec rv[kMaxComp];
-  for (int f = 0; f < pr.nf; ++f)
+  for (int f = 0; f < nf_; ++f)
     rv[f] = factored ? Rsqrt(R[f] * C[f] / rmeps[f] + kEpsFac) : Rsqrt(R[f] + kEpsFac);
-  for (int f = 0; f < pr.nf; ++f) x[i++] = g * rv[f];
-  for (int f = 0; f < pr.nf; ++f) x[i++] = m[f] * rv[f];
+  for (int f = 0; f < nf_; ++f) x[i++] = g * rv[f];
+  for (int f = 0; f < nf_; ++f) x[i++] = m[f] * rv[f];
   if (i >= count) return;
-  for (int f = 0; f < pr.nf; ++f) x[i++] = R[f];
-  for (int f = 0; f < pr.nf; ++f) x[i++] = C[f];
-  for (int f = 0; f < pr.nf; ++f) x[i++] = Rsqrt(R[f] + kEpsFac);
-  for (int f = 0; f < pr.nf; ++f) x[i++] = Rsqrt(C[f] + kEpsFac);
+  for (int f = 0; f < nf_; ++f) x[i++] = R[f];
+  for (int f = 0; f < nf_; ++f) x[i++] = C[f];
+  for (int f = 0; f < nf_; ++f) x[i++] = Rsqrt(R[f] + kEpsFac);
+  for (int f = 0; f < nf_; ++f) x[i++] = Rsqrt(C[f] + kEpsFac);
 }
 
 // A block's inputs and its features. With `update` (pass 2): the state read from the old
 // accumulators, updated and stored; else (pass 3) read from the new ones.
+template <int NM, int NR, int NF>
 struct BlockFeatures {
   int k;
   vec mask;  // 1 on the block's coordinates, 0 past the leaf's end
@@ -79,6 +82,7 @@ struct BlockFeatures {
   BlockFeatures(const Problem& pr, const Leaf& l, int64_t e, const LaneDecays* dec,
                 const float* rmeps, int64_t r0, bool update, bool fast, int count, vec* x)
       : k(static_cast<int>(std::min<int64_t>(kLanes, l.n - r0))) {
+    const int nm_ = NM ? NM : pr.nm, nr_ = NR ? NR : pr.nr, nf_ = NF ? NF : pr.nf;
     const float* g = l.g + e * l.n;
     const float* p = l.p + e * l.n;
     vec gv{}, pv{};
@@ -91,62 +95,77 @@ struct BlockFeatures {
     }
     for (int r = 0; r < kLanes; ++r) mask[r] = r < k ? 1.0f : 0.0f;
     vec mraw[kMaxComp], rraw[kMaxComp], vraw[kMaxComp];
-    float* m_out = l.m_out + e * l.n * pr.nm;
-    float* rms_out = l.rms_out + e * l.n * pr.nr;
+    float* m_out = l.m_out + e * l.n * nm_;
+    float* rms_out = l.rms_out + e * l.n * nr_;
     const vec g2 = gv * gv;
     if (update) {
-      pr.cm.Load(l.m + e * l.n * pr.nm, r0, k, mraw);
-      pr.cr.Load(l.rms + e * l.n * pr.nr, r0, k, rraw);
-      pr.cm.Update(mraw, dec[0].b, dec[0].om, gv);
-      pr.cr.Update(rraw, dec[1].b, dec[1].om, g2);
-      pr.cm.Store(mraw, r0, k, m_out);
-      pr.cr.Store(rraw, r0, k, rms_out);
+      pr.cm.Load(l.m + e * l.n * nm_, r0, k, mraw, nm_);
+      pr.cr.Load(l.rms + e * l.n * nr_, r0, k, rraw, nr_);
+      pr.cm.Update(mraw, dec[0].b, dec[0].om, gv, nm_);
+      pr.cr.Update(rraw, dec[1].b, dec[1].om, g2, nr_);
+      pr.cm.Store(mraw, r0, k, m_out, nm_);
+      pr.cr.Store(rraw, r0, k, rms_out, nr_);
     } else {
-      pr.cm.Load(m_out, r0, k, mraw);
-      pr.cr.Load(rms_out, r0, k, rraw);
+      pr.cm.Load(m_out, r0, k, mraw, nm_);
+      pr.cr.Load(rms_out, r0, k, rraw, nr_);
     }
     vec m[kMaxComp], rms[kMaxComp], R[kMaxComp], C[kMaxComp], rm[kMaxComp];
-    for (int j = 0; j < pr.nm; ++j) m[j] = pr.cm.Get(mraw, j);
-    for (int j = 0; j < pr.nr; ++j) rms[j] = pr.cr.Get(rraw, j);
+    for (int j = 0; j < nm_; ++j) m[j] = pr.cm.Get(mraw, j, nm_);
+    for (int j = 0; j < nr_; ++j) rms[j] = pr.cr.Get(rraw, j, nr_);
     if (fast) {  // one X-side entry t, 16 consecutive Y-side entries from iy0 (FastBlock)
       const int64_t t = r0 / l.Y, iy0 = (t / l.B / l.X * l.B + t % l.B) * l.Y + r0 % l.Y;
-      const float* xacc = (l.swap ? l.f1_out + e * l.ncol() * pr.nf
-                                  : l.f0_out + e * l.nrow() * pr.nf) + t * pr.nf;
-      const float* yacc = l.swap ? l.f0_out + e * l.nrow() * pr.nf
-                                 : l.f1_out + e * l.ncol() * pr.nf;
+      const float* xacc = (l.swap ? l.f1_out + e * l.ncol() * nf_
+                                  : l.f0_out + e * l.nrow() * nf_) + t * nf_;
+      const float* yacc = l.swap ? l.f0_out + e * l.nrow() * nf_
+                                 : l.f1_out + e * l.ncol() * nf_;
       vec yraw[kMaxComp];
-      pr.cf.Load(yacc, iy0, kLanes, yraw);
-      const float* rmt = rmeps + (t / l.B / l.X * l.B + t % l.B) * pr.nf;
-      for (int f = 0; f < pr.nf; ++f) {
-        const vec xs = vec{} + xacc[f], ys = pr.cf.Get(yraw, f);
+      pr.cf.Load(yacc, iy0, kLanes, yraw, nf_);
+      const float* rmt = rmeps + (t / l.B / l.X * l.B + t % l.B) * nf_;
+      for (int f = 0; f < nf_; ++f) {
+        const vec xs = vec{} + xacc[f], ys = pr.cf.Get(yraw, f, nf_);
         R[f] = l.swap ? ys : xs;
         C[f] = l.swap ? xs : ys;
         rm[f] = vec{} + rmt[f];
       }
     } else if (l.factored) {
       ivec ir, ic, im;
-      Indices(l, pr.nf, r0, ir, ic, im);
-      const float* row = l.f0_out + e * l.nrow() * pr.nf;
-      const float* col = l.f1_out + e * l.ncol() * pr.nf;
-      for (int f = 0; f < pr.nf; ++f) {
+      Indices(l, nf_, r0, ir, ic, im);
+      const float* row = l.f0_out + e * l.nrow() * nf_;
+      const float* col = l.f1_out + e * l.ncol() * nf_;
+      for (int f = 0; f < nf_; ++f) {
         R[f] = Gather(row + f, ir);
         C[f] = Gather(col + f, ic);
         rm[f] = Gather(rmeps + f, im);
       }
     } else {
-      float* v_out = l.f0_out + e * l.n * pr.nf;
+      float* v_out = l.f0_out + e * l.n * nf_;
       if (update) {
-        pr.cf.Load(l.f0 + e * l.n * pr.nf, r0, k, vraw);
-        pr.cf.Update(vraw, dec[2].b, dec[2].om, g2 + pr.grad_eps);
-        pr.cf.Store(vraw, r0, k, v_out);
+        pr.cf.Load(l.f0 + e * l.n * nf_, r0, k, vraw, nf_);
+        pr.cf.Update(vraw, dec[2].b, dec[2].om, g2 + pr.grad_eps, nf_);
+        pr.cf.Store(vraw, r0, k, v_out, nf_);
       } else {
-        pr.cf.Load(v_out, r0, k, vraw);
+        pr.cf.Load(v_out, r0, k, vraw, nf_);
       }
-      for (int f = 0; f < pr.nf; ++f) R[f] = C[f] = pr.cf.Get(vraw, f);
+      for (int f = 0; f < nf_; ++f) R[f] = C[f] = pr.cf.Get(vraw, f, nf_);
     }
-    Features(pr, gv, pv, m, rms, R, C, rm, l.factored, count, x);
+    Features<NM, NR, NF>(pr, gv, pv, m, rms, R, C, rm, l.factored, count, x);
   }
 };
+
+// BlockFeatures with the default small_fc_lopt's counts (3 momenta, 1 second moment, 3
+// factored) as constants, other counts at run time: (the block's coordinates, its lane mask).
+inline int BlockFeats(const Problem& pr, const Leaf& l, int64_t e, const LaneDecays* dec,
+                      const float* rmeps, int64_t r0, bool update, bool fast, int count, vec* x,
+                      vec* mask) {
+  if (pr.nm == 3 && pr.nr == 1 && pr.nf == 3) {
+    const BlockFeatures<3, 1, 3> bf(pr, l, e, dec, rmeps, r0, update, fast, count, x);
+    *mask = bf.mask;
+    return bf.k;
+  }
+  const BlockFeatures<0, 0, 0> bf(pr, l, e, dec, rmeps, r0, update, fast, count, x);
+  *mask = bf.mask;
+  return bf.k;
+}
 
 // Pass 1 for one factored leaf and batch entry: new row, col (stored) and mean(row) + 1e-8.
 void Factored(const Problem& pr, const Leaf& l, int64_t e, const float* bf, double* sx,
@@ -345,9 +364,10 @@ ffi::Error Impl(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::RemainingRet
     vec acc[kMaxFeatures] = {}, x[kMaxFeatures];
     const int64_t b1 = std::min(l.blocks, (c + 1) * kSegmentBlocks);
     for (int64_t b = c * kSegmentBlocks; b < b1; ++b) {
-      BlockFeatures bf(pr, l, e, &dec[3 * e], &rmeps[e * scratch_f + l.st_off], b * kLanes,
-                       true, FastBlock(l, b * kLanes), np, x);
-      for (int f = 0; f < np; ++f) acc[f] += bf.mask * (x[f] * x[f]);
+      vec mask;
+      BlockFeats(pr, l, e, &dec[3 * e], &rmeps[e * scratch_f + l.st_off], b * kLanes, true,
+                 FastBlock(l, b * kLanes), np, x, &mask);
+      for (int f = 0; f < np; ++f) acc[f] += mask * (x[f] * x[f]);
     }
     double* out = &sums[(e * segments + seg_start[k] + c) * F];
     for (int f = 0; f < np; ++f) {
@@ -429,8 +449,9 @@ ffi::Error Impl(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::RemainingRet
     if (FastBlock(l, q0)) {
       // One X-side entry (q0 / Y) and 16 consecutive Y-side entries from iy0.
       const int np = pr.num_pointwise(true);
-      BlockFeatures bf(pr, l, e, &dec[3 * e], &rmeps[e * scratch_f + l.st_off], q0, false, true,
-                       np, x);
+      vec mask;
+      BlockFeats(pr, l, e, &dec[3 * e], &rmeps[e * scratch_f + l.st_off], q0, false, true, np, x,
+                 &mask);
       const int64_t t = q0 / l.Y, iy0 = (t / l.B / l.X * l.B + t % l.B) * l.Y + q0 % l.Y;
       const float* xpart = &parts[e * scratch_p + l.part_off] + t * H;
       const float* ypart = &parts[e * scratch_p + l.part_off] + l.nX * H + iy0;
@@ -442,9 +463,10 @@ ffi::Error Impl(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::RemainingRet
       Network(pr, w, ws, x, np, bias, kLanes, out);
       return;
     }
-    BlockFeatures bf(pr, l, e, &dec[3 * e], &rmeps[e * scratch_f + l.st_off], q0, false, false,
-                     F, x);
-    Network(pr, w, ws, x, F, nullptr, bf.k, out);
+    vec mask;
+    const int k_in = BlockFeats(pr, l, e, &dec[3 * e], &rmeps[e * scratch_f + l.st_off], q0,
+                                false, false, F, x, &mask);
+    Network(pr, w, ws, x, F, nullptr, k_in, out);
   };
   constexpr int64_t kMinBlocks = 16;
   if (batch >= 2 * pool.num_threads()) {  // many entries: each task an entry's three passes

@@ -100,7 +100,9 @@ struct Comp {
       }
     }
   }
-  void Load(const float* src, int64_t r0, int k, vec* raw) const {
+  // The methods take the component count C (= this->C) as an argument, so that a caller with a
+  // compile-time count gets loops of constant trip count.
+  void Load(const float* src, int64_t r0, int k, vec* raw, int C) const {
     if (k == kLanes) {  // constant sizes: vector loads, no library calls
       for (int j = 0; j < C; ++j) raw[j] = LoadU(src + r0 * C + kLanes * j);
     } else {
@@ -108,18 +110,18 @@ struct Comp {
       std::memcpy(raw, src + r0 * C, sizeof(float) * k * C);
     }
   }
-  void Store(const vec* raw, int64_t r0, int k, float* dst) const {
+  void Store(const vec* raw, int64_t r0, int k, float* dst, int C) const {
     if (k == kLanes)
       for (int j = 0; j < C; ++j) StoreU(dst + r0 * C + kLanes * j, raw[j]);
     else
       std::memcpy(dst + r0 * C, raw, sizeof(float) * k * C);
   }
   // raw <- b raw + (1 - b) x, per stored lane (b: the lane's decay).
-  void Update(vec* raw, const vec* b, const vec* om, vec x) const {
+  void Update(vec* raw, const vec* b, const vec* om, vec x, int C) const {
     if (C == 1) { raw[0] = b[0] * raw[0] + om[0] * x; return; }
     for (int j = 0; j < C; ++j) raw[j] = b[j] * raw[j] + om[j] * Permute(x, coord[j]);
   }
-  vec Get(const vec* raw, int i) const {  // component i of the block's 16 coordinates
+  vec Get(const vec* raw, int i, int C) const {  // component i of the 16 coordinates
     if (C == 1) return raw[0];
 #ifdef __AVX512F__
     // Masked permutes of the vectors in registers (a gather from a block just stored would
