@@ -100,7 +100,8 @@ layer's rows.
 as one C++ XLA FFI kernel per update for all leaves (``lopt/adafac_cpu.py``), built on first
 use; on by default (``fused="auto"``), with a one-line notice naming the reason and the unfused
 update where it cannot be built or does not take the options (``preconditioner=
-"learned_optimization"``, hidden widths not a multiple of 16, ...). Same meta-params, same
+"learned_optimization"``, hidden widths not a multiple of 16, ...); 24-36x optax.adam's update
+at 1e6 parameters on two loaded CPU cores, against 150-220x unfused. Same meta-params, same
 numbers up to float32 rounding, meta-gradients those of the unfused update; exports leave it
 out. No GPU kernel: on a GPU the unfused update runs.
 """

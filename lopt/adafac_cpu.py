@@ -17,9 +17,16 @@ part of the first layer (the same for every coordinate) once per step.
 
 Departures from the unfused update, all at float32 rounding (tests/lopt/test_adafac_fused.py
 bounds them): means over the tensor are summed in double and rounded once, where XLA rounds its
-own float32 reductions; the MLP's sums run in another order; reciprocal square roots are
-1 / sqrt(x) (two correctly rounded operations). The new state overwrites the old in place
-(``input_output_aliases``).
+own float32 reductions; the MLP's sums run in another order (for blocks of 16 coordinates
+inside one row, the row and column features' part of the first layer is summed once per
+accumulator entry and added as a bias); reciprocal square roots are 1 / sqrt(x) (two correctly
+rounded operations). The new state overwrites the old in place (``input_output_aliases``).
+
+Speed (scripts/benchmark_optimizers.py --fused, 2 loaded AMD EPYC cores with AVX-512): about
+14x, 24-36x and 22-25x optax.adam's update at 1e5, 1e6 and 1e7 parameters, against 47-218x
+unfused. The floor is the MLP: 1600 multiply-adds a coordinate (1984 off the fast path), 100
+cycles at one 16-lane FMA per cycle, against Adam's ~24 bytes of memory traffic (about 18x at
+1e6 on one core here); the features' two passes and the accumulator pass add about a third.
 
 Gradients: :func:`fused_leaf_updates` is a ``jax.custom_vjp`` whose backward pass is the VJP of
 the unfused :meth:`AdafacMLPLOpt.leaf_updates` on the same inputs (recomputed), as

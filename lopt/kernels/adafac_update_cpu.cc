@@ -46,32 +46,6 @@
 
 namespace {
 
-// The block's features x[0 .. count) (count: all F, or pass 2's pointwise ones).
-template <int NM, int NR, int NF>
-void Features(const Problem& pr, vec g, vec p, const vec* m, const vec* rms, const vec* R,
-              const vec* C, const vec* rmeps, bool factored, int count, vec* x) {
-  const int nm_ = NM ? NM : pr.nm, nr_ = NR ? NR : pr.nr, nf_ = NF ? NF : pr.nf;
-  int i = 0;
-  x[i++] = g;
-  x[i++] = p;
-  for (int j = 0; j < nm_; ++j) x[i++] = m[j];
-  vec rr[kMaxComp];
-  for (int j = 0; j < nr_; ++j) { x[i++] = rms[j]; rr[j] = Rsqrt(rms[j] + kEpsRms); }
-  for (int a = 0; a < nm_; ++a)
-    for (int b = 0; b < nr_; ++b) x[i++] = m[a] * rr[b];
-  for (int b = 0; b < nr_; ++b) x[i++] = rr[b];
-  vec rv[kMaxComp];
-  for (int f = 0; f < nf_; ++f)
-    rv[f] = factored ? Rsqrt(R[f] * C[f] / rmeps[f] + kEpsFac) : Rsqrt(R[f] + kEpsFac);
-  for (int f = 0; f < nf_; ++f) x[i++] = g * rv[f];
-  for (int f = 0; f < nf_; ++f) x[i++] = m[f] * rv[f];
-  if (i >= count) return;
-  for (int f = 0; f < nf_; ++f) x[i++] = R[f];
-  for (int f = 0; f < nf_; ++f) x[i++] = C[f];
-  for (int f = 0; f < nf_; ++f) x[i++] = Rsqrt(R[f] + kEpsFac);
-  for (int f = 0; f < nf_; ++f) x[i++] = Rsqrt(C[f] + kEpsFac);
-}
-
 // A block's inputs and its features. With `update` (pass 2): the state read from the old
 // accumulators, updated and stored; else (pass 3) read from the new ones.
 template <int NM, int NR, int NF>

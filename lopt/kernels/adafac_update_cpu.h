@@ -1,7 +1,8 @@
 // Building blocks of lopt/kernels/adafac_update_cpu.cc (the `adafac_mlp` learned optimizer's
 // fused CPU update; that file says what it computes): 16-lane float vectors, accumulators
 // stored [n, C] read and written a block at a time, the problem and leaf descriptions with the
-// geometry of a factored leaf, the per-coordinate MLP on a block, and the thread-pool loop.
+// geometry of a factored leaf, the features of a block, the per-coordinate MLP on a block, and
+// the thread-pool loop.
 // Included by that file only (lopt/adafac_cpu.py hashes both for its build key).
 #ifndef LOPT_KERNELS_ADAFAC_UPDATE_CPU_H_
 #define LOPT_KERNELS_ADAFAC_UPDATE_CPU_H_
@@ -207,6 +208,32 @@ void Indices(const Leaf& l, int nf, int64_t q0, ivec& ir, ivec& ic, ivec& im) {
       }
     }
   }
+}
+
+// The block's features x[0 .. count) (count: all F, or pass 2's pointwise ones).
+template <int NM, int NR, int NF>
+void Features(const Problem& pr, vec g, vec p, const vec* m, const vec* rms, const vec* R,
+              const vec* C, const vec* rmeps, bool factored, int count, vec* x) {
+  const int nm_ = NM ? NM : pr.nm, nr_ = NR ? NR : pr.nr, nf_ = NF ? NF : pr.nf;
+  int i = 0;
+  x[i++] = g;
+  x[i++] = p;
+  for (int j = 0; j < nm_; ++j) x[i++] = m[j];
+  vec rr[kMaxComp];
+  for (int j = 0; j < nr_; ++j) { x[i++] = rms[j]; rr[j] = Rsqrt(rms[j] + kEpsRms); }
+  for (int a = 0; a < nm_; ++a)
+    for (int b = 0; b < nr_; ++b) x[i++] = m[a] * rr[b];
+  for (int b = 0; b < nr_; ++b) x[i++] = rr[b];
+  vec rv[kMaxComp];
+  for (int f = 0; f < nf_; ++f)
+    rv[f] = factored ? Rsqrt(R[f] * C[f] / rmeps[f] + kEpsFac) : Rsqrt(R[f] + kEpsFac);
+  for (int f = 0; f < nf_; ++f) x[i++] = g * rv[f];
+  for (int f = 0; f < nf_; ++f) x[i++] = m[f] * rv[f];
+  if (i >= count) return;
+  for (int f = 0; f < nf_; ++f) x[i++] = R[f];
+  for (int f = 0; f < nf_; ++f) x[i++] = C[f];
+  for (int f = 0; f < nf_; ++f) x[i++] = Rsqrt(R[f] + kEpsFac);
+  for (int f = 0; f < nf_; ++f) x[i++] = Rsqrt(C[f] + kEpsFac);
 }
 
 struct Weights {  // one batch entry's MLP; w are [in, out] row-major; w0 scaled per leaf
