@@ -233,6 +233,18 @@ def test_default_runs_the_kernel_silently():
     assert adafac_cpu.TARGET not in _update_hlo(lopt.get("adafac_mlp", fused=False))
 
 
+def test_on_a_gpu_the_unfused_update_runs_with_a_notice(monkeypatch):
+    """No GPU kernel for adafac_mlp: "auto" and True both say so once and run unfused."""
+    monkeypatch.setattr(execution, "backend", lambda: "gpu")
+    for fused, match in (("auto", "fused='auto': on gpu the unfused update runs .its fused "
+                                  "kernel is a CPU one"),
+                         (True, "fused=True: no fused kernel for the gpu backend")):
+        execution.notice.cache_clear()
+        with pytest.warns(UserWarning, match=match):
+            assert execution.kernel_platform(lopt.get("adafac_mlp", fused=fused)) is None
+    execution.notice.cache_clear()
+
+
 @pytest.mark.parametrize("options,reason", [
     (dict(preconditioner="learned_optimization"), "preconditioner='learned_optimization'"),
     (dict(hidden_size=20), "hidden_size=20 is not a multiple of 16"),
