@@ -95,6 +95,15 @@ factored_grad_eps=1e-30, learnable_decays=True, decay_param="log1m"``:
 
 The order of the features in the MLP's input is this module's; an importer permutes the first
 layer's rows.
+
+``fused`` (an execution option, as ``mlp``'s; ``lopt/execution.py``): on a CPU the update runs
+as one C++ XLA FFI kernel per update for all leaves (``lopt/adafac_cpu.py``), built on first
+use; on by default (``fused="auto"``), with a one-line notice naming the reason and the unfused
+update where it cannot be built or does not take the options (``preconditioner=
+"learned_optimization"``, hidden widths not a multiple of 16, ...); 24-36x optax.adam's update
+at 1e6 parameters on two loaded CPU cores, against 150-220x unfused. Same meta-params, same
+numbers up to float32 rounding, meta-gradients those of the unfused update; exports leave it
+out. No GPU kernel: on a GPU the unfused update runs.
 """
 
 from __future__ import annotations
@@ -108,7 +117,8 @@ import numpy as np
 import optax
 
 import lopt
-from lopt.base import dense_apply, dense_init, map_leaves, time_features
+from lopt import execution
+from lopt.base import EXECUTION_OPTION, dense_apply, dense_init, time_features
 
 MOMENTUM_DECAYS = (0.9, 0.99, 0.999)
 RMS_DECAYS = (0.999,)
@@ -177,6 +187,7 @@ class AdafacMLPLOpt:
     preconditioner: str = "adafactor"
     factored_grad_eps: float = 0.0
     decay_param: str = "sigmoid"
+    fused: bool | str = dataclasses.field(default=execution.AUTO, metadata=EXECUTION_OPTION)
     name: ClassVar[str] = "adafac_mlp"
 
     def __post_init__(self):
@@ -203,6 +214,7 @@ class AdafacMLPLOpt:
             object.__setattr__(self, field, float(getattr(self, field)))
             if not getattr(self, field) >= 0.0:
                 raise ValueError(f"adafac_mlp: {field} must be >= 0, got {getattr(self, field)}")
+        object.__setattr__(self, "fused", execution.fused_option("adafac_mlp", self.fused))
         if self.decay_param != "sigmoid" and not self.learnable_decays:
             raise ValueError(f"adafac_mlp: decay_param={self.decay_param!r} parameterises "
                              "learnable decays: it needs learnable_decays=True")
@@ -275,38 +287,58 @@ class AdafacMLPLOpt:
                 accumulators=jax.tree.map(init_leaf, params), step=jnp.zeros([], jnp.int32)
             )
 
-        def update_leaf(g, p, acc, decays, t_feats):
-            feats, new_acc = self.features(g, p, acc, decays)
-            # Per-feature normalisation over the tensor (Metz et al. 2019, App. D.1) and the time
-            # features (equal for every coordinate) are folded into the first layer, so neither
-            # a normalised copy of the features nor a broadcast of the time features is built:
-            #   norm(f) @ W[:n] + t @ W[n:] + b  =  f @ (s * W[:n]) + (t @ W[n:] + b).
-            axes = tuple(range(feats.ndim - 1))
-            s = jax.lax.rsqrt(jnp.mean(jnp.square(feats), axis=axes) + self.norm_eps)  # [n]
-            first, rest = meta_params["mlp"][0], meta_params["mlp"][1:]
-            n = feats.shape[-1]
-            layer0 = {"w": s[:, None] * first["w"][:n], "b": t_feats @ first["w"][n:] + first["b"]}
-            out = dense_apply([layer0, *rest], feats)
-            direction, magnitude = out[..., 0], out[..., 1]
-            step = direction * jnp.exp(magnitude * self.exp_mult) * self.step_mult
-            return (-step).astype(jnp.result_type(g)), new_acc
-
         def update_fn(updates, state, params=None, **extra_args):
             del extra_args
             if params is None:
                 raise ValueError("the adafac_mlp learned optimizer needs `params` in update()")
             decays = self.decays(meta_params)
-            t_feats = time_features(state.step, self.timescales, offset=1.0)
-            new_updates, new_accs = map_leaves(
-                lambda g, p, a: update_leaf(g, p, a, decays, t_feats),
-                2,
-                updates,
-                params,
-                state.accumulators,
-            )
-            return new_updates, AdafacMLPState(accumulators=new_accs, step=state.step + 1)
+            layers = self.step_layers(meta_params, state.step)
+            leaves, treedef = jax.tree.flatten(updates)
+            args = (layers, decays, leaves, treedef.flatten_up_to(params),
+                    treedef.flatten_up_to(state.accumulators))
+            if sum(int(np.size(g)) for g in leaves) > 0 and execution.kernel_platform(self):
+                from lopt import adafac_cpu  # the C++ kernel (kernel_platform is "cpu")
+
+                steps, accs = adafac_cpu.fused_leaf_updates(self, *args)
+            else:
+                steps, accs = self.leaf_updates(*args)
+            return treedef.unflatten(steps), AdafacMLPState(
+                accumulators=treedef.unflatten(accs), step=state.step + 1)
 
         return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+    @property
+    def num_normalized_features(self) -> int:
+        """Features normalised per tensor (28 with the defaults); the time features follow."""
+        return self.num_features - len(self.timescales)
+
+    def step_layers(self, meta_params: dict, step: jax.Array) -> list[dict]:
+        """The MLP of this step: the time features (equal for every coordinate) are folded
+        into the first layer's bias, x @ W = x[:n] @ W[:n] + (t @ W[n:] + b)."""
+        n = self.num_normalized_features
+        t_feats = time_features(step, self.timescales, offset=1.0)
+        first, rest = meta_params["mlp"][0], meta_params["mlp"][1:]
+        return [{"w": first["w"][:n], "b": t_feats @ first["w"][n:] + first["b"]}, *rest]
+
+    def leaf_updates(self, layers, decays, grads, params, accs) -> tuple[list, list]:
+        """(updates, new accumulators), one per leaf of the flat lists ``grads``, ``params``
+        and ``accs`` (a dict per leaf), with the MLP ``layers`` of :meth:`step_layers` and the
+        ``decays`` of :meth:`decays`: the unfused reference computation."""
+        steps, new_accs = [], []
+        for g, p, acc in zip(grads, params, accs):
+            feats, new_acc = self.features(g, p, acc, decays)
+            # Per-feature normalisation over the tensor (Metz et al. 2019, App. D.1) is folded
+            # into the first layer, so no normalised copy of the features is built:
+            #   norm(f) @ W[:n] + b  =  f @ (s * W[:n]) + b.
+            axes = tuple(range(feats.ndim - 1))
+            s = jax.lax.rsqrt(jnp.mean(jnp.square(feats), axis=axes) + self.norm_eps)  # [n]
+            layer0 = {"w": s[:, None] * layers[0]["w"], "b": layers[0]["b"]}
+            out = dense_apply([layer0, *layers[1:]], feats)
+            direction, magnitude = out[..., 0], out[..., 1]
+            step = direction * jnp.exp(magnitude * self.exp_mult) * self.step_mult
+            steps.append((-step).astype(jnp.result_type(g)))
+            new_accs.append(new_acc)
+        return steps, new_accs
 
     def features(self, g, p, acc: dict, decays) -> tuple[jax.Array, dict]:
         """(the 28 unnormalised features of the module docstring's table, leaf.shape + (28,),

@@ -59,6 +59,9 @@ def kernel_platform(learned_opt) -> str | None:
     if learned_opt.fused is True:
         notice(f"{learned_opt.name} fused=True: no fused kernel for the {where} backend; "
                "computing the unfused update (same numbers)")
+    elif learned_opt.name != "mlp":  # adafac_mlp: a CPU kernel only (lopt/adafac_cpu.py)
+        notice(f"{learned_opt.name} fused='auto': on {where} the unfused update runs (its fused "
+               "kernel is a CPU one)")
     else:
         notice(f"{learned_opt.name} fused='auto': on {where} the unfused update runs (the "
                "fused kernel is on by default only where a run has checked it: the C++ one on "

@@ -13,8 +13,11 @@ shows the median time relative to Adam's and the absolute time:
     python scripts/benchmark_optimizers.py --framework=torch --sizes=1e5,1e6,1e7
 
 ``--fused`` also times every selected optimizer that has a ``fused`` option (``mlp``: its
-Pallas kernel on a GPU, lopt/mlp_fused.py; its C++ kernel on a CPU, lopt/mlp_cpu.py) with
-``fused=True``, in a row ``<name> fused`` below the unfused one.
+Pallas kernel on a GPU, lopt/mlp_fused.py; its C++ kernel on a CPU, lopt/mlp_cpu.py;
+``adafac_mlp``: its C++ kernel on a CPU, lopt/adafac_cpu.py) with ``fused=True``, in a row
+``<name> fused`` below the unfused one:
+
+    python scripts/benchmark_optimizers.py --optimizers=mlp,adafac_mlp --fused --sizes=1e5,1e6,1e7
 
 For each parameter count N the pytree mixes leaf kinds the way a small network does: a dense
 kernel (about 60% of N, 256 columns), an HWIO conv kernel (about 30%), an embedding-like
@@ -49,7 +52,8 @@ _OPTIMIZERS = flags.DEFINE_list(
 )
 _FUSED = flags.DEFINE_bool(
     "fused", False,
-    "Also time optimizers with a `fused` option (mlp) with fused=True, as '<name> fused'.",
+    "Also time optimizers with a `fused` option (mlp, adafac_mlp) with fused=True, as "
+    "'<name> fused'.",
 )
 _FRAMEWORK = flags.DEFINE_enum(
     "framework", "jax", ["jax", "torch"],
@@ -137,7 +141,7 @@ def variants(names: list[str], fused: bool) -> list[tuple[str, object]]:
         if fused and has_option:
             out.append((f"{name} fused", dataclasses.replace(learned_opt, fused=True)))
     if fused and len(out) == len(names):
-        raise app.UsageError(f"--fused: none of {', '.join(names)} has a `fused` option (mlp has)")
+        raise app.UsageError(f"--fused: none of {', '.join(names)} has a `fused` option (mlp and adafac_mlp have)")
     return out
 
 
