@@ -9,15 +9,7 @@ import os
 # tiny programs run. Compile without them (a debug option of XLA; identical arithmetic, slower
 # code), appended to any XLA_FLAGS of the caller. Subprocess tests pass it on.
 FAST_COMPILE = "--xla_backend_optimization_level=0"
-# One CPU device for every training subprocess that inherits the environment: the train
-# command's --cpu_devices=auto would run each as one device per core, and with two xdist
-# workers on two cores that oversubscribes the cores and compiles sharded programs. A test that
-# checks the device count sets XLA_FLAGS itself (tests/lopt/test_fast_default.py, the
-# multi-device tests force 8).
-ONE_DEVICE = "--xla_force_host_platform_device_count=1"
-_flags = os.environ.get("XLA_FLAGS", "")
-os.environ["XLA_FLAGS"] = " ".join(
-    [_flags, FAST_COMPILE] + ([] if "xla_force_host_platform_device_count" in _flags else [ONE_DEVICE])).strip()
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + FAST_COMPILE).strip()
 
 # Many tests compile the same programs again (a fresh MetaTrainer per test, subprocess runs of
 # one config): JAX's persistent compilation cache, shared by the xdist workers and the
