@@ -47,16 +47,11 @@ of each kind; leaves of any float dtype (the update computes in float32, as the 
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import hashlib
 import os
-import subprocess
-import tempfile
 
 import jax
 import jax.numpy as jnp
-import jaxlib
 import numpy as np
 
 from lopt import execution, mlp_cpu
@@ -70,53 +65,14 @@ TARGET = "lopt_adafac_update_cpu"
 @functools.lru_cache(maxsize=None)
 def _build() -> tuple[str | None, str]:
     """(path of the built library or None, why not): ``lopt/mlp_cpu.py``'s build of this
-    source."""
-    cxx = mlp_cpu._compiler()
-    if cxx is None:
-        env = os.environ.get("CXX")
-        return None, f"no C++ compiler ({'$CXX=' + env + ' not found' if env else 'none of c++, g++, clang++ on the path'})"
-    source = b""
-    for name in (SOURCE, HEADER):
-        with open(name, "rb") as f:
-            source += f.read()
-    key = hashlib.sha256(
-        b"\0".join([source, cxx.encode(), " ".join(mlp_cpu.FLAGS).encode(),
-                    jaxlib.__version__.encode(), mlp_cpu._cpu_flags().encode()])
-    ).hexdigest()[:16]
-    cache = os.environ.get("LOPT_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "lopt")
-    path = os.path.join(cache, f"adafac_update_cpu-{key}.so")
-    if os.path.exists(path):
-        return path, ""
-    os.makedirs(cache, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
-    os.close(fd)
-    cmd = [cxx, *mlp_cpu.FLAGS, f"-I{jax.ffi.include_dir()}", SOURCE, "-o", tmp]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        os.unlink(tmp)
-        return None, f"compiling {SOURCE} failed: {e}"
-    if proc.returncode != 0:
-        os.unlink(tmp)
-        last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-        return None, f"compiling {SOURCE} failed: {last}"
-    os.replace(tmp, path)
-    return path, ""
+    source (the header is part of the key)."""
+    return mlp_cpu.build((SOURCE, HEADER, mlp_cpu.PARALLEL_FOR), "adafac_update_cpu")
 
 
 @functools.lru_cache(maxsize=None)
 def available() -> tuple[bool, str]:
     """(whether the kernel is built and registered with XLA, why not)."""
-    path, why = _build()
-    if path is None:
-        return False, why
-    try:
-        lib = ctypes.cdll.LoadLibrary(path)
-        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.LoptAdafacUpdate),
-                                    platform="cpu")
-    except Exception as e:  # a broken cache entry, an incompatible jaxlib
-        return False, f"loading {path} failed: {e}"
-    return True, ""
+    return mlp_cpu.register(_build(), "LoptAdafacUpdate", TARGET)
 
 
 def unsupported(learned_opt) -> str:

@@ -55,6 +55,8 @@ import numpy as np
 from lopt import execution
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "mlp_update_cpu.cc")
+#: The thread loop every CPU kernel includes (part of each build's key).
+PARALLEL_FOR = os.path.join(os.path.dirname(SOURCE), "parallel_for.h")
 TARGET = "lopt_mlp_update_cpu"
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 
@@ -77,51 +79,66 @@ def _compiler() -> str | None:
     return shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
 
 
-@functools.lru_cache(maxsize=None)
-def _build() -> tuple[str | None, str]:
-    """(path of the built library or None, why not)."""
+def build(sources: tuple[str, ...], name: str) -> tuple[str | None, str]:
+    """Compile ``sources[0]`` (which includes the others; all of them are in the key) into
+    ``$LOPT_CACHE_DIR/<name>-<key>.so``, or reuse it: (path of the library or None, why not).
+    Shared by every CPU kernel of the package (``lopt/adafac_cpu.py`` too)."""
     cxx = _compiler()
     if cxx is None:
         return None, f"no C++ compiler ({'$CXX=' + os.environ['CXX'] + ' not found' if os.environ.get('CXX') else 'none of c++, g++, clang++ on the path'})"
-    with open(SOURCE, "rb") as f:
-        source = f.read()
+    source = b""
+    for file in sources:
+        with open(file, "rb") as f:
+            source += f.read()
     key = hashlib.sha256(
         b"\0".join([source, cxx.encode(), " ".join(FLAGS).encode(),
                     jaxlib.__version__.encode(), _cpu_flags().encode()])
     ).hexdigest()[:16]
     cache = os.environ.get("LOPT_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "lopt")
-    path = os.path.join(cache, f"mlp_update_cpu-{key}.so")
+    path = os.path.join(cache, f"{name}-{key}.so")
     if os.path.exists(path):
         return path, ""
     os.makedirs(cache, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
     os.close(fd)
-    cmd = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", SOURCE, "-o", tmp]
+    cmd = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", sources[0], "-o", tmp]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     except (OSError, subprocess.TimeoutExpired) as e:
         os.unlink(tmp)
-        return None, f"compiling {SOURCE} failed: {e}"
+        return None, f"compiling {sources[0]} failed: {e}"
     if proc.returncode != 0:
         os.unlink(tmp)
         last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-        return None, f"compiling {SOURCE} failed: {last}"
+        return None, f"compiling {sources[0]} failed: {last}"
     os.replace(tmp, path)  # atomic: concurrent processes each write their own temp file
     return path, ""
+
+
+def register(built: tuple[str | None, str], symbol: str, target: str) -> tuple[bool, str]:
+    """Load a :func:`build` result and register its FFI handler ``symbol`` with XLA as
+    ``target`` on the CPU: (whether it is registered, why not)."""
+    path, why = built
+    if path is None:
+        return False, why
+    try:
+        lib = ctypes.cdll.LoadLibrary(path)
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+    except Exception as e:  # a broken cache entry, an incompatible jaxlib
+        return False, f"loading {path} failed: {e}"
+    return True, ""
+
+
+@functools.lru_cache(maxsize=None)
+def _build() -> tuple[str | None, str]:
+    """(path of the built library or None, why not)."""
+    return build((SOURCE, PARALLEL_FOR), "mlp_update_cpu")
 
 
 @functools.lru_cache(maxsize=None)
 def available() -> tuple[bool, str]:
     """(whether the kernel is built and registered with XLA, why not)."""
-    path, why = _build()
-    if path is None:
-        return False, why
-    try:
-        lib = ctypes.cdll.LoadLibrary(path)
-        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.LoptMlpUpdate), platform="cpu")
-    except Exception as e:  # a broken cache entry, an incompatible jaxlib
-        return False, f"loading {path} failed: {e}"
-    return True, ""
+    return register(_build(), "LoptMlpUpdate", TARGET)
 
 
 def bf16_supported() -> bool:

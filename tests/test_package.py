@@ -71,7 +71,8 @@ def test_the_wheel_holds_every_module_and_the_configs_inside_lopt(site):
         assert _files(ROOT, f"{package}/**/*.py") <= _files(site, f"{package}/**/*.py"), package
     configs = {os.path.basename(p) for p in _files(ROOT, "configs/*.py")}
     assert configs and configs == {os.path.basename(p) for p in _files(site, "lopt/configs/*.py")}
-    assert _files(ROOT, "lopt/kernels/*.cc") <= _files(site, "lopt/kernels/*.cc")
+    for kernel_file in ("*.cc", "*.h"):  # the CPU kernels' sources and the headers they include
+        assert _files(ROOT, f"lopt/kernels/{kernel_file}") <= _files(site, f"lopt/kernels/{kernel_file}")
     top = {name for name in os.listdir(site) if not name.endswith(".dist-info")}
     assert top == {*PACKAGES, "bin"}, top
     for command in ("lopt-train", "lopt-eval", "lopt-export", "lopt-ablate", "lopt-reproduce",

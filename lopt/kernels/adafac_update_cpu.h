@@ -29,6 +29,7 @@
 #endif
 
 #include "xla/ffi/api/ffi.h"
+#include "parallel_for.h"
 
 namespace ffi = xla::ffi;
 
@@ -299,41 +300,7 @@ void Network(const Problem& pr, const Weights& w, const float* w0, const vec* x,
   for (int r = 0; r < k; ++r) { out[2 * r] = o0[r]; out[2 * r + 1] = o1[r]; }
 }
 
-// Runs fn(lo, hi) over [0, total) in chunks claimed from a shared counter by the calling thread
-// and by helpers on XLA's intra-op pool; the caller waits only for helpers inside a chunk they
-// claimed, never for queued ones (it may itself be a pool thread: the reasoning of
-// lopt/kernels/mlp_update_cpu.cc's ParallelFor, which this repeats).
-struct ParallelState {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> active{0};
-  std::mutex mu;
-  std::condition_variable cv;
-};
-
-template <typename Fn>
-void ParallelFor(ffi::ThreadPool& pool, int64_t total, int64_t min_chunk, Fn fn) {
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  const int64_t chunk = std::max<int64_t>(min_chunk, (total + 4 * threads - 1) / (4 * threads));
-  const int64_t chunks = (total + chunk - 1) / chunk;
-  if (threads <= 1 || chunks <= 1) { fn(0, total); return; }
-  auto state = std::make_shared<ParallelState>();
-  std::function<void(int64_t)> body = [&](int64_t c) {
-    fn(c * chunk, std::min(total, (c + 1) * chunk));
-  };
-  auto* body_ptr = &body;
-  auto drain = [state, body_ptr, chunks] {
-    state->active.fetch_add(1);
-    for (int64_t c; (c = state->next.fetch_add(1)) < chunks;) (*body_ptr)(c);
-    if (state->active.fetch_sub(1) == 1) {
-      std::lock_guard<std::mutex> lock(state->mu);
-      state->cv.notify_all();
-    }
-  };
-  for (int64_t t = 1; t < std::min(threads, chunks); ++t) pool.Schedule(decltype(drain)(drain));
-  for (int64_t c; (c = state->next.fetch_add(1)) < chunks;) body(c);
-  std::unique_lock<std::mutex> lock(state->mu);
-  state->cv.wait(lock, [&] { return state->active.load() == 0; });
-}
+using lopt_kernels::ParallelFor;  // parallel_for.h
 
 }  // namespace
 
