@@ -320,6 +320,10 @@ class AdafacMLPLOpt:
         first, rest = meta_params["mlp"][0], meta_params["mlp"][1:]
         return [{"w": first["w"][:n], "b": t_feats @ first["w"][n:] + first["b"]}, *rest]
 
+    def factored_axes_of(self, shape: tuple[int, ...]) -> tuple[int, int] | None:
+        """:func:`factored_axes` of a leaf's shape in this optimizer's ``factored_order``."""
+        return factored_axes(tuple(shape), self.factored_order)
+
     def leaf_updates(self, layers, decays, grads, params, accs) -> tuple[list, list]:
         """(updates, new accumulators), one per leaf of the flat lists ``grads``, ``params``
         and ``accs`` (a dict per leaf), with the MLP ``layers`` of :meth:`step_layers` and the

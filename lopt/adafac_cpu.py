@@ -104,13 +104,10 @@ def usable(learned_opt) -> bool:
     return not reason
 
 
-def geometry(shape: tuple[int, ...], order: str) -> tuple[int, ...]:
+def geometry(shape: tuple[int, ...], axes: tuple[int, int] | None) -> tuple[int, ...]:
     """(factored, swap, A, X, B, Y, D): a tensor of rank >= 2 as (A, X, B, Y, D) with X, Y its
-    factored axes in axis order (``swap``: the row axis is the later one); under 2-D
-    (0, 0, 1, 1, 1, n, 1)."""
-    from lopt.adafac import factored_axes
-
-    axes = factored_axes(tuple(shape), order)
+    factored axes ``axes`` (``lopt.adafac.factored_axes``: row, column) in axis order (``swap``:
+    the row axis is the later one); under 2-D (``axes`` None) (0, 0, 1, 1, 1, n, 1)."""
     if axes is None:
         return (0, 0, 1, 1, 1, int(np.prod(shape, dtype=np.int64)), 1)
     lo, hi = sorted(axes)
@@ -124,7 +121,8 @@ def _leaves(learned_opt, layers, decays, grads, params, accs) -> tuple[list, lis
     nm, nr, nf = (len(learned_opt.momentum_decays), len(learned_opt.rms_decays),
                   len(learned_opt.factored_decays))
     sizes = [int(np.size(g)) for g in grads]
-    geo = [geometry(jnp.shape(g), learned_opt.factored_order) for g in grads]
+    # The factored axes come from the optimizer (lopt/adafac.py), which imports this module.
+    geo = [geometry(jnp.shape(g), learned_opt.factored_axes_of(jnp.shape(g))) for g in grads]
     state, shapes = [], []
     for acc, gm in zip(accs, geo):
         names = ("m", "rms", "row", "col") if gm[0] else ("m", "rms", "v")
