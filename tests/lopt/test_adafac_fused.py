@@ -140,7 +140,13 @@ OPTIONS = {
 }
 
 
-@pytest.mark.parametrize("options", sorted(OPTIONS))
+#: Option sets another fast case covers run with the slow tests (suite time): "imported_eps"
+#: has factored_order="size" and learnable decays, "deep" other widths and decay counts.
+SLOW_OPTIONS = {"size_order", "sigmoid_decays", "narrow"}
+
+
+@pytest.mark.parametrize("options", [
+    pytest.param(o, marks=pytest.mark.slow) if o in SLOW_OPTIONS else o for o in sorted(OPTIONS)])
 def test_jitted_steps_match_unfused(options):
     """Every option the kernel takes: the default small_fc_lopt; factored_order="size" (row and
     column swapped where the larger axis comes first); learnable decays (operands of the
@@ -155,6 +161,7 @@ def test_jitted_steps_match_unfused(options):
     assert _assert_close(ref_lo, params, ref, fus) < 3e-6
 
 
+@pytest.mark.slow  # eager dispatch is the slowest case here (~25 s cold); jit covers the kernel
 def test_eager_and_low_precision_leaves():
     """Eager updates one at a time; bfloat16 leaves (both paths compute in float32 and return
     the leaf's dtype: the same float32 update, rounded once)."""
