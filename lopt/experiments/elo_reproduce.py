@@ -50,6 +50,7 @@ from lopt.experiments.harness import (
     stats,
     table,
     task_of,
+    trailing,
     verdict,
 )
 
@@ -79,9 +80,7 @@ def degradation(lo: dict, adamw: dict, H: int, long: int) -> dict:
     AdamW's at each length."""
     import numpy as np
 
-    curve = mean_curve(lo[long]["train_loss"])
-    w = max(1, len(curve) // 10)
-    windows = np.convolve(curve, np.ones(w) / w, mode="valid")
+    _, windows = trailing(np.arange(long + 1), mean_curve(lo[long]["train_loss"]), 0.1)
     rise = float(windows[-1] / np.nanmin(windows) - 1.0)
     acc_h, acc_l = (lo[n].get("test_accuracy") for n in (H, long))
     acc_drop = acc_se = None
@@ -195,11 +194,9 @@ def plot_positions(runs: dict[str, list[list[dict]]], path: str, H: int) -> str:
         if n == 0:
             continue
         inner = np.mean([x["inner"][:n] for x in p], 0)
-        w = max(1, n // 20)
         for key, style in (("mean", "-"), ("max", ":")):
-            y = np.mean([x[key][:n] for x in p], 0)
-            y = np.convolve(y, np.ones(w) / w, mode="valid")
-            ax.plot(inner[w - 1:], y, style, color=f"C{i}", label=f"{method}, {key} position")
+            ax.plot(*trailing(inner, np.mean([x[key][:n] for x in p], 0)), style, color=f"C{i}",
+                    label=f"{method}, {key} position")
     ax.axhline(H, color="grey", lw=0.8, ls="--", label=f"H = N = {H}")
     ax.set_yscale("log")
     ax.set_xlabel("inner steps spent by meta-training")
@@ -252,7 +249,6 @@ def plot_stability(arms: dict[str, list[list[dict]]], path: str, ramp_end: int) 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     keys = (("meta_loss", "meta-loss"), ("clipped_share", "share of terms at the clip"),
             ("nonfinite_share", "share of non-finite training losses"))
@@ -263,10 +259,7 @@ def plot_stability(arms: dict[str, list[list[dict]]], path: str, ramp_end: int) 
                 pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None and "inner_steps_total" in r]
                 if not pts:
                     continue
-                x, y = map(np.asarray, zip(*pts))
-                w = max(1, len(y) // 20)
-                ax.plot(x[w - 1:], np.convolve(y, np.ones(w) / w, mode="valid"), color=f"C{i}",
-                        lw=1, label=arm if j == 0 else None)
+                ax.plot(*trailing(*zip(*pts)), color=f"C{i}", lw=1, label=arm if j == 0 else None)
     for ax, (_, label) in zip(axes, keys):
         ax.axvline(ramp_end, color="grey", lw=0.8, ls="--")
         ax.set_xlabel("outer step (dashed: behaviour cloning's ramp ends)")

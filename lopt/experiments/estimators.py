@@ -35,6 +35,7 @@ from lopt.experiments.harness import (
     stats,
     table,
     task_of,
+    trailing,
     write_ablation,
 )
 from lopt.experiments.inputs import config_path, load_module
@@ -290,10 +291,8 @@ def plot_meta_loss(results: dict[str, dict], path: str) -> str:
         x = np.asarray(curve["inner_steps"], np.float64)
         y = np.asarray([np.nan if v is None else v for v in curve["meta_loss"]], np.float64)
         (ln,) = ax.plot(x, y, lw=0.8, alpha=0.3)
-        w = max(1, len(y) // 20)
-        if w > 1:
-            smooth = np.convolve(y, np.ones(w) / w, mode="valid")
-            ax.plot(x[w - 1:], smooth, lw=1.8, color=ln.get_color(), label=name)
+        if len(y) >= 40:  # a window of at least 2
+            ax.plot(*trailing(x, y), lw=1.8, color=ln.get_color(), label=name)
         else:
             ln.set_alpha(1.0)
             ln.set_linewidth(1.8)

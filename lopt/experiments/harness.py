@@ -331,6 +331,16 @@ def adam_label(adam: dict) -> str:
     return f"Adam (lr {adam['best_lr']:.3g}{edge})"
 
 
+def trailing(x, y, fraction: float = 0.05):
+    """(x, y) with y a trailing mean over ``fraction`` of its points (at least 1): the smoothing
+    of the experiments' curves over outer or inner steps; x loses the first window - 1 points."""
+    import numpy as np
+
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    w = max(1, int(len(y) * fraction))
+    return x[w - 1:], np.convolve(y, np.ones(w) / w, mode="valid")
+
+
 def stacked(runs: list[dict], key: str):
     """Every meta-seed's per-instance ``key`` rows in one [meta_seeds x instances, ...] array."""
     import numpy as np

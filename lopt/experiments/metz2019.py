@@ -26,6 +26,7 @@ from lopt.experiments.harness import (
     stacked,
     stats,
     table,
+    trailing,
     train_seeds,
     tuned_adam,
     verdict,
@@ -42,6 +43,9 @@ PES_ARM = {"estimator.name": "pes", "estimator.std": 0.01, "unroll.trunc_schedul
            "meta_optimizer.learning_rate": 3e-3, "meta_optimizer.b1": 0.9,
            "meta_optimizer.clip_grad_norm": 3.0, "unroll.meta_loss.normalize": "initial",
            "unroll.meta_loss.clip": 2.0, "checkpoint_every": 500}
+
+#: The probe's name for each arm's meta-params, by the arm's run subdirectory.
+ESTIMATOR_LABELS = {"pes": "PES", "merged": "merged"}
 
 #: Each budget: ``arms`` (label -> (run subdirectory, config overrides)), the first arm the
 #: headline; the es_share / variance probe runs the merged arm's config.
@@ -229,7 +233,6 @@ def plot_meta_loss(arm_rows: dict, path: str) -> str:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     fig, axes = plt.subplots(1, len(arm_rows), figsize=(5 * len(arm_rows), 3.5), squeeze=False)
     for ax, (label, runs) in zip(axes[0], arm_rows.items()):
@@ -237,9 +240,7 @@ def plot_meta_loss(arm_rows: dict, path: str) -> str:
             pts = [(r["step"], r["meta_loss"]) for r in rows if r.get("meta_loss") is not None]
             if not pts:
                 continue
-            x, y = map(np.asarray, zip(*pts))
-            w = max(1, len(y) // 20)
-            ax.plot(x[w - 1:], np.convolve(y, np.ones(w) / w, mode="valid"), label=f"seed {seed}")
+            ax.plot(*trailing(*zip(*pts)), label=f"seed {seed}")
         ax.set_xlabel("outer step")
         ax.set_ylabel("meta-loss (trailing mean)")
         ax.set_title(label, fontsize=9)
@@ -266,7 +267,8 @@ def run(b: dict, runs: str, out: str, progress: bool = True) -> Report:
             raise UsageError(f"metz2019 arms must share the task and horizon: {label} has "
                              f"{arm_task.name} at {arm_H}, the first {task.name} at {H}")
         task, H = arm_task, arm_H
-        arms[label] = dict(config=config, records=records, curves=curves, overrides=overrides)
+        arms[label] = dict(config=config, records=records, curves=curves, overrides=overrides,
+                           subdir=subdir)
         rows[label] = [loop.read_metrics(os.path.join(r["workdir"], "metrics.jsonl")) for r in records]
     print("[metz2019] tuning Adam", flush=True)
     adam = tuned_adam(task, H, b["lrs"], n, "test_loss")
@@ -297,11 +299,11 @@ def run(b: dict, runs: str, out: str, progress: bool = True) -> Report:
 
     print("[metz2019] es_share and the two variances against truncation length", flush=True)
     merged = next(a for a in arms.values() if a["config"].estimator.name == "merged")
-    learned_opt, _ = export.load(merged["records"][0]["export"])
+    learned_opt, trained = export.load(merged["records"][0]["export"])
     sets = {"meta-params at init": learned_opt.init(jax.random.PRNGKey(0))}
-    for arm, a in arms.items():
-        sets[f"{arm.split(',')[0].split(' (')[0]}-trained (seed 0)"] = export.load(a["records"][0]["export"])[1]
-    trained = export.load(merged["records"][0]["export"])[1]
+    for a in arms.values():
+        sets[f"{ESTIMATOR_LABELS[a['subdir']]}-trained (seed 0)"] = (
+            trained if a is merged else export.load(a["records"][0]["export"])[1])
     for k in b.get("probe_step_scales", ()):
         sets[f"merged-trained, steps x{k:g}"] = scale_steps(learned_opt, trained, k)
     probe = es_share_probe(merged["config"], sets, b["probe_lengths"], b["probe_reps"])
