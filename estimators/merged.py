@@ -25,9 +25,13 @@ a pair continue from the positive trajectory's state.
 A non-finite reparameterization sample gives its element an ES weight of 1: counted, per outer
 step, as ``rp_nonfinite_share`` (the share of elements where it happened), so a run that falls
 back to pure ES says so. ``rp_variance`` and ``es_variance`` are the two variances eq. 1 weighs
-by, each the mean over elements of one pair's per-element variance (Metz et al. Fig. 4 plots
-them over meta-training: the reparameterization one grows by orders of magnitude while the ES
-one stays flat); the reparameterization mean skips the non-finite elements.
+by, each the mean over elements of one pair's per-element variance; the reparameterization mean
+skips the non-finite elements. They are what Sec. 3's Figure 4 plots: "As outer-training
+progresses, the variance of the reparameterization gradient estimator grows, while the variance
+of the ES estimator remains constant" ("the variances of g_es and g_rp can differ by as many as
+20 orders of magnitude"). The paper does not say how a vector's variance is reduced to one
+number; the mean over elements is ours (tests/estimators/test_statistics.py pins it: with one
+meta-param the ES weight is exactly rp_variance / (rp_variance + es_variance)).
 """
 
 from __future__ import annotations
