@@ -66,7 +66,8 @@ def check_unroll(estimator: Any, unroller: Unroller, num_devices: int | None = N
     devices; an antithetic estimator (``antithetic = True``: the ES family) holds whole
     (+eps, -eps) pairs on every device, at least ``min_pairs`` in all; an estimator with
     ``fresh_only`` (full_es) runs no reset policy but fresh trajectories; one with
-    ``persistent`` (PES) needs trajectories that continue across truncations. The trainer
+    ``persistent`` (PES) needs trajectories that continue across truncations; a
+    ``particle_chunk`` divides a device's particles (into whole pairs). The trainer
     calls it with the whole unroller and its device count; estimators' ``init`` with the
     unroller they get (a device's shard inside ``shard_map``: ``num_shards`` devices)."""
     est = getattr(estimator, "base", estimator)  # inside imitation episodes
@@ -90,6 +91,12 @@ def check_unroll(estimator: Any, unroller: Unroller, num_devices: int | None = N
             raise UnrollMismatch("unroll.num_particles", (
                 f"{name} estimates per-element variances from at least {need} antithetic pairs; "
                 f"use num_particles >= {2 * need}"))
+    chunk, per_device, step = unroller.particle_chunk, p // devices, 2 if getattr(est, "antithetic", False) else 1
+    if chunk and chunk < per_device and (per_device % chunk or chunk % step):
+        fits = [d for d in range(step, chunk, step) if per_device % d == 0] or [0]
+        raise UnrollMismatch("unroll.particle_chunk", (
+            f"{chunk} must divide the {per_device} particles of a device"
+            f"{' into whole antithetic pairs' if step == 2 else ''}; e.g. particle_chunk={fits[-1]}"))
     if getattr(est, "fresh_only", False) and unroller.reset.segment_reset:
         raise UnrollMismatch("unroll.replay", (
             f"{name} runs complete fresh trajectories and cannot restore from the buffer; "

@@ -172,6 +172,12 @@ class Unroller:
       over a mesh axis: ``num_particles`` is then the per-device count.
     pairs, per_particle, checkpoint, first_order, vmapped: what the estimator needs (module
       docstring); each estimator sets its own with ``dataclasses.replace``.
+    particle_chunk: an execution option (results equal to float rounding): run a truncation's
+      particles in groups of this many, one group after another (``lax.map``), each group
+      through all its inner steps, so one group's states stay in the CPU's cache through the
+      truncation instead of all particles' streaming through it at every step. 0 (default):
+      every particle in one group. Must divide the (per-device) particle count, and be even
+      with ``pairs``; the particle count or more means one group.
     """
 
     task_family: TaskFamily
@@ -190,12 +196,16 @@ class Unroller:
     checkpoint: bool = False  # backprop stores O(sqrt(T)) carries (checkpointed_scan)
     first_order: bool = False  # no meta-gradient through the optimizee's gradients
     vmapped: bool = False  # run() is mapped over an axis of the caller's (merged's pairs)
+    particle_chunk: int = 0  # particles per group in run() (0: all at once); see above
 
     def __post_init__(self):
         if isinstance(self.num_particles, bool) or int(self.num_particles) < 1:
             raise ValueError(f"num_particles must be >= 1, got {self.num_particles}")
         if isinstance(self.trunc_length, bool) or int(self.trunc_length) < 1:
             raise ValueError(f"trunc_length must be >= 1, got {self.trunc_length}")
+        c = self.particle_chunk
+        if isinstance(c, bool) or not isinstance(c, int) or c < 0:
+            raise ValueError(f"particle_chunk must be an integer >= 0, got {c!r}")
 
     def sharded(self, axis: str, num_shards: int) -> "Unroller":
         """This unroller as one device's shard: ``num_particles / num_shards`` particles inside
@@ -423,6 +433,30 @@ class Unroller:
         ``meta_params``). Returns (final states, offered states or None, per-step outputs
         padded to ``trunc_length``, reset info, the inner-update wrapper's metrics of the final
         states). One compiled program holds every bucket of truncation length."""
+        count = particles.step.shape[0]
+        chunk = self.particle_chunk
+        if not chunk or chunk >= count:
+            return self._run_group(meta_params, particles, trunc, outer_step)
+        if count % chunk or (self.pairs and chunk % 2):
+            raise ValueError(f"particle_chunk {chunk} must divide the {count} particles of a "
+                             f"device{' and be even (antithetic pairs)' if self.pairs else ''}")
+        # Groups one after another: lax.map is a scan over the groups, so its backward pass
+        # keeps each group's residuals as the unchunked run keeps all of them (no more memory).
+        split = functools.partial(jax.tree.map, lambda x: x.reshape((count // chunk, chunk) + x.shape[1:]))
+        merge = functools.partial(jax.tree.map, lambda x: x.reshape((count,) + x.shape[2:]))
+
+        def group(xs):
+            theta, ps, start = xs
+            theta = meta_params if theta is None else theta
+            return self._run_group(theta, ps, trunc._replace(start=start), outer_step)
+
+        theta = split(meta_params) if self.per_particle else None
+        end, offered, steps, info, extras = jax.lax.map(group, (theta, split(particles), split(trunc.start)))
+        # extras: per-group means over equal-sized groups; their mean is the mean over all.
+        return merge(end), merge(offered), merge(steps), merge(info), jax.tree.map(jnp.mean, extras)
+
+    def _run_group(self, meta_params, particles, trunc, outer_step):
+        """:meth:`run` for one group of particles (all of them unless ``particle_chunk``)."""
         args = (meta_params, particles, trunc.start._replace(restored=None), trunc.start.restored,
                 trunc.n_steps, outer_step)
         if len(self.buckets) == 1:

@@ -4,6 +4,7 @@ time, compile excluded), printed as tables.
     python scripts/benchmark.py --workload=w1              # W1: the issue's reference workload
     python scripts/benchmark.py --workload=estimators      # every estimator on W1's task
     python scripts/benchmark.py --workload=particles       # particles 16 -> 256 on one device
+    python scripts/benchmark.py --workload=particles --particle_chunks=0,32,64  # in groups
     python scripts/benchmark.py --workload=devices --host_devices=8   # 1, 2, 4, 8 devices
     python scripts/benchmark.py --workload=w1 --host_devices=4        # W1 on the CPU as 4 devices
     python scripts/benchmark.py --workload=w1 --fused      # W1 with the mlp's fused kernel
@@ -77,11 +78,15 @@ flags.DEFINE_bool("fused", None, "W1's mlp with fused=True (on a CPU its C++ ker
 flags.DEFINE_bool("bf16_hidden", False, "With --fused on a CPU: the mlp's middle hidden layer in "
                   "bfloat16 products with float32 sums (an approximation; lopt/mlp_cpu.py).")
 flags.DEFINE_integer("particles", 16, "Particles of W1 in `w1` and `profile` (W1 itself: 16).")
+flags.DEFINE_list("particle_chunks", ["0"], "`particles`: one row per value of the unroll's "
+                  "particle_chunk (groups of this many particles run one after another; 0: all "
+                  "at once); `w1` and `profile`: the first value.")
+flags.DEFINE_list("particle_counts", ["16", "32", "64", "128", "256"], "`particles`: the columns.")
 FLAGS = flags.FLAGS
 
 
 def w1_trainer(estimator: str = "pes", num_particles: int = 16, mesh: Mesh | str = "all",
-               **lopt_kwargs) -> MetaTrainer:
+               particle_chunk: int | None = None, **lopt_kwargs) -> MetaTrainer:
     """W1's trainer; ``mesh="all"`` shards the particles over every device (``--host_devices=N``
     runs the CPU as N devices, as the train command's ``--cpu_devices``)."""
     fused = "auto" if FLAGS.fused is None else FLAGS.fused
@@ -98,6 +103,7 @@ def w1_trainer(estimator: str = "pes", num_particles: int = 16, mesh: Mesh | str
         trunc_length=20,
         horizon=schedules.constant(200),
         mesh=particle_mesh() if isinstance(mesh, str) else mesh,
+        particle_chunk=particle_chunk if particle_chunk is not None else int(FLAGS.particle_chunks[0]),
     )
 
 
@@ -218,10 +224,21 @@ def main(argv):
             rates, _ = measure(lambda: w1_trainer(name))
             print(f"{name:<10} {_fmt(rates)}")
     elif FLAGS.workload == "particles":
-        print(f"{'particles':<10} {HEAD}")
-        for p in (16, 32, 64, 128, 256):
-            rates, _ = measure(lambda: w1_trainer("pes", p))
-            print(f"{p:<10} {_fmt(rates)}")
+        counts = [int(p) for p in FLAGS.particle_counts]
+        rows = {}
+        for c in (int(c) for c in FLAGS.particle_chunks):
+            print(f"particle_chunk {c or 'off'}\n{'particles':<10} {HEAD}")
+            for p in counts:  # a chunk at or above the count is one group: the unchunked run
+                rates, _ = measure(lambda: w1_trainer("pes", p, particle_chunk=c if c < p else 0))
+                rows.setdefault(c, []).append(statistics.median(rates))
+                print(f"{p:<10} {_fmt(rates)}")
+        print("\nmedians, inner steps/s (and / the 16-particle unchunked median):")
+        print("| particle_chunk | " + " | ".join(map(str, counts)) + " |")
+        print("| --- |" + " ---: |" * len(counts))
+        base = rows[next(iter(rows))][0] if counts[0] == 16 else None
+        for c, meds in rows.items():
+            cells = [f"{m:,.0f}" + (f" ({m / base:.2f}x)" if base else "") for m in meds]
+            print(f"| {c or 'off'} | " + " | ".join(cells) + " |")
     elif FLAGS.workload == "devices":
         print(f"{'devices':<8}{'particles':>10} {HEAD}")
         for n in (1, 2, 4, 8):

@@ -135,6 +135,13 @@ def test_config_unknown_top_level_and_registry_names():
     c.unroll.trunc_lenght = 3
     with pytest.raises(ConfigError, match="config.unroll.trunc_lenght"):
         config_lib.build(c)
+    c = tiny_config()
+    c.unroll.particle_chunk = 3  # 4 particles in pes's pairs: 2 or 0 would do
+    with pytest.raises(ConfigError, match="config.unroll.particle_chunk: 3 must divide the 4 particles"):
+        config_lib.build(c)
+    c.unroll.particle_chunk = -2
+    with pytest.raises(ConfigError, match="config.unroll.particle_chunk: must be an integer >= 0"):
+        config_lib.build(c)
 
 
 def test_learned_optimizer_is_an_optax_transformation_under_jit_and_vmap():

@@ -86,7 +86,7 @@ OPTIONAL = {
 }
 UNROLL_KEYS = {
     "num_particles", "trunc_length", "horizon", "meta_loss", "stagger", "trunc_schedule",
-    "replay", "reset", "behaviour_cloning", "self_improving",
+    "replay", "reset", "behaviour_cloning", "self_improving", "particle_chunk",
 }
 
 
@@ -285,6 +285,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         if key not in unroll:
             raise ConfigError(f"config.unroll.{key}: missing; set it (e.g. num_particles=8, trunc_length=20)")
         _integer(unroll[key], f"unroll.{key}", 1)
+    _integer(unroll.get("particle_chunk", 0), "unroll.particle_chunk", 0)
     if not isinstance(unroll.get("stagger", True), bool):
         raise ConfigError(f"config.unroll.stagger: must be True or False, got {unroll['stagger']!r}")
     curriculum(config)
@@ -421,6 +422,7 @@ def build(config: ml_collections.ConfigDict, mesh=None):
             reset=reset_policy(config),
             trunc_schedule=trunc_schedule,
             stagger=bool(unroll.get("stagger", True)),
+            particle_chunk=int(unroll.get("particle_chunk", 0)),
         )
     except (TypeError, ValueError) as e:
         if isinstance(e, ConfigError):

@@ -144,7 +144,7 @@ class MetaTrainer:
         **unroll_options,
     ) -> "MetaTrainer":
         """The trainer of DESIGN.md's example: the unroller from its parts (``unroll_options``:
-        ``meta_loss``, ``reset``, ``trunc_schedule``, ``stagger``)."""
+        ``meta_loss``, ``reset``, ``trunc_schedule``, ``stagger``, ``particle_chunk``)."""
         unroller = Unroller(task_family, learned_opt, num_particles, trunc_length, horizon,
                             **unroll_options)
         return cls(unroller, estimator, meta_optimizer, mesh)
