@@ -14,7 +14,8 @@ report's hand-written section "What was tried before" is kept when it is regener
 Budgets (``--budget``), each module's ``BUDGETS``, printed into the report: ``smoke`` runs every
 step of an experiment on tiny shapes (the test suite runs it: it checks the pipeline, not the
 claim); ``cpu`` is the committed scale (a 2-core CPU, at most ~45 minutes an experiment, except
-``chen2020``, whose curriculum runs to its stop rule: hours); ``gpu`` the same experiments at a
+``chen2020``, whose curriculum runs to its stop rule: hours, and ``elo``, ~55 minutes: its
+naive optimizer degrades at 10 H only after 3,000 outer steps); ``gpu`` the same experiments at a
 larger scale for a machine with an accelerator.
 
 Everything is written under the current directory unless asked otherwise, in a checkout and
