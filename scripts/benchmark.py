@@ -232,12 +232,12 @@ def main(argv):
                 rates, _ = measure(lambda: w1_trainer("pes", p, particle_chunk=c if c < p else 0))
                 rows.setdefault(c, []).append(statistics.median(rates))
                 print(f"{p:<10} {_fmt(rates)}")
-        print("\nmedians, inner steps/s (and / the 16-particle unchunked median):")
+        base = rows[next(iter(rows))][0]
+        print(f"\nmedians, inner steps/s (and / the first row's {counts[0]}-particle median):")
         print("| particle_chunk | " + " | ".join(map(str, counts)) + " |")
         print("| --- |" + " ---: |" * len(counts))
-        base = rows[next(iter(rows))][0] if counts[0] == 16 else None
         for c, meds in rows.items():
-            cells = [f"{m:,.0f}" + (f" ({m / base:.2f}x)" if base else "") for m in meds]
+            cells = [f"{m:,.0f} ({m / base:.2f}x)" for m in meds]
             print(f"| {c or 'off'} | " + " | ".join(cells) + " |")
     elif FLAGS.workload == "devices":
         print(f"{'devices':<8}{'particles':>10} {HEAD}")
