@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import os
 
-# Almost every test is compilation: XLA's backend optimisation passes take longer than the
-# tiny programs run. Compile without them (a debug option of XLA; identical arithmetic, slower
-# code), appended to any XLA_FLAGS of the caller. Subprocess tests pass it on.
-FAST_COMPILE = "--xla_backend_optimization_level=0"
+# Almost every test is compilation: compile with XLA's fast debug options (tests/__init__.py
+# says which and what they save), appended to any XLA_FLAGS of the caller. Subprocess tests
+# pass them on.
+from tests import FAST_COMPILE  # noqa: E402
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + FAST_COMPILE).strip()
 
 # Many tests compile the same programs again (a fresh MetaTrainer per test, subprocess runs of

@@ -16,11 +16,12 @@ import sys
 import textwrap
 
 import pytest
+from tests import FAST_COMPILE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "docs", "examples")
 # Compilation is most of every run: skip XLA's optimisation passes (as the other command tests).
-ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0")
+ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=FAST_COMPILE)
 TINY = ["--config.num_outer_steps=2", "--config.log_every=1", "--config.unroll.num_particles=2",
         "--config.unroll.trunc_length=4", "--config.unroll.horizon.length=8", "--noprogress"]
 EVAL = ["--steps=8", "--seeds=2", "--lrs=0.01,0.1"]

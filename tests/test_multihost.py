@@ -15,6 +15,7 @@ import time
 import pytest
 
 from lopt.training.hooks import read_metrics
+from tests import FAST_COMPILE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,7 +29,7 @@ def _free_port() -> int:
 def test_two_processes_agree_and_only_process_0_writes(tmp_path):
     port, workdir = _free_port(), tmp_path / "run"
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, LOPT_DATA_DIR=str(tmp_path / "data"))
-    env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"  # no forced host devices here
+    env["XLA_FLAGS"] = FAST_COMPILE  # no forced host devices here
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "tests.multihost_worker", str(port), str(i), str(workdir)],
@@ -68,7 +69,7 @@ def _command(tmp_path, workdir, port, steps, every, *flags):
     cfg = tmp_path / "cfg.py"
     cfg.write_text(_CONFIG.format(steps=steps, every=every))
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-    env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
+    env["XLA_FLAGS"] = FAST_COMPILE
     return [
         subprocess.Popen(
             [sys.executable, "-m", "lopt.cli.train", "--multihost", f"--coordinator_address=127.0.0.1:{port}",

@@ -17,12 +17,13 @@ import subprocess
 import sys
 
 import pytest
+from tests import FAST_COMPILE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("lopt", "tasks", "estimators")
 SOURCES = ("pyproject.toml", "README.md", "configs", *PACKAGES)
 # Compilation dominates the runs: skip XLA's optimisation passes, as the other command tests do.
-ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0")
+ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=FAST_COMPILE)
 
 
 def _pip(*args: str, cwd: str) -> None:

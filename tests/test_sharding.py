@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+from tests import FAST_COMPILE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,7 +21,7 @@ ATOL = 1e-6
 
 
 def _worker(*args: str, tmp_path) -> dict:
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0", JAX_PLATFORMS="cpu",
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8 " + FAST_COMPILE, JAX_PLATFORMS="cpu",
                PYTHONPATH=ROOT, LOPT_DATA_DIR=str(tmp_path / "data"))
     proc = subprocess.run(
         [sys.executable, "-m", "tests.multidevice_worker", *args],

@@ -13,6 +13,7 @@ import pytest
 
 import lopt
 from lopt import execution, mlp_cpu
+from tests import FAST_COMPILE
 
 
 def _update_hlo(learned_opt) -> str:
@@ -89,7 +90,7 @@ def test_a_default_train_run_uses_the_cores_and_the_kernel(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
     env.update(JAX_PLATFORMS="cpu", PYTHONPATH=root,
-               XLA_FLAGS="--xla_backend_optimization_level=0")  # no forced device count
+               XLA_FLAGS=FAST_COMPILE)  # no forced device count
     proc = subprocess.run(
         [sys.executable, os.path.join(root, "scripts", "meta_train.py"), "--config=quickstart",
          f"--workdir={tmp_path / 'run'}", "--noprogress", "--config.num_outer_steps=2",

@@ -22,6 +22,7 @@ from flax import serialization
 
 import lopt
 from lopt import export, velo
+from tests import FAST_COMPILE
 
 FIXTURE = pathlib.Path(__file__).parent / "data" / "velo_small"
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -74,9 +75,9 @@ def test_published_configuration_has_googles_size():
 
 def parity_errors(path: pathlib.Path) -> dict:
     """relative_errors of the fixture at ``path``, computed in a subprocess compiled as users'
-    programs are (the suite's conftest sets --xla_backend_optimization_level=0, which changes
-    float rounding: there the small fixture's figure is 6e-6 rather than 3e-7)."""
-    flags = os.environ.get("XLA_FLAGS", "").replace("--xla_backend_optimization_level=0", "")
+    programs are (the suite's conftest sets tests.FAST_COMPILE, whose -O0 changes float
+    rounding: there the small fixture's figure is 6e-6 rather than 3e-7)."""
+    flags = os.environ.get("XLA_FLAGS", "").replace(FAST_COMPILE, "")
     env = dict(os.environ, XLA_FLAGS=flags.strip(), PYTHONPATH=str(ROOT))
     out = subprocess.run([sys.executable, __file__, str(path)], env=env, capture_output=True,
                          text=True, timeout=300)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+from tests import FAST_COMPILE
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(REPO, "scripts", "ablate.py")
@@ -25,7 +26,7 @@ TINY = [
     "--cl_period=1", "--cl_max_periods=2", "--noprogress",
 ]
 # The run is all compilation: skipping XLA's optimisation passes makes it much faster.
-ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0")
+ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=FAST_COMPILE)
 
 
 def _run(args, timeout=300):

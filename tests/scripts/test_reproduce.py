@@ -10,11 +10,12 @@ import subprocess
 import sys
 
 import pytest
+from tests import FAST_COMPILE
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(REPO, "scripts", "reproduce.py")
 # The smoke runs are all compilation: skipping XLA's optimisation passes makes them much faster.
-ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0")
+ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=FAST_COMPILE)
 
 FIGURES = {
     "quickstart": ["quickstart.png"],
