@@ -15,14 +15,16 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + FAST_COMPILE)
 # one config): JAX's persistent compilation cache, shared by the xdist workers and the
 # subprocesses through the environment, compiles each once. Keyed by the program, the compile
 # options and the jax/jaxlib versions, so a stale entry cannot be served; capped at 1 GiB
-# (LRU; filelock guards concurrent writers). Only compiles of 1 s or more are stored: writing
-# every small program costs more than it saves. Measured cold with -n 2, as CI runs it:
-# tests/training + tests/test_outer.py 68 s -> 49 s; tests/estimators + tests/test_outer.py
-# 119 s -> 124 s (137 s when every compile is stored).
+# (LRU; filelock guards concurrent writers). Only compiles of 0.3 s or more are stored: writing
+# every small program costs more than it saves. Measured cold with -n 2, as CI runs it, at -O0
+# alone: tests/training + tests/test_outer.py 68 s -> 49 s; tests/estimators +
+# tests/test_outer.py 119 s -> 124 s (137 s when every compile is stored). With FAST_COMPILE's
+# second flag most compiles fell under 1 s, and the whole suite took 517 s storing those of
+# 1 s or more, 487 s storing those of 0.3 s or more (one cold run each, a quiet 2-core VM).
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(_ROOT, ".pytest_cache", "jax-compilation-cache"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2**30))
 # The mlp's fused CPU kernel (lopt/mlp_cpu.py) is built once into the same cache directory.
