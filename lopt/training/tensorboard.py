@@ -26,6 +26,25 @@ from lopt.training import faults
 _SKIP = frozenset({"step"})
 
 
+def _import_tensorboardx() -> None:
+    """Import tensorboardX without torch. Its package ``__init__`` imports its
+    ``SummaryWriter``, which imports torch where torch is installed: ~1 s (1.9 s on a loaded
+    2-core VM, ``python -X importtime``) paid by every run that logs, for nothing, since this
+    module uses only the event file writer, the protos and the scalar and text summaries.
+    Unless torch is already imported, tensorboardX is imported with torch marked absent (an
+    ImportError, which tensorboardX handles: its writer then type-checks numpy arrays), and
+    torch stays importable afterwards."""
+    import sys
+
+    if "tensorboardX" in sys.modules or "torch" in sys.modules:
+        return
+    sys.modules["torch"] = None  # `import torch` raises ImportError while this is here
+    try:
+        import tensorboardX  # noqa: F401
+    finally:
+        del sys.modules["torch"]
+
+
 class Writer:
     """Scalars (and curriculum text) of metrics rows into a new event file in ``logdir``.
 
@@ -39,6 +58,7 @@ class Writer:
     after it, reads as one run (:func:`read_scalars` does the same)."""
 
     def __init__(self, logdir: str, purge_step: int | None = None, flush_secs: float = 30.0):
+        _import_tensorboardx()
         from tensorboardX.event_file_writer import EventsWriter
         from tensorboardX.proto.event_pb2 import Event, SessionLog
 
@@ -107,6 +127,7 @@ def read_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
     data); a record cut short by a killed writer ends its file."""
     import struct
 
+    _import_tensorboardx()
     from tensorboardX.proto import event_pb2
 
     out: dict[str, list[tuple[int, float]]] = {}

@@ -124,3 +124,19 @@ def test_the_progress_bar_shows_stability_beside_the_meta_loss():
     assert list(_postfix({"meta_loss": 0.5, "nonfinite_share": 0.5, "clipped_share": 1.0}))[:3] == \
         ["meta_loss", "nonfinite", "clipped"]
     assert _postfix({"imitation_loss": 1.0, "num_skipped": 2}) == {"meta_loss": "nan", "skipped": 2}
+
+
+def test_the_event_writer_does_not_import_torch(tmp_path):
+    """tensorboardX's package imports torch where it is installed (~1 s a run, for nothing):
+    the writer imports tensorboardX without it, and torch stays importable afterwards."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from lopt.training.tensorboard import Writer, read_scalars\n"
+            f"w = Writer({str(tmp_path)!r}); w.row({{'step': 1, 'meta_loss': 0.5}}); w.close()\n"
+            f"assert read_scalars({str(tmp_path)!r}) == {{'meta/meta_loss': [(1, 0.5)]}}\n"
+            "print('torch' in sys.modules)\n"
+            "try:\n    import torch\nexcept ImportError as e:\n    assert 'No module named' in str(e), e\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "False"
