@@ -2,8 +2,9 @@
 appends them to XLA_FLAGS; subprocess tests that set their own XLA_FLAGS include them).
 
 Almost every test is compilation: XLA's backend passes and code generation take longer than
-the tiny programs run. Two debug options of XLA:CPU cut that, with identical arithmetic in the
-programs the tests compare (slower code, which tests do not time):
+the tiny programs run. Two debug options of XLA:CPU cut that (slower code, which tests do not
+time). They may round differently from XLA's defaults (-O0 does: tests/lopt/test_velo.py), but
+both sides of every comparison in the suite compile with the same flags:
 - ``--xla_backend_optimization_level=0``: no backend optimisation passes;
 - ``--xla_cpu_use_fusion_emitters=false``: XLA:CPU's older elemental emitter for fusions
   instead of the MLIR fusion emitters. Measured at -O0 (tests/test_outer.py's PES config, first

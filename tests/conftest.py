@@ -8,7 +8,7 @@ import os
 # Almost every test is compilation: compile with XLA's fast debug options (tests/__init__.py
 # says which and what they save), appended to any XLA_FLAGS of the caller. Subprocess tests
 # pass them on.
-from tests import FAST_COMPILE  # noqa: E402
+from tests import FAST_COMPILE
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + FAST_COMPILE).strip()
 
 # Many tests compile the same programs again (a fresh MetaTrainer per test, subprocess runs of

@@ -20,7 +20,7 @@ from tests import FAST_COMPILE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "docs", "examples")
-# Compilation is most of every run: skip XLA's optimisation passes (as the other command tests).
+# Compilation is most of every run: the tests' fast compile flags (as the other command tests).
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=FAST_COMPILE)
 TINY = ["--config.num_outer_steps=2", "--config.log_every=1", "--config.unroll.num_particles=2",
         "--config.unroll.trunc_length=4", "--config.unroll.horizon.length=8", "--noprogress"]

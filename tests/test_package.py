@@ -22,7 +22,7 @@ from tests import FAST_COMPILE
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("lopt", "tasks", "estimators")
 SOURCES = ("pyproject.toml", "README.md", "configs", *PACKAGES)
-# Compilation dominates the runs: skip XLA's optimisation passes, as the other command tests do.
+# Compilation dominates the runs: the tests' fast compile flags, as the other command tests use.
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=FAST_COMPILE)
 
 

@@ -14,7 +14,7 @@ from tests import FAST_COMPILE
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(REPO, "scripts", "reproduce.py")
-# The smoke runs are all compilation: skipping XLA's optimisation passes makes them much faster.
+# The smoke runs are all compilation: the tests' fast compile flags (tests.FAST_COMPILE) make them much faster.
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=FAST_COMPILE)
 
 FIGURES = {
